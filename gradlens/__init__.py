@@ -1,0 +1,42 @@
+"""gradlens: gradient-attribution analysis of object detectors.
+
+The Python API mirrors the pipeline; the ``gradlens`` command is a thin layer over it.
+
+>>> import gradlens
+>>> gt = gradlens.load_ground_truth(gradlens.resolve_coco_paths("data/coco"))   # doctest: +SKIP
+>>> dets = gradlens.read_detections("results.json", gt)                       # doctest: +SKIP
+>>> objects, images = gradlens.quality_scores(dets, gt)                       # doctest: +SKIP
+"""
+
+from gradlens._version import __version__
+from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth, resolve_coco_paths
+from gradlens.data.detections import Detections, read_detections, write_detections
+from gradlens.data.images import read_image
+from gradlens.data.synthetic import make_synthetic_coco, simulate_detections
+from gradlens.errors import GradlensError
+from gradlens.scoring.quality import QualityScores, quality_scores
+from gradlens.scoring.store import read_scores
+from gradlens.selection.improvement import select_images
+from gradlens.selection.manifest import load_manifest
+from gradlens.selection.run import run_selection
+
+__all__ = [
+    "CocoPaths",
+    "Detections",
+    "GradlensError",
+    "GroundTruth",
+    "QualityScores",
+    "__version__",
+    "load_ground_truth",
+    "load_manifest",
+    "make_synthetic_coco",
+    "quality_scores",
+    "read_detections",
+    "read_image",
+    "read_scores",
+    "resolve_coco_paths",
+    "run_selection",
+    "select_images",
+    "simulate_detections",
+    "write_detections",
+]

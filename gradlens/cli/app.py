@@ -1,0 +1,181 @@
+"""Entry point of the ``gradlens`` command line (also ``python -m gradlens``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from gradlens._version import __version__
+from gradlens.cli import options as opt
+from gradlens.errors import GradlensError
+
+app = typer.Typer(
+    name="gradlens",
+    help="Where in the image does a detector look, and does a better detector look at less?",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradlens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Gradient-attribution analysis of object detectors (CEDNet paper, Appendix B, and beyond)."""
+
+
+def _echo_summary(label: str, s: dict) -> None:
+    dropped = s.get("num_detections_dropped") or {}
+    dropped_text = ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
+    mean = s.get("mean_image_quality")
+    typer.echo(
+        f"{label}: {s['num_images_scored']} images scored, mean quality {mean:.4f}"
+        if mean is not None
+        else f"{label}: no image has ground-truth objects"
+    )
+    typer.echo(
+        f"  skipped: {s['num_images_without_objects']} images without objects, "
+        f"{s['num_crowd_ignored']} crowd regions; dropped detections: {dropped_text}"
+    )
+    typer.echo(
+        f"  {s['num_objects']} objects ({s['num_virtual_matches']} virtual matches), {s['num_detections']} detections, "
+        f"{s['num_images_with_objects_but_no_detections']} images with objects but no detections"
+        + (f", {s['num_degenerate_objects']} zero-size ground-truth boxes" if s.get("num_degenerate_objects") else "")
+    )
+
+
+@app.command()
+def score(
+    out: Annotated[Path, typer.Option("--out", help="Directory for objects.csv, images.csv (+ .parquet) and score.json.")],
+    detections: Annotated[
+        Optional[Path], typer.Option("--detections", help="COCO results JSON (list of image_id, category_id, bbox, score).")
+    ] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="Detector checkpoint to run instead of --detections.")] = None,
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    class_agnostic: opt.ClassAgnostic = False,
+    drop_invalid: opt.DropInvalid = False,
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Score one model's detections: the quality of every object and every image.
+
+    Object quality = IoU x confidence of the object's best detection (virtual
+    match 0 when none overlaps); image quality = mean over its non-crowd objects.
+    """
+    from gradlens.data.coco import load_ground_truth
+    from gradlens.scoring.sources import identify_source, score_source
+
+    if (detections is None) == (model is None):
+        raise GradlensError("Give exactly one of --detections RESULTS.json or --model CKPT.")
+    source = identify_source(detections if detections is not None else model)
+    if detections is not None and source.kind != "detections":
+        raise GradlensError(f"--detections expects a COCO results .json file, but {detections} is a {source.kind}.")
+    paths = opt.coco_paths(coco_root, ann, images)
+    _, meta = score_source(
+        source, lambda: load_ground_truth(paths), class_agnostic=class_agnostic, device=device,
+        drop_invalid=drop_invalid, out_dir=out, progress=progress,
+    )  # fmt: skip
+    _echo_summary(source.label, meta["summary"])
+    typer.echo(f"Wrote {out / 'objects.csv'}, {out / 'images.csv'} (+ .parquet) and {out / 'score.json'}")
+
+
+@app.command()
+def select(
+    a: Annotated[Path, typer.Option("--a", metavar="PATH", help="Model A: results .json, score directory or checkpoint.")],
+    b: Annotated[List[Path], typer.Option("--b", metavar="PATH", help="Baseline model B (repeat for several; A must beat each).")],
+    top: Annotated[int, typer.Option("--top", min=1, help="How many images to select.")] = 1000,
+    workdir: opt.Workdir = opt.DEFAULT_WORKDIR_PATH,
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    class_agnostic: opt.ClassAgnostic = False,
+    drop_invalid: opt.DropInvalid = False,
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Rank images by how much A improves over every B and keep the top ones.
+
+    Improvement = quality(A) - quality(B), the minimum over the B models; ties go
+    to the smaller image id. Writes selection.csv, scores/<role>/ and manifest.json
+    into the work directory, so later commands need no arguments.
+    """
+    from gradlens.selection.run import run_selection
+
+    result = run_selection(
+        a, list(b), coco=opt.coco_paths(coco_root, ann, images), workdir=workdir, top=top,
+        class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid, progress=progress,
+    )  # fmt: skip
+    for model in result.manifest["models"]:
+        _echo_summary(f"{model['role']} ({model['label']})", result.summaries[model["role"]])
+    counts = result.manifest["counts"]
+    typer.echo(f"Selected {counts['images_selected']} of {counts['images_compared']} images with objects.")
+    if len(result.selection):
+        best = result.selection.iloc[0]
+        typer.echo(f"  largest improvement {best['improvement']:.4f} (image {int(best['image_id'])})")
+    typer.echo(f"Wrote {workdir / 'selection.csv'} and {workdir / 'manifest.json'}")
+
+
+@app.command()
+def synthetic(
+    out: Annotated[Path, typer.Argument(help="Folder for annotations/instances_<split>.json and <split>/*.jpg.")],
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Number of images.")] = 40,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
+    split: Annotated[str, typer.Option("--split", help="Split name used in file names.")] = "val2017",
+    progress: opt.Progress = None,
+) -> None:
+    """Write a small COCO-format dataset of rendered shapes (real JPEGs, crowds, grayscale, empty images)."""
+    from gradlens.data.synthetic import make_synthetic_coco
+
+    paths = make_synthetic_coco(out, num_images=num_images, seed=seed, split=split, progress=progress)
+    typer.echo(f"Wrote {num_images} images to {paths.images} and annotations to {paths.ann}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("gradlens-runs/demo"),
+    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Synthetic images to generate.")] = 60,
+    top: Annotated[int, typer.Option("--top", min=1, help="Images to select.")] = 20,
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Run the pipeline end to end on a synthetic dataset with two simulated detectors."""
+    from gradlens.demo import run_demo
+
+    result = run_demo(out, num_images=num_images, top=top, device=device, progress=progress)
+    sel = result.selection
+    for model in sel.manifest["models"]:
+        _echo_summary(f"{model['role']} ({model['label']})", sel.summaries[model["role"]])
+    typer.echo(sel.selection.head(5).to_string(index=False))
+    typer.echo("")
+    typer.echo(f"dataset:    {result.coco.ann.parent.parent}")
+    typer.echo(f"detections: {', '.join(str(p) for p in result.detections.values())}")
+    typer.echo(f"selection:  {sel.workdir / 'selection.csv'}")
+    typer.echo(f"manifest:   {sel.workdir / 'manifest.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; a user mistake becomes one line on stderr and exit code 1."""
+    try:
+        app(args=argv, prog_name="gradlens")
+    except GradlensError as exc:
+        typer.echo(f"gradlens: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("gradlens: interrupted; finished results are kept on disk.", err=True)
+        sys.exit(130)

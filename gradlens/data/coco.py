@@ -1,0 +1,165 @@
+"""COCO ground truth: where it lives and the non-crowd objects that every score is measured against.
+
+The annotation file is parsed once into flat NumPy arrays (one row per object),
+so scoring can be vectorised across the whole dataset instead of looping over
+images. pycocotools' :class:`~pycocotools.coco.COCO` index is kept beside them
+for anything that wants the usual API (``gt.coco.loadImgs`` and friends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from gradlens.errors import InputFileError
+from gradlens.fileio import read_json, sha256_file
+
+ENV_COCO_ROOT = "GRADLENS_COCO_ROOT"
+DEFAULT_COCO_ROOT = Path("data/coco")
+DEFAULT_SPLIT = "val2017"
+
+
+@dataclass(frozen=True)
+class CocoPaths:
+    """The two halves of a COCO dataset on disk: the annotation file and the image folder."""
+
+    ann: Path
+    images: Path
+
+
+def resolve_coco_paths(
+    coco_root: str | os.PathLike | None = None,
+    ann: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    split: str = DEFAULT_SPLIT,
+) -> CocoPaths:
+    """Apply DESIGN.md's precedence: ``--ann``/``--images``, else ``--coco-root``, else
+    ``$GRADLENS_COCO_ROOT``, else ``./data/coco``, each holding the standard layout."""
+    if coco_root is None:
+        coco_root = os.environ.get(ENV_COCO_ROOT) or DEFAULT_COCO_ROOT
+    root = Path(coco_root)
+    return CocoPaths(
+        ann=Path(ann) if ann is not None else root / "annotations" / f"instances_{split}.json",
+        images=Path(images) if images is not None else root / split,
+    )
+
+
+@dataclass
+class GroundTruth:
+    """Non-crowd COCO objects as flat arrays sorted by (image id, annotation id).
+
+    ``boxes`` are corners ``[x1, y1, x2, y2]`` in the stored pixel layout of the
+    image. Crowd annotations are not objects (COCO evaluation ignores them) and
+    are only counted.
+    """
+
+    coco: COCO
+    path: Path
+    sha256: str
+    image_ids: np.ndarray  # every image of the annotation file, sorted
+    obj_image_id: np.ndarray
+    obj_ann_id: np.ndarray
+    obj_category_id: np.ndarray
+    obj_xywh: np.ndarray  # (n, 4) float64, as annotated
+    category_names: dict[int, str]
+    num_crowd: int
+    num_degenerate: int  # non-crowd objects with zero width or height
+    images_dir: Path | None = None
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """Object boxes as corners ``[x1, y1, x2, y2]``."""
+        xywh = self.obj_xywh
+        return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+
+    @property
+    def num_objects(self) -> int:
+        return len(self.obj_ann_id)
+
+    def image_info(self, image_id: int) -> dict:
+        """The annotation file's record of one image (``file_name``, ``width``, ``height``)."""
+        try:
+            return self.coco.imgs[int(image_id)]
+        except KeyError:
+            raise InputFileError(f"Image id {image_id} is not in the annotation file {self.path}.") from None
+
+    def image_path(self, image_id: int) -> Path:
+        if self.images_dir is None:
+            raise InputFileError("No image folder was given (use --coco-root or --images).")
+        return self.images_dir / self.image_info(image_id)["file_name"]
+
+
+def _check_structure(data: object, path: Path) -> None:
+    if not isinstance(data, dict):
+        raise InputFileError(f"The annotation file {path} is not a COCO annotation object (expected a JSON object).")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise InputFileError(f"The annotation file {path} has no '{key}' list, so it is not in COCO format.")
+    image_ids = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img:
+            raise InputFileError(f"Image entry {i} of {path} has no 'id'.")
+        image_ids.add(img["id"])
+    category_ids = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat:
+            raise InputFileError(f"Category entry {i} of {path} has no 'id'.")
+        category_ids.add(cat["id"])
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
+            raise InputFileError(
+                f"Annotation entry {i} of {path} lacks one of 'id', 'image_id', 'category_id', 'bbox'."
+            )
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise InputFileError(f"Annotation {ann['id']} of {path} has a bbox that is not four numbers.")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise InputFileError(f"Annotation {ann['id']} of {path} has a negative box width or height.")
+        if ann["image_id"] not in image_ids:
+            raise InputFileError(f"Annotation {ann['id']} of {path} refers to image {ann['image_id']}, which is not listed.")
+        if ann["category_id"] not in category_ids:
+            raise InputFileError(
+                f"Annotation {ann['id']} of {path} has category {ann['category_id']}, which is not listed."
+            )
+
+
+def load_ground_truth(
+    ann: str | os.PathLike | CocoPaths,
+    images_dir: str | os.PathLike | None = None,
+) -> GroundTruth:
+    """Read a COCO ``instances_*.json`` into a :class:`GroundTruth` (through pycocotools' index)."""
+    if isinstance(ann, CocoPaths):
+        images_dir = ann.images if images_dir is None else images_dir
+        ann = ann.ann
+    path = Path(ann)
+    data = read_json(path, "annotation file")
+    _check_structure(data, path)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        coco.createIndex()
+
+    anns = sorted(coco.anns.values(), key=lambda a: (a["image_id"], a["id"]))
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    keep = [a for a, c in zip(anns, crowd) if not c]
+    xywh = np.array([a["bbox"] for a in keep], dtype=np.float64).reshape(-1, 4)
+    return GroundTruth(
+        coco=coco,
+        path=path,
+        sha256=sha256_file(path),
+        image_ids=np.array(sorted(coco.imgs), dtype=np.int64),
+        obj_image_id=np.array([a["image_id"] for a in keep], dtype=np.int64),
+        obj_ann_id=np.array([a["id"] for a in keep], dtype=np.int64),
+        obj_category_id=np.array([a["category_id"] for a in keep], dtype=np.int64),
+        obj_xywh=xywh,
+        category_names={int(c["id"]): str(c.get("name", c["id"])) for c in data["categories"]},
+        num_crowd=int(crowd.sum()),
+        num_degenerate=int(((xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)).sum()),
+        images_dir=Path(images_dir) if images_dir is not None else None,
+    )

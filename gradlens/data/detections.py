@@ -1,0 +1,202 @@
+"""Detection results in the standard COCO results format.
+
+A results file is a JSON list of ``{"image_id", "category_id", "bbox": [x, y, w, h],
+"score"}`` records, as written by mmdetection, detectron2 and pycocotools tooling,
+so gradlens reads other tools' output and other tools read gradlens'. Files are
+checked strictly: a value that cannot be a detection is an error that names it,
+unless the user asks for such records to be dropped, and then they are counted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gradlens.data.coco import GroundTruth
+from gradlens.errors import InvalidDetectionsError
+from gradlens.fileio import atomic_path, read_json, sha256_file
+
+REQUIRED_KEYS = ("image_id", "category_id", "bbox", "score")
+
+
+@dataclass
+class Detections:
+    """Detections as flat arrays, in file order (``index`` is the record's position in the file)."""
+
+    image_id: np.ndarray  # int64
+    category_id: np.ndarray  # int64
+    xywh: np.ndarray  # (n, 4) float64
+    score: np.ndarray  # float64
+    index: np.ndarray  # int64, position in the source file
+    source: Path | None = None
+    sha256: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """Boxes as corners ``[x1, y1, x2, y2]``."""
+        return np.concatenate([self.xywh[:, :2], self.xywh[:, :2] + self.xywh[:, 2:]], axis=1)
+
+    @classmethod
+    def from_arrays(cls, image_id, category_id, xywh, score, **kwargs) -> "Detections":
+        score = np.asarray(score, dtype=np.float64)
+        return cls(
+            image_id=np.asarray(image_id, dtype=np.int64),
+            category_id=np.asarray(category_id, dtype=np.int64),
+            xywh=np.asarray(xywh, dtype=np.float64).reshape(-1, 4),
+            score=score,
+            index=np.arange(len(score), dtype=np.int64),
+            **kwargs,
+        )
+
+    def to_records(self) -> list[dict]:
+        """The COCO results list (what :func:`write_detections` writes)."""
+        return [
+            {"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+            for i, c, b, s in zip(self.image_id, self.category_id, self.xywh, self.score)
+        ]
+
+
+def write_detections(detections: Detections | list[dict], path: str | os.PathLike) -> Path:
+    """Write a COCO results JSON file atomically."""
+    import json
+
+    records = detections.to_records() if isinstance(detections, Detections) else detections
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as handle:
+            json.dump(records, handle, separators=(",", ":"))
+    return path
+
+
+def _first_bad_record(data: list, path: Path) -> InvalidDetectionsError:
+    """Find the first record that breaks the format, for an error that points at it."""
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            return InvalidDetectionsError(f"Entry {i} of {path} is not a JSON object, so {path.name} is not a COCO results file.")
+        missing = [k for k in REQUIRED_KEYS if k not in rec]
+        if missing:
+            return InvalidDetectionsError(
+                f"Entry {i} of {path} has no {', '.join(repr(k) for k in missing)}; "
+                "COCO results need image_id, category_id, bbox and score."
+            )
+        for key in ("image_id", "category_id"):
+            if not isinstance(rec[key], int) or isinstance(rec[key], bool):
+                return InvalidDetectionsError(f"Entry {i} of {path} has a non-integer {key} {rec[key]!r}.")
+        bbox = rec["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            return InvalidDetectionsError(f"Entry {i} of {path} has a bbox {bbox!r} that is not four numbers [x, y, w, h].")
+        if not _is_number(rec["score"]):
+            return InvalidDetectionsError(f"Entry {i} of {path} has a score {rec['score']!r} that is not a number.")
+    return InvalidDetectionsError(f"{path} is not a COCO results file.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_records(data: list, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Columns from the records in one pass each; any oddity falls back to a scan that names the record."""
+    try:
+        image_id = [rec["image_id"] for rec in data]
+        category_id = [rec["category_id"] for rec in data]
+        bbox = [rec["bbox"] for rec in data]
+        score = [rec["score"] for rec in data]
+        int_ok = all(type(v) is int for v in image_id) and all(type(v) is int for v in category_id)
+        num_ok = all(type(v) in (int, float) for v in score)
+        box_ok = all(type(b) is list and len(b) == 4 for b in bbox)
+        if not (int_ok and num_ok and box_ok):
+            raise TypeError
+        xywh = np.array(bbox, dtype=np.float64)
+    except (TypeError, KeyError, ValueError):
+        raise _first_bad_record(data, path) from None
+    return (
+        np.array(image_id, dtype=np.int64),
+        np.array(category_id, dtype=np.int64),
+        xywh.reshape(-1, 4),
+        np.array(score, dtype=np.float64),
+    )
+
+
+def _invalid_value_masks(xywh: np.ndarray, score: np.ndarray) -> dict[str, np.ndarray]:
+    finite = np.isfinite(xywh).all(axis=1) & np.isfinite(score)
+    return {
+        "non-finite box or score": ~finite,
+        "zero or negative box width or height": finite & ((xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)),
+        "score outside [0, 1]": finite & ((score < 0) | (score > 1)),
+    }
+
+
+def read_detections(
+    path: str | os.PathLike,
+    gt: GroundTruth | None = None,
+    drop_invalid: bool = False,
+) -> Detections:
+    """Read and check a COCO results file.
+
+    With ``gt``, every image id and category id must exist in the annotations.
+    Records with impossible values (zero-size or negative boxes, scores outside
+    [0, 1], NaN) are an error, or, with ``drop_invalid``, dropped and counted in
+    ``Detections.dropped``.
+    """
+    path = Path(path)
+    data = read_json(path, "detection results file")
+    if isinstance(data, dict) and "annotations" in data:
+        raise InvalidDetectionsError(
+            f"{path} looks like a COCO annotation file, not a results file (a JSON list of detections)."
+        )
+    if not isinstance(data, list):
+        raise InvalidDetectionsError(f"{path} is not a COCO results file: expected a JSON list of detections.")
+    if not data:
+        raise InvalidDetectionsError(f"{path} contains no detections (an empty list).")
+
+    image_id, category_id, xywh, score = _parse_records(data, path)
+    index = np.arange(len(score), dtype=np.int64)
+
+    dropped: dict[str, int] = {}
+    bad_any = np.zeros(len(score), dtype=bool)
+    for reason, mask in _invalid_value_masks(xywh, score).items():
+        count = int(mask.sum())
+        if not count:
+            continue
+        if not drop_invalid:
+            i = int(np.flatnonzero(mask)[0])
+            raise InvalidDetectionsError(
+                f"{path} has {count} detection(s) with {reason} (first: entry {i}, bbox {data[i]['bbox']}, "
+                f"score {data[i]['score']}); fix the file or pass --drop-invalid to skip them."
+            )
+        dropped[reason] = count
+        bad_any |= mask
+
+    if gt is not None:
+        _check_ids(path, "image", image_id, gt.image_ids, f"the annotation file {gt.path}")
+        _check_ids(path, "category", category_id, np.array(sorted(gt.category_names)), f"the annotation file {gt.path}")
+
+    if bad_any.any():
+        keep = ~bad_any
+        image_id, category_id, xywh, score, index = image_id[keep], category_id[keep], xywh[keep], score[keep], index[keep]
+        if not len(score):
+            raise InvalidDetectionsError(f"Every detection in {path} is invalid ({_describe(dropped)}).")
+    return Detections(image_id, category_id, xywh, score, index, source=path, sha256=sha256_file(path), dropped=dropped)
+
+
+def _check_ids(path: Path, kind: str, ids: np.ndarray, known: np.ndarray, where: str) -> None:
+    unknown = ~np.isin(ids, known)
+    if unknown.any():
+        values = np.unique(ids[unknown])
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise InvalidDetectionsError(
+            f"{path} has {int(unknown.sum())} detection(s) whose {kind} id is not in {where} "
+            f"({len(values)} distinct id(s): {shown}); were the results made on another dataset?"
+        )
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} with {reason}" for reason, n in Counter(counts).most_common())

@@ -1,0 +1,104 @@
+"""Small file helpers shared by every step: atomic writes, content hashes, JSON reading.
+
+Writes go to a temporary file in the same folder and are renamed into place,
+so a killed run never leaves a half-written table that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from gradlens.errors import InputFileError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_table(df: pd.DataFrame, directory: str | os.PathLike, stem: str) -> None:
+    """Write ``stem.csv`` and ``stem.parquet``: CSV for people and spreadsheets, Parquet for exact types."""
+    directory = Path(directory)
+    with atomic_path(directory / f"{stem}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(directory / f"{stem}.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_table(directory: str | os.PathLike, stem: str) -> pd.DataFrame:
+    """Read a table written by :func:`write_table`, preferring the exact Parquet copy."""
+    directory = Path(directory)
+    parquet, csv = directory / f"{stem}.parquet", directory / f"{stem}.csv"
+    try:
+        if parquet.is_file():
+            return pd.read_parquet(parquet)
+        if csv.is_file():
+            return pd.read_csv(csv)
+    except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
+        raise InputFileError(f"Cannot read table '{stem}' in {directory}: {exc}.") from exc
+    raise InputFileError(f"{directory} has no {stem}.parquet or {stem}.csv.")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Content hash that identifies an input independently of its path or modification time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` as a Path if it is a readable file, else raise a one-sentence error."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"The {what} {path} does not exist.")
+    if not path.is_file():
+        raise InputFileError(f"The {what} {path} is not a file.")
+    if not os.access(path, os.R_OK):
+        raise InputFileError(f"The {what} {path} is not readable.")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON file, turning every failure into one sentence naming the file and the position."""
+    path = require_file(path, what)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise InputFileError(f"Cannot read the {what} {path}: {exc.strerror}.") from exc
+    if not data.strip():
+        raise InputFileError(f"The {what} {path} is empty.")
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InputFileError(
+            f"The {what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"The {what} {path} is not UTF-8 JSON text.") from exc

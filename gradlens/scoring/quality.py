@@ -1,0 +1,218 @@
+"""Object and image quality, vectorised over a whole dataset.
+
+Definitions (DESIGN.md): each non-crowd ground-truth object is matched to the
+detection of its image (and, by default, its category) with the largest IoU,
+ties going to the higher confidence; with no detection of IoU > 0 it gets a
+virtual match (IoU 0, confidence 0). Object quality = IoU × confidence; image
+quality = mean object quality; images without objects have no quality.
+
+How: detections are sorted by a (image, category) key, so the candidates of an
+object form one contiguous run. All (object, candidate) pairs of the dataset
+are laid out flat, their IoUs computed in one call, and the best candidate per
+object found with segment reductions (``scatter_reduce``) — on the CPU or the
+GPU, in chunks that bound memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gradlens.data.coco import GroundTruth
+from gradlens.data.detections import Detections
+from gradlens.device import resolve_device
+from gradlens.progress import track
+from gradlens.scoring.iou import paired_iou
+
+OBJECT_COLUMNS = [
+    "image_id", "ann_id", "category_id", "gt_x", "gt_y", "gt_w", "gt_h",
+    "matched", "det_index", "det_category_id", "det_x", "det_y", "det_w", "det_h",
+    "iou", "confidence", "quality",
+]  # fmt: skip
+IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "num_objects", "num_matched", "num_detections", "quality"]
+
+DEFAULT_CHUNK_PAIRS = 1 << 23  # ~8M candidate pairs per chunk: a few hundred MB of temporaries at most
+
+
+@dataclass
+class QualityScores:
+    """Per-object and per-image quality tables plus counts of everything not scored.
+
+    Unpacks as ``objects, images = quality_scores(...)``.
+    """
+
+    objects: pd.DataFrame
+    images: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.objects, self.images))
+
+
+def _group_keys(image_id: np.ndarray, category_id: np.ndarray | None, num_categories_key: int) -> np.ndarray:
+    if category_id is None:
+        return image_id.astype(np.int64)
+    return image_id.astype(np.int64) * num_categories_key + category_id.astype(np.int64)
+
+
+def _match(
+    obj_boxes: np.ndarray,
+    obj_keys: np.ndarray,
+    det_boxes: np.ndarray,
+    det_keys: np.ndarray,
+    det_scores: np.ndarray,
+    device: torch.device,
+    chunk_pairs: int,
+    progress: bool | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each object's match as (index into the detection arrays or -1 for a virtual match, IoU)."""
+    order = np.argsort(det_keys, kind="stable")  # stable: equal keys keep file order
+    sorted_keys = det_keys[order]
+    start = np.searchsorted(sorted_keys, obj_keys, side="left")
+    count = np.searchsorted(sorted_keys, obj_keys, side="right") - start
+
+    det_boxes_t = torch.as_tensor(det_boxes[order], dtype=torch.float64, device=device)
+    det_scores_t = torch.as_tensor(det_scores[order], dtype=torch.float64, device=device)
+    obj_boxes_t = torch.as_tensor(obj_boxes, dtype=torch.float64, device=device)
+    match = np.full(len(obj_keys), -1, dtype=np.int64)
+    match_iou = np.zeros(len(obj_keys), dtype=np.float64)
+
+    # Chunk boundaries over objects so that no chunk holds more than chunk_pairs pairs.
+    cum = np.cumsum(count)
+    bounds = [0]
+    while bounds[-1] < len(count):
+        base = cum[bounds[-1] - 1] if bounds[-1] else 0
+        nxt = int(np.searchsorted(cum, base + chunk_pairs, side="right"))
+        bounds.append(max(nxt, bounds[-1] + 1))
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    for lo, hi in track(chunks, "matching", progress if len(chunks) > 1 else False, unit="chunk"):
+        cnt = torch.as_tensor(count[lo:hi], device=device)
+        total = int(cnt.sum())
+        if total == 0:
+            continue
+        n = hi - lo
+        pair_obj = torch.repeat_interleave(torch.arange(n, device=device), cnt)
+        offset = torch.cumsum(cnt, 0) - cnt
+        pair_det = torch.as_tensor(start[lo:hi], device=device)[pair_obj] + (
+            torch.arange(total, device=device) - offset[pair_obj]
+        )
+        iou = paired_iou(obj_boxes_t[lo:hi][pair_obj], det_boxes_t[pair_det])
+        # Best IoU per object, then the best confidence among the IoU ties, then the
+        # earliest detection in file order among exact (IoU, confidence) ties.
+        best_iou = torch.zeros(n, dtype=iou.dtype, device=device).scatter_reduce_(0, pair_obj, iou, "amax")
+        is_best = (iou == best_iou[pair_obj]) & (iou > 0)
+        conf = torch.where(is_best, det_scores_t[pair_det], torch.full_like(iou, -1.0))
+        best_conf = torch.full((n,), -1.0, dtype=iou.dtype, device=device).scatter_reduce_(0, pair_obj, conf, "amax")
+        winner = is_best & (conf == best_conf[pair_obj])
+        big = torch.iinfo(torch.int64).max
+        cand = torch.where(winner, pair_det, torch.full_like(pair_det, big))
+        chosen = torch.full((n,), big, dtype=torch.int64, device=device).scatter_reduce_(0, pair_obj, cand, "amin")
+        chosen = chosen.cpu().numpy()
+        found = chosen != big
+        match[lo:hi][found] = order[chosen[found]]
+        match_iou[lo:hi][found] = best_iou.cpu().numpy()[found]
+    return match, match_iou
+
+
+def _take(values: np.ndarray, match: np.ndarray, fill) -> np.ndarray:
+    """``values[match]`` where an object has a match, ``fill`` for virtual matches."""
+    out = np.full((len(match),) + values.shape[1:], fill, dtype=np.result_type(values, np.asarray(fill)))
+    found = match >= 0
+    out[found] = values[match[found]]
+    return out
+
+
+def quality_scores(
+    detections: Detections,
+    gt: GroundTruth,
+    class_agnostic: bool = False,
+    device: str | torch.device = "cpu",
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    progress: bool | None = False,
+) -> QualityScores:
+    """Score every non-crowd object and every image with objects (DESIGN.md definitions).
+
+    Returns a :class:`QualityScores` whose ``objects`` table has one row per
+    non-crowd object (virtual matches included, with ``matched`` False and IoU,
+    confidence and quality 0) and whose ``images`` table has one row per image
+    with at least one object.
+    """
+    device = resolve_device(device)
+    obj_cats = None if class_agnostic else gt.obj_category_id
+    det_cats = None if class_agnostic else detections.category_id
+    key_base = int(max(gt.obj_category_id.max(initial=0), detections.category_id.max(initial=0))) + 1
+    obj_keys = _group_keys(gt.obj_image_id, obj_cats, key_base)
+    det_keys = _group_keys(detections.image_id, det_cats, key_base)
+
+    match, iou = _match(
+        gt.boxes, obj_keys, detections.boxes, det_keys, detections.score, device, chunk_pairs, progress
+    )
+    matched = match >= 0
+    confidence = _take(detections.score, match, 0.0)
+    det_xywh = _take(detections.xywh, match, np.nan)
+
+    objects = pd.DataFrame(
+        {
+            "image_id": gt.obj_image_id,
+            "ann_id": gt.obj_ann_id,
+            "category_id": gt.obj_category_id,
+            "gt_x": gt.obj_xywh[:, 0],
+            "gt_y": gt.obj_xywh[:, 1],
+            "gt_w": gt.obj_xywh[:, 2],
+            "gt_h": gt.obj_xywh[:, 3],
+            "matched": matched,
+            "det_index": _take(detections.index, match, -1),
+            "det_category_id": _take(detections.category_id, match, -1),
+            "det_x": det_xywh[:, 0],
+            "det_y": det_xywh[:, 1],
+            "det_w": det_xywh[:, 2],
+            "det_h": det_xywh[:, 3],
+            "iou": iou,
+            "confidence": confidence,
+            "quality": iou * confidence,
+        },
+        columns=OBJECT_COLUMNS,
+    )
+    images = _image_table(objects, detections, gt)
+    summary = {
+        "class_agnostic": bool(class_agnostic),
+        "device": str(device),
+        "num_images": int(len(gt.image_ids)),
+        "num_images_scored": int(len(images)),
+        "num_images_without_objects": int(len(gt.image_ids) - len(images)),
+        "num_images_with_objects_but_no_detections": int((images["num_detections"] == 0).sum()),
+        "num_objects": int(len(objects)),
+        "num_virtual_matches": int((~matched).sum()),
+        "num_crowd_ignored": int(gt.num_crowd),
+        "num_degenerate_objects": int(gt.num_degenerate),
+        "num_detections": int(len(detections)),
+        "num_detections_dropped": dict(detections.dropped),
+        "mean_image_quality": float(images["quality"].mean()) if len(images) else None,
+    }
+    return QualityScores(objects=objects, images=images, summary=summary)
+
+
+def _image_table(objects: pd.DataFrame, detections: Detections, gt: GroundTruth) -> pd.DataFrame:
+    """Mean object quality per image; images without objects have no quality and no row."""
+    per_image = objects.groupby("image_id", sort=True).agg(
+        num_objects=("quality", "size"), num_matched=("matched", "sum"), quality=("quality", "mean")
+    )
+    ids = per_image.index.to_numpy()
+    num_det = pd.Series(detections.image_id).value_counts().reindex(ids, fill_value=0).to_numpy()
+    infos = [gt.coco.imgs[int(i)] for i in ids]
+    return pd.DataFrame(
+        {
+            "image_id": ids.astype(np.int64),
+            "file_name": [info.get("file_name", "") for info in infos],
+            "width": np.array([info.get("width", 0) for info in infos], dtype=np.int64),
+            "height": np.array([info.get("height", 0) for info in infos], dtype=np.int64),
+            "num_objects": per_image["num_objects"].to_numpy(np.int64),
+            "num_matched": per_image["num_matched"].to_numpy(np.int64),
+            "num_detections": num_det.astype(np.int64),
+            "quality": per_image["quality"].to_numpy(np.float64),
+        },
+        columns=IMAGE_COLUMNS,
+    )

@@ -1,0 +1,111 @@
+"""What ``--a``/``--b`` (and ``score``) accept, and how each kind becomes quality scores.
+
+A model is given as a COCO detection results file (``.json``), a score
+directory written by ``gradlens score``, or a detector checkpoint (``.pth``,
+``.pt``, ``.ckpt``). Results files are scored against the ground truth;
+score directories are read back after checking they are comparable;
+checkpoints need the detector support that arrives with gradlens' model zoo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from gradlens.data.coco import GroundTruth
+from gradlens.data.detections import read_detections
+from gradlens.errors import GradlensError, InputFileError
+from gradlens.fileio import sha256_file
+from gradlens.scoring.quality import QualityScores, quality_scores
+from gradlens.scoring.store import SCORE_META, is_score_dir, make_meta, read_scores, score_dir_digest, write_scores
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+SourceKind = Literal["detections", "scores", "checkpoint"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model as the user named it: the path, what kind of thing it is, and its content hash."""
+
+    path: Path
+    kind: SourceKind
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and legends: the file's stem or the directory's name."""
+        return self.path.stem if self.kind != "scores" else self.path.name
+
+
+def identify_source(path: str | os.PathLike) -> ModelSource:
+    """Decide what a ``--a``/``--b`` argument is, from the file system alone."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path} does not exist (expected a results .json, a score directory or a checkpoint).")
+    if path.is_dir():
+        if not is_score_dir(path):
+            raise InputFileError(f"The directory {path} is not a score directory written by 'gradlens score' (no {SCORE_META}).")
+        return ModelSource(path, "scores", score_dir_digest(path))
+    suffix = path.suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        return ModelSource(path, "checkpoint", sha256_file(path))
+    if suffix == ".json":
+        return ModelSource(path, "detections", sha256_file(path))
+    raise InputFileError(
+        f"Cannot tell what {path} is: give a COCO results .json, a score directory or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})."
+    )
+
+
+def annotations_record(gt: GroundTruth) -> dict:
+    return {"path": str(gt.path.resolve()), "sha256": gt.sha256}
+
+
+def score_source(
+    source: ModelSource,
+    load_gt: Callable[[], GroundTruth],
+    class_agnostic: bool = False,
+    device: str = "cpu",
+    drop_invalid: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool | None = False,
+) -> tuple[QualityScores, dict]:
+    """Quality scores of one model, and the metadata that says where they came from.
+
+    ``load_gt`` is called only when the ground truth is needed. With ``out_dir``
+    the scores are written there as a score directory; if it already holds
+    scores of the same input, annotations and settings, they are reused.
+    """
+    if source.kind == "checkpoint":
+        raise GradlensError(
+            f"{source.path} is a detector checkpoint, and this gradlens version cannot run detectors yet; "
+            "score its detections from a COCO results .json instead."
+        )
+    if source.kind == "scores":
+        scores, meta = read_scores(source.path)
+        stored = bool(meta.get("settings", {}).get("class_agnostic", False))
+        if stored != class_agnostic:
+            mode = "class-agnostic" if stored else "class-aware"
+            raise GradlensError(
+                f"{source.path} was scored {mode}; re-score it or {'pass' if stored else 'drop'} --class-agnostic so all models are matched alike."
+            )
+        if out_dir is not None and Path(out_dir).resolve() != source.path.resolve():
+            write_scores(scores, out_dir, meta["source"], meta["annotations"], meta["settings"])
+        return scores, meta
+
+    gt = load_gt()
+    source_record = {"kind": "detections", "path": str(source.path.resolve()), "sha256": source.sha256}
+    annotations = annotations_record(gt)
+    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": bool(drop_invalid)}
+    if out_dir is not None and is_score_dir(out_dir):
+        cached, meta = read_scores(out_dir)
+        same_input = meta.get("source", {}).get("sha256") == source.sha256
+        same_gt = meta.get("annotations", {}).get("sha256") == gt.sha256
+        if same_input and same_gt and meta.get("settings") == settings:
+            return cached, meta
+    detections = read_detections(source.path, gt, drop_invalid=drop_invalid)
+    scores = quality_scores(detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
+    if out_dir is not None:
+        return scores, write_scores(scores, out_dir, source_record, annotations, settings)
+    return scores, make_meta(scores, source_record, annotations, settings)

@@ -1,0 +1,120 @@
+"""``gradlens select`` as a Python function: score every model, rank, write the work directory."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from gradlens._version import __version__
+from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth
+from gradlens.errors import GradlensError
+from gradlens.fileio import write_table
+from gradlens.scoring.sources import ModelSource, identify_source, score_source
+from gradlens.selection.improvement import DEFAULT_TOP, b_roles, select_images
+from gradlens.selection.manifest import DEFAULT_WORKDIR, save_manifest
+
+
+@dataclass
+class SelectionResult:
+    """The ranked selection, the manifest written beside it, and each model's score summary."""
+
+    selection: pd.DataFrame
+    manifest: dict
+    summaries: dict[str, dict]
+    workdir: Path
+
+
+def _unique_labels(sources: list[ModelSource]) -> list[str]:
+    labels, seen = [], {}
+    for src in sources:
+        label = src.label
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return labels
+
+
+def run_selection(
+    a: str | os.PathLike,
+    b: list[str | os.PathLike],
+    coco: CocoPaths | None = None,
+    workdir: str | os.PathLike = DEFAULT_WORKDIR,
+    top: int = DEFAULT_TOP,
+    class_agnostic: bool = False,
+    device: str = "cpu",
+    drop_invalid: bool = False,
+    progress: bool | None = False,
+) -> SelectionResult:
+    """Score A and every B (reusing cached scores in ``workdir``), select the top images, write it all down.
+
+    Writes ``selection.csv``/``.parquet``, ``scores/<role>/`` for each model and
+    ``manifest.json`` (inputs with content hashes, settings, package version).
+    """
+    if not b:
+        raise GradlensError("Give at least one baseline with --b.")
+    if top < 1:
+        raise GradlensError(f"--top must be at least 1 (got {top}).")
+    workdir = Path(workdir)
+    sources = [identify_source(a)] + [identify_source(p) for p in b]
+    roles = ["a"] + b_roles(len(b))
+
+    @functools.cache
+    def load_gt() -> GroundTruth:
+        if coco is None:
+            raise GradlensError("Scoring a results file needs the annotations: pass --coco-root or --ann.")
+        return load_ground_truth(coco)
+
+    tables, metas, summaries = {}, {}, {}
+    for role, src in zip(roles, sources):
+        scores, meta = score_source(
+            src, load_gt, class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid,
+            out_dir=workdir / "scores" / role, progress=progress,
+        )  # fmt: skip
+        tables[role], metas[role], summaries[role] = scores.images, meta, scores.summary
+
+    ann_hashes = {m.get("annotations", {}).get("sha256") for m in metas.values()}
+    if len(ann_hashes) > 1:
+        raise GradlensError("The models were scored against different annotation files, so their qualities cannot be compared.")
+
+    ranking = select_images(tables["a"], {r: tables[r] for r in roles[1:]}, top=None)
+    selection = ranking.head(top)
+    write_table(selection, workdir, "selection")
+
+    labels = _unique_labels(sources)
+    ann = next(iter(metas.values())).get("annotations", {})
+    manifest = {
+        "gradlens_version": __version__,
+        "command": "select",
+        "argv": sys.argv[1:],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": {
+            "annotations": ann.get("path"),
+            "annotations_sha256": ann.get("sha256"),
+            "images": str(coco.images.resolve()) if coco is not None else None,
+        },
+        "settings": {"top": top, "class_agnostic": class_agnostic, "device": str(device), "drop_invalid": drop_invalid},
+        "models": [
+            {
+                "role": role,
+                "label": label,
+                "kind": src.kind,
+                "source": str(src.path.resolve()),
+                "sha256": src.sha256,
+                "scores": f"scores/{role}",
+                "quality_column": f"quality_{role}",
+            }
+            for role, label, src in zip(roles, labels, sources)
+        ],
+        "outputs": {"selection": "selection.csv", "selection_parquet": "selection.parquet"},
+        "counts": {
+            "images_compared": int(len(ranking)),
+            "images_selected": int(len(selection)),
+        },
+    }
+    save_manifest(workdir, manifest)
+    return SelectionResult(selection=selection, manifest=manifest, summaries=summaries, workdir=workdir)
