@@ -12,17 +12,17 @@ import torch
 
 
 def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of ``a[i]`` with ``b[i]`` for corner boxes ``[x1, y1, x2, y2]`` of shape ``(n, 4)``.
+    """IoU of ``a[i]`` with ``b[i]`` for COCO boxes ``[x, y, w, h]`` of shape ``(n, 4)``.
 
-    Same convention as COCO evaluation (``pycocotools.mask.iou`` on non-crowd
-    boxes): areas are ``w * h`` with no +1, and a pair whose union is empty
-    (two degenerate boxes) has IoU 0 rather than NaN.
+    The arithmetic is COCO evaluation's own (``pycocotools.mask.iou`` on
+    non-crowd boxes): areas are ``w * h``, corners ``x + w``, and a pair that
+    does not overlap — or whose union is empty — has IoU 0. Doing the same
+    operations in the same order gives bit-identical values in float64, so ties
+    are ties in both.
     """
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    wh = (rb - lt).clamp_(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a + area_b - inter
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+    iw = torch.minimum(a[:, 0] + a[:, 2], b[:, 0] + b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])
+    ih = torch.minimum(a[:, 1] + a[:, 3], b[:, 1] + b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])
+    overlap = (iw > 0) & (ih > 0)
+    inter = torch.where(overlap, iw * ih, torch.zeros_like(iw))
+    union = a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter
+    return torch.where(overlap & (union > 0), inter / torch.where(union > 0, union, torch.ones_like(union)), torch.zeros_like(iw))

@@ -148,7 +148,7 @@ def quality_scores(
     det_keys = _group_keys(detections.image_id, det_cats, key_base)
 
     match, iou = _match(
-        gt.boxes, obj_keys, detections.boxes, det_keys, detections.score, device, chunk_pairs, progress
+        gt.obj_xywh, obj_keys, detections.xywh, det_keys, detections.score, device, chunk_pairs, progress
     )
     matched = match >= 0
     confidence = _take(detections.score, match, 0.0)

@@ -1,0 +1,169 @@
+"""Quality scores against hand-computed values and against a slow direct implementation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradlens.data.coco import load_ground_truth
+from gradlens.data.detections import Detections, read_detections
+from gradlens.data.synthetic import random_annotations
+from gradlens.scoring.quality import IMAGE_COLUMNS, OBJECT_COLUMNS, quality_scores
+
+from .conftest import det, make_gt_dict, write_json
+from .reference import reference_quality
+
+
+def score(gt_file, results_file, images, anns, dets, **kw):
+    gt = load_ground_truth(gt_file(images, anns))
+    d = read_detections(results_file(dets), gt)
+    return quality_scores(d, gt, **kw)
+
+
+def obj_row(objects, ann_id):
+    return objects.set_index("ann_id").loc[ann_id]
+
+
+def test_perfect_match(gt_file, results_file):
+    objects, images = score(gt_file, results_file, [1], [(1, 1, [10, 10, 20, 20], 0)], [det(1, 1, [10, 10, 20, 20], 0.9)])
+    row = obj_row(objects, 1)
+    assert row["matched"] and row["iou"] == 1.0 and row["confidence"] == 0.9 and row["quality"] == pytest.approx(0.9)
+    assert images["quality"].tolist() == [pytest.approx(0.9)]
+    assert list(objects.columns) == OBJECT_COLUMNS and list(images.columns) == IMAGE_COLUMNS
+
+
+def test_iou_tie_goes_to_higher_confidence(gt_file, results_file):
+    # Shifted left and right by the same amount: equal IoU (15*20 / (2*400 - 300) = 0.6).
+    dets = [det(1, 1, [5, 10, 20, 20], 0.3), det(1, 1, [15, 10, 20, 20], 0.7), det(1, 1, [5, 10, 20, 20], 0.5)]
+    objects, _ = score(gt_file, results_file, [1], [(1, 1, [10, 10, 20, 20], 0)], dets)
+    row = obj_row(objects, 1)
+    assert row["iou"] == pytest.approx(0.6) and row["confidence"] == 0.7 and row["det_index"] == 1
+
+
+def test_iou_decides_before_confidence(gt_file, results_file):
+    dets = [det(1, 1, [12, 10, 20, 20], 0.2), det(1, 1, [18, 10, 20, 20], 0.99)]
+    objects, _ = score(gt_file, results_file, [1], [(1, 1, [10, 10, 20, 20], 0)], dets)
+    assert obj_row(objects, 1)["confidence"] == 0.2
+
+
+def test_exact_duplicates_pick_the_first_in_file_order(gt_file, results_file):
+    dets = [det(1, 1, [0, 0, 5, 5], 0.1), det(1, 1, [10, 10, 20, 20], 0.4), det(1, 1, [10, 10, 20, 20], 0.4)]
+    objects, _ = score(gt_file, results_file, [1], [(1, 1, [10, 10, 20, 20], 0)], dets)
+    assert obj_row(objects, 1)["det_index"] == 1
+
+
+def test_class_aware_by_default_class_agnostic_on_request(gt_file, results_file):
+    args = ([1], [(1, 1, [10, 10, 20, 20], 0)], [det(1, 2, [10, 10, 20, 20], 0.8)])
+    aware, _ = score(gt_file, results_file, *args)
+    assert not obj_row(aware, 1)["matched"] and obj_row(aware, 1)["quality"] == 0
+    agnostic, _ = score(gt_file, results_file, *args, class_agnostic=True)
+    row = obj_row(agnostic, 1)
+    assert row["matched"] and row["quality"] == pytest.approx(0.8) and row["det_category_id"] == 2
+
+
+def test_virtual_match_when_nothing_overlaps(gt_file, results_file):
+    # Touching (IoU exactly 0) and far away: both leave the object with a virtual match.
+    dets = [det(1, 1, [30, 10, 20, 20], 0.9), det(1, 1, [60, 60, 5, 5], 0.9), det(2, 1, [0, 0, 10, 10], 0.5)]
+    objects, images = score(gt_file, results_file, [1, 2], [(1, 1, [10, 10, 20, 20], 0), (2, 1, [0, 0, 10, 10], 0)], dets)
+    row = obj_row(objects, 1)
+    assert not row["matched"] and row["iou"] == 0 and row["confidence"] == 0 and row["det_index"] == -1
+    assert np.isnan(row["det_x"])
+    assert images.set_index("image_id").loc[1, "quality"] == 0
+
+
+def test_image_without_detections_scores_zero(gt_file, results_file):
+    objects, images = score(
+        gt_file, results_file, [1, 2], [(1, 1, [10, 10, 20, 20], 0), (1, 2, [0, 0, 5, 5], 0), (2, 1, [0, 0, 9, 9], 0)],
+        [det(2, 1, [0, 0, 9, 9], 1.0)],
+    )  # fmt: skip
+    img1 = images.set_index("image_id").loc[1]
+    assert img1["quality"] == 0 and img1["num_detections"] == 0 and img1["num_objects"] == 2 and img1["num_matched"] == 0
+
+
+def test_crowd_ignored_and_images_without_objects_excluded(gt_file, results_file):
+    anns = [(1, 1, [0, 0, 50, 50], 1), (1, 1, [10, 10, 20, 20], 0), (2, 1, [0, 0, 30, 30], 1)]
+    dets = [det(1, 1, [0, 0, 50, 50], 0.9), det(1, 1, [10, 10, 20, 20], 0.5), det(3, 1, [0, 0, 4, 4], 0.5)]
+    result = score(gt_file, results_file, [1, 2, 3], anns, dets)
+    objects, images = result
+    assert objects["ann_id"].tolist() == [2]  # the crowd annotation is not an object
+    assert images["image_id"].tolist() == [1]  # image 2 (crowd only) and 3 (empty) have no quality
+    assert images["quality"].iloc[0] == pytest.approx(0.5)
+    s = result.summary
+    assert s["num_crowd_ignored"] == 2 and s["num_images_without_objects"] == 2 and s["num_images_scored"] == 1
+
+
+def test_degenerate_ground_truth_box_gets_virtual_match(gt_file, results_file):
+    anns = [(1, 1, [10, 10, 0, 20], 0), (1, 1, [40, 40, 10, 10], 0)]
+    dets = [det(1, 1, [10, 10, 1, 20], 0.9), det(1, 1, [40, 40, 10, 10], 0.6)]
+    result = score(gt_file, results_file, [1], anns, dets)
+    objects, images = result
+    assert obj_row(objects, 1)["quality"] == 0 and not obj_row(objects, 1)["matched"]
+    assert images["quality"].iloc[0] == pytest.approx(0.3)
+    assert result.summary["num_degenerate_objects"] == 1
+
+
+def test_image_quality_is_the_mean_over_objects(gt_file, results_file):
+    anns = [(1, 1, [0, 0, 10, 10], 0), (1, 2, [20, 20, 10, 10], 0), (1, 5, [40, 40, 10, 10], 0)]
+    dets = [det(1, 1, [0, 0, 10, 10], 0.9), det(1, 2, [20, 20, 10, 5], 0.8)]
+    _, images = score(gt_file, results_file, [1], anns, dets)
+    assert images["quality"].iloc[0] == pytest.approx((0.9 + 0.5 * 0.8 + 0) / 3)
+
+
+def test_empty_detections_through_the_api(gt_file):
+    gt = load_ground_truth(gt_file([1], [(1, 1, [0, 0, 10, 10], 0)]))
+    empty = Detections.from_arrays([], [], np.zeros((0, 4)), [])
+    objects, images = quality_scores(empty, gt)
+    assert objects["quality"].tolist() == [0] and images["num_detections"].tolist() == [0]
+
+
+def random_case(seed: int, lattice: bool):
+    """Random ground truth and detections; on a coarse lattice, IoU and confidence ties are common."""
+    rng = np.random.default_rng(seed)
+    gt = random_annotations(num_images=30, objects_per_image=4, num_categories=3, seed=seed, crowd_fraction=0.15, width=60, height=40)
+    gt["images"].append({"id": 999, "file_name": "x.jpg", "width": 60, "height": 40})  # an image with no objects
+    results = []
+    for img in gt["images"]:
+        for _ in range(rng.poisson(6)):
+            if lattice:
+                x, y = rng.integers(0, 6, 2) * 10
+                w, h = rng.integers(1, 4, 2) * 10
+                s = float(rng.choice([0.25, 0.5, 0.75]))
+            else:
+                x, y = rng.uniform(0, 50, 2)
+                w, h = rng.uniform(1, 30, 2)
+                s = float(rng.uniform(0.05, 1))
+            results.append(det(img["id"], int(rng.integers(1, 4)), [x, y, w, h], s))
+    if lattice:
+        for a in gt["annotations"]:  # snap ground truth to the lattice too
+            a["bbox"] = [float(round(v / 10) * 10) or 10.0 if i >= 2 else float(round(v / 10) * 10) for i, v in enumerate(a["bbox"])]
+    return gt, results
+
+
+@pytest.mark.parametrize("class_agnostic", [False, True])
+@pytest.mark.parametrize("lattice", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_cases_agree_with_direct_computation(tmp_path, seed, lattice, class_agnostic):
+    gt_dict, results = random_case(seed, lattice)
+    gt = load_ground_truth(write_json(tmp_path / "gt.json", gt_dict))
+    dets = read_detections(write_json(tmp_path / "res.json", results), gt)
+    objects, images = quality_scores(dets, gt, class_agnostic=class_agnostic, chunk_pairs=37)  # many chunks
+    ref_objects, ref_images = reference_quality(gt_dict, results, class_agnostic)
+
+    assert sorted(objects["ann_id"]) == sorted(ref_objects)
+    ref = pd.DataFrame.from_dict(ref_objects, orient="index", columns=["iou", "confidence", "pos"]).loc[objects["ann_id"]]
+    np.testing.assert_array_equal(objects["iou"].to_numpy(), ref["iou"].to_numpy())
+    np.testing.assert_array_equal(objects["confidence"].to_numpy(), ref["confidence"].to_numpy())
+    np.testing.assert_array_equal(objects["det_index"].to_numpy(), ref["pos"].to_numpy())
+    assert images["image_id"].tolist() == sorted(ref_images)
+    np.testing.assert_allclose(images["quality"].to_numpy(), [ref_images[i] for i in images["image_id"]], rtol=0, atol=1e-12)
+    if lattice:
+        assert (objects["matched"]).any()
+
+
+def test_chunking_does_not_change_results(synthetic_gt):
+    from gradlens.data.synthetic import simulate_detections
+
+    dets = simulate_detections(synthetic_gt, skill=0.6, seed=5)
+    whole = quality_scores(dets, synthetic_gt)
+    chunked = quality_scores(dets, synthetic_gt, chunk_pairs=3)
+    pd.testing.assert_frame_equal(whole.objects, chunked.objects)
+    pd.testing.assert_frame_equal(whole.images, chunked.images)

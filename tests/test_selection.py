@@ -1,0 +1,134 @@
+"""Improvement, ranking and the work directory that ``select`` leaves behind."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gradlens.data.detections import write_detections
+from gradlens.data.synthetic import simulate_detections
+from gradlens.errors import GradlensError
+from gradlens.fileio import sha256_file
+from gradlens.scoring import sources
+from gradlens.selection import load_manifest, run_selection, select_images
+
+
+def table(qualities: dict) -> pd.DataFrame:
+    return pd.DataFrame({"image_id": list(qualities), "quality": list(qualities.values())})
+
+
+def test_rank_by_improvement_ties_to_smaller_id():
+    a = table({5: 0.9, 3: 0.5, 8: 0.5, 1: 0.2})
+    b = table({5: 0.5, 3: 0.0, 8: 0.0, 1: 0.3})
+    sel = select_images(a, b, top=None)
+    assert sel["image_id"].tolist() == [3, 8, 5, 1]  # 3 and 8 tie at 0.5: smaller id first
+    assert sel["rank"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(sel["improvement"], [0.5, 0.5, 0.4, -0.1])
+    assert list(sel.columns) == ["rank", "image_id", "quality_a", "quality_b", "improvement"]
+
+
+def test_minimum_over_several_baselines():
+    a = table({1: 0.9, 2: 0.8, 3: 0.7})
+    b1 = table({1: 0.1, 2: 0.7, 3: 0.0})
+    b2 = table({1: 0.6, 2: 0.0, 3: 0.1})
+    sel = select_images(a, [b1, b2], top=2)
+    assert sel["image_id"].tolist() == [3, 1]
+    np.testing.assert_allclose(sel["improvement"], [0.6, 0.3])
+    assert sel["closest_b"].tolist() == ["b2", "b2"]
+    assert {"quality_b1", "quality_b2", "improvement_b1", "improvement_b2"} <= set(sel.columns)
+
+
+def test_only_images_scored_for_every_model_are_ranked():
+    sel = select_images(table({1: 0.5, 2: 0.5}), table({2: 0.1, 3: 0.0}), top=10)
+    assert sel["image_id"].tolist() == [2]
+
+
+def test_bad_arguments():
+    with pytest.raises(GradlensError, match="at least 1"):
+        select_images(table({1: 0.1}), table({1: 0.0}), top=0)
+    with pytest.raises(GradlensError, match="duplicate image ids"):
+        select_images(table({1: 0.1}), pd.DataFrame({"image_id": [1, 1], "quality": [0, 0]}))
+
+
+@pytest.fixture
+def two_models(tmp_path, synthetic_gt):
+    a = write_detections(simulate_detections(synthetic_gt, skill=0.9, seed=1), tmp_path / "det" / "good.json")
+    b = write_detections(simulate_detections(synthetic_gt, skill=0.4, seed=2), tmp_path / "det" / "poor.json")
+    return a, b
+
+
+def test_run_selection_writes_the_work_directory(tmp_path, synthetic_coco, synthetic_gt, two_models):
+    a, b = two_models
+    work = tmp_path / "work"
+    result = run_selection(a, [b], coco=synthetic_coco, workdir=work, top=5)
+    sel = pd.read_csv(work / "selection.csv")
+    assert len(sel) == 5 and list(sel.columns[:5]) == ["rank", "image_id", "quality_a", "quality_b", "improvement"]
+    pd.testing.assert_frame_equal(pd.read_parquet(work / "selection.parquet"), result.selection.reset_index(drop=True))
+    for role in ("a", "b"):
+        for name in ("objects.csv", "images.csv", "objects.parquet", "images.parquet", "score.json"):
+            assert (work / "scores" / role / name).is_file()
+    manifest = load_manifest(work)
+    assert manifest["models"][0]["sha256"] == sha256_file(a) and manifest["models"][1]["label"] == "poor"
+    assert manifest["dataset"]["annotations_sha256"] == sha256_file(synthetic_coco.ann)
+    assert manifest["settings"]["top"] == 5 and manifest["gradlens_version"]
+    assert manifest["counts"]["images_compared"] == int((pd.read_csv(work / "scores/a/images.csv")).shape[0])
+
+    # Selection from the written score directories equals the one from results files.
+    again = run_selection(work / "scores" / "a", [work / "scores" / "b"], coco=None, workdir=tmp_path / "w2", top=5)
+    pd.testing.assert_frame_equal(again.selection, result.selection)
+    assert again.manifest["models"][0]["kind"] == "scores"
+
+
+def test_second_run_reuses_cached_scores(tmp_path, synthetic_coco, two_models, monkeypatch):
+    a, b = two_models
+    first = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("scores were recomputed")
+
+    monkeypatch.setattr(sources, "quality_scores", fail)
+    second = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    pd.testing.assert_frame_equal(first.selection, second.selection)
+    with pytest.raises(AssertionError, match="recomputed"):  # a changed setting invalidates the cache
+        run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5, class_agnostic=True)
+
+
+def test_score_dirs_from_different_annotations_are_refused(tmp_path, synthetic_coco, two_models, gt_file):
+    a, b = two_models
+    run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    meta_path = tmp_path / "work/scores/b/score.json"
+    meta = json.loads(meta_path.read_text())
+    meta["annotations"]["sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(GradlensError, match="different annotation files"):
+        run_selection(tmp_path / "work/scores/a", [tmp_path / "work/scores/b"], workdir=tmp_path / "w2")
+
+
+def test_class_agnostic_mismatch_is_refused(tmp_path, synthetic_coco, two_models):
+    a, b = two_models
+    run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", class_agnostic=True)
+    with pytest.raises(GradlensError, match="scored class-agnostic"):
+        run_selection(tmp_path / "work/scores/a", [b], coco=synthetic_coco, workdir=tmp_path / "w2")
+
+
+def test_sources_that_cannot_be_used(tmp_path, synthetic_coco, two_models):
+    a, _ = two_models
+    (tmp_path / "model.pth").write_bytes(b"\x80\x02")
+    with pytest.raises(GradlensError, match="checkpoint"):
+        run_selection(a, [tmp_path / "model.pth"], coco=synthetic_coco, workdir=tmp_path / "w")
+    with pytest.raises(GradlensError, match="does not exist"):
+        run_selection(a, [tmp_path / "missing.json"], coco=synthetic_coco, workdir=tmp_path / "w")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(GradlensError, match="not a score directory"):
+        run_selection(a, [tmp_path / "empty_dir"], coco=synthetic_coco, workdir=tmp_path / "w")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(GradlensError, match="Cannot tell what"):
+        run_selection(a, [tmp_path / "notes.txt"], coco=synthetic_coco, workdir=tmp_path / "w")
+    with pytest.raises(GradlensError, match="at least one baseline"):
+        run_selection(a, [], coco=synthetic_coco, workdir=tmp_path / "w")
+
+
+def test_manifest_missing(tmp_path):
+    with pytest.raises(GradlensError, match="run 'gradlens select' first"):
+        load_manifest(tmp_path)
