@@ -84,8 +84,8 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parse a JSON file, turning every failure into one sentence naming the file and the position."""
+def read_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a file the user named; missing, unreadable or empty files are one-sentence errors."""
     path = require_file(path, what)
     try:
         with open(path, "rb") as handle:
@@ -94,6 +94,11 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise InputFileError(f"Cannot read the {what} {path}: {exc.strerror}.") from exc
     if not data.strip():
         raise InputFileError(f"The {what} {path} is empty.")
+    return data
+
+
+def parse_json(data: bytes, path: str | os.PathLike, what: str) -> Any:
+    """Parse JSON text, turning every failure into one sentence naming the file and the position."""
     try:
         return json.loads(data)
     except json.JSONDecodeError as exc:
@@ -102,3 +107,8 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         ) from exc
     except UnicodeDecodeError as exc:
         raise InputFileError(f"The {what} {path} is not UTF-8 JSON text.") from exc
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read and parse a JSON file with one-sentence errors."""
+    return parse_json(read_bytes(path, what), path, what)

@@ -9,16 +9,18 @@ unless the user asks for such records to be dropped, and then they are counted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from gradlens.data.coco import GroundTruth
 from gradlens.errors import InvalidDetectionsError
-from gradlens.fileio import atomic_path, read_json, sha256_file
+from gradlens.fileio import atomic_path, parse_json, read_bytes
 
 REQUIRED_KEYS = ("image_id", "category_id", "bbox", "score")
 
@@ -102,6 +104,38 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _Record(msgspec.Struct, gc=False):
+    """One well-formed results record; extra fields (segmentation, area, ...) are ignored."""
+
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    score: float
+
+
+_DECODER = msgspec.json.Decoder(list[_Record])
+
+
+def _decode_fast(raw: bytes):
+    """Typed decoding straight from bytes (several times faster than ``json`` for 500k records).
+
+    Returns None for anything that is not a clean list of records, so that the
+    slow path can say exactly what is wrong (and accept NaN, which Python's
+    ``json`` writes but JSON does not allow, to report it as a value error).
+    """
+    try:
+        records = _DECODER.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    n = len(records)
+    return (
+        np.fromiter((r.image_id for r in records), np.int64, n),
+        np.fromiter((r.category_id for r in records), np.int64, n),
+        np.array([r.bbox for r in records], dtype=np.float64).reshape(-1, 4),
+        np.fromiter((r.score for r in records), np.float64, n),
+    )
+
+
 def _parse_records(data: list, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Columns from the records in one pass each; any oddity falls back to a scan that names the record."""
     try:
@@ -147,17 +181,20 @@ def read_detections(
     ``Detections.dropped``.
     """
     path = Path(path)
-    data = read_json(path, "detection results file")
-    if isinstance(data, dict) and "annotations" in data:
-        raise InvalidDetectionsError(
-            f"{path} looks like a COCO annotation file, not a results file (a JSON list of detections)."
-        )
-    if not isinstance(data, list):
-        raise InvalidDetectionsError(f"{path} is not a COCO results file: expected a JSON list of detections.")
-    if not data:
+    raw = read_bytes(path, "detection results file")
+    columns = _decode_fast(raw)
+    if columns is None:
+        data = parse_json(raw, path, "detection results file")
+        if isinstance(data, dict) and "annotations" in data:
+            raise InvalidDetectionsError(
+                f"{path} looks like a COCO annotation file, not a results file (a JSON list of detections)."
+            )
+        if not isinstance(data, list):
+            raise InvalidDetectionsError(f"{path} is not a COCO results file: expected a JSON list of detections.")
+        columns = _parse_records(data, path)
+    image_id, category_id, xywh, score = columns
+    if not len(score):
         raise InvalidDetectionsError(f"{path} contains no detections (an empty list).")
-
-    image_id, category_id, xywh, score = _parse_records(data, path)
     index = np.arange(len(score), dtype=np.int64)
 
     dropped: dict[str, int] = {}
@@ -169,8 +206,8 @@ def read_detections(
         if not drop_invalid:
             i = int(np.flatnonzero(mask)[0])
             raise InvalidDetectionsError(
-                f"{path} has {count} detection(s) with {reason} (first: entry {i}, bbox {data[i]['bbox']}, "
-                f"score {data[i]['score']}); fix the file or pass --drop-invalid to skip them."
+                f"{path} has {count} detection(s) with {reason} (first: entry {i}, bbox {xywh[i].tolist()}, "
+                f"score {score[i]}); fix the file or pass --drop-invalid to skip them."
             )
         dropped[reason] = count
         bad_any |= mask
@@ -184,7 +221,8 @@ def read_detections(
         image_id, category_id, xywh, score, index = image_id[keep], category_id[keep], xywh[keep], score[keep], index[keep]
         if not len(score):
             raise InvalidDetectionsError(f"Every detection in {path} is invalid ({_describe(dropped)}).")
-    return Detections(image_id, category_id, xywh, score, index, source=path, sha256=sha256_file(path), dropped=dropped)
+    digest = hashlib.sha256(raw).hexdigest()
+    return Detections(image_id, category_id, xywh, score, index, source=path, sha256=digest, dropped=dropped)
 
 
 def _check_ids(path: Path, kind: str, ids: np.ndarray, known: np.ndarray, where: str) -> None:
