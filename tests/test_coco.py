@@ -45,7 +45,8 @@ def test_image_without_any_annotation(tmp_path):
         ({"images": []}, "no 'annotations' list"),
         (make_gt_dict([1], [(2, 1, [0, 0, 1, 1], 0)]), "refers to image 2"),
         (make_gt_dict([1], [(1, 9, [0, 0, 1, 1], 0)]), "category 9"),
-        (make_gt_dict([1], [(1, 1, [0, 0, 1], 0)]), "not four numbers"),
+        (make_gt_dict([1], [(1, 1, [0, 0, 1], 0)]), "not four finite numbers"),
+        (make_gt_dict([1, 1], []), "Image id 1 appears more than once"),
         (make_gt_dict([1], [(1, 1, [0, 0, -1, 1], 0)]), "negative box"),
     ],
 )

@@ -7,6 +7,7 @@ import pytest
 from gradlens.data.coco import load_ground_truth
 from gradlens.data.detections import Detections, read_detections
 from gradlens.data.synthetic import random_annotations
+from gradlens.errors import GradlensError
 from gradlens.scoring.quality import IMAGE_COLUMNS, OBJECT_COLUMNS, quality_scores
 
 from .conftest import det, make_gt_dict, write_json
@@ -133,8 +134,9 @@ def random_case(seed: int, lattice: bool):
                 s = float(rng.uniform(0.05, 1))
             results.append(det(img["id"], int(rng.integers(1, 4)), [x, y, w, h], s))
     if lattice:
-        for a in gt["annotations"]:  # snap ground truth to the lattice too
-            a["bbox"] = [float(round(v / 10) * 10) or 10.0 if i >= 2 else float(round(v / 10) * 10) for i, v in enumerate(a["bbox"])]
+        for a in gt["annotations"]:  # snap ground truth to the lattice too (sizes at least one step)
+            x, y, w, h = (float(round(v / 10) * 10) for v in a["bbox"])
+            a["bbox"] = [x, y, max(w, 10.0), max(h, 10.0)]
     return gt, results
 
 
@@ -167,3 +169,33 @@ def test_chunking_does_not_change_results(synthetic_gt):
     chunked = quality_scores(dets, synthetic_gt, chunk_pairs=3)
     pd.testing.assert_frame_equal(whole.objects, chunked.objects)
     pd.testing.assert_frame_equal(whole.images, chunked.images)
+
+
+def test_api_accepts_paths_lists_dicts_dataframes_and_coco(tmp_path):
+    from pycocotools.coco import COCO
+
+    import gradlens
+
+    gt_dict, results = random_case(7, lattice=True)
+    gt_path = write_json(tmp_path / "gt.json", gt_dict)
+    res_path = write_json(tmp_path / "res.json", results)
+    expected = gradlens.quality_scores(read_detections(res_path, load_ground_truth(gt_path)), load_ground_truth(gt_path))
+    coco = COCO()
+    coco.dataset = gt_dict
+    coco.createIndex()
+    for dets, gt in [(str(res_path), str(gt_path)), (results, gt_dict), (pd.DataFrame(results), coco)]:
+        objects, images = gradlens.quality_scores(dets, gt)
+        pd.testing.assert_frame_equal(objects, expected.objects)
+        pd.testing.assert_frame_equal(images, expected.images)
+
+
+def test_class_agnostic_scoring_accepts_unknown_categories(tmp_path, gt_file, results_file):
+    from gradlens.scoring.sources import identify_source, score_source
+
+    gt = load_ground_truth(gt_file([1], [(1, 1, [10, 10, 20, 20], 0)]))
+    path = results_file([det(1, 0, [10, 10, 20, 20], 0.6)])  # a proposal network's single class 0
+    scores, _ = score_source(identify_source(path), lambda: gt, class_agnostic=True)
+    assert scores.objects["quality"].tolist() == [pytest.approx(0.6)]
+    with pytest.raises(GradlensError, match="category id is not in the annotation file"):
+        score_source(identify_source(path), lambda: gt, class_agnostic=False)
+

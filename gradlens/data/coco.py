@@ -9,7 +9,10 @@ for anything that wants the usual API (``gt.coco.loadImgs`` and friends).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from gradlens.errors import InputFileError
-from gradlens.fileio import read_json, sha256_file
+from gradlens.fileio import parse_json, read_bytes
 
 ENV_COCO_ROOT = "GRADLENS_COCO_ROOT"
 DEFAULT_COCO_ROOT = Path("data/coco")
@@ -95,6 +98,10 @@ class GroundTruth:
         return self.images_dir / self.image_info(image_id)["file_name"]
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_structure(data: object, path: Path) -> None:
     if not isinstance(data, dict):
         raise InputFileError(f"The annotation file {path} is not a COCO annotation object (expected a JSON object).")
@@ -105,20 +112,26 @@ def _check_structure(data: object, path: Path) -> None:
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img:
             raise InputFileError(f"Image entry {i} of {path} has no 'id'.")
+        if img["id"] in image_ids:
+            raise InputFileError(f"Image id {img['id']} appears more than once in {path}.")
         image_ids.add(img["id"])
     category_ids = set()
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise InputFileError(f"Category entry {i} of {path} has no 'id'.")
         category_ids.add(cat["id"])
+    ann_ids = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not {"id", "image_id", "category_id", "bbox"} <= ann.keys():
             raise InputFileError(
                 f"Annotation entry {i} of {path} lacks one of 'id', 'image_id', 'category_id', 'bbox'."
             )
+        if ann["id"] in ann_ids:
+            raise InputFileError(f"Annotation id {ann['id']} appears more than once in {path}.")
+        ann_ids.add(ann["id"])
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise InputFileError(f"Annotation {ann['id']} of {path} has a bbox that is not four numbers.")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite_number(v) for v in bbox)):
+            raise InputFileError(f"Annotation {ann['id']} of {path} has a bbox that is not four finite numbers.")
         if bbox[2] < 0 or bbox[3] < 0:
             raise InputFileError(f"Annotation {ann['id']} of {path} has a negative box width or height.")
         if ann["image_id"] not in image_ids:
@@ -138,7 +151,18 @@ def load_ground_truth(
         images_dir = ann.images if images_dir is None else images_dir
         ann = ann.ann
     path = Path(ann)
-    data = read_json(path, "annotation file")
+    raw = read_bytes(path, "annotation file")
+    return ground_truth_from_dict(parse_json(raw, path, "annotation file"), path, hashlib.sha256(raw).hexdigest(), images_dir)
+
+
+def ground_truth_from_dict(
+    data: dict,
+    path: str | os.PathLike = "<in-memory annotations>",
+    sha256: str | None = None,
+    images_dir: str | os.PathLike | None = None,
+) -> GroundTruth:
+    """Build a :class:`GroundTruth` from an annotation dict already in memory (checked like a file)."""
+    path = Path(path)
     _check_structure(data, path)
     coco = COCO()
     coco.dataset = data
@@ -149,10 +173,12 @@ def load_ground_truth(
     crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
     keep = [a for a, c in zip(anns, crowd) if not c]
     xywh = np.array([a["bbox"] for a in keep], dtype=np.float64).reshape(-1, 4)
+    if sha256 is None:
+        sha256 = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return GroundTruth(
         coco=coco,
         path=path,
-        sha256=sha256_file(path),
+        sha256=sha256,
         image_ids=np.array(sorted(coco.imgs), dtype=np.int64),
         obj_image_id=np.array([a["image_id"] for a in keep], dtype=np.int64),
         obj_ann_id=np.array([a["id"] for a in keep], dtype=np.int64),
@@ -163,3 +189,17 @@ def load_ground_truth(
         num_degenerate=int(((xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)).sum()),
         images_dir=Path(images_dir) if images_dir is not None else None,
     )
+
+
+def as_ground_truth(value) -> GroundTruth:
+    """Accept what a notebook has at hand: :class:`GroundTruth`, :class:`CocoPaths`, an annotation
+    file path, an annotation dict or a pycocotools ``COCO`` object."""
+    if isinstance(value, GroundTruth):
+        return value
+    if isinstance(value, (CocoPaths, str, os.PathLike)):
+        return load_ground_truth(value)
+    if isinstance(value, COCO):
+        return ground_truth_from_dict(value.dataset)
+    if isinstance(value, dict):
+        return ground_truth_from_dict(value)
+    raise TypeError(f"Cannot read ground truth from a {type(value).__name__}.")

@@ -172,13 +172,14 @@ def read_detections(
     path: str | os.PathLike,
     gt: GroundTruth | None = None,
     drop_invalid: bool = False,
+    check_categories: bool = True,
 ) -> Detections:
     """Read and check a COCO results file.
 
-    With ``gt``, every image id and category id must exist in the annotations.
-    Records with impossible values (zero-size or negative boxes, scores outside
-    [0, 1], NaN) are an error, or, with ``drop_invalid``, dropped and counted in
-    ``Detections.dropped``.
+    With ``gt``, every image id (and, with ``check_categories``, every category
+    id) must exist in the annotations. Records with impossible values
+    (zero-size or negative boxes, scores outside [0, 1], NaN) are an error, or,
+    with ``drop_invalid``, dropped and counted in ``Detections.dropped``.
     """
     path = Path(path)
     raw = read_bytes(path, "detection results file")
@@ -192,9 +193,41 @@ def read_detections(
         if not isinstance(data, list):
             raise InvalidDetectionsError(f"{path} is not a COCO results file: expected a JSON list of detections.")
         columns = _parse_records(data, path)
+    detections = _checked(columns, str(path), gt, drop_invalid, check_categories)
+    detections.source, detections.sha256 = path, hashlib.sha256(raw).hexdigest()
+    return detections
+
+
+def detections_from_records(
+    records: list[dict], gt: GroundTruth | None = None, drop_invalid: bool = False, check_categories: bool = True
+) -> Detections:
+    """The same checks as :func:`read_detections`, for a results list already in memory."""
+    if not isinstance(records, list):
+        raise InvalidDetectionsError("Detections must be a list of COCO results records.")
+    return _checked(_parse_records(records, Path("<records>")), "The detections", gt, drop_invalid, check_categories, allow_empty=True)
+
+
+def as_detections(value, gt: GroundTruth | None = None) -> Detections:
+    """Accept what a notebook has at hand: :class:`Detections`, a results file path, a results list
+    or a DataFrame with ``image_id, category_id, bbox, score`` columns."""
+    if isinstance(value, Detections):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return read_detections(value, gt)
+    if isinstance(value, list):
+        return detections_from_records(value, gt)
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):
+        return detections_from_records(value.to_dict("records"), gt)
+    raise TypeError(f"Cannot read detections from a {type(value).__name__}.")
+
+
+def _checked(
+    columns, name: str, gt: GroundTruth | None, drop_invalid: bool, check_categories: bool, allow_empty: bool = False
+) -> Detections:
+    """Value checks shared by every way in: ranges, finiteness, ids known to the annotations."""
     image_id, category_id, xywh, score = columns
-    if not len(score):
-        raise InvalidDetectionsError(f"{path} contains no detections (an empty list).")
+    if not len(score) and not allow_empty:
+        raise InvalidDetectionsError(f"{name} contains no detections (an empty list).")
     index = np.arange(len(score), dtype=np.int64)
 
     dropped: dict[str, int] = {}
@@ -206,32 +239,33 @@ def read_detections(
         if not drop_invalid:
             i = int(np.flatnonzero(mask)[0])
             raise InvalidDetectionsError(
-                f"{path} has {count} detection(s) with {reason} (first: entry {i}, bbox {xywh[i].tolist()}, "
+                f"{name} has {count} detection(s) with {reason} (first: entry {i}, bbox {xywh[i].tolist()}, "
                 f"score {score[i]}); fix the file or pass --drop-invalid to skip them."
             )
         dropped[reason] = count
         bad_any |= mask
 
     if gt is not None:
-        _check_ids(path, "image", image_id, gt.image_ids, f"the annotation file {gt.path}")
-        _check_ids(path, "category", category_id, np.array(sorted(gt.category_names)), f"the annotation file {gt.path}")
+        where = f"the annotation file {gt.path}"
+        _check_ids(name, "image", image_id, gt.image_ids, where)
+        if check_categories:
+            _check_ids(name, "category", category_id, np.array(sorted(gt.category_names)), where)
 
     if bad_any.any():
         keep = ~bad_any
         image_id, category_id, xywh, score, index = image_id[keep], category_id[keep], xywh[keep], score[keep], index[keep]
         if not len(score):
-            raise InvalidDetectionsError(f"Every detection in {path} is invalid ({_describe(dropped)}).")
-    digest = hashlib.sha256(raw).hexdigest()
-    return Detections(image_id, category_id, xywh, score, index, source=path, sha256=digest, dropped=dropped)
+            raise InvalidDetectionsError(f"Every detection in {name} is invalid ({_describe(dropped)}).")
+    return Detections(image_id, category_id, xywh, score, index, dropped=dropped)
 
 
-def _check_ids(path: Path, kind: str, ids: np.ndarray, known: np.ndarray, where: str) -> None:
+def _check_ids(name: str, kind: str, ids: np.ndarray, known: np.ndarray, where: str) -> None:
     unknown = ~np.isin(ids, known)
     if unknown.any():
         values = np.unique(ids[unknown])
         shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
         raise InvalidDetectionsError(
-            f"{path} has {int(unknown.sum())} detection(s) whose {kind} id is not in {where} "
+            f"{name} has {int(unknown.sum())} detection(s) whose {kind} id is not in {where} "
             f"({len(values)} distinct id(s): {shown}); were the results made on another dataset?"
         )
 

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradlens.data.coco import GroundTruth
-from gradlens.data.detections import Detections
+from gradlens.data.coco import GroundTruth, as_ground_truth
+from gradlens.data.detections import Detections, as_detections
 from gradlens.device import resolve_device
 from gradlens.progress import track
 from gradlens.scoring.iou import paired_iou
@@ -126,8 +126,8 @@ def _take(values: np.ndarray, match: np.ndarray, fill) -> np.ndarray:
 
 
 def quality_scores(
-    detections: Detections,
-    gt: GroundTruth,
+    detections: Detections | str | list | pd.DataFrame,
+    gt: GroundTruth | str | dict,
     class_agnostic: bool = False,
     device: str | torch.device = "cpu",
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
@@ -139,7 +139,13 @@ def quality_scores(
     non-crowd object (virtual matches included, with ``matched`` False and IoU,
     confidence and quality 0) and whose ``images`` table has one row per image
     with at least one object.
+
+    ``gt`` may also be an annotation file path, an annotation dict or a
+    pycocotools ``COCO``; ``detections`` a results file path, a results list or
+    a DataFrame — each is checked as ``gradlens score`` would.
     """
+    gt = as_ground_truth(gt)
+    detections = as_detections(detections, gt)
     device = resolve_device(device)
     obj_cats = None if class_agnostic else gt.obj_category_id
     det_cats = None if class_agnostic else detections.category_id

@@ -104,7 +104,7 @@ def score_source(
         same_gt = meta.get("annotations", {}).get("sha256") == gt.sha256
         if same_input and same_gt and meta.get("settings") == settings:
             return cached, meta
-    detections = read_detections(source.path, gt, drop_invalid=drop_invalid)
+    detections = read_detections(source.path, gt, drop_invalid=drop_invalid, check_categories=not class_agnostic)
     scores = quality_scores(detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
     if out_dir is not None:
         return scores, write_scores(scores, out_dir, source_record, annotations, settings)
