@@ -13,6 +13,7 @@ import pandas as pd
 
 from gradlens._version import __version__
 from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth
+from gradlens.device import resolve_device
 from gradlens.errors import GradlensError
 from gradlens.fileio import write_table
 from gradlens.scoring.sources import ModelSource, identify_source, score_source
@@ -60,6 +61,7 @@ def run_selection(
     if top < 1:
         raise GradlensError(f"--top must be at least 1 (got {top}).")
     workdir = Path(workdir)
+    device = str(resolve_device(device))
     sources = [identify_source(a)] + [identify_source(p) for p in b]
     roles = ["a"] + b_roles(len(b))
 
@@ -97,7 +99,7 @@ def run_selection(
             "annotations_sha256": ann.get("sha256"),
             "images": str(coco.images.resolve()) if coco is not None else None,
         },
-        "settings": {"top": top, "class_agnostic": class_agnostic, "device": str(device), "drop_invalid": drop_invalid},
+        "settings": {"top": top, "class_agnostic": class_agnostic, "device": device, "drop_invalid": drop_invalid},
         "models": [
             {
                 "role": role,
