@@ -61,7 +61,7 @@ def test_score_writes_tables(capsys, tmp_path, synthetic_coco, results, monkeypa
     assert len(virtual) and (virtual[["iou", "confidence", "quality"]] == 0).all().all()
     meta = json.loads((tmp_path / "s/score.json").read_text())
     assert meta["summary"]["num_objects"] == len(objects)
-    assert "images scored" in out and "crowd regions" in out and "virtual matches" in out
+    assert "images scored" in out and "crowd regions ignored" in out and "virtual match" in out
 
 
 def test_select_with_two_baselines(capsys, tmp_path, synthetic_coco, synthetic_gt):
@@ -128,7 +128,7 @@ def test_drop_invalid_reports_counts(capsys, tmp_path, synthetic_coco, synthetic
     argv = ["score", "--detections", str(path), "--out", str(tmp_path / "o"), "--ann", str(synthetic_coco.ann), "--drop-invalid"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert "1 zero or negative box width or height" in out and "1 score outside [0, 1]" in out
+    assert "dropped: zero or negative box width or height: 1" in out and "dropped: score outside [0, 1]: 1" in out
 
 
 def test_usage_errors_exit_nonzero(capsys):

@@ -199,3 +199,31 @@ def test_class_agnostic_scoring_accepts_unknown_categories(tmp_path, gt_file, re
     with pytest.raises(GradlensError, match="category id is not in the annotation file"):
         score_source(identify_source(path), lambda: gt, class_agnostic=False)
 
+
+
+def test_best_iou_agrees_with_cocoeval(synthetic_gt):
+    """Second independent reference: the IoU matrices COCOeval itself builds while evaluating."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    from gradlens.data.synthetic import simulate_detections
+
+    dets = simulate_detections(synthetic_gt, skill=0.6, seed=9)
+    objects, _ = quality_scores(dets, synthetic_gt)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = synthetic_gt.coco.loadRes(dets.to_records())
+        evaluator = COCOeval(synthetic_gt.coco, coco_dt, "bbox")
+        evaluator.evaluate()
+    ours = objects.set_index("ann_id")["iou"]
+    checked = 0
+    for (image_id, category_id), ious in evaluator.ious.items():
+        gts = evaluator._gts[image_id, category_id]
+        for j, g in enumerate(gts):
+            if g["iscrowd"]:
+                continue
+            best = float(np.max(ious[:, j])) if len(ious) else 0.0
+            assert ours[g["id"]] == best, (image_id, category_id, g["id"])
+            checked += 1
+    assert checked == len(objects)

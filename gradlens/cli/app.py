@@ -39,23 +39,20 @@ def _root(
 
 
 def _echo_summary(label: str, s: dict) -> None:
-    dropped = s.get("num_detections_dropped") or {}
-    dropped_text = ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
+    """What was scored and, just as visibly, everything that was skipped or dropped."""
     mean = s.get("mean_image_quality")
-    typer.echo(
-        f"{label}: {s['num_images_scored']} images scored, mean quality {mean:.4f}"
-        if mean is not None
-        else f"{label}: no image has ground-truth objects"
-    )
-    typer.echo(
-        f"  skipped: {s['num_images_without_objects']} images without objects, "
-        f"{s['num_crowd_ignored']} crowd regions; dropped detections: {dropped_text}"
-    )
-    typer.echo(
-        f"  {s['num_objects']} objects ({s['num_virtual_matches']} virtual matches), {s['num_detections']} detections, "
-        f"{s['num_images_with_objects_but_no_detections']} images with objects but no detections"
-        + (f", {s['num_degenerate_objects']} zero-size ground-truth boxes" if s.get("num_degenerate_objects") else "")
-    )
+    head = f"mean image quality {mean:.4f}" if mean is not None else "no image has ground-truth objects"
+    typer.echo(f"{label}: {s['num_images_scored']} of {s['num_images']} images scored, {head}")
+    typer.echo(f"  objects: {s['num_objects']} ({s['num_virtual_matches']} with a virtual match); detections: {s['num_detections']}")
+    skipped = [
+        (s["num_images_without_objects"], "images without objects (no quality)"),
+        (s["num_crowd_ignored"], "crowd regions ignored"),
+        (s["num_images_with_objects_but_no_detections"], "images with objects but no detections (quality 0)"),
+        (s.get("num_degenerate_objects", 0), "zero-size ground-truth boxes (quality 0)"),
+    ] + [(n, f"detections dropped: {reason}") for reason, n in (s.get("num_detections_dropped") or {}).items()]
+    for count, what in skipped:
+        if count:
+            typer.echo(f"  {what}: {count}")
 
 
 @app.command()
