@@ -227,3 +227,26 @@ def test_best_iou_agrees_with_cocoeval(synthetic_gt):
             assert ours[g["id"]] == best, (image_id, category_id, g["id"])
             checked += 1
     assert checked == len(objects)
+
+
+def test_extreme_ids_and_no_objects_at_all(tmp_path):
+    big = 2**62
+    gt_dict = make_gt_dict(
+        [big, 3],
+        [(big, -7, [0, 0, 10, 10], 0), (3, 2**40, [0, 0, 10, 10], 0)],
+        categories=[{"id": -7, "name": "neg"}, {"id": 2**40, "name": "huge"}],
+    )
+    dets = [det(3, -7, [0, 0, 10, 10], 0.9), det(big, -7, [0, 0, 10, 10], 0.4), det(3, 2**40, [0, 0, 10, 5], 0.8)]
+    objects, images = quality_scores(dets, gt_dict)
+    assert objects.set_index("image_id")["quality"].to_dict() == {3: pytest.approx(0.4), big: pytest.approx(0.4)}
+    empty_gt = make_gt_dict([1, 2], [])
+    result = quality_scores([det(1, 1, [0, 0, 4, 4], 0.5)], empty_gt)
+    assert len(result.objects) == 0 and len(result.images) == 0
+    assert result.summary["num_images_without_objects"] == 2 and result.summary["mean_image_quality"] is None
+
+
+def test_detections_on_images_without_objects_are_never_candidates(gt_file, results_file):
+    anns = [(1, 1, [0, 0, 10, 10], 0)]
+    dets = [det(2, 1, [0, 0, 10, 10], 0.9), det(1, 1, [0, 0, 10, 10], 0.3)]
+    objects, images = score(gt_file, results_file, [1, 2], anns, dets)
+    assert objects["quality"].tolist() == [pytest.approx(0.3)] and images["image_id"].tolist() == [1]

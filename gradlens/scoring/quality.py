@@ -52,10 +52,43 @@ class QualityScores:
         return iter((self.objects, self.images))
 
 
-def _group_keys(image_id: np.ndarray, category_id: np.ndarray | None, num_categories_key: int) -> np.ndarray:
-    if category_id is None:
-        return image_id.astype(np.int64)
-    return image_id.astype(np.int64) * num_categories_key + category_id.astype(np.int64)
+def _rank_in(known: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position of each value in the sorted unique array ``known``, and whether it is there at all.
+
+    COCO ids span a small range, so a lookup table is used where it fits
+    (O(1) per value); otherwise a binary search.
+    """
+    if not len(known):
+        return np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=bool)
+    lo, span = int(known[0]), int(known[-1]) - int(known[0]) + 1
+    if span <= max(1 << 22, 8 * len(known)):
+        table = np.full(span, -1, dtype=np.int64)
+        table[known - lo] = np.arange(len(known))
+        inside = (values >= lo) & (values < lo + span)
+        pos = np.where(inside, table[np.clip(values - lo, 0, span - 1)], -1)
+        return pos, pos >= 0
+    pos = np.searchsorted(known, values)
+    return pos, (pos < len(known)) & (known[np.minimum(pos, len(known) - 1)] == values)
+
+
+def _group_keys(gt: GroundTruth, detections: Detections, class_agnostic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Dense integer keys for (image) or (image, category) groups, equal exactly when the groups are.
+
+    Ids are mapped to their rank among the ground truth's ids, so any id values
+    (huge, negative, sparse) give keys without overflow; a detection whose image
+    or category has no object gets key -1 and is never a candidate.
+    """
+    obj_img, _ = _rank_in(gt.image_ids, gt.obj_image_id)
+    det_img, known = _rank_in(gt.image_ids, detections.image_id)
+    if class_agnostic:
+        obj_keys, det_keys = obj_img, det_img
+    else:
+        cats = np.unique(gt.obj_category_id)
+        obj_cat, _ = _rank_in(cats, gt.obj_category_id)
+        det_cat, known_cat = _rank_in(cats, detections.category_id)
+        known &= known_cat
+        obj_keys, det_keys = obj_img * len(cats) + obj_cat, det_img * len(cats) + det_cat
+    return obj_keys.astype(np.int64), np.where(known, det_keys, -1).astype(np.int64)
 
 
 def _match(
@@ -147,11 +180,7 @@ def quality_scores(
     gt = as_ground_truth(gt)
     detections = as_detections(detections, gt)
     device = resolve_device(device)
-    obj_cats = None if class_agnostic else gt.obj_category_id
-    det_cats = None if class_agnostic else detections.category_id
-    key_base = int(max(gt.obj_category_id.max(initial=0), detections.category_id.max(initial=0))) + 1
-    obj_keys = _group_keys(gt.obj_image_id, obj_cats, key_base)
-    det_keys = _group_keys(detections.image_id, det_cats, key_base)
+    obj_keys, det_keys = _group_keys(gt, detections, class_agnostic)
 
     match, iou = _match(
         gt.obj_xywh, obj_keys, detections.xywh, det_keys, detections.score, device, chunk_pairs, progress
