@@ -132,3 +132,14 @@ def test_sources_that_cannot_be_used(tmp_path, synthetic_coco, two_models):
 def test_manifest_missing(tmp_path):
     with pytest.raises(GradlensError, match="run 'gradlens select' first"):
         load_manifest(tmp_path)
+
+
+def test_damaged_cache_is_recomputed(tmp_path, synthetic_coco, two_models):
+    a, b = two_models
+    first = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    for name in ("images.parquet", "images.csv"):
+        (tmp_path / "work/scores/b" / name).unlink()
+    (tmp_path / "work/scores/a/score.json").write_text("{not json")
+    second = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    pd.testing.assert_frame_equal(first.selection, second.selection)
+    assert (tmp_path / "work/scores/b/images.parquet").is_file()

@@ -19,7 +19,15 @@ from gradlens.data.detections import read_detections
 from gradlens.errors import GradlensError, InputFileError
 from gradlens.fileio import sha256_file
 from gradlens.scoring.quality import QualityScores, quality_scores
-from gradlens.scoring.store import SCORE_META, is_score_dir, make_meta, read_scores, score_dir_digest, write_scores
+from gradlens.scoring.store import (
+    SCORE_META,
+    is_score_dir,
+    make_meta,
+    read_scores,
+    read_scores_if_current,
+    score_dir_digest,
+    write_scores,
+)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SourceKind = Literal["detections", "scores", "checkpoint"]
@@ -91,19 +99,17 @@ def score_source(
                 f"{source.path} was scored {mode}; re-score it or {'pass' if stored else 'drop'} --class-agnostic so all models are matched alike."
             )
         if out_dir is not None and Path(out_dir).resolve() != source.path.resolve():
-            write_scores(scores, out_dir, meta["source"], meta["annotations"], meta["settings"])
+            write_scores(scores, out_dir, meta.get("source", {}), meta.get("annotations", {}), meta.get("settings", {}))
         return scores, meta
 
     gt = load_gt()
     source_record = {"kind": "detections", "path": str(source.path.resolve()), "sha256": source.sha256}
     annotations = annotations_record(gt)
     settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": bool(drop_invalid)}
-    if out_dir is not None and is_score_dir(out_dir):
-        cached, meta = read_scores(out_dir)
-        same_input = meta.get("source", {}).get("sha256") == source.sha256
-        same_gt = meta.get("annotations", {}).get("sha256") == gt.sha256
-        if same_input and same_gt and meta.get("settings") == settings:
-            return cached, meta
+    if out_dir is not None:
+        cached = read_scores_if_current(out_dir, source.sha256, gt.sha256, settings)
+        if cached is not None:
+            return cached
     detections = read_detections(source.path, gt, drop_invalid=drop_invalid, check_categories=not class_agnostic)
     scores = quality_scores(detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
     if out_dir is not None:

@@ -63,6 +63,26 @@ def read_scores(directory: str | os.PathLike) -> tuple[QualityScores, dict]:
     return QualityScores(objects=objects, images=images, summary=meta.get("summary", {})), meta
 
 
+def read_scores_if_current(
+    directory: str | os.PathLike, source_sha256: str, annotations_sha256: str, settings: dict
+) -> tuple[QualityScores, dict] | None:
+    """Cached scores in ``directory`` if they were made from the same input, annotations and
+    settings; None if not, or if the cache is incomplete or damaged (then it is simply redone)."""
+    directory = Path(directory)
+    if not is_score_dir(directory):
+        return None
+    try:
+        meta = read_json(directory / SCORE_META, "score metadata file")
+        current = (
+            meta.get("source", {}).get("sha256") == source_sha256
+            and meta.get("annotations", {}).get("sha256") == annotations_sha256
+            and meta.get("settings") == settings
+        )
+        return read_scores(directory) if current else None
+    except (InputFileError, AttributeError):
+        return None
+
+
 def score_dir_digest(directory: str | os.PathLike) -> str:
     """One content hash for a score directory: the SHA-256 over its tables and metadata, in name order."""
     digest = hashlib.sha256()
