@@ -10,7 +10,9 @@ import typer
 
 from gradlens._version import __version__
 from gradlens.cli import options as opt
+from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
+from gradlens.selection.manifest import DEFAULT_WORKDIR
 
 app = typer.Typer(
     name="gradlens",
@@ -83,7 +85,7 @@ def score(
     source = identify_source(detections if detections is not None else model)
     if detections is not None and source.kind != "detections":
         raise GradlensError(f"--detections expects a COCO results .json file, but {detections} is a {source.kind}.")
-    paths = opt.coco_paths(coco_root, ann, images)
+    paths = resolve_coco_paths(coco_root, ann, images)
     _, meta = score_source(
         source, lambda: load_ground_truth(paths), class_agnostic=class_agnostic, device=device,
         drop_invalid=drop_invalid, out_dir=out, progress=progress,
@@ -97,7 +99,7 @@ def select(
     a: Annotated[Path, typer.Option("--a", metavar="PATH", help="Model A: results .json, score directory or checkpoint.")],
     b: Annotated[List[Path], typer.Option("--b", metavar="PATH", help="Baseline model B (repeat for several; A must beat each).")],
     top: Annotated[int, typer.Option("--top", min=1, help="How many images to select.")] = 1000,
-    workdir: opt.Workdir = opt.DEFAULT_WORKDIR_PATH,
+    workdir: opt.Workdir = DEFAULT_WORKDIR,
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
@@ -115,7 +117,7 @@ def select(
     from gradlens.selection.run import run_selection
 
     result = run_selection(
-        a, list(b), coco=opt.coco_paths(coco_root, ann, images), workdir=workdir, top=top,
+        a, list(b), coco=resolve_coco_paths(coco_root, ann, images), workdir=workdir, top=top,
         class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid, progress=progress,
     )  # fmt: skip
     for model in result.manifest["models"]:

@@ -7,8 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from gradlens.data.coco import ENV_COCO_ROOT, CocoPaths, resolve_coco_paths
-from gradlens.selection.manifest import DEFAULT_WORKDIR
+from gradlens.data.coco import ENV_COCO_ROOT
 
 CocoRoot = Annotated[
     Optional[Path],
@@ -38,9 +37,3 @@ Workdir = Annotated[Path, typer.Option("--workdir", help="Work directory holding
 Progress = Annotated[
     Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars [default: only on a terminal].")
 ]
-
-DEFAULT_WORKDIR_PATH = DEFAULT_WORKDIR
-
-
-def coco_paths(coco_root: Optional[Path], ann: Optional[Path], images: Optional[Path]) -> CocoPaths:
-    return resolve_coco_paths(coco_root, ann, images)

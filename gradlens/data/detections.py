@@ -41,11 +41,6 @@ class Detections:
     def __len__(self) -> int:
         return len(self.score)
 
-    @property
-    def boxes(self) -> np.ndarray:
-        """Boxes as corners ``[x1, y1, x2, y2]``."""
-        return np.concatenate([self.xywh[:, :2], self.xywh[:, :2] + self.xywh[:, 2:]], axis=1)
-
     @classmethod
     def from_arrays(cls, image_id, category_id, xywh, score, **kwargs) -> "Detections":
         score = np.asarray(score, dtype=np.float64)
