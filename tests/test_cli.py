@@ -144,3 +144,11 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     assert (tmp_path / "demo/run/selection.csv").is_file() and (tmp_path / "demo/run/manifest.json").is_file()
     assert len(pd.read_csv(tmp_path / "demo/run/selection.csv")) == 4
     assert "selection:" in out
+
+
+def test_unwritable_output_is_one_sentence(capsys, tmp_path, synthetic_coco, results):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["score", "--detections", str(results), "--out", str(blocker / "sub"), "--ann", str(synthetic_coco.ann)]
+    code, lines = error_of(capsys, argv)
+    assert code == 1 and len(lines) == 1 and "cannot write or read" in lines[0] and str(blocker) in lines[0]

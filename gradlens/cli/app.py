@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     except GradlensError as exc:
         typer.echo(f"gradlens: error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # the file system refused (no space, no permission, a file where a folder must be)
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(f"gradlens: error: cannot write or read{where}: {exc.strerror or exc}.", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("gradlens: interrupted; finished results are kept on disk.", err=True)
         sys.exit(130)
