@@ -33,6 +33,11 @@ def test_extra_fields_such_as_segmentation_are_accepted(results_file, gt):
     assert len(read_detections(results_file([rec]), gt)) == 1
 
 
+def test_integral_float_ids_are_ids(results_file, gt):
+    d = read_detections(results_file([det(1, 1, [0, 0, 5, 5], 0.5) | {"image_id": 2.0, "category_id": 5.0}]), gt)
+    assert d.image_id.tolist() == [2] and d.category_id.tolist() == [5] and d.image_id.dtype == np.int64
+
+
 def test_integer_boxes_and_scores_are_numbers(results_file, gt):
     d = read_detections(results_file([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1}]), gt)
     assert d.xywh.dtype == np.float64 and d.score[0] == 1.0
@@ -47,7 +52,7 @@ BAD = {
     "short bbox": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": [0, 0, 1]}], "not four numbers"),
     "string score": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"score": "0.5"}], "not a number"),
     "string image id": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"image_id": "1"}], "non-integer image_id"),
-    "float category": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"category_id": 1.0}], "non-integer category_id"),
+    "fractional category": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"category_id": 1.5}], "non-integer category_id"),
     "unknown image": ([det(1, 1, [0, 0, 1, 1], 0.5), det(7, 1, [0, 0, 1, 1], 0.5)], "image id is not in the annotation file"),
     "unknown category": ([det(1, 3, [0, 0, 1, 1], 0.5)], "category id is not in the annotation file"),
     "zero width": ([det(1, 1, [0, 0, 0, 4], 0.5)], "zero or negative box width or height"),

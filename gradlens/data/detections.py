@@ -85,7 +85,7 @@ def _first_bad_record(data: list, path: Path) -> InvalidDetectionsError:
                 "COCO results need image_id, category_id, bbox and score."
             )
         for key in ("image_id", "category_id"):
-            if not isinstance(rec[key], int) or isinstance(rec[key], bool):
+            if not _is_id(rec[key]):
                 return InvalidDetectionsError(f"Entry {i} of {path} has a non-integer {key} {rec[key]!r}.")
         bbox = rec["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
@@ -93,6 +93,13 @@ def _first_bad_record(data: list, path: Path) -> InvalidDetectionsError:
         if not _is_number(rec["score"]):
             return InvalidDetectionsError(f"Entry {i} of {path} has a score {rec['score']!r} that is not a number.")
     return InvalidDetectionsError(f"{path} is not a COCO results file.")
+
+
+def _is_id(value) -> bool:
+    """An integer id; an integral float (``4.0``, as some tools write ids) counts too."""
+    if type(value) is int:
+        return True
+    return type(value) is float and value.is_integer()
 
 
 def _is_number(value) -> bool:
@@ -138,7 +145,7 @@ def _parse_records(data: list, path: Path) -> tuple[np.ndarray, np.ndarray, np.n
         category_id = [rec["category_id"] for rec in data]
         bbox = [rec["bbox"] for rec in data]
         score = [rec["score"] for rec in data]
-        int_ok = all(type(v) is int for v in image_id) and all(type(v) is int for v in category_id)
+        int_ok = all(_is_id(v) for v in image_id) and all(_is_id(v) for v in category_id)
         num_ok = all(type(v) in (int, float) for v in score)
         box_ok = all(type(b) is list and len(b) == 4 for b in bbox)
         if not (int_ok and num_ok and box_ok):
