@@ -231,23 +231,30 @@ def quality_scores(
 
 
 def _image_table(objects: pd.DataFrame, detections: Detections, gt: GroundTruth) -> pd.DataFrame:
-    """Mean object quality per image; images without objects have no quality and no row."""
-    per_image = objects.groupby("image_id", sort=True).agg(
-        num_objects=("quality", "size"), num_matched=("matched", "sum"), quality=("quality", "mean")
-    )
-    ids = per_image.index.to_numpy()
-    num_det = pd.Series(detections.image_id).value_counts().reindex(ids, fill_value=0).to_numpy()
+    """Mean object quality per image; images without objects have no quality and no row.
+
+    Objects arrive sorted by image, so each image is one contiguous segment.
+    """
+    obj_image = objects["image_id"].to_numpy(np.int64)
+    ids, start, count = np.unique(obj_image, return_index=True, return_counts=True)
+    if len(ids):
+        total = np.add.reduceat(objects["quality"].to_numpy(np.float64), start)
+        matched = np.add.reduceat(objects["matched"].to_numpy(np.int64), start)
+    else:
+        total, matched = np.zeros(0), np.zeros(0, np.int64)
+    pos, found = _rank_in(ids, detections.image_id)
+    num_det = np.bincount(pos[found], minlength=len(ids))
     infos = [gt.coco.imgs[int(i)] for i in ids]
     return pd.DataFrame(
         {
-            "image_id": ids.astype(np.int64),
+            "image_id": ids,
             "file_name": [info.get("file_name", "") for info in infos],
             "width": np.array([info.get("width", 0) for info in infos], dtype=np.int64),
             "height": np.array([info.get("height", 0) for info in infos], dtype=np.int64),
-            "num_objects": per_image["num_objects"].to_numpy(np.int64),
-            "num_matched": per_image["num_matched"].to_numpy(np.int64),
+            "num_objects": count.astype(np.int64),
+            "num_matched": matched.astype(np.int64),
             "num_detections": num_det.astype(np.int64),
-            "quality": per_image["quality"].to_numpy(np.float64),
+            "quality": total / np.maximum(count, 1),
         },
         columns=IMAGE_COLUMNS,
     )
