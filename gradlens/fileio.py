@@ -19,9 +19,32 @@ import pandas as pd
 from gradlens.errors import InputFileError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows.
+
+    ``os.umask`` can only be read by setting it, which races with other threads
+    creating files; Linux reports it in ``/proc/self/status``.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the permissions a plain ``open()`` would give it (``0o666``
+    less the umask), not ``mkstemp``'s private ``0o600``, so outputs stay
+    readable by whoever could read the folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -107,6 +131,19 @@ def parse_json(data: bytes, path: str | os.PathLike, what: str) -> Any:
         ) from exc
     except UnicodeDecodeError as exc:
         raise InputFileError(f"The {what} {path} is not UTF-8 JSON text.") from exc
+    except RecursionError:
+        raise InputFileError(f"The {what} {path} is nested too deeply to be read as JSON.") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InputFileError(f"The {what} {path} cannot be read as JSON ({exc}).") from exc
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """``repr`` cut to a readable length, so a huge value cannot flood a one-sentence error."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer past Python's digit limit, deep nesting
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

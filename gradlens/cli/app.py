@@ -168,6 +168,14 @@ def demo(
     typer.echo(f"manifest:   {sel.workdir / 'manifest.json'}")
 
 
+from gradlens.cli import detectors as _detectors  # noqa: E402  (commands about detectors live in their own module)
+
+app.command(name="models")(_detectors.models)
+app.command(name="profile")(_detectors.profile)
+app.command(name="evaluate")(_detectors.evaluate)
+app.command(name="convert")(_detectors.convert)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake becomes one line on stderr and exit code 1."""
     try:

@@ -37,3 +37,31 @@ Workdir = Annotated[Path, typer.Option("--workdir", help="Work directory holding
 Progress = Annotated[
     Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars [default: only on a terminal].")
 ]
+
+# -- detectors -----------------------------------------------------------------------------------
+Arch = Annotated[
+    Optional[str],
+    typer.Option("--arch", help="Architecture of a plain (torchvision) state dict; see 'gradlens models'."),
+]
+TrustCheckpoint = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow a checkpoint that needs arbitrary code to unpickle (only for files from a source you trust).",
+    ),
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images per batch; batches only mix images padded to the same canvas.")
+]
+Workers = Annotated[int, typer.Option("--workers", min=0, help="DataLoader processes decoding JPEGs.")]
+Precision = Annotated[
+    Literal["fp32", "tf32", "bf16", "fp16"],
+    typer.Option("--precision", help="Arithmetic on CUDA (fp32 keeps mAP-level fidelity; tf32/fp16 need CUDA)."),
+]
+CacheDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--cache-dir", envvar="GRADLENS_CACHE_DIR", show_envvar=True,
+        help="Where detections of checkpoints are cached [default: ~/.cache/gradlens].",
+    ),
+]

@@ -14,14 +14,14 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from gradlens.errors import InputFileError
-from gradlens.fileio import parse_json, read_bytes
+from gradlens.fileio import parse_json, read_bytes, short_repr
 
 ENV_COCO_ROOT = "GRADLENS_COCO_ROOT"
 DEFAULT_COCO_ROOT = Path("data/coco")
@@ -34,6 +34,10 @@ class CocoPaths:
 
     ann: Path
     images: Path
+    # Whether the user named the dataset (a flag, the environment variable or a CocoPaths of
+    # their own) rather than falling back to ./data/coco; only a named annotation file is
+    # held against the one that score directories record.
+    given: bool = field(default=True, compare=False)
 
 
 def resolve_coco_paths(
@@ -45,11 +49,13 @@ def resolve_coco_paths(
     """Apply DESIGN.md's precedence: ``--ann``/``--images``, else ``--coco-root``, else
     ``$GRADLENS_COCO_ROOT``, else ``./data/coco``, each holding the standard layout."""
     if coco_root is None:
-        coco_root = os.environ.get(ENV_COCO_ROOT) or DEFAULT_COCO_ROOT
-    root = Path(coco_root)
+        coco_root = os.environ.get(ENV_COCO_ROOT) or None
+    given = ann is not None or coco_root is not None
+    root = Path(coco_root) if coco_root is not None else DEFAULT_COCO_ROOT
     return CocoPaths(
         ann=Path(ann) if ann is not None else root / "annotations" / f"instances_{split}.json",
         images=Path(images) if images is not None else root / split,
+        given=given,
     )
 
 
@@ -99,7 +105,31 @@ class GroundTruth:
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def is_int64_id(value) -> bool:
+    """An id gradlens can hold in an int64 array: an integer, or an integral float (``4.0``) as
+    pycocotools accepts; bools, strings, fractions and values beyond 64 bits are not ids."""
+    if type(value) is float:
+        if not value.is_integer():
+            return False
+    elif type(value) is not int:
+        return False
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def _check_id(value, what: str, where: str, path: Path) -> None:
+    if not is_int64_id(value):
+        raise InputFileError(f"{where} of {path} has {what} {short_repr(value)}, which is not an integer id of at most 64 bits.")
 
 
 def _check_structure(data: object, path: Path) -> None:
@@ -112,6 +142,7 @@ def _check_structure(data: object, path: Path) -> None:
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img:
             raise InputFileError(f"Image entry {i} of {path} has no 'id'.")
+        _check_id(img["id"], "the id", f"Image entry {i}", path)
         if img["id"] in image_ids:
             raise InputFileError(f"Image id {img['id']} appears more than once in {path}.")
         image_ids.add(img["id"])
@@ -119,6 +150,7 @@ def _check_structure(data: object, path: Path) -> None:
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             raise InputFileError(f"Category entry {i} of {path} has no 'id'.")
+        _check_id(cat["id"], "the id", f"Category entry {i}", path)
         category_ids.add(cat["id"])
     ann_ids = set()
     for i, ann in enumerate(data["annotations"]):
@@ -126,6 +158,8 @@ def _check_structure(data: object, path: Path) -> None:
             raise InputFileError(
                 f"Annotation entry {i} of {path} lacks one of 'id', 'image_id', 'category_id', 'bbox'."
             )
+        for key in ("id", "image_id", "category_id"):
+            _check_id(ann[key], f"the {key}", f"Annotation entry {i}", path)
         if ann["id"] in ann_ids:
             raise InputFileError(f"Annotation id {ann['id']} appears more than once in {path}.")
         ann_ids.add(ann["id"])

@@ -25,6 +25,7 @@ from pycocotools import mask as mask_utils
 
 from gradlens.data.coco import CocoPaths, GroundTruth
 from gradlens.data.detections import Detections
+from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path
 from gradlens.progress import track
 
@@ -37,6 +38,10 @@ CATEGORIES = [
     {"id": 9, "name": "cross", "supercategory": "shape"},
 ]
 MIN_VISIBLE_FRACTION = 0.2  # an object hidden more than this is not annotated (nobody could see it)
+# The first images are made to show one edge case each, so even a 3-image dataset has them all;
+# the rest are left to chance.
+FORCED_CASES = ("crowd", "empty", "grayscale")
+DESCRIPTION = "gradlens synthetic shapes"  # marks an annotation file as one this module wrote
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,20 @@ def _encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _render_image(rng: np.random.Generator, cfg: SyntheticConfig):
-    """One image and its annotations (without ids). Returns (uint8 HxWx3, grayscale?, annotations)."""
+def _render_image(rng: np.random.Generator, cfg: SyntheticConfig, force: str | None = None):
+    """One image and its annotations (without ids). Returns (uint8 HxWx3, grayscale?, annotations).
+
+    ``force`` (one of :data:`FORCED_CASES`) overrides the random draw for that
+    case; the draws are still made, so the random stream stays the same.
+    """
     w = int(rng.integers(cfg.min_side, cfg.max_side + 1))
     h = int(rng.integers(cfg.min_side, cfg.max_side + 1))
     img = _background(rng, h, w)
     owner = np.full((h, w), -1, dtype=np.int32)  # which shape a pixel shows (the last one drawn)
     shapes: list[tuple[int, bool, np.ndarray]] = []  # (category id, crowd?, full mask)
 
-    n_objects = 0 if rng.random() < cfg.empty_fraction else int(rng.integers(1, cfg.max_objects + 1))
+    empty = (rng.random() < cfg.empty_fraction or force == "empty") and force != "crowd"
+    n_objects = 0 if empty else int(rng.integers(1, cfg.max_objects + 1))
     for _ in range(n_objects):
         cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         side = float(np.exp(rng.uniform(np.log(10), np.log(0.7 * min(w, h)))))
@@ -119,7 +129,8 @@ def _render_image(rng: np.random.Generator, cfg: SyntheticConfig):
         owner[mask] = len(shapes)
         shapes.append((cat["id"], False, mask))
 
-    if n_objects and rng.random() < cfg.crowd_fraction:
+    crowded = rng.random() < cfg.crowd_fraction if n_objects else False
+    if crowded or force == "crowd":
         # A crowd: many tiny shapes of one category in one region, annotated as a single iscrowd box.
         cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         rw, rh = rng.uniform(0.25, 0.45) * w, rng.uniform(0.25, 0.45) * h
@@ -152,7 +163,7 @@ def _render_image(rng: np.random.Generator, cfg: SyntheticConfig):
         )
 
     pixels = np.clip(img, 0, 255).astype(np.uint8)
-    grayscale = bool(rng.random() < cfg.grayscale_fraction)
+    grayscale = bool(rng.random() < cfg.grayscale_fraction) or force == "grayscale"
     return pixels, grayscale, annotations
 
 
@@ -162,21 +173,26 @@ def make_synthetic_coco(
     """Write a COCO-layout dataset under ``root`` and return its paths.
 
     ``root/annotations/instances_<split>.json`` and ``root/<split>/<id>.jpg``,
-    so that ``--coco-root root`` finds it.
+    so that ``--coco-root root`` finds it. Writing over an earlier synthetic
+    dataset replaces it: JPEGs of the split that the new annotation file does
+    not list are removed. A split that holds anything else (an annotation file
+    gradlens did not write, or JPEGs without one) is refused, not overwritten.
     """
     cfg = config or SyntheticConfig()
     if overrides:
         cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
     root = Path(root)
     image_dir = root / cfg.split
+    ann_path = root / "annotations" / f"instances_{cfg.split}.json"
+    _refuse_foreign_dataset(ann_path, image_dir)
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     # Sparse, sorted ids (COCO's are not 1..N either).
     image_ids = np.sort(rng.choice(np.arange(1, 20 * cfg.num_images + 1), size=cfg.num_images, replace=False))
 
     images, annotations = [], []
-    for image_id in track(image_ids, "synthetic images", progress):
-        pixels, grayscale, anns = _render_image(rng, cfg)
+    for k, image_id in enumerate(track(image_ids, "synthetic images", progress)):
+        pixels, grayscale, anns = _render_image(rng, cfg, FORCED_CASES[k] if k < len(FORCED_CASES) else None)
         file_name = f"{int(image_id):012d}.jpg"
         picture = Image.fromarray(pixels).convert("L") if grayscale else Image.fromarray(pixels)
         with atomic_path(image_dir / file_name) as tmp:
@@ -186,16 +202,43 @@ def make_synthetic_coco(
             annotations.append({"id": len(annotations) + 1, "image_id": int(image_id), **ann})
 
     dataset = {
-        "info": {"description": f"gradlens synthetic shapes (seed {cfg.seed})", "version": "1.0"},
+        "info": {"description": f"{DESCRIPTION} (seed {cfg.seed})", "version": "1.0"},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": CATEGORIES,
     }
-    ann_path = root / "annotations" / f"instances_{cfg.split}.json"
     with atomic_path(ann_path) as tmp:
         tmp.write_text(json.dumps(dataset))
+    listed = {img["file_name"] for img in images}
+    for stale in image_dir.glob("*.jpg"):  # left by an earlier, larger run
+        if stale.name not in listed:
+            stale.unlink()
     return CocoPaths(ann=ann_path, images=image_dir)
+
+
+def _is_synthetic_annotation_file(path: Path) -> bool:
+    """Whether ``path`` was written by :func:`make_synthetic_coco` (its ``info`` comes first)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(200)
+    except OSError:
+        return False
+    return head.startswith(f'{{"info": {{"description": "{DESCRIPTION}'.encode())
+
+
+def _refuse_foreign_dataset(ann_path: Path, image_dir: Path) -> None:
+    """Refuse to write over a dataset that gradlens did not make (real COCO, say): its annotation
+    file would be replaced and its images deleted as stale."""
+    if ann_path.exists():
+        if not _is_synthetic_annotation_file(ann_path):
+            raise GradlensError(
+                f"{ann_path} exists and is not a gradlens synthetic dataset; choose an empty folder so nothing is overwritten."
+            )
+    elif image_dir.is_dir() and any(image_dir.glob("*.jpg")):
+        raise GradlensError(
+            f"{image_dir} already holds JPEG images without a synthetic annotation file; choose an empty folder so nothing is overwritten."
+        )
 
 
 def simulate_detections(

@@ -175,10 +175,12 @@ def quality_scores(
 
     ``gt`` may also be an annotation file path, an annotation dict or a
     pycocotools ``COCO``; ``detections`` a results file path, a results list or
-    a DataFrame — each is checked as ``gradlens score`` would.
+    a DataFrame — each is checked as ``gradlens score`` would (categories only
+    when matching is class-aware).
     """
     gt = as_ground_truth(gt)
-    detections = as_detections(detections, gt)
+    # Class-agnostic matching ignores labels, so labels unknown to the ground truth are fine.
+    detections = as_detections(detections, gt, check_categories=not class_agnostic)
     device = resolve_device(device)
     obj_keys, det_keys = _group_keys(gt, detections, class_agnostic)
 

@@ -70,6 +70,56 @@ def annotations_record(gt: GroundTruth) -> dict:
     return {"path": str(gt.path.resolve()), "sha256": gt.sha256}
 
 
+def compute_scores(
+    source: ModelSource,
+    load_gt: Callable[[], GroundTruth],
+    class_agnostic: bool = False,
+    device: str = "cpu",
+    drop_invalid: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = False,
+) -> tuple[QualityScores, dict, bool]:
+    """Quality scores of one model and the metadata that says where they came from, writing nothing.
+
+    Returns ``(scores, meta, current)``; ``current`` says that ``cache_dir``
+    already holds exactly these scores (a valid cache of the same input,
+    annotations and settings, or the score directory itself), so saving them
+    there can be skipped. Reading never writes, so a caller can read every
+    input before it overwrites any of them.
+    """
+    if source.kind == "checkpoint":
+        raise GradlensError(
+            f"{source.path} is a detector checkpoint, and this gradlens version cannot run detectors yet; "
+            "score its detections from a COCO results .json instead."
+        )
+    if source.kind == "scores":
+        scores, meta = read_scores(source.path)
+        stored = meta["settings"]["class_agnostic"]
+        if stored != class_agnostic:
+            mode = "class-agnostic" if stored else "class-aware"
+            raise GradlensError(
+                f"{source.path} was scored {mode}; re-score it or {'pass' if stored else 'drop'} --class-agnostic so all models are matched alike."
+            )
+        current = cache_dir is not None and Path(cache_dir).resolve() == source.path.resolve()
+        return scores, meta, current
+
+    gt = load_gt()
+    source_record = {"kind": "detections", "path": str(source.path.resolve()), "sha256": source.sha256}
+    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": bool(drop_invalid)}
+    if cache_dir is not None:
+        cached = read_scores_if_current(cache_dir, source.sha256, gt.sha256, settings)
+        if cached is not None:
+            return *cached, True
+    detections = read_detections(source.path, gt, drop_invalid=drop_invalid, check_categories=not class_agnostic)
+    scores = quality_scores(detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
+    return scores, make_meta(scores, source_record, annotations_record(gt), settings), False
+
+
+def save_scores(scores: QualityScores, meta: dict, out_dir: str | os.PathLike) -> dict:
+    """Write scores from :func:`compute_scores` as a score directory; returns the ``score.json`` written."""
+    return write_scores(scores, out_dir, meta["source"], meta["annotations"], meta["settings"])
+
+
 def score_source(
     source: ModelSource,
     load_gt: Callable[[], GroundTruth],
@@ -85,33 +135,10 @@ def score_source(
     the scores are written there as a score directory; if it already holds
     scores of the same input, annotations and settings, they are reused.
     """
-    if source.kind == "checkpoint":
-        raise GradlensError(
-            f"{source.path} is a detector checkpoint, and this gradlens version cannot run detectors yet; "
-            "score its detections from a COCO results .json instead."
-        )
-    if source.kind == "scores":
-        scores, meta = read_scores(source.path)
-        stored = bool(meta.get("settings", {}).get("class_agnostic", False))
-        if stored != class_agnostic:
-            mode = "class-agnostic" if stored else "class-aware"
-            raise GradlensError(
-                f"{source.path} was scored {mode}; re-score it or {'pass' if stored else 'drop'} --class-agnostic so all models are matched alike."
-            )
-        if out_dir is not None and Path(out_dir).resolve() != source.path.resolve():
-            write_scores(scores, out_dir, meta.get("source", {}), meta.get("annotations", {}), meta.get("settings", {}))
-        return scores, meta
-
-    gt = load_gt()
-    source_record = {"kind": "detections", "path": str(source.path.resolve()), "sha256": source.sha256}
-    annotations = annotations_record(gt)
-    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": bool(drop_invalid)}
-    if out_dir is not None:
-        cached = read_scores_if_current(out_dir, source.sha256, gt.sha256, settings)
-        if cached is not None:
-            return cached
-    detections = read_detections(source.path, gt, drop_invalid=drop_invalid, check_categories=not class_agnostic)
-    scores = quality_scores(detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
-    if out_dir is not None:
-        return scores, write_scores(scores, out_dir, source_record, annotations, settings)
-    return scores, make_meta(scores, source_record, annotations, settings)
+    scores, meta, current = compute_scores(
+        source, load_gt, class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid,
+        cache_dir=out_dir, progress=progress,
+    )  # fmt: skip
+    if out_dir is not None and not current:
+        meta = save_scores(scores, meta, out_dir)
+    return scores, meta

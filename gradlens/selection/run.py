@@ -15,8 +15,9 @@ from gradlens._version import __version__
 from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth
 from gradlens.device import resolve_device
 from gradlens.errors import GradlensError
-from gradlens.fileio import write_table
-from gradlens.scoring.sources import ModelSource, identify_source, score_source
+from gradlens.fileio import require_file, sha256_file, write_table
+from gradlens.scoring.sources import ModelSource, compute_scores, identify_source, save_scores
+from gradlens.scoring.store import remove_score_dir
 from gradlens.selection.improvement import DEFAULT_TOP, b_roles, select_images
 from gradlens.selection.manifest import DEFAULT_WORKDIR, save_manifest
 
@@ -40,6 +41,35 @@ def _unique_labels(sources: list[ModelSource]) -> list[str]:
     return labels
 
 
+def _check_annotations(sources: list[ModelSource], roles: list[str], metas: dict[str, dict], coco: CocoPaths | None) -> None:
+    """Refuse to compare qualities measured against different annotation files, including a
+    named one (``--ann``/``--coco-root``) that score directories were not scored against."""
+    from_dirs = [(role, src) for role, src in zip(roles, sources) if src.kind == "scores"]
+    if coco is not None and coco.given and from_dirs:
+        ann_sha = sha256_file(require_file(coco.ann, "annotation file"))
+        for role, src in from_dirs:
+            if metas[role]["annotations"]["sha256"] != ann_sha:
+                raise GradlensError(
+                    f"The score directory {src.path} was scored against another annotation file than {coco.ann}; "
+                    "pass the annotation file it was scored with, or score the model again."
+                )
+    if len({m["annotations"]["sha256"] for m in metas.values()}) > 1:
+        raise GradlensError("The models were scored against different annotation files, so their qualities cannot be compared.")
+
+
+def _remove_stale_scores(workdir: Path, roles: list[str], sources: list[ModelSource]) -> None:
+    """Remove score directories under ``workdir/scores`` left by an earlier run with other roles
+    (``b1``…``b3`` after a run with one baseline), so the folder shows only what the manifest names.
+    Only gradlens score directories go, and never one that this run read as an input."""
+    folder = workdir / "scores"
+    if not folder.is_dir():
+        return
+    keep = {(folder / role).resolve() for role in roles} | {src.path.resolve() for src in sources}
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and path.resolve() not in keep:
+            remove_score_dir(path)
+
+
 def run_selection(
     a: str | os.PathLike,
     b: list[str | os.PathLike],
@@ -54,7 +84,10 @@ def run_selection(
     """Score A and every B (reusing cached scores in ``workdir``), select the top images, write it all down.
 
     Writes ``selection.csv``/``.parquet``, ``scores/<role>/`` for each model and
-    ``manifest.json`` (inputs with content hashes, settings, package version).
+    ``manifest.json`` (inputs with content hashes, settings, package version),
+    then removes score directories of roles the new manifest does not name.
+    Every input is read before anything is written, because an input may be a
+    score directory inside this very work directory (``--a work/scores/b``).
     """
     if not b:
         raise GradlensError("Give at least one baseline with --b.")
@@ -71,20 +104,23 @@ def run_selection(
             raise GradlensError("Scoring a results file needs the annotations: pass --coco-root or --ann.")
         return load_ground_truth(coco)
 
-    tables, metas, summaries = {}, {}, {}
+    # Read everything first: nothing in the work directory is written until every input is in memory.
+    scored = {}
     for role, src in zip(roles, sources):
-        scores, meta = score_source(
+        scored[role] = compute_scores(
             src, load_gt, class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid,
-            out_dir=workdir / "scores" / role, progress=progress,
+            cache_dir=workdir / "scores" / role, progress=progress,
         )  # fmt: skip
-        tables[role], metas[role], summaries[role] = scores.images, meta, scores.summary
-
-    ann_hashes = {m.get("annotations", {}).get("sha256") for m in metas.values()}
-    if len(ann_hashes) > 1:
-        raise GradlensError("The models were scored against different annotation files, so their qualities cannot be compared.")
-
+    metas = {role: meta for role, (_, meta, _) in scored.items()}
+    _check_annotations(sources, roles, metas, coco)
+    tables = {role: scores.images for role, (scores, _, _) in scored.items()}
+    summaries = {role: scores.summary for role, (scores, _, _) in scored.items()}
     ranking = select_images(tables["a"], {r: tables[r] for r in roles[1:]}, top=None)
     selection = ranking.head(top)
+
+    for role, (scores, meta, current) in scored.items():
+        if not current:
+            save_scores(scores, meta, workdir / "scores" / role)
     write_table(selection, workdir, "selection")
 
     labels = _unique_labels(sources)
@@ -119,4 +155,5 @@ def run_selection(
         },
     }
     save_manifest(workdir, manifest)
+    _remove_stale_scores(workdir, roles, sources)
     return SelectionResult(selection=selection, manifest=manifest, summaries=summaries, workdir=workdir)

@@ -1,0 +1,297 @@
+"""Fast batched inference of a detector over a COCO image set, cached by content.
+
+Speed comes from decoding JPEGs in DataLoader workers while the network runs,
+from batching, and from ``torch.inference_mode``. Batches only ever hold
+images that one alone would be padded to the same canvas (same
+:func:`~gradlens.models.transform.padded_size`), so a batch gives each image
+exactly the detections it gets alone: batching changes speed, not results
+(up to the last bits of floating-point summation order).
+
+Results are cached as COCO results JSON under a key made of the checkpoint's
+content hash, the annotation file's hash, the image folder and every setting
+that can change a detection; a second ``select`` reuses them. An interrupted
+run keeps what it finished in a partial file and resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gradlens._version import __version__
+from gradlens.data.coco import GroundTruth
+from gradlens.data.detections import Detections, read_detections, write_detections
+from gradlens.data.images import read_image
+from gradlens.errors import GradlensError
+from gradlens.fileio import atomic_path, write_json
+from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.transform import padded_size
+from gradlens.progress import track
+
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$GRADLENS_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradlens``, else ``~/.cache/gradlens``."""
+    if env := os.environ.get("GRADLENS_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradlens"
+
+
+class _Images(Dataset):
+    """Decodes one image per item in a worker: (image id, uint8 CHW tensor)."""
+
+    def __init__(self, paths: dict[int, Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, image_id: int):
+        pixels = read_image(self.paths[image_id])
+        return image_id, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+class ShapeGroupedBatches(Sampler):
+    """Batches of image ids that share one padded canvas, largest groups first, deterministic."""
+
+    def __init__(self, sizes: dict[int, tuple[int, int]], detector: RetinaNetDetector, batch_size: int):
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for image_id in sorted(sizes):
+            h, w = sizes[image_id]
+            groups[padded_size(h, w, detector.preprocess)].append(image_id)
+        self.batches = [
+            ids[i:i + batch_size]
+            for _, ids in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            for i in range(0, len(ids), batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+@dataclass
+class InferenceSettings:
+    batch_size: int = 4
+    workers: int = 2
+    precision: Precision = "fp32"
+
+    def check(self, device: torch.device) -> None:
+        if self.precision not in PRECISIONS:
+            raise GradlensError(f"Unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
+        if self.precision in ("tf32", "fp16") and device.type != "cuda":
+            raise GradlensError(f"--precision {self.precision} needs a CUDA device; on {device.type} use fp32 (or bf16).")
+        if self.batch_size < 1:
+            raise GradlensError("--batch-size must be at least 1.")
+        if self.workers < 0:
+            raise GradlensError("--workers cannot be negative.")
+
+
+class _PrecisionScope:
+    """TF32 switches and autocast for the chosen precision; restores global flags afterwards."""
+
+    def __init__(self, precision: Precision, device: torch.device):
+        self.precision, self.device = precision, device
+        self._saved = None
+        self._autocast = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            tf32 = self.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            self._autocast = torch.autocast(self.device.type, dtype=dtype)
+            self._autocast.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._autocast is not None:
+            self._autocast.__exit__(*exc)
+        if self._saved is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+        return False
+
+
+def detect_images(
+    detector: RetinaNetDetector,
+    gt: GroundTruth,
+    image_ids=None,
+    settings: InferenceSettings | None = None,
+    progress: bool | None = None,
+    done: dict[int, list[dict]] | None = None,
+    on_batch=None,
+) -> dict[int, list[dict]]:
+    """COCO result records per image id for ``image_ids`` (default: every image of ``gt``).
+
+    ``done`` holds results already computed (from a partial run): those
+    images are skipped, and the dict is filled in place, so a caller keeps
+    every finished image even if a later batch fails. ``on_batch(results)``
+    is called after every batch.
+    """
+    settings = settings or InferenceSettings()
+    device = next(detector.parameters()).device
+    settings.check(device)
+    ids = [int(i) for i in (gt.image_ids if image_ids is None else image_ids)]
+    results: dict[int, list[dict]] = done if done is not None else {}
+    todo = [i for i in ids if i not in results]
+    if not todo:
+        return results
+    paths = {i: gt.image_path(i) for i in todo}
+    sizes = {}
+    for i in todo:
+        info = gt.image_info(i)
+        sizes[i] = (int(info.get("height") or 0), int(info.get("width") or 0))
+    sampler = ShapeGroupedBatches(sizes, detector, settings.batch_size)
+    loader = DataLoader(_Images(paths), batch_sampler=sampler, num_workers=settings.workers,
+                        collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
+    label_to_id = [c["id"] for c in detector.categories]
+    detector.eval()
+    with torch.inference_mode(), _PrecisionScope(settings.precision, device):
+        for batch in track(loader, f"detecting {len(todo)} images", progress, unit="batch", total=len(sampler)):
+            images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+            # Annotation sizes decide grouping; if a file disagrees, regroup so batching stays exact.
+            outputs = []
+            canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]
+            if len(set(canvases)) == 1:
+                outputs = detector.detect(images)
+            else:
+                outputs = [detector.detect([im])[0] for im in images]
+            for (image_id, _), out in zip(batch, outputs):
+                results[image_id] = _records(image_id, out, label_to_id)
+            if on_batch is not None:
+                on_batch(results)
+    return results
+
+
+def _records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
+    boxes = out["boxes"].float().cpu().numpy()
+    scores = out["scores"].float().cpu().numpy()
+    labels = out["labels"].cpu().numpy()
+    records = []
+    for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+        category = label_to_id[label]
+        if category is None:
+            continue
+        records.append({"image_id": image_id, "category_id": int(category), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: RetinaNetDetector, settings: InferenceSettings,
+              arch: str | None = None) -> dict:
+    """Everything that can change a detection, as a JSON-able dict (its hash names the cache file)."""
+    key = {
+        "cache_format": CACHE_FORMAT,
+        "checkpoint_sha256": checkpoint_sha256,
+        "arch": arch or detector.arch_name,
+        "annotations_sha256": gt.sha256,
+        "images": str(Path(gt.images_dir).resolve()) if gt.images_dir else None,
+        "preprocess": detector.preprocess.to_dict(),
+        "test_cfg": detector.test_cfg.to_dict(),
+        "categories": [c["id"] for c in detector.categories],
+        "precision": settings.precision,
+    }
+    return json.loads(json.dumps(key))  # as it reads back from the meta file (tuples become lists)
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class InferenceResult:
+    detections: Detections
+    path: Path
+    reused: bool
+    seconds: float
+    images: int
+
+
+def cached_detections(
+    detector: RetinaNetDetector,
+    checkpoint_sha256: str,
+    gt: GroundTruth,
+    settings: InferenceSettings | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    save_every_s: float = 60.0,
+) -> InferenceResult:
+    """Detections of every image of ``gt``, from the cache when this exact run was done before.
+
+    The result is also a COCO results JSON at ``result.path``. While running,
+    finished images are saved to a ``.partial.json`` every ``save_every_s``
+    seconds and on any failure, so a killed or failed run resumes.
+    """
+    settings = settings or InferenceSettings()
+    key = cache_key(checkpoint_sha256, gt, detector, settings)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = folder / "detections"
+    name = _digest(key)
+    final, meta_path, partial = folder / f"{name}.json", folder / f"{name}.meta.json", folder / f"{name}.partial.json"
+    start = time.perf_counter()
+    if final.exists() and meta_path.exists():
+        try:
+            if json.loads(meta_path.read_text()).get("key") == key:
+                dets = read_detections(final, gt)
+                return InferenceResult(dets, final, True, time.perf_counter() - start, len(gt.image_ids))
+        except (GradlensError, OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    folder.mkdir(parents=True, exist_ok=True)
+    done = _read_partial(partial, key)
+    last_save = [time.perf_counter()]
+
+    def save_partial(results):
+        if time.perf_counter() - last_save[0] >= save_every_s:
+            _write_partial(partial, key, results)
+            last_save[0] = time.perf_counter()
+
+    results: dict[int, list[dict]] = dict(done)
+    resumed = len(results)
+    try:
+        detect_images(detector, gt, settings=settings, progress=progress, done=results, on_batch=save_partial)
+    except BaseException:
+        _write_partial(partial, key, results)  # keep every finished image for the next run
+        raise
+    records = [r for i in sorted(results) for r in results[i]]
+    write_detections(records, final)
+    write_json(meta_path, {"key": key, "gradlens_version": __version__, "images": len(results), "detections": len(records)})
+    partial.unlink(missing_ok=True)
+    dets = read_detections(final, gt)
+    return InferenceResult(dets, final, False, time.perf_counter() - start, len(results) - resumed)
+
+
+def _read_partial(path: Path, key: dict) -> dict[int, list[dict]]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("key") != key:
+            return {}
+        return {int(k): v for k, v in data["results"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return {}
+
+
+def _write_partial(path: Path, key: dict, results: dict[int, list[dict]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key": key, "results": {str(k): v for k, v in results.items()}}))

@@ -1,0 +1,1 @@
+"""Detector architectures: backbones, heads, checkpoints."""

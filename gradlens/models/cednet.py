@@ -1,0 +1,623 @@
+"""CEDNet (cascade encoder-decoder network), NeXt variants, in plain PyTorch.
+
+The reference implementation (github.com/zhanggang001/CEDNet) builds its modules through mmcv's
+norm registry and timm, and picks block types, activation and layer-scale value through
+module-level globals that each constructor overwrites. This module rebuilds the ImageNet network
+(``models/cednet.py``, class ``CEDNet``) and the detection backbone
+(``ced-mmdet/mmdet/models/backbones/cednet.py``, class ``CEDNetWrapper``) without either
+dependency. Attribute names, registration order and tensor shapes are the reference's on purpose:
+released checkpoints then load with ``load_state_dict(strict=True)`` without a renaming table
+(detector checkpoints after stripping the ``backbone.`` prefix), and eval outputs equal the
+reference's for the same weights and input (the test-suite checks both against tensors produced
+by the reference code, ``scripts/make_cednet_reference.py``).
+
+Architecture, briefly: a stride-4 stem and a "p2" stage (``p2_block`` blocks, then a stride-2
+patch merge) produce a stride-8 map ``c3``. Each of ``num_stages`` stages is an encoder (three
+levels at strides 8/16/32; the stride-32 level uses dilated ``DNeXtBlock`` s) followed, except in
+the last stage, by a top-down decoder. The next stage's encoder starts again from the decoder's
+``c3``. The classifier reads the last stage's ``c5``; the detection backbone projects the last
+stage's three maps to ``out_chans`` channels and appends stride-2 convolutions (``add_blocks``)
+instead of an FPN.
+
+Behaviour that is the reference's, kept on purpose (it changes outputs or names):
+
+* every norm inside the network is the channels-first ``LayerNorm`` of
+  :mod:`gradlens.models.layers` (hand-computed mean / biased variance, ``eps=1e-6``); only the
+  classifier's ``norms`` (on pooled ``(N, 2048)`` vectors) are ``nn.LayerNorm``;
+* ``Encoder`` given a tuple uses only its first element (the decoder's ``c4``/``c5`` reach the next
+  stage only through ``c3``); ``EncoderFPN`` adds the tuple's second and third maps after each
+  downsampling;
+* with ``Decoder``/``DecoderFPN`` every block of a stage is in its encoder; with
+  ``DecoderUNet``/``DecoderHourglass`` the stride-8 and stride-16 blocks are split in half between
+  encoder (floor) and decoder (rest); the last stage has no decoder (``CEDNetBackbone`` can add one
+  with ``last_decoder=True``), so its decoder blocks do not exist;
+* drop-path rates are ``linspace(0, drop_path_rate)`` over p2 + all stage blocks; inside the
+  UNet/Hourglass decoders the second level reuses the first level's rates (the reference indexes
+  both from offset 0) and the Hourglass ``lateral`` blocks have none. Rates only matter in training;
+* in eval mode the classifier uses only ``final_layers[-1]``, ``norms[-1]`` and ``heads[-1]``; in
+  training mode it returns one logit tensor per stage (deep supervision);
+* the head width (2048) and the stem's first width (32) are fixed, as in the reference.
+
+Only the NeXt block types (``NeXtBlock``, ``DNeXtBlock``), GELU and the channels-first LayerNorm
+are implemented; the reference's Swin / ResNet-bottleneck / CSwin variants raise ``ValueError``,
+as does its ``CEDNetWrapperTwoStage`` (not provided). Drop path is
+``torchvision.ops.StochasticDepth(p, "row")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+from gradlens.models.layers import LayerNorm
+
+__all__ = [
+    "CEDNET_VARIANTS",
+    "CEDNet",
+    "CEDNetBackbone",
+    "DNeXtBlock",
+    "NeXtBlock",
+    "cednet_backbone",
+    "cednet_next_base",
+    "cednet_next_small",
+    "cednet_next_tiny",
+    "cednet_next_tiny_fpn",
+    "cednet_next_tiny_hourglass",
+    "cednet_next_tiny_unet",
+]
+
+_STEM_WIDTH = 32  # first stem conv, fixed in the reference
+_HEAD_WIDTH = 2048  # classifier's 1x1 conv, fixed in the reference
+_FOCAL_DILATION = 3
+
+BlockFactory = Callable[[int, float], nn.Module]  # (channels, drop-path rate) -> block
+
+
+def _norm(dim: int, eps: float) -> LayerNorm:
+    return LayerNorm(dim, eps=eps, data_format="channels_first")
+
+
+def _drop_path(p: float) -> nn.Module:
+    return StochasticDepth(p, "row") if p > 0 else nn.Identity()
+
+
+def _conv_norm(c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, eps: float) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, stride, padding), _norm(c_out, eps))
+
+
+def _layer_scale(dim: int, value: float) -> nn.Parameter | None:
+    # Absent (no state-dict entry) when disabled, as in the reference.
+    return nn.Parameter(torch.full((dim,), float(value))) if value > 0 else None
+
+
+def _mlp_tail(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Pointwise MLP and layer scale of a NeXt block, on an (N, C, H, W) map (linear layers run channels-last)."""
+    y = y.permute(0, 2, 3, 1)
+    y = block.pwconv2(block.act(block.pwconv1(y)))
+    if block.gamma is not None:
+        y = block.gamma * y
+    return y.permute(0, 3, 1, 2)
+
+
+class NeXtBlock(nn.Module):
+    """ConvNeXt block: depthwise 7x7, LayerNorm, 4x pointwise MLP with GELU, layer scale, residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = _norm(dim, eps)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = _layer_scale(dim, layer_scale_init_value)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(_mlp_tail(self, self.norm(self.dwconv(x))))
+
+
+class DNeXtBlock(nn.Module):
+    """The "focal" block of the stride-32 level: two residual depthwise 7x7 convs (the second dilated
+    by ``dilation`` for a larger receptive field), each with LayerNorm and GELU, then the NeXt MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
+        eps: float = 1e-6,
+        dilation: int = _FOCAL_DILATION,
+    ) -> None:
+        super().__init__()
+        self.dwconv1 = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim), _norm(dim, eps), nn.GELU())
+        self.dwconv2 = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3 * dilation, dilation=dilation, groups=dim),
+            _norm(dim, eps),
+            nn.GELU(),
+        )
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = _layer_scale(dim, layer_scale_init_value)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv1(x) + x
+        y = self.dwconv2(y) + y
+        return x + self.drop_path(_mlp_tail(self, y))
+
+
+_BLOCK_TYPES: dict[str, type[nn.Module]] = {"NeXtBlock": NeXtBlock, "DNeXtBlock": DNeXtBlock}
+
+
+def _run_blocks(factory: BlockFactory, dim: int, count: int, rates: Sequence[float], start: int = 0) -> nn.Sequential:
+    """``count`` blocks of ``dim`` channels with drop-path rates ``rates[start:start + count]``."""
+    return nn.Sequential(*[factory(dim, rates[start + i]) for i in range(count)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders and decoders: one stage is an encoder (strides 8 -> 16 -> 32) plus a top-down decoder.
+# ---------------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """Bottom-up half of a stage: blocks at stride 8, patch merge, blocks at 16, merge, focal blocks at 32.
+
+    ``blocks`` gives the block count per level and ``dp_rates`` their drop-path rates, level after
+    level. A tuple input (a previous stage's ``(c3, c4, c5)``) contributes only ``c3``.
+    """
+
+    def __init__(
+        self,
+        dims: Sequence[int],
+        blocks: Sequence[int],
+        dp_rates: Sequence[float],
+        base: BlockFactory,
+        focal: BlockFactory,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        n0, n1, n2 = blocks
+        self.encoder = nn.ModuleList(
+            [
+                _run_blocks(base, dims[0], n0, dp_rates),
+                _run_blocks(base, dims[1], n1, dp_rates, start=n0),
+                _run_blocks(focal, dims[2], n2, dp_rates, start=n0 + n1),
+            ]
+        )
+        self.encoder_downsample = nn.ModuleList(
+            [_conv_norm(dims[0], dims[1], 2, 2, 0, eps), _conv_norm(dims[1], dims[2], 2, 2, 0, eps)]
+        )
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(x, tuple):
+            x = x[0]
+        c3 = self.encoder[0](x)
+        c4 = self.encoder[1](self.encoder_downsample[0](c3))
+        c5 = self.encoder[2](self.encoder_downsample[1](c4))
+        return c3, c4, c5
+
+
+class EncoderFPN(Encoder):
+    """:class:`Encoder` that also adds the previous stage's ``c4`` and ``c5`` after each downsampling."""
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(x, tuple):
+            return super().forward(x)
+        c3 = self.encoder[0](x[0])
+        c4 = self.encoder[1](x[1] + self.encoder_downsample[0](c3))
+        c5 = self.encoder[2](x[2] + self.encoder_downsample[1](c4))
+        return c3, c4, c5
+
+
+class _TopDown(nn.Module):
+    """What all decoders share: 1x1 conv + 2x bilinear upsampling of the coarser map, added to the
+    finer one, then LayerNorm (``decoder_upsample[i]`` / ``decoder_norm[i]``; i=0 is 32->16, i=1 is 16->8)."""
+
+    def __init__(self, dims: Sequence[int], eps: float) -> None:
+        super().__init__()
+        self.decoder_upsample = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(dims[2], dims[1], 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)),
+                nn.Sequential(nn.Conv2d(dims[1], dims[0], 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)),
+            ]
+        )
+        self.decoder_norm = nn.Sequential(_norm(dims[1], eps), _norm(dims[0], eps))
+
+    def _merge(self, level: int, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        return self.decoder_norm[level](fine + self.decoder_upsample[level](coarse))
+
+
+class Decoder(_TopDown):
+    """Top-down path only (no blocks): ``c4 <- norm(c4 + up(c5))``, ``c3 <- norm(c3 + up(c4))``."""
+
+    def __init__(self, dims: Sequence[int], eps: float, **_unused) -> None:
+        super().__init__(dims, eps)
+
+    def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c3, c4, c5 = x
+        c4 = self._merge(0, c4, c5)
+        c3 = self._merge(1, c3, c4)
+        return c3, c4, c5
+
+
+class DecoderFPN(_TopDown):
+    """:class:`Decoder` followed by a 3x3 conv + LayerNorm on each of the three maps (FPN-style output convs)."""
+
+    def __init__(self, dims: Sequence[int], eps: float, **_unused) -> None:
+        super().__init__(dims, eps)
+        self.decoder_conv = nn.Sequential(*[_conv_norm(d, d, 3, 1, 1, eps) for d in dims])
+
+    def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c3, c4, c5 = x
+        c4 = self._merge(0, c4, c5)
+        c3 = self._merge(1, c3, c4)
+        return self.decoder_conv[0](c3), self.decoder_conv[1](c4), self.decoder_conv[2](c5)
+
+
+def _decoder_levels(dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory) -> nn.Sequential:
+    # The reference offsets both levels' rates by cum_sum[0] == 0, so level 1 reuses level 0's rates.
+    return nn.Sequential(_run_blocks(base, dims[1], blocks[0], dp_rates), _run_blocks(base, dims[0], blocks[1], dp_rates))
+
+
+class DecoderUNet(_TopDown):
+    """Top-down path with blocks after each merge: ``blocks[0]`` at stride 16, ``blocks[1]`` at stride 8."""
+
+    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, eps: float, **_unused) -> None:
+        super().__init__(dims, eps)
+        self.decoder = _decoder_levels(dims, blocks, dp_rates, base)
+
+    def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c3, c4, c5 = x
+        c4 = self.decoder[0](self._merge(0, c4, c5))
+        c3 = self.decoder[1](self._merge(1, c3, c4))
+        return c3, c4, c5
+
+
+class DecoderHourglass(_TopDown):
+    """:class:`DecoderUNet` whose lateral (skip) inputs first pass through one block each (``lateral``)."""
+
+    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, eps: float, **_unused) -> None:
+        super().__init__(dims, eps)
+        self.lateral = nn.Sequential(base(dims[1], 0.0), base(dims[0], 0.0))
+        self.decoder = _decoder_levels(dims, blocks, dp_rates, base)
+
+    def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c3, c4, c5 = x
+        c4 = self.decoder[0](self._merge(0, self.lateral[0](c4), c5))
+        c3 = self.decoder[1](self._merge(1, self.lateral[1](c3), c4))
+        return c3, c4, c5
+
+
+_ENCODERS: dict[str, type[Encoder]] = {"Encoder": Encoder, "EncoderFPN": EncoderFPN}
+_DECODERS: dict[str, type[_TopDown]] = {
+    "Decoder": Decoder,
+    "DecoderFPN": DecoderFPN,
+    "DecoderUNet": DecoderUNet,
+    "DecoderHourglass": DecoderHourglass,
+}
+_ALL_BLOCKS_IN_ENCODER = ("Decoder", "DecoderFPN")  # decoders without blocks
+
+
+def _choice(kind: str, value: str, table: Mapping[str, object], note: str = "") -> None:
+    if value not in table:
+        raise ValueError(f"unsupported CEDNet {kind} {value!r}; supported: {', '.join(table)}{note}")
+
+
+def _norm_eps(norm_cfg: Mapping | None) -> float:
+    """The LayerNorm eps that mmcv's ``build_norm_layer`` would use for ``norm_cfg`` (only channels-first LN)."""
+    if norm_cfg is None:
+        return 1e-6
+    cfg = dict(norm_cfg)
+    if cfg.get("type") != "LN" or cfg.get("data_format") != "channels_first":
+        raise ValueError(f"only norm_cfg=dict(type='LN', data_format='channels_first', eps=...) is supported, got {norm_cfg!r}")
+    return float(cfg.get("eps", 1e-5))  # mmcv's build_norm_layer defaults eps to 1e-5
+
+
+class _CEDNetTrunk(nn.Module):
+    """Stem, p2 stage and the cascade of encoder-decoder stages (``stem``, ``stages``), shared by
+    :class:`CEDNet` and :class:`CEDNetBackbone` so both register these modules first, as the reference does."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        num_stages: int,
+        encoder_type: str,
+        decoder_type: str,
+        base_block: str,
+        focal_block: str,
+        p2_dim: int,
+        p2_block: int,
+        dims: Sequence[int],
+        blocks: Sequence[int] | Sequence[Sequence[int]],
+        layer_scale_init_value: float,
+        drop_path_rate: float,
+        norm_cfg: Mapping | None,
+        act_type: str,
+        last_decoder: bool,
+    ) -> None:
+        super().__init__()
+        note = " (only the NeXt variants of CEDNet are implemented)"
+        _choice("block type", base_block, _BLOCK_TYPES, note)
+        _choice("block type", focal_block, _BLOCK_TYPES, note)
+        _choice("encoder type", encoder_type, _ENCODERS)
+        _choice("decoder type", decoder_type, _DECODERS)
+        if act_type != "gelu":
+            raise ValueError(f"unsupported CEDNet act_type {act_type!r}; only 'gelu' (the NeXt variants) is implemented")
+        eps = _norm_eps(norm_cfg)
+        dims = [int(d) for d in dims]
+        if len(dims) != 3:
+            raise ValueError(f"CEDNet has three levels (strides 8, 16, 32); got dims={dims}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        if isinstance(blocks[0], int):
+            blocks = [list(blocks) for _ in range(num_stages)]
+        blocks = [[int(n) for n in b] for b in blocks]
+        if len(blocks) != num_stages or any(len(b) != 3 for b in blocks):
+            raise ValueError(f"blocks must be 3 counts, or {num_stages} lists of 3 counts; got {blocks}")
+
+        self.num_stages = num_stages
+        self.dims = dims
+        self.encoder_type, self.decoder_type = encoder_type, decoder_type
+
+        base = partial(_BLOCK_TYPES[base_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
+        focal = partial(_BLOCK_TYPES[focal_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, _STEM_WIDTH, 3, 2, 1),
+            _norm(_STEM_WIDTH, eps),
+            nn.GELU(),
+            nn.Conv2d(_STEM_WIDTH, p2_dim, 3, 2, 1),
+            _norm(p2_dim, eps),
+            nn.GELU(),
+        )
+
+        # One linear drop-path schedule over the p2 blocks and every stage block (decoder blocks included);
+        # on the CPU explicitly, so that building under a meta-device context works.
+        rates = torch.linspace(0, drop_path_rate, p2_block + sum(map(sum, blocks)), device="cpu").tolist()
+
+        self.stages = nn.ModuleList()
+        self.stages.append(nn.Sequential(*[base(p2_dim, rates[i]) for i in range(p2_block)], _conv_norm(p2_dim, dims[0], 2, 2, 0, eps)))
+        start = p2_block
+        for sidx, (n3, n4, n5) in enumerate(blocks):
+            stage_rates = rates[start : start + n3 + n4 + n5]
+            start += n3 + n4 + n5
+            if decoder_type in _ALL_BLOCKS_IN_ENCODER:
+                enc_blocks, dec_blocks = [n3, n4, n5], []
+            else:  # split stride-8/16 blocks: floor half in the encoder, the rest in the decoder
+                enc_blocks, dec_blocks = [n3 // 2, n4 // 2, n5], [n4 - n4 // 2, n3 - n3 // 2]
+            n_enc = sum(enc_blocks)
+            parts: list[nn.Module] = [_ENCODERS[encoder_type](dims, enc_blocks, stage_rates[:n_enc], base, focal, eps)]
+            if sidx < num_stages - 1 or last_decoder:
+                parts.append(
+                    _DECODERS[decoder_type](dims=dims, blocks=dec_blocks, dp_rates=stage_rates[n_enc:], base=base, eps=eps)
+                )
+            self.stages.append(nn.Sequential(*parts))
+
+    def _to_stride8(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages[0](self.stem(x))
+        h, w = x.shape[-2:]
+        if h % 4 or w % 4:
+            # Otherwise upsampled coarse maps would not line up with the finer ones.
+            raise ValueError(
+                f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
+                f"(multiples of 32 always do); the stride-8 map is {h}x{w}"
+            )
+        return x
+
+    def forward_stages(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(c3, c4, c5)`` after each stage (after its decoder, if it has one)."""
+        x = self._to_stride8(x)
+        outs = []
+        for stage in self.stages[1:]:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last stage's ``(c3, c4, c5)`` at strides 8, 16, 32 with ``dims`` channels."""
+        x = self._to_stride8(x)
+        for stage in self.stages[1:]:
+            x = stage(x)
+        return x
+
+
+class CEDNet(_CEDNetTrunk):
+    """CEDNet image classifier (the reference's ``models/cednet.py::CEDNet``, NeXt variants).
+
+    Arguments are the reference's; ``base_block``/``focal_block``, ``norm_cfg`` and ``act_type`` are
+    accepted so reference configurations pass through, but only their NeXt / LN / GELU values.
+
+    ``forward`` in eval mode returns ``(N, num_classes)`` logits from the last stage's head; in
+    training mode a list with one logit tensor per stage (the reference's deep supervision).
+    ``features`` returns the last stage's ``(c3, c4, c5)``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_stages: int = 3,
+        encoder_type: str = "Encoder",
+        decoder_type: str = "Decoder",
+        base_block: str = "NeXtBlock",
+        focal_block: str = "DNeXtBlock",
+        p2_dim: int = 96,
+        p2_block: int = 3,
+        dims: Sequence[int] = (192, 352, 512),
+        blocks: Sequence[int] | Sequence[Sequence[int]] = (2, 4, 2),
+        layer_scale_init_value: float = 1e-6,
+        drop_path_rate: float = 0.1,
+        norm_cfg: Mapping | None = None,
+        act_type: str = "gelu",
+        num_classes: int = 1000,
+        head_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__(
+            in_chans, num_stages, encoder_type, decoder_type, base_block, focal_block, p2_dim, p2_block,
+            dims, blocks, layer_scale_init_value, drop_path_rate, norm_cfg, act_type, last_decoder=False,
+        )  # fmt: skip
+        eps = _norm_eps(norm_cfg)
+        self.num_classes = num_classes
+        self.final_layers = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        for _ in range(num_stages):  # one head per stage; eval uses only the last
+            self.final_layers.append(nn.Sequential(nn.Conv2d(self.dims[-1], _HEAD_WIDTH, 1, 1, 0), _norm(_HEAD_WIDTH, eps), nn.GELU()))
+            self.norms.append(nn.LayerNorm(_HEAD_WIDTH, eps=1e-6))  # plain nn.LayerNorm in the reference too
+            self.heads.append(nn.Linear(_HEAD_WIDTH, num_classes))
+
+        self.apply(self._init_weights)
+        with torch.no_grad():
+            for head in self.heads:
+                head.weight.mul_(head_init_scale)
+                head.bias.mul_(head_init_scale)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _logits(self, i: int, c5: torch.Tensor) -> torch.Tensor:
+        return self.heads[i](self.norms[i](self.final_layers[i](c5).mean([-2, -1])))
+
+    def forward_training(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self._logits(i, feats[-1]) for i, feats in enumerate(self.forward_stages(x))]
+
+    def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(-1, self.features(x)[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.forward_training(x) if self.training else self.forward_inference(x)
+
+
+class CEDNetBackbone(_CEDNetTrunk):
+    """CEDNet detection backbone (the reference's ``CEDNetWrapper``; its configs use ``neck=None``).
+
+    Each of the last stage's maps goes through a 1x1 conv + LayerNorm to ``out_chans`` channels
+    (``reduce_convs``), then ``num_add_blocks`` stride-2 3x3 conv + LayerNorm layers extend the
+    pyramid from the coarsest map (``add_blocks``). ``forward`` returns a tuple of
+    ``3 + num_add_blocks`` maps at strides 8, 16, 32, 64, ... (``strides``), all with
+    ``out_channels`` channels. ``last_decoder=True`` gives the last stage a decoder too.
+
+    State-dict keys equal the reference module's (a detector checkpoint's ``backbone.*`` keys
+    without the prefix). No classifier heads: ImageNet checkpoints carry ``final_layers``/``norms``/
+    ``heads`` and no ``reduce_convs``/``add_blocks``, so they load only with ``strict=False``, as the
+    reference's ``init_weights`` does.
+    """
+
+    def __init__(
+        self,
+        out_chans: int = 256,
+        num_add_blocks: int = 2,
+        *,
+        in_chans: int = 3,
+        num_stages: int = 3,
+        encoder_type: str = "Encoder",
+        decoder_type: str = "Decoder",
+        base_block: str = "NeXtBlock",
+        focal_block: str = "DNeXtBlock",
+        p2_dim: int = 96,
+        p2_block: int = 3,
+        dims: Sequence[int] = (192, 352, 512),
+        blocks: Sequence[int] | Sequence[Sequence[int]] = (2, 4, 2),
+        last_decoder: bool = False,
+        layer_scale_init_value: float = 1e-6,
+        drop_path_rate: float = 0.1,
+        norm_cfg: Mapping | None = None,
+        act_type: str = "gelu",
+    ) -> None:
+        super().__init__(
+            in_chans, num_stages, encoder_type, decoder_type, base_block, focal_block, p2_dim, p2_block,
+            dims, blocks, layer_scale_init_value, drop_path_rate, norm_cfg, act_type, last_decoder,
+        )  # fmt: skip
+        eps = _norm_eps(norm_cfg)
+        self.reduce_convs = nn.ModuleList([_conv_norm(d, out_chans, 1, 1, 0, eps) for d in self.dims])
+        self.add_blocks = nn.ModuleList([_conv_norm(out_chans, out_chans, 3, 2, 1, eps) for _ in range(num_add_blocks)])
+        self.out_channels = int(out_chans)
+        self.strides = tuple(8 * 2**i for i in range(len(self.dims) + num_add_blocks))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The reference's from-scratch initialisation (Kaiming-normal fan-out, zero bias; 1-output layers untouched)."""
+
+        def init(m: nn.Module) -> None:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = [reduce(f) for reduce, f in zip(self.reduce_convs, self.features(x))]
+        for add_block in self.add_blocks:
+            feats.append(add_block(feats[-1]))
+        return tuple(feats)
+
+
+_COMMON = dict(encoder_type="Encoder", decoder_type="Decoder", p2_block=3)
+
+CEDNET_VARIANTS: dict[str, dict] = {
+    # The reference's CEDNet_* registrations in models/cednet.py (the mmdet configs use the same).
+    "next_tiny": dict(_COMMON, num_stages=3, p2_dim=96, dims=(192, 352, 512), blocks=(2, 4, 2)),
+    "next_small": dict(_COMMON, num_stages=4, p2_dim=96, dims=(192, 352, 512), blocks=(2, 7, 2)),
+    "next_base": dict(_COMMON, num_stages=4, p2_dim=128, dims=(256, 448, 704), blocks=(2, 7, 2)),
+    # Ablation variants (other encoder/decoder designs, ImageNet only in the reference).
+    "next_tiny_fpn": dict(
+        _COMMON, encoder_type="EncoderFPN", decoder_type="DecoderFPN", num_stages=3, p2_dim=96, dims=(160, 304, 448), blocks=(2, 4, 2)
+    ),
+    "next_tiny_unet": dict(_COMMON, decoder_type="DecoderUNet", num_stages=3, p2_dim=96, dims=(192, 352, 512), blocks=(2, 4, 2)),
+    "next_tiny_hourglass": dict(_COMMON, decoder_type="DecoderHourglass", num_stages=3, p2_dim=96, dims=(160, 320, 512), blocks=(2, 4, 2)),
+}
+
+
+def _variant(name: str) -> dict:
+    if name not in CEDNET_VARIANTS:
+        raise ValueError(f"unknown CEDNet variant {name!r}; known: {', '.join(CEDNET_VARIANTS)}")
+    return dict(CEDNET_VARIANTS[name])
+
+
+def cednet_next_tiny(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-T classifier (3 stages, dims 192/352/512, blocks 2/4/2); kwargs override (the reference trains it with drop_path_rate=0.1)."""
+    return CEDNet(**{**_variant("next_tiny"), **kwargs})
+
+
+def cednet_next_small(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-S classifier (4 stages, dims 192/352/512, blocks 2/7/2; trained with drop_path_rate=0.4)."""
+    return CEDNet(**{**_variant("next_small"), **kwargs})
+
+
+def cednet_next_base(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-B classifier (4 stages, p2 128, dims 256/448/704, blocks 2/7/2; trained with drop_path_rate=0.5)."""
+    return CEDNet(**{**_variant("next_base"), **kwargs})
+
+
+def cednet_next_tiny_fpn(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-T ablation with FPN-style encoder/decoder (dims 160/304/448)."""
+    return CEDNet(**{**_variant("next_tiny_fpn"), **kwargs})
+
+
+def cednet_next_tiny_unet(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-T ablation with UNet-style decoders (blocks split between encoder and decoder)."""
+    return CEDNet(**{**_variant("next_tiny_unet"), **kwargs})
+
+
+def cednet_next_tiny_hourglass(**kwargs) -> CEDNet:
+    """CEDNet-NeXt-T ablation with hourglass decoders (dims 160/320/512, a block on each lateral)."""
+    return CEDNet(**{**_variant("next_tiny_hourglass"), **kwargs})
+
+
+def cednet_backbone(variant: str, out_chans: int = 256, num_add_blocks: int = 2, **overrides) -> CEDNetBackbone:
+    """Detection backbone for a :data:`CEDNET_VARIANTS` name (``"next_tiny"``, ...).
+
+    The reference's RetinaNet configs use ``num_add_blocks=2`` (strides 8..128); its other detectors
+    use ``CEDNetWrapperTwoStage`` (not implemented here).
+    """
+    return CEDNetBackbone(out_chans, num_add_blocks, **{**_variant(variant), **overrides})

@@ -1,0 +1,229 @@
+"""Loading and saving detectors: gradlens' own files, torchvision state dicts, mmdetection checkpoints.
+
+Loading is safe by default: ``torch.load(weights_only=True)`` unpickles only
+tensors and plain containers. A file that needs arbitrary code to unpickle is
+refused unless the caller says it is trusted. Weights are loaded strictly; a
+checkpoint that does not fit its architecture is refused with the keys that
+differ, never silently half-loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gradlens._version import __version__
+from gradlens.errors import GradlensError, InputFileError
+from gradlens.fileio import atomic_path, require_file
+from gradlens.models import mmdet
+from gradlens.models.registry import ARCHITECTURES, architecture, build_detector
+from gradlens.models.retinanet import RetinaNetDetector, TestConfig
+from gradlens.models.transform import PreprocessConfig
+
+FORMAT = "gradlens-detector"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(InputFileError):
+    """A checkpoint that cannot be read, trusted or fitted to an architecture."""
+
+
+def default_categories(num_classes: int) -> list[dict]:
+    return [{"id": i + 1, "name": f"class_{i + 1}"} for i in range(num_classes)]
+
+
+def save_detector(detector: RetinaNetDetector, path: str | os.PathLike, categories: list[dict] | None = None) -> Path:
+    """Write a detector in gradlens' format: architecture, options, categories, settings and weights in one file.
+
+    Everything in it is a tensor or a plain container, so it loads with
+    ``weights_only=True``.
+    """
+    cats = categories or getattr(detector, "categories", None) or default_categories(detector.num_classes)
+    if len(cats) != detector.num_classes:
+        raise GradlensError(f"{len(cats)} categories were given for a detector with {detector.num_classes} classes.")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gradlens_version": __version__,
+        "arch": detector.arch_name,
+        "options": _plain(detector.arch_options),
+        "num_classes": detector.num_classes,
+        "categories": [{"id": None if c["id"] is None else int(c["id"]), "name": str(c["name"])} for c in cats],
+        "preprocess": _plain(detector.preprocess.to_dict()),
+        "test_cfg": detector.test_cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def _plain(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def read_checkpoint(path: str | os.PathLike, trust: bool = False):
+    """Unpickle a checkpoint file safely, turning every failure into one sentence."""
+    path = require_file(path, "checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text and ("Unsupported" in text or "GLOBAL" in text or "global" in text):
+            if not trust:
+                raise CheckpointError(
+                    f"{path} needs arbitrary code to unpickle (it is not plain tensors and containers); "
+                    "pass --trust-checkpoint (trust=True) only if you trust its source."
+                ) from None
+            return _load_trusted(path)
+        raise CheckpointError(f"{path} is damaged or truncated and cannot be read as a PyTorch checkpoint.") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, IndexError, KeyError, TypeError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and "zip" not in str(exc).lower():
+            raise CheckpointError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+        raise CheckpointError(f"{path} is damaged or truncated and cannot be read as a PyTorch checkpoint.") from None
+
+
+def _load_trusted(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # arbitrary unpickling can fail in arbitrary ways
+        raise CheckpointError(f"{path} could not be unpickled even as a trusted file ({type(exc).__name__}: {exc}).") from None
+
+
+def _state_dict_of(obj) -> Mapping[str, Tensor] | None:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+        if obj and all(isinstance(k, str) for k in obj) and all(isinstance(v, Tensor) for v in obj.values()):
+            return obj
+    return None
+
+
+def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool = False, device: str | torch.device = "cpu",
+                  categories: list[dict] | None = None) -> RetinaNetDetector:
+    """A ready detector (eval mode, on ``device``) from any supported checkpoint file.
+
+    - gradlens' format (written by :func:`save_detector`): everything is in the file;
+    - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys;
+    - a torchvision state dict: ``arch`` must name the architecture.
+
+    ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path, trust=trust)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        detector = _from_native(obj, path)
+        source = "gradlens"
+    elif mmdet.is_mmdet_checkpoint(obj):
+        detector = _from_mmdet(obj, path, arch)
+        source = "mmdetection"
+    else:
+        state = _state_dict_of(obj)
+        if state is None:
+            raise CheckpointError(f"{path} holds no state dict gradlens recognises (not a gradlens, torchvision or mmdetection checkpoint).")
+        if arch is None:
+            raise CheckpointError(f"{path} is a plain state dict; name its architecture with --arch (one of {', '.join(ARCHITECTURES)}).")
+        detector = _from_torchvision(state, path, arch)
+        source = "torchvision"
+    if categories is not None:
+        if len(categories) != detector.num_classes:
+            raise GradlensError(f"{len(categories)} categories were given for a detector with {detector.num_classes} classes.")
+        detector.categories = [dict(c) for c in categories]
+    detector.checkpoint_path = path
+    detector.checkpoint_format = source
+    return detector.to(device).eval()
+
+
+def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
+    try:
+        name, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
+        preprocess = PreprocessConfig.from_dict(obj["preprocess"])
+        test_cfg = TestConfig(**obj.get("test_cfg", {}))
+        cats = list(obj["categories"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a gradlens checkpoint with a damaged header ({exc}).") from None
+    detector = build_detector(name, num_classes, obj.get("options") or {}, preprocess=preprocess, test_cfg=test_cfg)
+    load_strict(detector, state, path)
+    detector.categories = cats
+    return detector
+
+
+def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -> RetinaNetDetector:
+    arch = architecture(arch_name)
+    key = "head.classification_head.cls_logits.weight"
+    if key not in state:
+        raise CheckpointError(f"{path} is not a RetinaNet state dict (it has no {key}).")
+    anchors = 9
+    num_classes = int(state[key].shape[0]) // anchors
+    options = {}
+    if arch.family in ("convnext", "swin"):
+        options["out_indices"] = [i for i in range(4) if f"backbone.body.norm{i}.weight" in state]
+    detector = build_detector(arch_name, num_classes, options)
+    load_strict(detector, {k: v for k, v in state.items() if not k.endswith("relative_position_index")}, path)
+    if arch_name.startswith("torchvision_") and num_classes == 91:
+        from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+        names = RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+        # label == COCO id; the placeholders ('N/A', background) have no category and their detections are dropped
+        detector.categories = [{"id": None if n in ("N/A", "__background__") else i, "name": n} for i, n in enumerate(names)]
+    else:
+        detector.categories = default_categories(num_classes)
+    return detector
+
+
+def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDetector:
+    state = obj.get("state_dict", obj)
+    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    name, options = mmdet.recognise(state)
+    if arch_hint is not None and arch_hint != name:
+        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
+    num_classes = mmdet.num_classes_of(state)
+    config = meta.get("config") if isinstance(meta.get("config"), str) else None
+    preprocess = architecture(name).preprocess
+    hints = mmdet.preprocess_hints(config)
+    if hints:
+        from dataclasses import replace
+
+        preprocess = replace(preprocess, **hints)
+    detector = build_detector(name, num_classes, options, preprocess=preprocess)
+    load_strict(detector, mmdet.to_gradlens(state), path)
+    classes = meta.get("CLASSES")
+    if num_classes == 80:
+        detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
+    else:
+        names = list(classes) if classes is not None and len(classes) == num_classes else None
+        detector.categories = [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
+    detector.config_backbone_type = mmdet.backbone_type_hint(config)
+    return detector
+
+
+def load_strict(detector: torch.nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """Load every weight or none: missing, unexpected and mis-shaped keys are named in the error."""
+    own = detector.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and isinstance(state[k], Tensor) and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
+    if problems:
+        raise CheckpointError(f"{path} does not fit {detector.arch_name}: {'; '.join(problems)}.")
+    detector.load_state_dict(state, strict=True)

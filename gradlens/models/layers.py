@@ -1,0 +1,62 @@
+"""Layers shared by the backbones that mirror the ConvNeXt / CEDNet reference code.
+
+ConvNeXt, and CEDNet after it, ship their own ``LayerNorm`` instead of using ``nn.LayerNorm``
+because their feature maps are channels-first (N, C, H, W) and normalising over C needs either a
+permutation or a hand-written reduction. The reference code picks the hand-written reduction, and
+its float32 results differ from ``F.layer_norm`` by round-off. To load released weights *and*
+reproduce released outputs bit for bit, this module keeps both the parameter names (``weight``,
+``bias``) and the exact arithmetic of that class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerNorm", "LayerNorm2d"]
+
+_DATA_FORMATS = ("channels_last", "channels_first")
+
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over one channel dimension, as in the ConvNeXt / CEDNet code.
+
+    Args:
+        normalized_shape: number of channels (an int).
+        eps: added to the variance.
+        data_format: ``"channels_last"`` normalises the last dimension with ``F.layer_norm``
+            (input ``(..., C)``); ``"channels_first"`` normalises dimension 1 of an ``(N, C, H, W)``
+            map with the reference code's explicit mean / biased variance, in its order of
+            operations (so results match it exactly, not just to round-off).
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last") -> None:
+        super().__init__()
+        if data_format not in _DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {_DATA_FORMATS}, got {data_format!r}")
+        channels = int(normalized_shape)
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+        self.data_format = data_format
+        self.normalized_shape = (channels,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.data_format == "channels_last":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        # Keep this sequence of operations: it is the reference's, and F.layer_norm differs by round-off.
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape[0]}, eps={self.eps}, data_format={self.data_format}"
+
+
+class LayerNorm2d(LayerNorm):
+    """:class:`LayerNorm` defaulting to ``data_format="channels_first"`` (for ``(N, C, H, W)`` maps)."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_first") -> None:
+        super().__init__(normalized_shape, eps=eps, data_format=data_format)

@@ -1,0 +1,240 @@
+"""Reading mmdetection 2.x RetinaNet checkpoints of the CEDNet paper's configurations.
+
+An mmdetection checkpoint is ``{"meta": {..., "config": text, "CLASSES": names},
+"state_dict": {...}}`` with keys ``backbone.*``, ``neck.*`` and ``bbox_head.*``.
+The architecture is recognised from what the keys and shapes say (the fork's
+config files are not always consistent: the ConvNeXt-T RetinaNet config
+declares three backbone outputs while its FPN expects four); the config text
+only supplies test-time hints (resize scale, padding divisor). Backbone keys
+already equal gradlens' (its backbones mirror the official parameter names);
+neck and head keys are renamed to torchvision's RetinaNet layout, and the 80
+contiguous labels are mapped to COCO category ids.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from gradlens.errors import GradlensError
+
+# mmdetection's 80 contiguous labels -> COCO category ids (CocoDataset.CLASSES order).
+COCO80_IDS = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+]
+NUM_ANCHORS = 9
+
+
+def coco80_categories(names=None) -> list[dict]:
+    """The 80 COCO categories in mmdetection's label order, with the checkpoint's names when it has them."""
+    if names is None or len(names) != 80:
+        from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
+
+        names = [n for n in RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta["categories"] if n not in ("N/A", "__background__")]
+    return [{"id": i, "name": str(n)} for i, n in zip(COCO80_IDS, names)]
+
+
+def is_mmdet_checkpoint(obj) -> bool:
+    if not isinstance(obj, Mapping):
+        return False
+    state = obj.get("state_dict", obj)
+    return isinstance(state, Mapping) and any(isinstance(k, str) and k.startswith("bbox_head.") for k in state)
+
+
+# ---------------------------------------------------------------------------------------------
+# recognising the architecture
+
+
+def _count(keys, prefix: str) -> int:
+    """How many numbered children ``prefix.<n>.`` exist."""
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    from gradlens.models.cednet import CEDNET_VARIANTS
+
+    keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
+    stages = _count(keys, "stages") - 1
+    dims = [int(sd[f"backbone.reduce_convs.{i}.0.weight"].shape[1]) for i in range(_count(keys, "reduce_convs"))]
+    has = lambda part: any(part in k for k in keys)  # noqa: E731
+    decoder = "DecoderFPN" if has(".decoder_conv.") else "DecoderHourglass" if has(".lateral.") else (
+        "DecoderUNet" if has(".1.decoder.") else "Decoder")
+    enc = [_count(keys, f"stages.1.0.encoder.{i}") for i in range(3)]
+    if decoder in ("DecoderUNet", "DecoderHourglass"):
+        dec = [_count(keys, f"stages.1.1.decoder.{i}") for i in range(2)]
+        blocks = [enc[0] + dec[1], enc[1] + dec[0], enc[2]]
+    else:
+        blocks = enc
+    layout = {
+        "p2_dim": int(sd["backbone.stem.3.weight"].shape[0]),
+        "p2_block": _count(keys, "stages.0") - 1,
+        "dims": dims,
+        "blocks": blocks,
+        "num_stages": stages,
+        "decoder_type": decoder,
+    }
+    for variant, settings in CEDNET_VARIANTS.items():
+        wanted = {k: settings.get(k) for k in layout}
+        wanted["blocks"] = list(settings["blocks"]) if isinstance(settings["blocks"][0], int) else settings["blocks"]
+        wanted["dims"] = list(settings["dims"])
+        wanted["decoder_type"] = settings.get("decoder_type", "Decoder")
+        if all(layout[k] == wanted[k] for k in layout):
+            out = int(sd["backbone.reduce_convs.0.0.weight"].shape[0])
+            return f"retinanet_cednet_{variant}", ({"out_chans": out} if out != 256 else {})
+    raise GradlensError(
+        f"The checkpoint's CEDNet backbone (p2_dim {layout['p2_dim']}, dims {dims}, blocks {blocks}, "
+        f"{stages} stages, {decoder}) matches none of the known CEDNet variants ({', '.join(CEDNET_VARIANTS)})."
+    )
+
+
+def _recognise_convnext(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    from gradlens.models.convnext import CONVNEXT_VARIANTS
+
+    keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
+    depths = [_count(keys, f"stages.{i}") for i in range(4)]
+    dims = [int(sd["backbone.downsample_layers.0.0.weight"].shape[0])] + [
+        int(sd[f"backbone.downsample_layers.{i}.1.weight"].shape[0]) for i in (1, 2, 3)
+    ]
+    out_indices = [i for i in range(4) if f"backbone.norm{i}.weight" in sd]
+    for variant, settings in CONVNEXT_VARIANTS.items():
+        if list(settings["depths"]) == depths and list(settings["dims"]) == dims:
+            return f"retinanet_{variant}", {"out_indices": out_indices}
+    raise GradlensError(f"The checkpoint's ConvNeXt backbone (depths {depths}, dims {dims}) matches none of ConvNeXt-T/S/B.")
+
+
+def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    from gradlens.models.swin import SWIN_VARIANTS
+
+    keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
+    embed = int(sd["backbone.patch_embed.proj.weight"].shape[0])
+    depths = [_count(keys, f"layers.{i}.blocks") for i in range(_count(keys, "layers"))]
+    heads = [int(sd[f"backbone.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]) for i in range(len(depths))]
+    table = int(sd["backbone.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0])
+    window = (int(round(table ** 0.5)) + 1) // 2
+    out_indices = [i for i in range(len(depths)) if f"backbone.norm{i}.weight" in sd]
+    for variant, settings in SWIN_VARIANTS.items():
+        if (settings["embed_dim"] == embed and list(settings["depths"]) == depths
+                and list(settings["num_heads"]) == heads and settings.get("window_size", 7) == window):
+            return f"retinanet_{variant}", {"out_indices": out_indices}
+    raise GradlensError(f"The checkpoint's Swin backbone (embed {embed}, depths {depths}, heads {heads}, window {window}) matches none of Swin-T/S/B.")
+
+
+def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    """Architecture name and options of an mmdetection RetinaNet state dict, from its keys and shapes."""
+    if "bbox_head.retina_cls.weight" not in sd:
+        raise GradlensError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
+    if "backbone.reduce_convs.0.0.weight" in sd:
+        return _recognise_cednet(sd)
+    if "backbone.downsample_layers.0.0.weight" in sd:
+        return _recognise_convnext(sd)
+    if "backbone.patch_embed.proj.weight" in sd:
+        return _recognise_swin(sd)
+    if "backbone.layer1.0.conv1.weight" in sd and _count(list(sd), "backbone.layer3") == 6:
+        return "retinanet_resnet50", {}
+    sample = ", ".join(sorted({k.split(".")[1] for k in sd if k.startswith("backbone.")})[:5])
+    raise GradlensError(f"The checkpoint's backbone (modules {sample or 'none'}) is not one gradlens knows.")
+
+
+def num_classes_of(sd: Mapping[str, Tensor]) -> int:
+    return int(sd["bbox_head.retina_cls.weight"].shape[0]) // NUM_ANCHORS
+
+
+# ---------------------------------------------------------------------------------------------
+# renaming
+
+
+_NECK_HEAD_RULES = [
+    (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)$"), "backbone.fpn.inner_blocks.{0}.0.{1}"),
+    (re.compile(r"^bbox_head\.cls_convs\.(\d+)\.conv\.(weight|bias)$"), "head.classification_head.conv.{0}.0.{1}"),
+    (re.compile(r"^bbox_head\.reg_convs\.(\d+)\.conv\.(weight|bias)$"), "head.regression_head.conv.{0}.0.{1}"),
+    (re.compile(r"^bbox_head\.retina_cls\.(weight|bias)$"), "head.classification_head.cls_logits.{0}"),
+    (re.compile(r"^bbox_head\.retina_reg\.(weight|bias)$"), "head.regression_head.bbox_reg.{0}"),
+]
+_FPN_OUT = re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$")
+_DROPPED = re.compile(r"(relative_position_index|num_batches_tracked)$")
+
+
+def to_gradlens(sd: Mapping[str, Tensor], levels: int = 3) -> dict[str, Tensor]:
+    """mmdetection keys -> gradlens (torchvision RetinaNet) keys; recomputed buffers are dropped.
+
+    ``levels`` is the number of FPN output levels before the two extra convs
+    (mmdetection numbers P6/P7's convs after them).
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if _DROPPED.search(key):
+            continue
+        if key.startswith("backbone."):
+            out["backbone.body." + key[len("backbone."):]] = value
+            continue
+        if m := _FPN_OUT.match(key):
+            i = int(m.group(1))
+            name = f"backbone.fpn.layer_blocks.{i}.0.{m.group(2)}" if i < levels else f"backbone.fpn.extra_blocks.p{i - levels + 6}.{m.group(2)}"
+            out[name] = value
+            continue
+        for pattern, template in _NECK_HEAD_RULES:
+            if m := pattern.match(key):
+                out[template.format(*m.groups())] = value
+                break
+        else:
+            out[key] = value  # left as is: reported as unexpected by the strict load
+    return out
+
+
+def to_mmdet(sd: Mapping[str, Tensor], levels: int = 3) -> dict[str, Tensor]:
+    """gradlens keys -> mmdetection keys (the inverse of :func:`to_gradlens`, for writing test checkpoints)."""
+    inverse = [
+        (re.compile(r"^backbone\.fpn\.inner_blocks\.(\d+)\.0\.(weight|bias)$"), "neck.lateral_convs.{0}.conv.{1}"),
+        (re.compile(r"^backbone\.fpn\.layer_blocks\.(\d+)\.0\.(weight|bias)$"), "neck.fpn_convs.{0}.conv.{1}"),
+        (re.compile(r"^head\.classification_head\.conv\.(\d+)\.0\.(weight|bias)$"), "bbox_head.cls_convs.{0}.conv.{1}"),
+        (re.compile(r"^head\.regression_head\.conv\.(\d+)\.0\.(weight|bias)$"), "bbox_head.reg_convs.{0}.conv.{1}"),
+        (re.compile(r"^head\.classification_head\.cls_logits\.(weight|bias)$"), "bbox_head.retina_cls.{0}"),
+        (re.compile(r"^head\.regression_head\.bbox_reg\.(weight|bias)$"), "bbox_head.retina_reg.{0}"),
+    ]
+    extra = re.compile(r"^backbone\.fpn\.extra_blocks\.p([67])\.(weight|bias)$")
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith("backbone.body."):
+            out["backbone." + key[len("backbone.body."):]] = value
+        elif m := extra.match(key):
+            out[f"neck.fpn_convs.{levels + int(m.group(1)) - 6}.conv.{m.group(2)}"] = value
+        else:
+            for pattern, template in inverse:
+                if m := pattern.match(key):
+                    out[template.format(*m.groups())] = value
+                    break
+            else:
+                raise KeyError(f"no mmdetection name for {key}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# config text hints
+
+
+def preprocess_hints(config_text: str | None) -> dict:
+    """Test-time resize scale and padding divisor from the config text stored in ``meta``, if it says."""
+    if not config_text:
+        return {}
+    hints: dict = {}
+    test = config_text[config_text.find("test_pipeline"):] if "test_pipeline" in config_text else config_text
+    if m := re.search(r"size_divisor\s*=\s*(\d+)", test):
+        hints["size_divisor"] = int(m.group(1))
+    if m := re.search(r"img_scale\s*=\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", test):
+        a, b = int(m.group(1)), int(m.group(2))
+        hints["min_size"], hints["max_size"] = min(a, b), max(a, b)
+    return hints
+
+
+def backbone_type_hint(config_text: str | None) -> str | None:
+    """The backbone ``type`` the config names (a hint only; the keys decide)."""
+    if not config_text:
+        return None
+    m = re.search(r"backbone\s*=\s*dict\([^)]*?type\s*=\s*['\"](\w+)['\"]", config_text, re.S)
+    return m.group(1) if m else None

@@ -1,0 +1,185 @@
+"""The detector zoo: every architecture gradlens can build, by name.
+
+A name fixes the network's structure, its test-time preprocessing and its
+anchors; ``options`` carries what a checkpoint may vary within it (which
+backbone stages are normed outputs, custom sizes of the small bundled
+detectors). Checkpoints store the name and the options, so a ``.pth`` is
+enough to rebuild its detector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from torch import nn
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from gradlens.errors import GradlensError
+from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator
+from gradlens.models.fpn import BackboneWithPyramid, PyramidBackbone
+from gradlens.models.retinanet import RetinaNetDetector, TestConfig
+from gradlens.models.transform import PreprocessConfig
+
+PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, rounding="round")
+TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, rounding="floor")
+MINI_PREPROCESS = PreprocessConfig(min_size=320, max_size=512, size_divisor=32, rounding="round")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One buildable detector: how to make its backbone (P3..P7 maps) and how it sees images."""
+
+    name: str
+    family: str
+    description: str
+    build_backbone: Callable[[dict], nn.Module]
+    preprocess: PreprocessConfig = PAPER_PREPROCESS
+    anchors: str = "mmdet"
+    default_options: dict = field(default_factory=dict)
+
+
+def _cednet(variant: str | None):
+    def build(options: dict) -> nn.Module:
+        from gradlens.models.cednet import CEDNetBackbone, cednet_backbone
+
+        opts = dict(options)
+        out_chans = int(opts.pop("out_chans", 256))
+        if variant is not None:
+            body = cednet_backbone(variant, out_chans=out_chans, drop_path_rate=0.0, **opts)
+        else:
+            body = CEDNetBackbone(out_chans=out_chans, drop_path_rate=0.0, **opts)
+        return PyramidBackbone(body, out_chans)
+
+    return build
+
+
+def _convnext(variant: str | None):
+    def build(options: dict) -> nn.Module:
+        from gradlens.models.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
+
+        opts = dict(options)
+        out_chans = int(opts.pop("out_chans", 256))
+        settings = {**(CONVNEXT_VARIANTS[variant] if variant else {}), **opts, "drop_path_rate": 0.0}
+        settings["out_indices"] = tuple(settings.get("out_indices", (0, 1, 2, 3)))
+        body = ConvNeXtBackbone(**settings)
+        return _with_fpn(body, out_chans)
+
+    return build
+
+
+def _swin(variant: str):
+    def build(options: dict) -> nn.Module:
+        from gradlens.models.swin import SWIN_VARIANTS, SwinBackbone
+
+        opts = dict(options)
+        out_chans = int(opts.pop("out_chans", 256))
+        settings = {**SWIN_VARIANTS[variant], **opts, "drop_path_rate": 0.0}
+        settings["out_indices"] = tuple(settings.get("out_indices", (0, 1, 2, 3)))
+        return _with_fpn(SwinBackbone(**settings), out_chans)
+
+    return build
+
+
+def _with_fpn(body: nn.Module, out_chans: int) -> nn.Module:
+    """mmdetection's RetinaNet neck: the last three backbone maps (C3..C5), P6 from C5, no ReLU before P7."""
+    channels = list(body.out_channels)
+    start = len(channels) - 3
+    return BackboneWithPyramid(body, channels[start:], out_chans, start_level=start)
+
+
+def _resnet50(torchvision_style: bool):
+    def build(options: dict) -> nn.Module:
+        return BackboneWithPyramid(ResNet50Features(), [512, 1024, 2048], 256, start_level=0,
+                                   from_p5=torchvision_style, relu_before_p7=torchvision_style)
+
+    return build
+
+
+class ResNet50Features(ResNet):
+    """torchvision's ResNet-50 returning C3..C5, without its classifier.
+
+    Parameter names stay torchvision's (which mmdetection's ResNet shares);
+    batch norm is frozen, as in both libraries' detectors.
+    """
+
+    def __init__(self):
+        super().__init__(Bottleneck, [3, 4, 6, 3], norm_layer=FrozenBatchNorm2d)
+        del self.fc, self.avgpool
+        self.out_channels = [512, 1024, 2048]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c3 = self.layer2(self.layer1(x))
+        c4 = self.layer3(c3)
+        return c3, c4, self.layer4(c4)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def _register(arch: Architecture) -> None:
+    ARCHITECTURES[arch.name] = arch
+
+
+for _size in ("tiny", "small", "base"):
+    _register(Architecture(f"retinanet_cednet_next_{_size}", "cednet", f"RetinaNet, CEDNet-NeXt-{_size[0].upper()} (no neck)", _cednet(f"next_{_size}")))
+for _style in ("fpn", "unet", "hourglass"):
+    _register(Architecture(f"retinanet_cednet_next_tiny_{_style}", "cednet", f"RetinaNet, CEDNet-NeXt-T {_style}-style decoder (no neck)", _cednet(f"next_tiny_{_style}")))
+for _size in ("tiny", "small", "base"):
+    _register(Architecture(f"retinanet_convnext_{_size}", "convnext", f"RetinaNet, ConvNeXt-{_size[0].upper()} + FPN", _convnext(f"convnext_{_size}")))
+for _size in ("tiny", "small", "base"):
+    _register(Architecture(f"retinanet_swin_{_size}", "swin", f"RetinaNet, Swin-{_size[0].upper()} + FPN", _swin(f"swin_{_size}")))
+_register(Architecture("retinanet_resnet50", "resnet", "RetinaNet, ResNet-50 + FPN (mmdetection layout)", _resnet50(False)))
+_register(Architecture(
+    "torchvision_retinanet_resnet50_fpn", "resnet",
+    "torchvision's retinanet_resnet50_fpn (P6 from P5, ReLU before P7, rounded anchors, floor resize)",
+    _resnet50(True), preprocess=TORCHVISION_PREPROCESS, anchors="torchvision",
+))
+_register(Architecture(
+    "retinanet_cednet_mini", "cednet", "small CEDNet-style RetinaNet for the demo and tests",
+    _cednet(None), preprocess=MINI_PREPROCESS,
+    default_options={"out_chans": 48, "p2_dim": 16, "p2_block": 1, "dims": [32, 48, 64], "blocks": [1, 1, 1], "num_stages": 2},
+))
+_register(Architecture(
+    "retinanet_convnext_mini", "convnext", "small ConvNeXt-style RetinaNet for the demo and tests",
+    _convnext(None), preprocess=MINI_PREPROCESS,
+    default_options={"out_chans": 48, "depths": [1, 1, 2, 1], "dims": [16, 32, 64, 128], "out_indices": [1, 2, 3],
+                     "layer_scale_init_value": 1.0},
+))
+
+
+def architecture(name: str) -> Architecture:
+    """Look up a name, with a one-sentence error listing the known ones."""
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise GradlensError(f"Unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}.") from None
+
+
+def _torchvision_anchors():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def build_detector(name: str, num_classes: int, options: dict | None = None, preprocess: PreprocessConfig | None = None,
+                   test_cfg: TestConfig | None = None) -> RetinaNetDetector:
+    """A randomly initialised detector of a registered architecture, in eval mode."""
+    arch = architecture(name)
+    opts = {**arch.default_options, **(options or {})}
+    backbone = arch.build_backbone(opts)
+    anchors = _torchvision_anchors() if arch.anchors == "torchvision" else MMDetAnchorGenerator(AnchorConfig())
+    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess or arch.preprocess, test_cfg=test_cfg,
+                                 anchor_generator=anchors)
+    detector.arch_name = name
+    detector.arch_options = opts
+    return detector.eval()
+
+
+def with_preprocess(detector: RetinaNetDetector, **changes) -> RetinaNetDetector:
+    """The same detector seeing images differently (e.g. a smaller test size for quick checks)."""
+    detector.preprocess = replace(detector.preprocess, **changes)
+    return detector

@@ -1,0 +1,182 @@
+"""RetinaNet as the paper trained and tested it, on torchvision's RetinaNet.
+
+torchvision provides the head, the matcher and the loss pieces; gradlens
+swaps in mmdetection's anchors, a differentiable preprocessing with the
+checkpoint's resize convention, mmdetection's post-processing order (decode
+and clip per level, rescale to the original image, then NMS), and a loss that
+is computed **per image** and without touching train/eval flags, so that the
+gradient engine can backpropagate each image's own total detection loss with
+normalisation layers in inference mode (DESIGN: total detection loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
+
+from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode
+from gradlens.models.transform import PreprocessConfig, batch_images
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Post-processing of the paper's RetinaNets (mmdetection ``test_cfg``)."""
+
+    score_thr: float = 0.05
+    nms_pre: int = 1000
+    nms_iou: float = 0.5
+    max_per_img: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss of the paper's RetinaNets: focal loss + L1 on box deltas, IoU thresholds 0.5/0.4."""
+
+    alpha: float = 0.25
+    gamma: float = 2.0
+    pos_iou: float = 0.5
+    neg_iou: float = 0.4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RetinaNetDetector(RetinaNet):
+    """A RetinaNet whose inputs are lists of RGB images in [0, 1] at original size.
+
+    ``backbone(x)`` must return the list of pyramid maps (P3..P7) and carry
+    ``out_channels``. Labels are contiguous ``0..num_classes-1``; the
+    checkpoint maps them to dataset category ids.
+    """
+
+    def __init__(self, backbone, num_classes: int, preprocess: PreprocessConfig | None = None,
+                 test_cfg: TestConfig | None = None, loss_cfg: LossConfig | None = None,
+                 anchor_generator: AnchorGenerator | None = None):
+        self.loss_cfg = loss_cfg or LossConfig()
+        self.test_cfg = test_cfg or TestConfig()
+        anchor_generator = anchor_generator or MMDetAnchorGenerator(AnchorConfig())
+        super().__init__(
+            backbone, num_classes, anchor_generator=anchor_generator,
+            score_thresh=self.test_cfg.score_thr, nms_thresh=self.test_cfg.nms_iou,
+            detections_per_img=self.test_cfg.max_per_img, topk_candidates=self.test_cfg.nms_pre,
+            fg_iou_thresh=self.loss_cfg.pos_iou, bg_iou_thresh=self.loss_cfg.neg_iou,
+        )
+        self.preprocess = preprocess or PreprocessConfig()
+        self.num_classes = num_classes
+        self.transform = None  # replaced by gradlens' differentiable preprocessing
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def prepare(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Resize, normalise and pad (differentiably); returns the batch and each resized size."""
+        return batch_images(images, self.preprocess)
+
+    def head_outputs(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Tensor], list[int]]:
+        """Run backbone and head on a preprocessed batch: outputs, per-level anchors, anchors per level."""
+        features = self.backbone(batch)
+        outputs = self.head(features)
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        if isinstance(self.anchor_generator, MMDetAnchorGenerator):
+            levels = self.anchor_generator.level_anchors(sizes, batch.device, outputs["bbox_regression"].dtype)
+        else:  # torchvision's rounded anchors (torchvision zoo checkpoints)
+            from torchvision.models.detection.image_list import ImageList
+
+            flat = self.anchor_generator(ImageList(batch, [tuple(batch.shape[-2:])] * batch.shape[0]), features)[0]
+            counts = [h * w * self.anchor_generator.num_anchors_per_location()[0] for h, w in sizes]
+            levels = list(flat.split(counts))
+        return outputs, levels, [a.shape[0] for a in levels]
+
+    # -- inference -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image in original pixel coordinates: ``boxes`` (xyxy), ``scores``, ``labels``."""
+        batch, sizes = self.prepare(images)
+        outputs, levels, counts = self.head_outputs(batch)
+        cls = outputs["cls_logits"].float().split(counts, dim=1)
+        reg = outputs["bbox_regression"].float().split(counts, dim=1)
+        results = []
+        for i, (image, size) in enumerate(zip(images, sizes)):
+            scale = torch.tensor(
+                [size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=torch.float32, device=batch.device
+            )
+            results.append(self._postprocess_one([c[i] for c in cls], [r[i] for r in reg], levels, size, scale))
+        return results
+
+    def _postprocess_one(self, cls_levels, reg_levels, anchor_levels, size, scale) -> dict[str, Tensor]:
+        """mmdetection's ``_get_bboxes_single`` + ``_bbox_post_process`` for one image."""
+        cfg = self.test_cfg
+        boxes, scores, labels = [], [], []
+        for logits, deltas, anchors in zip(cls_levels, reg_levels, anchor_levels):
+            prob = logits.sigmoid()
+            keep = prob > cfg.score_thr
+            values = prob[keep]
+            where = keep.nonzero()
+            values, order = values.sort(descending=True)
+            values, where = values[: cfg.nms_pre], where[order[: cfg.nms_pre]]
+            anchor_idx, label = where[:, 0], where[:, 1]
+            boxes.append(mmdet_delta_decode(anchors[anchor_idx].float(), deltas[anchor_idx], max_shape=size))
+            scores.append(values)
+            labels.append(label)
+        boxes = torch.cat(boxes) / scale
+        scores, labels = torch.cat(scores), torch.cat(labels)
+        if boxes.numel():
+            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        return {"boxes": boxes, "scores": scores, "labels": labels}
+
+    # -- loss ----------------------------------------------------------------------------------
+
+    def image_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Per-image focal and L1 losses, shape ``[len(images)]`` each, in whatever mode the modules are.
+
+        ``targets[i]["boxes"]`` are xyxy boxes in original pixel coordinates and
+        ``targets[i]["labels"]`` contiguous labels. Call it on a model in eval
+        mode to get DESIGN's total detection loss; the images may require grad.
+        """
+        batch, sizes = self.prepare(images)
+        outputs, levels, _ = self.head_outputs(batch)
+        anchors = torch.cat(levels)
+        cls_out, reg_out = outputs["cls_logits"], outputs["bbox_regression"]
+        cls_losses, box_losses = [], []
+        for i, (image, size, target) in enumerate(zip(images, sizes, targets)):
+            scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=anchors.dtype, device=anchors.device)
+            gt = target["boxes"].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4) * scale
+            matched = self._match(gt, anchors)
+            foreground = matched >= 0
+            num_fg = max(1, int(foreground.sum()))
+            cls_target = torch.zeros_like(cls_out[i])
+            if gt.shape[0]:
+                labels = target["labels"].to(anchors.device)
+                cls_target[foreground, labels[matched[foreground]]] = 1.0
+            valid = matched != self.proposal_matcher.BETWEEN_THRESHOLDS
+            cls_loss = sigmoid_focal_loss(cls_out[i][valid], cls_target[valid], alpha=self.loss_cfg.alpha,
+                                          gamma=self.loss_cfg.gamma, reduction="sum") / num_fg
+            if gt.shape[0]:
+                fg = foreground.nonzero()[:, 0]
+                target_deltas = self.box_coder.encode_single(gt[matched[fg]], anchors[fg])
+                box_loss = (reg_out[i][fg] - target_deltas).abs().sum() / num_fg
+            else:
+                box_loss = reg_out[i].sum() * 0.0
+            cls_losses.append(cls_loss)
+            box_losses.append(box_loss)
+        return {"classification": torch.stack(cls_losses), "bbox_regression": torch.stack(box_losses)}
+
+    def _match(self, gt: Tensor, anchors: Tensor) -> Tensor:
+        if gt.shape[0] == 0:
+            return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+        return self.proposal_matcher(box_iou(gt, anchors))
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """With targets: the batch-mean loss dict (for training); without: :meth:`detect`."""
+        if targets is not None:
+            return {k: v.mean() for k, v in self.image_losses(images, targets).items()}
+        return self.detect(images)

@@ -1,0 +1,89 @@
+"""The detector's own preprocessing, written as differentiable tensor operations.
+
+Detections and input gradients both go through it: an RGB image in [0, 1]
+at its original size is resized keeping its aspect ratio, normalised and
+padded bottom-right to a multiple of ``size_divisor``. Because every step is a
+torch operation on the original tensor, the gradient of the loss reaches the
+original pixels (DESIGN: input gradient map).
+
+Two conventions exist for the resized size, and a one-pixel difference changes
+detections: mmcv rounds (``int(w * s + 0.5)``), torchvision floors. A
+checkpoint is run with the convention it was trained and evaluated with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Rounding = Literal["round", "floor"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = mmdetection's (123.675, 116.28, 103.53) / 255
+IMAGENET_STD = (0.229, 0.224, 0.225)  # = mmdetection's (58.395, 57.12, 57.375) / 255
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Test-time resize, normalisation and padding of one detector."""
+
+    min_size: int = 800
+    max_size: int = 1333
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size_divisor: int = 32
+    rounding: Rounding = "round"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        d["mean"] = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
+        d["std"] = tuple(float(v) for v in d.get("std", IMAGENET_STD))
+        return cls(**d)
+
+
+def resized_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
+    """The (height, width) the image is resized to: the largest scale fitting ``min_size`` x ``max_size``."""
+    scale = min(config.max_size / max(height, width), config.min_size / min(height, width))
+    if config.rounding == "round":  # mmcv.rescale_size
+        return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    return max(1, int(height * scale)), max(1, int(width * scale))  # torchvision floors
+
+
+def padded_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
+    """The canvas one image alone is padded to; images sharing it can be batched without changing results."""
+    h, w = resized_size(height, width, config)
+    d = config.size_divisor
+    return -(-h // d) * d, -(-w // d) * d
+
+
+def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
+    """Resize (bilinear, half-pixel centres, no antialiasing, like cv2) and normalise one CHW image in [0, 1]."""
+    height, width = image.shape[-2:]
+    size = resized_size(height, width, config)
+    if size != (height, width):
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(config.mean, dtype=image.dtype, device=image.device)[:, None, None]
+    std = torch.tensor(config.std, dtype=image.dtype, device=image.device)[:, None, None]
+    return (image - mean) / std
+
+
+def batch_images(images: list[Tensor], config: PreprocessConfig) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Preprocess a list of images into one zero-padded batch; returns it and each resized (h, w).
+
+    The canvas is the largest padded size in the list, so a batch of images
+    with one shared :func:`padded_size` sees exactly what each image sees alone.
+    """
+    processed = [resize_normalise(im, config) for im in images]
+    sizes = [tuple(p.shape[-2:]) for p in processed]
+    d = config.size_divisor
+    canvas_h = -(-max(s[0] for s in sizes) // d) * d
+    canvas_w = -(-max(s[1] for s in sizes) // d) * d
+    batch = torch.stack([F.pad(p, (0, canvas_w - p.shape[-1], 0, canvas_h - p.shape[-2])) for p in processed])
+    return batch, sizes

@@ -1,0 +1,41 @@
+"""From a checkpoint path to cached detections: the step ``score --model`` and ``select --a a.pth`` share."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradlens.data.coco import GroundTruth
+from gradlens.device import resolve_device
+from gradlens.fileio import sha256_file
+from gradlens.inference import InferenceResult, InferenceSettings, cached_detections
+
+
+@dataclass
+class DetectorRun:
+    """How to load and run checkpoints (the CLI's detector options)."""
+
+    arch: str | None = None
+    trust: bool = False
+    batch_size: int = 4
+    workers: int = 2
+    precision: str = "fp32"
+    cache_dir: str | os.PathLike | None = None
+    device: str = "auto"
+
+    @property
+    def settings(self) -> InferenceSettings:
+        return InferenceSettings(batch_size=self.batch_size, workers=self.workers, precision=self.precision)
+
+
+def detections_for_checkpoint(path: str | os.PathLike, gt: GroundTruth, run: DetectorRun | None = None,
+                              progress: bool | None = None, checkpoint_sha256: str | None = None) -> InferenceResult:
+    """Load the checkpoint and detect on every image of ``gt``, or reuse the cached result of the same run."""
+    from gradlens.models.checkpoints import load_detector
+
+    run = run or DetectorRun()
+    device = resolve_device(run.device)
+    detector = load_detector(Path(path), arch=run.arch, trust=run.trust, device=device)
+    digest = checkpoint_sha256 or sha256_file(path)
+    return cached_detections(detector, digest, gt, run.settings, cache_dir=run.cache_dir, progress=progress)

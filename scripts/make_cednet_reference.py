@@ -1,0 +1,301 @@
+"""Build ``tests/data/cednet_reference.pt`` from the official CEDNet code (not run by the tests).
+
+Needs a checkout of https://github.com/zhanggang001/CEDNet (only ``models/cednet.py`` and
+``ced-mmdet/mmdet/models/backbones/cednet.py`` are read) and ``timm``, which those files import.
+mmcv, mmdet and mmcv_custom are *not* needed: the few names the files import from them are stubbed
+here, reproducing what they do for these files (mmcv's ``build_norm_layer`` instantiates the
+class registered under the config's ``type`` with the remaining keys, defaulting ``eps`` to 1e-5;
+mmcv registers ``nn.LayerNorm`` as ``'LN'`` until CEDNet re-registers its own ``LayerNorm``).
+
+The fixture holds only the official code's answers, so gradlens' tests can check its own CEDNet
+without timm or the official code (``torch.load(path, weights_only=True)`` reads it):
+
+* ``variants[name]``: for the six NeXt variants, the official registration's ``settings`` and the
+  ordered keys and shapes of the state dicts of the classifier (``CEDNet_next_*``) and of
+  ``CEDNetWrapper`` with the same settings (``out_chans=256, num_add_blocks=2``), as zlib-compressed
+  text, one ``key<TAB>d0,d1,...`` line per entry (uncompressed, these lists alone exceed 300 KB);
+* ``configs[name]``: two tiny configurations (``classifier_kwargs``, ``backbone_kwargs``) with
+  the official weights (float32) and official outputs on ``input``: ``logits`` (eval),
+  ``train_logits`` (training mode, one per stage, ``drop_path_rate=0``) and ``backbone_outputs``.
+  The detection wrapper's weights are ``classifier_state_dict``'s ``stem.*``/``stages.*`` plus
+  ``backbone_extra_state_dict``; ``backbone_keys`` lists its keys in order (compressed as above).
+
+Size (< 300 KB) shapes the tiny configurations: the classifier's heads are 2048 wide whatever
+``dims`` are, so the heads of all stages, and of both configurations, are tied (identical values,
+stored once) before the official outputs are computed; all tensors are views into one buffer.
+
+Usage::
+
+    python scripts/make_cednet_reference.py --official-repo /path/to/CEDNet [--out tests/data/cednet_reference.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import types
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CLS_FILE = Path("models/cednet.py")
+DET_FILE = Path("ced-mmdet/mmdet/models/backbones/cednet.py")
+VARIANTS = ("next_tiny", "next_small", "next_base", "next_tiny_fpn", "next_tiny_unet", "next_tiny_hourglass")
+
+# Two tiny configurations: the main design (Encoder + Decoder, as CEDNet-NeXt-T/S/B) and one that
+# exercises everything else that changes numbers: EncoderFPN's use of the previous stage's c4/c5,
+# the hourglass decoder (lateral blocks, decoder blocks), no layer scale, and the detection
+# wrapper's last_decoder. Level widths all differ, so a wiring mix-up changes shapes; dims[-1] and
+# num_classes are shared so that the 2048-wide classifier heads can be tied (module docstring).
+TINY_COMMON = dict(num_stages=2, p2_dim=4, p2_block=1, num_classes=2, drop_path_rate=0.0)
+TINY = {
+    "tiny_decoder": dict(
+        cls=dict(TINY_COMMON, encoder_type="Encoder", decoder_type="Decoder", dims=[6, 8, 4], blocks=[1, 1, 1]),
+        det=dict(out_chans=4, num_add_blocks=2, last_decoder=False),
+    ),
+    "tiny_hourglass": dict(
+        cls=dict(
+            TINY_COMMON, encoder_type="EncoderFPN", decoder_type="DecoderHourglass", dims=[8, 6, 4], blocks=[3, 2, 1], layer_scale_init_value=0.0
+        ),
+        det=dict(out_chans=6, num_add_blocks=1, last_decoder=True),
+    ),
+}
+HEAD_GROUPS = ("final_layers", "norms", "heads")
+
+
+class _Registry:
+    """Just enough of mmcv's ``Registry`` for ``NORM_LAYERS`` / ``BACKBONES``."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, type] = {}
+
+    def register_module(self, name=None, force=False, module=None):
+        def register(cls):
+            self.modules[name or cls.__name__] = cls
+            return cls
+
+        return register if module is None else register(module)
+
+    def get(self, name):
+        return self.modules.get(name)
+
+
+def _stub_modules() -> None:
+    norm_layers = _Registry()
+    norm_layers.register_module("LN", module=nn.LayerNorm)  # mmcv's own registration
+
+    def build_norm_layer(cfg, num_features, postfix=""):
+        cfg = dict(cfg)
+        layer_type = cfg.pop("type")
+        requires_grad = cfg.pop("requires_grad", True)
+        cfg.setdefault("eps", 1e-5)
+        if layer_type != "LN":
+            raise NotImplementedError(f"stub build_norm_layer: {layer_type}")
+        layer = norm_layers.get(layer_type)(num_features, **cfg)
+        for p in layer.parameters():
+            p.requires_grad = requires_grad
+        return "ln" + str(postfix), layer
+
+    def build_conv_layer(cfg, *args, **kwargs):
+        assert cfg is None
+        return nn.Conv2d(*args, **kwargs)
+
+    def module(name, package=False, **attrs):
+        m = types.ModuleType(name)
+        if package:
+            m.__path__ = []
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+        return m
+
+    module("mmcv", package=True)
+    module("mmcv.cnn", package=True, build_norm_layer=build_norm_layer, build_conv_layer=build_conv_layer)
+    module("mmcv.cnn.bricks", package=True)
+    module("mmcv.cnn.bricks.registry", NORM_LAYERS=norm_layers)
+    module("mmcv_custom", load_checkpoint=lambda *a, **k: None)
+    module("mmdet", package=True)
+    module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    module("mmdet.models", package=True)
+    module("mmdet.models.builder", BACKBONES=_Registry())
+    module("mmdet.models.backbones", package=True)
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_official(repo: Path):
+    """(classification module, detection module) of the official code, imported with stubs."""
+    _stub_modules()
+    cls_mod = _import("cednet_official_cls", repo / CLS_FILE)
+    # Imported under its package name so that ``from ..builder import BACKBONES`` resolves to the stub.
+    det_mod = _import("mmdet.models.backbones.cednet", repo / DET_FILE)
+    return cls_mod, det_mod
+
+
+def variant_settings(cls_mod, name: str) -> dict:
+    """The keyword arguments the official ``CEDNet_<name>`` registration passes to ``CEDNet``."""
+    captured = {}
+    real = cls_mod.CEDNet
+    cls_mod.CEDNet = lambda **kw: captured.update(kw)
+    try:
+        getattr(cls_mod, f"CEDNet_{name}")()
+    finally:
+        cls_mod.CEDNet = real
+    return captured
+
+
+def official_classifier(cls_mod, **kw):
+    return cls_mod.CEDNet(**kw)
+
+
+def official_backbone(det_mod, **kw):
+    return det_mod.CEDNetWrapper(**kw)
+
+
+def key_shapes(state_dict) -> bytes:
+    """The state dict's ordered keys and shapes, one ``key<TAB>d0,d1,...`` line each, zlib-compressed."""
+    text = "\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in state_dict.items())
+    return zlib.compress(text.encode(), 9)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module) -> None:
+    """Random weights of a sensible scale (the official init leaves norms at 1/0 and biases at 0)."""
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
+        elif name.endswith("gamma"):
+            p.uniform_(0.2, 1.0)
+        elif name.endswith("weight"):  # norms
+            p.copy_(1 + 0.2 * torch.randn_like(p))
+        else:
+            p.copy_(0.1 * torch.randn_like(p))
+
+
+def pack(obj):
+    """Replace every tensor in ``obj`` by a view into one flat float32 buffer (one stored blob, not hundreds;
+    tensors that are the same object stay shared)."""
+    offsets: dict[int, int] = {}
+    chunks = []
+
+    def collect(o):
+        if isinstance(o, torch.Tensor):
+            if id(o) not in offsets:
+                offsets[id(o)] = sum(c.numel() for c in chunks)
+                chunks.append(o.detach().to(torch.float32).reshape(-1))
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                collect(v)
+
+    collect(obj)
+    buf = torch.cat(chunks)
+
+    def rebuild(o):
+        if isinstance(o, torch.Tensor):
+            return buf[offsets[id(o)] : offsets[id(o)] + o.numel()].view(o.shape)
+        if isinstance(o, dict):
+            return {k: rebuild(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [rebuild(v) for v in o]
+        if isinstance(o, tuple):
+            return tuple(rebuild(v) for v in o)
+        return o
+
+    return rebuild(obj)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--official-repo", type=Path, required=True, help="checkout of github.com/zhanggang001/CEDNet")
+    ap.add_argument("--commit", default=None, help="commit of that checkout, recorded in the fixture (default: git rev-parse)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/cednet_reference.pt")
+    args = ap.parse_args(argv)
+
+    commit = args.commit
+    if commit is None:
+        res = subprocess.run(["git", "-C", str(args.official_repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        commit = res.stdout.strip() if res.returncode == 0 else "unknown"
+
+    cls_mod, det_mod = load_official(args.official_repo)
+    torch.manual_seed(0)
+
+    variants = {}
+    for name in VARIANTS:
+        kw = variant_settings(cls_mod, name)
+        variants[name] = dict(
+            settings=kw,
+            classifier=key_shapes(official_classifier(cls_mod, **kw).state_dict()),
+            backbone=key_shapes(official_backbone(det_mod, out_chans=256, num_add_blocks=2, **kw).state_dict()),
+        )
+
+    x = torch.randn(1, 3, 32, 64)  # non-square: stride-32 maps are 1x2
+    shared_heads: dict[str, torch.Tensor] = {}  # "final_layers.0.weight"-style key without the stage index
+    configs = {}
+    for name, spec in TINY.items():
+        cls_kw = dict(spec["cls"])
+        det_kw = {k: v for k, v in cls_kw.items() if k != "num_classes"}
+        det_kw.update(spec["det"])
+        net = official_classifier(cls_mod, **cls_kw)
+        det = official_backbone(det_mod, **det_kw)
+        randomize(net)
+        randomize(det)
+        with torch.no_grad():
+            for key, value in net.state_dict().items():
+                parts = key.split(".")
+                if parts[0] in HEAD_GROUPS:
+                    shared_key = ".".join(parts[:1] + parts[2:])
+                    shared_heads.setdefault(shared_key, value.clone())
+                    value.copy_(shared_heads[shared_key])  # every stage's head = the shared one
+            det.load_state_dict(net.state_dict(), strict=False)  # same stem and stages as the classifier
+
+            net.eval()
+            det.eval()
+            logits = net(x)
+            feats = det(x)
+            net.train()
+            train_logits = net(x)
+            net.eval()
+
+        net_sd, det_sd = net.state_dict(), det.state_dict()
+        cls_sd = {}
+        for key, value in net_sd.items():
+            parts = key.split(".")
+            cls_sd[key] = shared_heads[".".join(parts[:1] + parts[2:])] if parts[0] in HEAD_GROUPS else value.clone()
+        assert all(torch.equal(cls_sd[k], v) for k, v in net_sd.items())
+        assert all(torch.equal(det_sd[k], net_sd[k]) for k in det_sd if k in net_sd)
+        configs[name] = dict(
+            classifier_kwargs=cls_kw,
+            backbone_kwargs=det_kw,
+            classifier_state_dict=cls_sd,
+            backbone_extra_state_dict={k: v.clone() for k, v in det_sd.items() if k not in net_sd},
+            backbone_keys=key_shapes(det_sd),
+            logits=logits.clone(),
+            train_logits=[t.clone() for t in train_logits],
+            backbone_outputs=[f.clone() for f in feats],
+        )
+
+    fixture = dict(
+        source=f"github.com/zhanggang001/CEDNet@{commit}",
+        torch_version=str(torch.__version__),
+        variants=variants,
+        **pack(dict(input=x, configs=configs)),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fixture, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

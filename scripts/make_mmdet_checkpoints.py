@@ -1,0 +1,137 @@
+"""Write synthetic mmdetection 2.x checkpoints of the CEDNet paper's RetinaNet configurations.
+
+No released weights can be downloaded here, so this builds, for every
+configuration, a checkpoint laid out exactly as the fork's mmdetection saves
+one: ``{"meta": {"mmdet_version", "CLASSES", "config", ...}, "state_dict": ...}``
+with the official parameter names (``backbone.*`` as the fork's backbone
+modules name them — the tests hold gradlens' backbones to the official key
+lists — ``neck.lateral_convs.N.conv.*``, ``neck.fpn_convs.N.conv.*``,
+``bbox_head.cls_convs.N.conv.*``, ``bbox_head.retina_cls.*``...), including the
+buffers a real checkpoint carries (Swin's ``relative_position_index``, batch
+norm's ``num_batches_tracked``). Weights are random (seeded); the classifier
+bias is raised so that random weights still produce detections to compare.
+
+Beside each ``<config>.pth`` it writes ``<config>.gradlens.pth``, the same
+weights in gradlens' own format, so the conversion can be checked end to end:
+
+    python scripts/make_mmdet_checkpoints.py --out /tmp/mmdet-ckpts [--config retinanet_cednet_next_tiny ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gradlens.models.checkpoints import save_detector
+from gradlens.models.mmdet import coco80_categories, to_mmdet
+from gradlens.models.registry import build_detector
+
+# The backbone part of each configuration's config text (the fork's configs under ced-mmdet/configs/cednet/).
+BACKBONE_CONFIGS = {
+    "cednet_next_tiny": "type='CEDNetWrapper', num_stages=3, encoder_type='Encoder', decoder_type='Decoder', "
+                        "p2_dim=96, p2_block=3, dims=[192, 352, 512], blocks=[2, 4, 2], out_chans=256, num_add_blocks=2",
+    "cednet_next_small": "type='CEDNetWrapper', num_stages=4, encoder_type='Encoder', decoder_type='Decoder', "
+                         "p2_dim=96, p2_block=3, dims=[192, 352, 512], blocks=[2, 7, 2], out_chans=256, num_add_blocks=2",
+    "cednet_next_base": "type='CEDNetWrapper', num_stages=4, encoder_type='Encoder', decoder_type='Decoder', "
+                        "p2_dim=128, p2_block=3, dims=[256, 448, 704], blocks=[2, 7, 2], out_chans=256, num_add_blocks=2",
+    "convnext_tiny": "type='ConvNeXt', in_chans=3, depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], "
+                     "drop_path_rate=0.4, layer_scale_init_value=1.0, out_indices=[1, 2, 3]",
+    "convnext_small": "type='ConvNeXt', in_chans=3, depths=[3, 3, 27, 3], dims=[96, 192, 384, 768], "
+                      "drop_path_rate=0.6, layer_scale_init_value=1.0, out_indices=[0, 1, 2, 3]",
+    "convnext_base": "type='ConvNeXt', in_chans=3, depths=[3, 3, 27, 3], dims=[128, 256, 512, 1024], "
+                     "drop_path_rate=0.7, layer_scale_init_value=1.0, out_indices=[0, 1, 2, 3]",
+    "swin_tiny": "type='SwinTransformer', embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, "
+                 "out_indices=(1, 2, 3)",
+    "swin_small": "type='SwinTransformer', embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, "
+                  "out_indices=(1, 2, 3)",
+    "swin_base": "type='SwinTransformer', embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, "
+                 "out_indices=(1, 2, 3)",
+    "resnet50": "type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='SyncBN', requires_grad=True)",
+}
+NECK = {
+    "cednet": "neck=None",
+    "convnext": "neck=dict(type='FPN', in_channels={ch}, out_channels=256, start_level=1, add_extra_convs='on_input', num_outs=5)",
+}
+CHANNELS = {"convnext_tiny": [96, 192, 384, 768], "convnext_small": [96, 192, 384, 768], "convnext_base": [128, 256, 512, 1024],
+            "swin_tiny": [96, 192, 384, 768], "swin_small": [96, 192, 384, 768], "swin_base": [128, 256, 512, 1024],
+            "resnet50": [256, 512, 1024, 2048]}
+
+
+def config_text(name: str) -> str:
+    """A config as mmcv's ``Config.pretty_text`` would store it in ``meta['config']`` (the parts that matter)."""
+    neck = NECK["cednet"] if name.startswith("cednet") else NECK["convnext"].format(ch=CHANNELS[name])
+    return (
+        "model = dict(\n    type='RetinaNet',\n"
+        f"    backbone=dict({BACKBONE_CONFIGS[name]}),\n    {neck},\n"
+        "    bbox_head=dict(type='RetinaHead', num_classes=80, in_channels=256, stacked_convs=4, feat_channels=256,\n"
+        "        anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4, scales_per_octave=3,\n"
+        "            ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128]),\n"
+        "        bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[1.0, 1.0, 1.0, 1.0]),\n"
+        "        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),\n"
+        "        loss_bbox=dict(type='L1Loss', loss_weight=1.0)),\n"
+        "    test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))\n"
+        "img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)\n"
+        "test_pipeline = [\n    dict(type='LoadImageFromFile'),\n"
+        "    dict(type='MultiScaleFlipAug', img_scale=(800, 1333), flip=False, transforms=[\n"
+        "        dict(type='Resize', keep_ratio=True), dict(type='RandomFlip'),\n"
+        "        dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),\n"
+        "        dict(type='Pad', size_divisor=128), dict(type='ImageToTensor', keys=['img']), dict(type='Collect', keys=['img'])])\n]\n"
+    )
+
+
+def official_extras(detector, state: dict) -> dict:
+    """Buffers a real mmdetection checkpoint carries that gradlens recomputes or does not keep."""
+    out = dict(state)
+    for key, module in detector.named_modules():
+        if hasattr(module, "relative_position_index") and key.startswith("backbone.body."):
+            out[f"backbone.{key[len('backbone.body.'):]}.relative_position_index"] = module.relative_position_index.clone()
+        if type(module).__name__ == "FrozenBatchNorm2d" and key.startswith("backbone.body."):
+            out[f"backbone.{key[len('backbone.body.'):]}.num_batches_tracked"] = torch.tensor(1000)
+    return out
+
+
+def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None) -> tuple[Path, Path]:
+    """Write ``<name>.pth`` (mmdetection layout) and ``<name>.gradlens.pth`` (same weights, gradlens format)."""
+    torch.manual_seed(seed)
+    options = {}
+    if convnext_out_indices is not None:
+        options["out_indices"] = list(convnext_out_indices)
+    detector = build_detector(f"retinanet_{name}", 80, options)
+    with torch.no_grad():
+        for param in detector.parameters():  # LayerNorm/BN weights of 1 and biases of 0 would hide key mix-ups
+            param.add_(torch.randn_like(param) * 0.02)
+        detector.head.classification_head.cls_logits.bias.fill_(-1.0)
+    detector.categories = coco80_categories()
+    state = official_extras(detector, to_mmdet(detector.state_dict()))
+    payload = {
+        "meta": {
+            "mmdet_version": "2.25.0",
+            "CLASSES": tuple(c["name"] for c in detector.categories),
+            "config": config_text(name),
+            "epoch": 36,
+            "iter": 263736,
+        },
+        "state_dict": state,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mmdet_path = out_dir / f"{name}.pth"
+    torch.save(payload, mmdet_path)
+    native_path = save_detector(detector, out_dir / f"{name}.gradlens.pth")
+    return mmdet_path, native_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", nargs="+", default=list(BACKBONE_CONFIGS), choices=list(BACKBONE_CONFIGS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in args.config:
+        paths = make(name, args.out, args.seed)
+        print(f"{name}: {paths[0]} and {paths[1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
