@@ -152,3 +152,57 @@ def test_unwritable_output_is_one_sentence(capsys, tmp_path, synthetic_coco, res
     argv = ["score", "--detections", str(results), "--out", str(blocker / "sub"), "--ann", str(synthetic_coco.ann)]
     code, lines = error_of(capsys, argv)
     assert code == 1 and len(lines) == 1 and "cannot write or read" in lines[0] and str(blocker) in lines[0]
+
+
+def test_select_with_swapped_score_directories_of_the_workdir(capsys, tmp_path, synthetic_coco, synthetic_gt):
+    paths = [write_detections(simulate_detections(synthetic_gt, skill=s, seed=i), tmp_path / f"m{i}.json") for i, s in enumerate([0.9, 0.4])]
+    ws = tmp_path / "ws"
+    common = ["--workdir", str(ws), "--ann", str(synthetic_coco.ann), "--top", "1000"]
+    assert run(["select", "--a", str(paths[0]), "--b", str(paths[1])] + common, capsys)[0] == 0
+    before = pd.read_csv(ws / "selection.csv").set_index("image_id")["improvement"]
+    code, _, err = run(["select", "--a", str(ws / "scores/b"), "--b", str(ws / "scores/a")] + common, capsys)
+    assert code == 0, err
+    after = pd.read_csv(ws / "selection.csv").set_index("image_id")["improvement"]
+    assert (before != 0).any()
+    pd.testing.assert_series_equal(after.loc[before.index], -before)
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"image_id": 2**63}, "Entry 0 of"),
+        ({"image_id": 1e20}, "image_id 1e+20 beyond the 64-bit integer range"),
+        ({"category_id": 2**64 + 5}, "category_id 18446744073709551621 beyond"),
+        ({"bbox": [0, 0, "5", 5]}, "not four numbers"),
+    ],
+)
+def test_unusable_values_in_results_are_one_sentence(capsys, tmp_path, synthetic_coco, record, expected):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([det(1, 1, [0, 0, 5, 5], 0.5) | record]))
+    argv = ["score", "--detections", str(path), "--out", str(tmp_path / "o"), "--ann", str(synthetic_coco.ann), "--drop-invalid"]
+    code, lines = error_of(capsys, argv)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("gradlens: error: ") and expected in lines[0]
+
+
+def test_damaged_score_directory_and_foreign_annotations_are_one_sentence(capsys, tmp_path, synthetic_coco, results, gt_file, monkeypatch):
+    ws = tmp_path / "ws"
+    assert run(["select", "--a", str(results), "--b", str(results), "--workdir", str(ws), "--ann", str(synthetic_coco.ann)], capsys)[0] == 0
+    dirs = ["--a", str(ws / "scores/a"), "--b", str(ws / "scores/b"), "--workdir", str(tmp_path / "w2")]
+    # Named annotation file differs from the one the score directories record: refused.
+    code, lines = error_of(capsys, ["select", *dirs, "--ann", str(gt_file([1], []))])
+    assert code == 1 and len(lines) == 1 and "scored against another annotation file" in lines[0]
+    # Nothing named (no flag, no variable, no ./data/coco): the recorded hash is used.
+    monkeypatch.delenv("GRADLENS_COCO_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["select", *dirs], capsys)
+    assert code == 0, err
+    (ws / "scores/b/score.json").write_text("[]")
+    code, lines = error_of(capsys, ["select", *dirs])
+    assert code == 1 and len(lines) == 1 and f"The score directory {ws / 'scores/b'} is damaged" in lines[0]
+
+
+def test_synthetic_refuses_a_foreign_dataset(capsys, tmp_path):
+    (tmp_path / "coco/annotations").mkdir(parents=True)
+    (tmp_path / "coco/annotations/instances_val2017.json").write_text('{"images": []}')
+    code, lines = error_of(capsys, ["synthetic", str(tmp_path / "coco"), "--num-images", "3"])
+    assert code == 1 and len(lines) == 1 and "is not a gradlens synthetic dataset" in lines[0]

@@ -60,6 +60,15 @@ BAD = {
     "score above one": ([det(1, 1, [0, 0, 4, 4], 1.5)], "score outside [0, 1]"),
     "negative score": ([det(1, 1, [0, 0, 4, 4], -0.1)], "score outside [0, 1]"),
     "nan": ([det(1, 1, [0, 0, 4, 4], 0.5) | {"score": math.nan}], "non-finite"),
+    "image id 2**63": ([det(1, 1, [0, 0, 1, 1], 0.5), det(1, 1, [0, 0, 1, 1], 0.5) | {"image_id": 2**63}], "Entry 1 of"),
+    "image id 2**64": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"image_id": 2**64}], "image_id 18446744073709551616 beyond the 64-bit"),
+    "category id 1e20": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"category_id": 1e20}], "category_id 1e+20 beyond the 64-bit"),
+    "image id below int64": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"image_id": -(2**63) - 1}], "beyond the 64-bit"),
+    "string in bbox": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": [0, "0", 4, 4]}], "not four numbers"),
+    "bool in bbox": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": [0, 0, True, 4]}], "not four numbers"),
+    "null in bbox": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": [0, 0, 4, None]}], "not four numbers"),
+    "bool score": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"score": True}], "not a number"),
+    "huge int in bbox": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": [0, 0, 10**400, 4]}], "beyond floating-point range"),
 }
 
 
@@ -111,3 +120,34 @@ def test_drop_invalid_does_not_hide_foreign_image_ids(results_file, gt):
 def test_all_invalid_is_an_error_even_when_dropping(results_file, gt):
     with pytest.raises(InvalidDetectionsError, match="Every detection"):
         read_detections(results_file([det(1, 1, [0, 0, 0, 4], 0.5)]), gt, drop_invalid=True)
+
+
+@pytest.mark.parametrize("case", ["string in bbox", "bool in bbox", "null in bbox", "image id 2**63"])
+def test_format_errors_are_not_droppable(results_file, gt, case):
+    # The slow path is taken too when another record needs it (an integral float id).
+    records = [det(1, 1, [0, 0, 4, 4], 0.5) | {"image_id": 1.0}] + BAD[case][0]
+    with pytest.raises(InvalidDetectionsError, match=BAD[case][1] if case != "image id 2**63" else "beyond the 64-bit"):
+        read_detections(results_file(records), gt, drop_invalid=True)
+
+
+def test_values_are_droppable_with_integral_float_ids(results_file, gt):
+    records = [det(1, 1, [0, 0, 4, 4], 0.5) | {"image_id": 1.0}, det(1, 1, [0, 0, -4, 4], 0.5)]
+    assert read_detections(results_file(records), gt, drop_invalid=True).dropped == {"zero or negative box width or height": 1}
+
+
+def test_in_memory_records_are_checked_alike(gt):
+    from gradlens.data.detections import detections_from_records
+
+    with pytest.raises(InvalidDetectionsError, match="Entry 0 of the detection list has a bbox"):
+        detections_from_records([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": ["0", 0, 1, 1]}], gt)
+    with pytest.raises(InvalidDetectionsError, match="^The detection list has 1 detection"):
+        detections_from_records([det(1, 1, [0, 0, 0, 1], 0.5)], gt)
+
+
+@pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "[" + "1" * 5000 + "]"])
+def test_unreadable_json_is_one_sentence(tmp_path, gt, content):
+    path = tmp_path / "deep.json"
+    path.write_text(content)
+    with pytest.raises(InputFileError) as info:
+        read_detections(path, gt)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)

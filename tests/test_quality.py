@@ -250,3 +250,33 @@ def test_detections_on_images_without_objects_are_never_candidates(gt_file, resu
     dets = [det(2, 1, [0, 0, 10, 10], 0.9), det(1, 1, [0, 0, 10, 10], 0.3)]
     objects, images = score(gt_file, results_file, [1, 2], anns, dets)
     assert objects["quality"].tolist() == [pytest.approx(0.3)] and images["image_id"].tolist() == [1]
+
+
+def test_class_agnostic_api_accepts_categories_unknown_to_the_ground_truth(gt_file):
+    gt = load_ground_truth(gt_file([1], [(1, 1, [10, 10, 20, 20], 0)]))
+    records = [det(1, 0, [10, 10, 20, 20], 0.6)]  # a proposal network's single class 0
+    for dets in (records, pd.DataFrame(records)):
+        objects, _ = quality_scores(dets, gt, class_agnostic=True)
+        assert objects["quality"].tolist() == [pytest.approx(0.6)]
+    with pytest.raises(GradlensError, match="^The detection list has 1 detection"):  # a singular subject
+        quality_scores(records, gt)
+    with pytest.raises(GradlensError, match="^The detection table has 1 detection"):
+        quality_scores(pd.DataFrame(records), gt)
+
+
+def test_dataframe_bbox_cells_may_be_arrays_or_tuples(gt_file):
+    gt = load_ground_truth(gt_file([1], [(1, 1, [10, 10, 20, 20], 0), (1, 2, [0, 0, 5, 5], 0)]))
+    records = [det(1, 1, [12, 10, 20, 20], 0.9), det(1, 2, [0, 0, 5, 4], 0.7)]
+    expected = quality_scores(records, gt)
+    for cell in (np.array, tuple, lambda b: tuple(np.float32(v) for v in b), lambda b: np.array(b, dtype=np.int64)):
+        frame = pd.DataFrame(records)
+        frame["bbox"] = [cell(r["bbox"]) for r in records]
+        objects, images = quality_scores(frame, gt)
+        pd.testing.assert_frame_equal(objects, expected.objects)
+        pd.testing.assert_frame_equal(images, expected.images)
+    numpy_records = [r | {"bbox": [np.float64(v) for v in r["bbox"]], "score": np.float64(r["score"])} for r in records]
+    pd.testing.assert_frame_equal(quality_scores(numpy_records, gt).objects, expected.objects)
+    frame = pd.DataFrame(records)
+    frame["bbox"] = [np.array([True, False, True, True]), np.array(records[1]["bbox"])]
+    with pytest.raises(GradlensError, match="not four numbers"):  # bools stay bools, not 1.0 and 0.0
+        quality_scores(frame, gt)

@@ -1,6 +1,8 @@
 """Improvement, ranking and the work directory that ``select`` leaves behind."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pandas as pd
@@ -8,7 +10,8 @@ import pytest
 
 from gradlens.data.detections import write_detections
 from gradlens.data.synthetic import simulate_detections
-from gradlens.errors import GradlensError
+from gradlens.data.coco import CocoPaths
+from gradlens.errors import GradlensError, InputFileError
 from gradlens.fileio import sha256_file
 from gradlens.scoring import sources
 from gradlens.selection import load_manifest, run_selection, select_images
@@ -143,3 +146,133 @@ def test_damaged_cache_is_recomputed(tmp_path, synthetic_coco, two_models):
     second = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
     pd.testing.assert_frame_equal(first.selection, second.selection)
     assert (tmp_path / "work/scores/b/images.parquet").is_file()
+
+
+def test_swapped_roles_from_the_workdirs_own_scores(tmp_path, synthetic_coco, two_models):
+    """``--a work/scores/b --b work/scores/a --workdir work``: both inputs are read before either is overwritten."""
+    a, b = two_models
+    work = tmp_path / "work"
+    first = run_selection(a, [b], coco=synthetic_coco, workdir=work, top=10**6)
+    images = {role: pd.read_parquet(work / "scores" / role / "images.parquet") for role in ("a", "b")}
+    swapped = run_selection(work / "scores/b", [work / "scores/a"], coco=synthetic_coco, workdir=work, top=10**6)
+    before = first.selection.set_index("image_id")["improvement"]
+    after = swapped.selection.set_index("image_id")["improvement"]
+    assert len(before) and sorted(before.index) == sorted(after.index) and (before != 0).any()
+    np.testing.assert_array_equal(after.loc[before.index].to_numpy(), -before.to_numpy())
+    # The work directory now holds each model under its new role.
+    pd.testing.assert_frame_equal(pd.read_parquet(work / "scores/a/images.parquet"), images["b"])
+    pd.testing.assert_frame_equal(pd.read_parquet(work / "scores/b/images.parquet"), images["a"])
+
+
+def _damage(directory, how):
+    meta_path = directory / "score.json"
+    meta = json.loads(meta_path.read_text())
+    if how == "meta is a list":
+        meta_path.write_text("[1, 2]")
+    elif how == "meta lacks summary":
+        del meta["summary"]
+        meta_path.write_text(json.dumps(meta))
+    elif how == "meta lacks a count":
+        del meta["summary"]["num_objects"]
+        meta_path.write_text(json.dumps(meta))
+    elif how == "meta lacks the annotation hash":
+        meta["annotations"] = {}
+        meta_path.write_text(json.dumps(meta))
+    elif how in ("quality is text", "quality is missing", "image id is text"):
+        images = pd.read_parquet(directory / "images.parquet")
+        (directory / "images.parquet").unlink()
+        column = "image_id" if how == "image id is text" else "quality"
+        images[column] = images[column].astype(object)
+        images.loc[0, column] = "abc" if how != "quality is missing" else None
+        images.to_csv(directory / "images.csv", index=False)
+
+
+DAMAGE = [
+    "meta is a list", "meta lacks summary", "meta lacks a count", "meta lacks the annotation hash",
+    "quality is text", "quality is missing", "image id is text",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_score_directory_is_one_sentence(tmp_path, synthetic_coco, two_models, how):
+    a, b = two_models
+    run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    damaged = tmp_path / "work/scores/b"
+    _damage(damaged, how)
+    with pytest.raises(InputFileError, match="The score directory .* is damaged") as info:
+        run_selection(tmp_path / "work/scores/a", [damaged], workdir=tmp_path / "w2")
+    assert str(damaged) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "w2").exists()  # nothing written before every input was read
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_cache_in_the_workdir_is_recomputed(tmp_path, synthetic_coco, two_models, how):
+    a, b = two_models
+    first = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    _damage(tmp_path / "work/scores/b", how)
+    second = run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    pd.testing.assert_frame_equal(first.selection, second.selection)
+    assert load_scores_ok(tmp_path / "work/scores/b")
+
+
+def load_scores_ok(directory):
+    from gradlens.scoring.store import read_scores
+
+    return read_scores(directory)[0].images["quality"].notna().all()
+
+
+def test_named_annotation_file_must_match_score_directories(tmp_path, synthetic_coco, two_models, gt_file):
+    a, b = two_models
+    run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    dirs = [tmp_path / "work/scores/a", [tmp_path / "work/scores/b"]]
+    other = CocoPaths(ann=gt_file([1], []), images=tmp_path)
+    with pytest.raises(GradlensError, match="scored against another annotation file than"):
+        run_selection(*dirs, coco=other, workdir=tmp_path / "w2")
+    assert not (tmp_path / "w2").exists()
+    # The same file is fine; with nothing named the recorded hash is trusted, even if ./data/coco differs.
+    assert len(run_selection(*dirs, coco=synthetic_coco, workdir=tmp_path / "w2", top=5).selection) == 5
+    unnamed = CocoPaths(ann=other.ann, images=tmp_path, given=False)
+    assert len(run_selection(*dirs, coco=unnamed, workdir=tmp_path / "w3", top=5).selection) == 5
+
+
+def test_stale_score_directories_are_removed(tmp_path, synthetic_coco, synthetic_gt, two_models):
+    a, b = two_models
+    work = tmp_path / "work"
+    extra = [write_detections(simulate_detections(synthetic_gt, skill=s, seed=7), tmp_path / f"m{s}.json") for s in (0.3, 0.5)]
+    run_selection(a, [b, *extra], coco=synthetic_coco, workdir=work, top=5)
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["a", "b1", "b2", "b3"]
+    (work / "scores/b2/notes.txt").write_text("mine")  # not gradlens' to delete
+    (work / "scores/other").mkdir()
+    run_selection(a, [b], coco=synthetic_coco, workdir=work, top=5)
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["a", "b", "b2", "other"]
+    assert [p.name for p in (work / "scores/b2").iterdir()] == ["notes.txt"]
+    # A stale folder that is an input of this run is kept.
+    run_selection(a, [b, *extra], coco=synthetic_coco, workdir=work, top=5)
+    run_selection(work / "scores/b3", [b], coco=synthetic_coco, workdir=work, top=5)
+    assert (work / "scores/b3/score.json").is_file() and not (work / "scores/b1").exists()
+
+
+def test_outputs_get_the_usual_permissions(tmp_path, synthetic_coco, two_models):
+    a, b = two_models
+    old = os.umask(0o027)
+    try:
+        run_selection(a, [b], coco=synthetic_coco, workdir=tmp_path / "work", top=5)
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "work/selection.csv", tmp_path / "work/manifest.json", tmp_path / "work/scores/a/objects.parquet"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+
+
+def test_score_directory_without_objects_reads_back_from_csv(tmp_path, gt_file, results_file):
+    from gradlens.data.coco import load_ground_truth
+    from gradlens.scoring.store import read_scores
+
+    from .conftest import det
+
+    gt = load_ground_truth(gt_file([1, 2], []))
+    source = sources.identify_source(results_file([det(1, 1, [0, 0, 4, 4], 0.5)]))
+    sources.score_source(source, lambda: gt, out_dir=tmp_path / "s")
+    for name in ("objects.parquet", "images.parquet"):
+        (tmp_path / "s" / name).unlink()
+    scores, _ = read_scores(tmp_path / "s")
+    assert scores.images.empty and scores.objects.empty

@@ -4,11 +4,13 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from gradlens.data.images import read_image
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco, random_annotations, simulate_detections
+from gradlens.errors import GradlensError
 from gradlens.scoring.quality import quality_scores
 
 
@@ -83,3 +85,40 @@ def test_random_annotations_shape():
     d = random_annotations(50, objects_per_image=3, num_categories=4, seed=1, crowd_fraction=0.2)
     assert len(d["images"]) == 50 and {a["category_id"] for a in d["annotations"]} <= {1, 2, 3, 4}
     assert any(a["iscrowd"] for a in d["annotations"])
+
+
+@pytest.mark.parametrize("num_images", [3, 4, 6])
+@pytest.mark.parametrize("seed", range(8))
+def test_small_datasets_have_every_edge_case(tmp_path, num_images, seed):
+    paths = make_synthetic_coco(tmp_path, num_images=num_images, seed=seed, progress=False)
+    data = json.loads(paths.ann.read_text())
+    annotated = {a["image_id"] for a in data["annotations"] if not a["iscrowd"]}
+    assert any(a["iscrowd"] for a in data["annotations"]), "a crowd region"
+    assert any(i["id"] not in annotated for i in data["images"]), "an image without objects"
+    assert any(Image.open(paths.images / i["file_name"]).mode == "L" for i in data["images"]), "a grayscale JPEG"
+    assert len(data["images"]) == num_images
+
+
+def test_rerun_with_fewer_images_leaves_no_stale_jpegs(tmp_path):
+    make_synthetic_coco(tmp_path / "d", num_images=8, seed=1, progress=False)
+    (tmp_path / "d/val2017/notes.txt").write_text("kept")
+    paths = make_synthetic_coco(tmp_path / "d", num_images=4, seed=2, progress=False)
+    listed = {i["file_name"] for i in json.loads(paths.ann.read_text())["images"]}
+    assert {p.name for p in paths.images.glob("*.jpg")} == listed and len(listed) == 4
+    assert (paths.images / "notes.txt").is_file()
+    (paths.images / "notes.txt").unlink()
+    fresh = make_synthetic_coco(tmp_path / "fresh", num_images=4, seed=2, progress=False)
+    assert tree_digest(tmp_path / "fresh") == tree_digest(tmp_path / "d"), "same as a dataset made from scratch"
+
+
+def test_foreign_datasets_are_not_overwritten(tmp_path):
+    (tmp_path / "real/annotations").mkdir(parents=True)
+    (tmp_path / "real/annotations/instances_val2017.json").write_text('{"info": {"description": "COCO 2017"}}')
+    with pytest.raises(GradlensError, match="not a gradlens synthetic dataset"):
+        make_synthetic_coco(tmp_path / "real", num_images=3, progress=False)
+    (tmp_path / "photos/val2017").mkdir(parents=True)
+    (tmp_path / "photos/val2017/holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(GradlensError, match="already holds JPEG images"):
+        make_synthetic_coco(tmp_path / "photos", num_images=3, progress=False)
+    assert (tmp_path / "photos/val2017/holiday.jpg").is_file()
+    assert not (tmp_path / "photos/annotations").exists()

@@ -123,7 +123,17 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
     ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
     """
     path = Path(path)
-    obj = read_checkpoint(path, trust=trust)
+    detector = detector_from_object(read_checkpoint(path, trust=trust), path, arch=arch)
+    if categories is not None:
+        if len(categories) != detector.num_classes:
+            raise GradlensError(f"{len(categories)} categories were given for a detector with {detector.num_classes} classes.")
+        detector.categories = [dict(c) for c in categories]
+    return detector.to(device).eval()
+
+
+def detector_from_object(obj, path: str | os.PathLike, arch: str | None = None) -> RetinaNetDetector:
+    """Build the detector an unpickled checkpoint describes (``path`` names it in messages)."""
+    path = Path(path)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         detector = _from_native(obj, path)
         source = "gradlens"
@@ -138,13 +148,9 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
             raise CheckpointError(f"{path} is a plain state dict; name its architecture with --arch (one of {', '.join(ARCHITECTURES)}).")
         detector = _from_torchvision(state, path, arch)
         source = "torchvision"
-    if categories is not None:
-        if len(categories) != detector.num_classes:
-            raise GradlensError(f"{len(categories)} categories were given for a detector with {detector.num_classes} classes.")
-        detector.categories = [dict(c) for c in categories]
     detector.checkpoint_path = path
     detector.checkpoint_format = source
-    return detector.to(device).eval()
+    return detector.eval()
 
 
 def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:

@@ -10,7 +10,9 @@ weights and input.
 **Loading checkpoints.** The fork registers ``layers.{i}.blocks.{j}.attn.relative_position_index``
 as a persistent buffer, so its checkpoints carry it. Here it is a *non-persistent* buffer
 (recomputed from ``window_size``), so drop those keys before ``load_state_dict(strict=True)``, e.g.
-with :func:`drop_relative_position_index`.
+with :func:`drop_relative_position_index`. Since loading never touches it, a model built on the
+``meta`` device and materialised with ``to_empty()`` holds garbage there: build on a real device
+(or rebuild the buffers) before loading.
 
 Behaviour that is the fork's, kept on purpose:
 
