@@ -16,3 +16,7 @@ class InputFileError(GradlensError):
 
 class InvalidDetectionsError(GradlensError):
     """A detection results file breaks the COCO results format or its values are out of range."""
+
+
+class CheckpointError(InputFileError):
+    """A checkpoint that cannot be read, trusted or fitted to an architecture."""

@@ -57,6 +57,13 @@ def _echo_summary(label: str, s: dict) -> None:
             typer.echo(f"  {what}: {count}")
 
 
+def _detector_run(arch, trust, batch_size, workers, precision, cache_dir, device):
+    from gradlens.runner import DetectorRun
+
+    return DetectorRun(arch=arch, trust=trust, batch_size=batch_size, workers=workers, precision=precision,
+                       cache_dir=cache_dir, device=device)
+
+
 @app.command()
 def score(
     out: Annotated[Path, typer.Option("--out", help="Directory for objects.csv, images.csv (+ .parquet) and score.json.")],
@@ -69,6 +76,12 @@ def score(
     images: opt.Images = None,
     class_agnostic: opt.ClassAgnostic = False,
     drop_invalid: opt.DropInvalid = False,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: opt.BatchSize = 4,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "fp32",
+    cache_dir: opt.CacheDir = None,
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
@@ -85,10 +98,13 @@ def score(
     source = identify_source(detections if detections is not None else model)
     if detections is not None and source.kind != "detections":
         raise GradlensError(f"--detections expects a COCO results .json file, but {detections} is a {source.kind}.")
+    if model is not None and source.kind != "checkpoint":
+        raise GradlensError(f"--model expects a detector checkpoint (.pth, .pt, .ckpt, .bin), but {model} is a {source.kind}.")
     paths = resolve_coco_paths(coco_root, ann, images)
+    run = _detector_run(arch, trust_checkpoint, batch_size, workers, precision, cache_dir, device)
     _, meta = score_source(
         source, lambda: load_ground_truth(paths), class_agnostic=class_agnostic, device=device,
-        drop_invalid=drop_invalid, out_dir=out, progress=progress,
+        drop_invalid=drop_invalid, out_dir=out, progress=progress, detector_run=run,
     )  # fmt: skip
     _echo_summary(source.label, meta["summary"])
     typer.echo(f"Wrote {out / 'objects.csv'}, {out / 'images.csv'} (+ .parquet) and {out / 'score.json'}")
@@ -105,6 +121,12 @@ def select(
     images: opt.Images = None,
     class_agnostic: opt.ClassAgnostic = False,
     drop_invalid: opt.DropInvalid = False,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: opt.BatchSize = 4,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "fp32",
+    cache_dir: opt.CacheDir = None,
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
@@ -119,6 +141,7 @@ def select(
     result = run_selection(
         a, list(b), coco=resolve_coco_paths(coco_root, ann, images), workdir=workdir, top=top,
         class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid, progress=progress,
+        detector_run=_detector_run(arch, trust_checkpoint, batch_size, workers, precision, cache_dir, device),
     )  # fmt: skip
     for model in result.manifest["models"]:
         _echo_summary(f"{model['role']} ({model['label']})", result.summaries[model["role"]])

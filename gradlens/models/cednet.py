@@ -39,16 +39,16 @@ Behaviour that is the reference's, kept on purpose (it changes outputs or names)
 * the head width (2048) and the stem's first width (32) are fixed, as in the reference.
 
 Only the NeXt block types (``NeXtBlock``, ``DNeXtBlock``), GELU and the channels-first LayerNorm
-are implemented; the reference's Swin / ResNet-bottleneck / CSwin variants raise ``ValueError``,
-as does its ``CEDNetWrapperTwoStage`` (not provided). Drop path is
-``torchvision.ops.StochasticDepth(p, "row")``.
+are implemented; asking for the reference's Swin / ResNet-bottleneck / CSwin variants raises
+``ValueError``. The reference's other detection wrappers (``CEDNetWrapperTwoStage``, which adds a
+stride-4 output for the Mask R-CNN configs, and ``CEDNetWrapperMask2Former``) are not provided.
+Drop path is ``torchvision.ops.StochasticDepth(p, "row")``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -95,16 +95,19 @@ def _layer_scale(dim: int, value: float) -> nn.Parameter | None:
     return nn.Parameter(torch.full((dim,), float(value))) if value > 0 else None
 
 
-def _mlp_tail(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """Pointwise MLP and layer scale of a NeXt block, on an (N, C, H, W) map (linear layers run channels-last)."""
-    y = y.permute(0, 2, 3, 1)
-    y = block.pwconv2(block.act(block.pwconv1(y)))
-    if block.gamma is not None:
-        y = block.gamma * y
-    return y.permute(0, 3, 1, 2)
+class _PointwiseMLP(nn.Module):
+    """The tail both NeXt blocks share (``pwconv1``, ``act``, ``pwconv2``, ``gamma``, registered by each
+    block in the reference's order): 4x MLP over channels, run channels-last as ``nn.Linear``, then layer scale."""
+
+    def _mlp(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.permute(0, 2, 3, 1)  # N C H W -> N H W C
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return y.permute(0, 3, 1, 2)
 
 
-class NeXtBlock(nn.Module):
+class NeXtBlock(_PointwiseMLP):
     """ConvNeXt block: depthwise 7x7, LayerNorm, 4x pointwise MLP with GELU, layer scale, residual."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, eps: float = 1e-6) -> None:
@@ -118,10 +121,10 @@ class NeXtBlock(nn.Module):
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(_mlp_tail(self, self.norm(self.dwconv(x))))
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x))))
 
 
-class DNeXtBlock(nn.Module):
+class DNeXtBlock(_PointwiseMLP):
     """The "focal" block of the stride-32 level: two residual depthwise 7x7 convs (the second dilated
     by ``dilation`` for a larger receptive field), each with LayerNorm and GELU, then the NeXt MLP."""
 
@@ -149,7 +152,7 @@ class DNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv1(x) + x
         y = self.dwconv2(y) + y
-        return x + self.drop_path(_mlp_tail(self, y))
+        return x + self.drop_path(self._mlp(y))
 
 
 _BLOCK_TYPES: dict[str, type[nn.Module]] = {"NeXtBlock": NeXtBlock, "DNeXtBlock": DNeXtBlock}
@@ -325,6 +328,7 @@ class _CEDNetTrunk(nn.Module):
 
     def __init__(
         self,
+        *,
         in_chans: int,
         num_stages: int,
         encoder_type: str,
@@ -363,7 +367,9 @@ class _CEDNetTrunk(nn.Module):
 
         self.num_stages = num_stages
         self.dims = dims
+        self.norm_eps = eps
         self.encoder_type, self.decoder_type = encoder_type, decoder_type
+        self._has_decoder = num_stages > 1 or last_decoder
 
         base = partial(_BLOCK_TYPES[base_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
         focal = partial(_BLOCK_TYPES[focal_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
@@ -402,8 +408,8 @@ class _CEDNetTrunk(nn.Module):
     def _to_stride8(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages[0](self.stem(x))
         h, w = x.shape[-2:]
-        if h % 4 or w % 4:
-            # Otherwise upsampled coarse maps would not line up with the finer ones.
+        if self._has_decoder and (h % 4 or w % 4):
+            # Otherwise a decoder's upsampled coarse maps would not line up with the finer ones.
             raise ValueError(
                 f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
                 f"(multiples of 32 always do); the stride-8 map is {h}x{w}"
@@ -458,10 +464,12 @@ class CEDNet(_CEDNetTrunk):
         head_init_scale: float = 1.0,
     ) -> None:
         super().__init__(
-            in_chans, num_stages, encoder_type, decoder_type, base_block, focal_block, p2_dim, p2_block,
-            dims, blocks, layer_scale_init_value, drop_path_rate, norm_cfg, act_type, last_decoder=False,
-        )  # fmt: skip
-        eps = _norm_eps(norm_cfg)
+            in_chans=in_chans, num_stages=num_stages, encoder_type=encoder_type, decoder_type=decoder_type,
+            base_block=base_block, focal_block=focal_block, p2_dim=p2_dim, p2_block=p2_block, dims=dims, blocks=blocks,
+            layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
+            act_type=act_type, last_decoder=False,
+        )
+        eps = self.norm_eps
         self.num_classes = num_classes
         self.final_layers = nn.ModuleList()
         self.norms = nn.ModuleList()
@@ -534,10 +542,12 @@ class CEDNetBackbone(_CEDNetTrunk):
         act_type: str = "gelu",
     ) -> None:
         super().__init__(
-            in_chans, num_stages, encoder_type, decoder_type, base_block, focal_block, p2_dim, p2_block,
-            dims, blocks, layer_scale_init_value, drop_path_rate, norm_cfg, act_type, last_decoder,
-        )  # fmt: skip
-        eps = _norm_eps(norm_cfg)
+            in_chans=in_chans, num_stages=num_stages, encoder_type=encoder_type, decoder_type=decoder_type,
+            base_block=base_block, focal_block=focal_block, p2_dim=p2_dim, p2_block=p2_block, dims=dims, blocks=blocks,
+            layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
+            act_type=act_type, last_decoder=last_decoder,
+        )
+        eps = self.norm_eps
         self.reduce_convs = nn.ModuleList([_conv_norm(d, out_chans, 1, 1, 0, eps) for d in self.dims])
         self.add_blocks = nn.ModuleList([_conv_norm(out_chans, out_chans, 3, 2, 1, eps) for _ in range(num_add_blocks)])
         self.out_channels = int(out_chans)

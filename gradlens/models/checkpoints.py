@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from gradlens._version import __version__
-from gradlens.errors import GradlensError, InputFileError
+from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models import mmdet
 from gradlens.models.registry import ARCHITECTURES, architecture, build_detector
@@ -28,10 +28,6 @@ from gradlens.models.transform import PreprocessConfig
 
 FORMAT = "gradlens-detector"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(InputFileError):
-    """A checkpoint that cannot be read, trusted or fitted to an architecture."""
 
 
 def default_categories(num_classes: int) -> list[dict]:
@@ -81,7 +77,7 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text and ("Unsupported" in text or "GLOBAL" in text or "global" in text):
+        if "Weights only load failed" in text and "Unsupported global" in text:
             if not trust:
                 raise CheckpointError(
                     f"{path} needs arbitrary code to unpickle (it is not plain tensors and containers); "
@@ -178,7 +174,7 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
     if arch.family in ("convnext", "swin"):
         options["out_indices"] = [i for i in range(4) if f"backbone.body.norm{i}.weight" in state]
     detector = build_detector(arch_name, num_classes, options)
-    load_strict(detector, {k: v for k, v in state.items() if not k.endswith("relative_position_index")}, path)
+    load_strict(detector, state, path)
     if arch_name.startswith("torchvision_") and num_classes == 91:
         from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights
 
@@ -219,6 +215,8 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDet
 def load_strict(detector: torch.nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
     """Load every weight or none: missing, unexpected and mis-shaped keys are named in the error."""
     own = detector.state_dict()
+    # buffers some layouts keep and gradlens recomputes or does not track (frozen BN, Swin's index table)
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(("num_batches_tracked", "relative_position_index"))}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from gradlens.errors import GradlensError
+from gradlens.errors import CheckpointError
 
 # mmdetection's 80 contiguous labels -> COCO category ids (CocoDataset.CLASSES order).
 COCO80_IDS = [
@@ -87,7 +87,7 @@ def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         if all(layout[k] == wanted[k] for k in layout):
             out = int(sd["backbone.reduce_convs.0.0.weight"].shape[0])
             return f"retinanet_cednet_{variant}", ({"out_chans": out} if out != 256 else {})
-    raise GradlensError(
+    raise CheckpointError(
         f"The checkpoint's CEDNet backbone (p2_dim {layout['p2_dim']}, dims {dims}, blocks {blocks}, "
         f"{stages} stages, {decoder}) matches none of the known CEDNet variants ({', '.join(CEDNET_VARIANTS)})."
     )
@@ -105,7 +105,7 @@ def _recognise_convnext(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     for variant, settings in CONVNEXT_VARIANTS.items():
         if list(settings["depths"]) == depths and list(settings["dims"]) == dims:
             return f"retinanet_{variant}", {"out_indices": out_indices}
-    raise GradlensError(f"The checkpoint's ConvNeXt backbone (depths {depths}, dims {dims}) matches none of ConvNeXt-T/S/B.")
+    raise CheckpointError(f"The checkpoint's ConvNeXt backbone (depths {depths}, dims {dims}) matches none of ConvNeXt-T/S/B.")
 
 
 def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
@@ -122,13 +122,13 @@ def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         if (settings["embed_dim"] == embed and list(settings["depths"]) == depths
                 and list(settings["num_heads"]) == heads and settings.get("window_size", 7) == window):
             return f"retinanet_{variant}", {"out_indices": out_indices}
-    raise GradlensError(f"The checkpoint's Swin backbone (embed {embed}, depths {depths}, heads {heads}, window {window}) matches none of Swin-T/S/B.")
+    raise CheckpointError(f"The checkpoint's Swin backbone (embed {embed}, depths {depths}, heads {heads}, window {window}) matches none of Swin-T/S/B.")
 
 
 def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     """Architecture name and options of an mmdetection RetinaNet state dict, from its keys and shapes."""
     if "bbox_head.retina_cls.weight" not in sd:
-        raise GradlensError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
+        raise CheckpointError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
     if "backbone.reduce_convs.0.0.weight" in sd:
         return _recognise_cednet(sd)
     if "backbone.downsample_layers.0.0.weight" in sd:
@@ -138,7 +138,7 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     if "backbone.layer1.0.conv1.weight" in sd and _count(list(sd), "backbone.layer3") == 6:
         return "retinanet_resnet50", {}
     sample = ", ".join(sorted({k.split(".")[1] for k in sd if k.startswith("backbone.")})[:5])
-    raise GradlensError(f"The checkpoint's backbone (modules {sample or 'none'}) is not one gradlens knows.")
+    raise CheckpointError(f"The checkpoint's backbone (modules {sample or 'none'}) is not one gradlens knows.")
 
 
 def num_classes_of(sd: Mapping[str, Tensor]) -> int:

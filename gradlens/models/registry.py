@@ -24,7 +24,7 @@ from gradlens.models.transform import PreprocessConfig
 
 PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, rounding="round")
 TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, rounding="floor")
-MINI_PREPROCESS = PreprocessConfig(min_size=320, max_size=512, size_divisor=32, rounding="round")
+MINI_PREPROCESS = PreprocessConfig(min_size=256, max_size=416, size_divisor=32, rounding="round")
 
 
 @dataclass(frozen=True)

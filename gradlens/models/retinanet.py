@@ -72,6 +72,12 @@ class RetinaNetDetector(RetinaNet):
         self.preprocess = preprocess or PreprocessConfig()
         self.num_classes = num_classes
         self.transform = None  # replaced by gradlens' differentiable preprocessing
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> "RetinaNetDetector":
+        """Run convolutions in NHWC layout: on CPU, depthwise-conv backward is ~20x faster that way."""
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     # -- the network ---------------------------------------------------------------------------
 
@@ -81,6 +87,8 @@ class RetinaNetDetector(RetinaNet):
 
     def head_outputs(self, batch: Tensor) -> tuple[dict[str, Tensor], list[Tensor], list[int]]:
         """Run backbone and head on a preprocessed batch: outputs, per-level anchors, anchors per level."""
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         outputs = self.head(features)
         sizes = [tuple(f.shape[-2:]) for f in features]

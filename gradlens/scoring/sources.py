@@ -10,6 +10,7 @@ checkpoints need the detector support that arrives with gradlens' model zoo.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -17,7 +18,7 @@ from typing import Callable, Literal
 from gradlens.data.coco import GroundTruth
 from gradlens.data.detections import read_detections
 from gradlens.errors import GradlensError, InputFileError
-from gradlens.fileio import sha256_file
+from gradlens.fileio import atomic_path, sha256_file
 from gradlens.scoring.quality import QualityScores, quality_scores
 from gradlens.scoring.store import (
     SCORE_META,
@@ -78,20 +79,22 @@ def compute_scores(
     drop_invalid: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool | None = False,
+    detector_run=None,
 ) -> tuple[QualityScores, dict, bool]:
     """Quality scores of one model and the metadata that says where they came from, writing nothing.
 
     Returns ``(scores, meta, current)``; ``current`` says that ``cache_dir``
     already holds exactly these scores (a valid cache of the same input,
     annotations and settings, or the score directory itself), so saving them
-    there can be skipped. Reading never writes, so a caller can read every
-    input before it overwrites any of them.
+    there can be skipped. Reading never writes (into ``cache_dir``), so a
+    caller can read every input before it overwrites any of them.
+
+    A checkpoint is run on every image of the dataset first (through
+    ``detector_run``, a :class:`gradlens.runner.DetectorRun`); its detections
+    are cached by content, so scoring it again costs only the reading.
     """
     if source.kind == "checkpoint":
-        raise GradlensError(
-            f"{source.path} is a detector checkpoint, and this gradlens version cannot run detectors yet; "
-            "score its detections from a COCO results .json instead."
-        )
+        return _checkpoint_scores(source, load_gt, class_agnostic, device, cache_dir, progress, detector_run)
     if source.kind == "scores":
         scores, meta = read_scores(source.path)
         stored = meta["settings"]["class_agnostic"]
@@ -115,8 +118,35 @@ def compute_scores(
     return scores, make_meta(scores, source_record, annotations_record(gt), settings), False
 
 
+def _checkpoint_scores(source, load_gt, class_agnostic, device, cache_dir, progress, detector_run):
+    from gradlens.runner import DetectorRun, detections_for_checkpoint
+
+    run = detector_run or DetectorRun(device=device)
+    gt = load_gt()
+    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": False, "arch": run.arch, "precision": run.precision}
+    if cache_dir is not None:
+        cached = read_scores_if_current(cache_dir, source.sha256, gt.sha256, settings)
+        if cached is not None:
+            return *cached, True
+    result = detections_for_checkpoint(source.path, gt, run, progress=progress, checkpoint_sha256=source.sha256)
+    scores = quality_scores(result.detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
+    source_record = {"kind": "checkpoint", "path": str(source.path.resolve()), "sha256": source.sha256,
+                     "detections": str(result.path)}
+    return scores, make_meta(scores, source_record, annotations_record(gt), settings), False
+
+
 def save_scores(scores: QualityScores, meta: dict, out_dir: str | os.PathLike) -> dict:
-    """Write scores from :func:`compute_scores` as a score directory; returns the ``score.json`` written."""
+    """Write scores from :func:`compute_scores` as a score directory; returns the ``score.json`` written.
+
+    A checkpoint's detections (a COCO results file) are copied beside the
+    tables as ``detections.json``, so the directory says what was scored.
+    """
+    detections = meta["source"].get("detections")
+    if detections and Path(detections).is_file():
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "detections.json") as tmp:
+            shutil.copyfile(detections, tmp)
     return write_scores(scores, out_dir, meta["source"], meta["annotations"], meta["settings"])
 
 
@@ -128,6 +158,7 @@ def score_source(
     drop_invalid: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: bool | None = False,
+    detector_run=None,
 ) -> tuple[QualityScores, dict]:
     """Quality scores of one model, and the metadata that says where they came from.
 
@@ -137,7 +168,7 @@ def score_source(
     """
     scores, meta, current = compute_scores(
         source, load_gt, class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid,
-        cache_dir=out_dir, progress=progress,
+        cache_dir=out_dir, progress=progress, detector_run=detector_run,
     )  # fmt: skip
     if out_dir is not None and not current:
         meta = save_scores(scores, meta, out_dir)

@@ -70,6 +70,13 @@ def _remove_stale_scores(workdir: Path, roles: list[str], sources: list[ModelSou
             remove_score_dir(path)
 
 
+def _detector_settings(run) -> dict | None:
+    """How checkpoints were run (None when no input was a checkpoint run by this call)."""
+    if run is None:
+        return None
+    return {"arch": run.arch, "precision": run.precision, "batch_size": run.batch_size, "trust_checkpoint": run.trust}
+
+
 def run_selection(
     a: str | os.PathLike,
     b: list[str | os.PathLike],
@@ -80,6 +87,7 @@ def run_selection(
     device: str = "cpu",
     drop_invalid: bool = False,
     progress: bool | None = False,
+    detector_run=None,
 ) -> SelectionResult:
     """Score A and every B (reusing cached scores in ``workdir``), select the top images, write it all down.
 
@@ -109,7 +117,7 @@ def run_selection(
     for role, src in zip(roles, sources):
         scored[role] = compute_scores(
             src, load_gt, class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid,
-            cache_dir=workdir / "scores" / role, progress=progress,
+            cache_dir=workdir / "scores" / role, progress=progress, detector_run=detector_run,
         )  # fmt: skip
     metas = {role: meta for role, (_, meta, _) in scored.items()}
     _check_annotations(sources, roles, metas, coco)
@@ -135,7 +143,8 @@ def run_selection(
             "annotations_sha256": ann.get("sha256"),
             "images": str(coco.images.resolve()) if coco is not None else None,
         },
-        "settings": {"top": top, "class_agnostic": class_agnostic, "device": device, "drop_invalid": drop_invalid},
+        "settings": {"top": top, "class_agnostic": class_agnostic, "device": device, "drop_invalid": drop_invalid,
+                     "detector": _detector_settings(detector_run)},
         "models": [
             {
                 "role": role,
@@ -145,6 +154,7 @@ def run_selection(
                 "sha256": src.sha256,
                 "scores": f"scores/{role}",
                 "quality_column": f"quality_{role}",
+                "detections": metas[role].get("source", {}).get("detections"),
             }
             for role, label, src in zip(roles, labels, sources)
         ],

@@ -1,0 +1,211 @@
+"""Checkpoint formats, the mmdetection conversion, and one clear sentence for every bad checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from gradlens.errors import GradlensError
+from gradlens.models import mmdet
+from gradlens.models.checkpoints import CheckpointError, detector_from_object, load_detector, save_detector
+from gradlens.models.registry import ARCHITECTURES, build_detector, with_preprocess
+
+PAPER_CONFIGS = [n for n in ARCHITECTURES if n.startswith("retinanet_") and not n.endswith("_mini")]
+
+
+def _mini(arch="retinanet_cednet_mini", seed=0, num_classes=5):
+    torch.manual_seed(seed)
+    det = build_detector(arch, num_classes)
+    with torch.no_grad():
+        for p in det.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        det.head.classification_head.cls_logits.bias.fill_(-1.0)  # random weights that still detect
+    det.categories = [{"id": 10 + 3 * i, "name": f"c{i}"} for i in range(num_classes)]
+    return det
+
+
+def _images():
+    g = torch.Generator().manual_seed(1)
+    return [torch.rand(3, 90, 120, generator=g), torch.rand(3, 130, 100, generator=g)]
+
+
+def _same_detections(a, b, images):
+    for x, y in zip(a.detect(images), b.detect(images)):
+        assert len(x["boxes"]) > 0
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"]) and torch.equal(x["labels"], y["labels"])
+
+
+@pytest.mark.parametrize("arch", ["retinanet_cednet_mini", "retinanet_convnext_mini"])
+def test_native_round_trip(tmp_path, arch):
+    det = _mini(arch)
+    path = save_detector(det, tmp_path / "d.pth")
+    # loads with weights_only=True: nothing but tensors and plain containers
+    assert torch.load(path, weights_only=True)["arch"] == arch
+    back = load_detector(path)
+    assert back.categories == det.categories and back.preprocess == det.preprocess
+    assert back.checkpoint_format == "gradlens"
+    _same_detections(det, back, _images())
+
+
+@pytest.mark.parametrize("arch", ["retinanet_cednet_mini", "retinanet_convnext_mini"])
+def test_mmdet_layout_round_trip_in_memory(arch):
+    """Mini detectors share the families' key layouts; the mmdetection recogniser must refuse their sizes."""
+    det = _mini(arch)
+    state = mmdet.to_mmdet(det.state_dict())
+    assert mmdet.to_gradlens(state) .keys() == det.state_dict().keys()
+    with pytest.raises(GradlensError, match="matches none"):
+        detector_from_object({"meta": {}, "state_dict": state}, "mini.pth")
+
+
+def test_every_paper_configuration_is_recognised_from_its_keys():
+    """Built on the meta device (shapes only), converted to mmdetection keys, recognised back."""
+    for name in PAPER_CONFIGS:
+        with torch.device("meta"):
+            det = build_detector(name, 80)
+        state = mmdet.to_mmdet(det.state_dict())
+        got, options = mmdet.recognise(state)
+        assert got == name, name
+        assert mmdet.num_classes_of(state) == 80
+        assert set(mmdet.to_gradlens(state)) == set(det.state_dict()), name
+
+
+def test_convnext_output_norms_are_read_from_the_keys():
+    for out_indices in ([1, 2, 3], [0, 1, 2, 3]):
+        with torch.device("meta"):
+            det = build_detector("retinanet_convnext_tiny", 80, {"out_indices": out_indices})
+        name, options = mmdet.recognise(mmdet.to_mmdet(det.state_dict()))
+        assert name == "retinanet_convnext_tiny" and options["out_indices"] == out_indices
+
+
+@pytest.fixture(scope="module")
+def mmdet_cednet(tmp_path_factory):
+    """A full-size CEDNet-NeXt-T RetinaNet written by the repository's script, in both layouts."""
+    from importlib import util
+    from pathlib import Path
+
+    spec = util.spec_from_file_location("make_mmdet", Path(__file__).parents[1] / "scripts" / "make_mmdet_checkpoints.py")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make("cednet_next_tiny", tmp_path_factory.mktemp("mmdet"))
+
+
+def test_mmdet_checkpoint_detects_like_the_native_one(mmdet_cednet):
+    mmdet_path, native_path = mmdet_cednet
+    raw = torch.load(mmdet_path, weights_only=True)
+    assert any(k.startswith("neck") for k in raw["state_dict"]) is False  # CEDNet has no neck
+    assert "backbone.reduce_convs.0.0.weight" in raw["state_dict"]
+    a, b = load_detector(mmdet_path), load_detector(native_path)
+    assert a.checkpoint_format == "mmdetection" and a.arch_name == "retinanet_cednet_next_tiny"
+    assert a.preprocess.size_divisor == 128 and (a.preprocess.min_size, a.preprocess.max_size) == (800, 1333)
+    assert a.categories[0] == {"id": 1, "name": "person"} and a.categories[-1]["id"] == 90
+    for d in (a, b):
+        with_preprocess(d, min_size=96, max_size=160)
+    _same_detections(a, b, _images())
+
+
+def test_mmdet_arch_mismatch_is_refused(mmdet_cednet):
+    with pytest.raises(CheckpointError, match="not the retinanet_swin_tiny named by --arch"):
+        load_detector(mmdet_cednet[0], arch="retinanet_swin_tiny")
+
+
+def test_torchvision_state_dict_needs_arch(tmp_path):
+    det = _mini()
+    path = tmp_path / "tv.pth"
+    torch.save(det.state_dict(), path)
+    with pytest.raises(CheckpointError, match="--arch"):
+        load_detector(path)
+    back = load_detector(path, arch="retinanet_cednet_mini")
+    assert back.checkpoint_format == "torchvision"
+    _same_detections(det, back, _images())
+
+
+def test_torchvision_zoo_layout_loads():
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    det = detector_from_object(reference.state_dict(), "tv.pth", arch="torchvision_retinanet_resnet50_fpn")
+    assert det.preprocess.rounding == "floor"
+    # same feature maps as torchvision's own model on the same batch
+    x = torch.rand(1, 3, 128, 160)
+    ours = det.backbone(x)
+    theirs = list(reference.backbone(x).values())
+    assert all(torch.allclose(o, t, atol=1e-5) for o, t in zip(ours, theirs))
+    assert det.categories[1] == {"id": 1, "name": "person"} and det.categories[12]["id"] is None  # 'N/A'
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run arbitrary code",))
+
+
+def test_pickle_needing_code_is_refused_unless_trusted(tmp_path):
+    det = _mini()
+    path = tmp_path / "evil.pth"
+    torch.save({"format": "gradlens-detector", "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        load_detector(path)
+    with pytest.raises(CheckpointError):  # trusted, unpickled, but not a usable checkpoint
+        load_detector(path, trust=True)
+    ok = tmp_path / "trusted.pth"
+    payload = torch.load(save_detector(det, tmp_path / "x.pth"), weights_only=True)
+    payload["note"] = _Evil()
+    torch.save(payload, ok)
+    assert load_detector(ok, trust=True).arch_name == "retinanet_cednet_mini"
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    path = save_detector(_mini(), tmp_path / "d.pth")
+    data = path.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_detector(tmp_path / "cut.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_detector(tmp_path / "text.pth")
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"a": 1})[:5])
+    with pytest.raises(CheckpointError):
+        load_detector(tmp_path / "legacy.pth")
+    with pytest.raises(GradlensError, match="does not exist"):
+        load_detector(tmp_path / "missing.pth")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no state dict"):
+        load_detector(tmp_path / "other.pth")
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    det = _mini()
+    payload = torch.load(save_detector(det, tmp_path / "d.pth"), weights_only=True)
+    key = "head.regression_head.bbox_reg.weight"
+    payload["state_dict"][key] = torch.zeros(3, 3)
+    del payload["state_dict"]["head.classification_head.cls_logits.bias"]
+    payload["state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(payload, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_detector(tmp_path / "bad.pth")
+    message = str(info.value)
+    assert "1 missing" in message and "cls_logits.bias" in message
+    assert "1 unexpected" in message and "extra.weight" in message
+    assert key in message and "(3, 3)" in message
+
+
+def test_unknown_architectures(tmp_path):
+    state = {"backbone.mystery.weight": torch.zeros(2), "bbox_head.retina_cls.weight": torch.zeros(9 * 80, 256, 3, 3)}
+    torch.save({"meta": {"mmdet_version": "2.25.0"}, "state_dict": state}, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match="not one gradlens knows"):
+        load_detector(tmp_path / "m.pth")
+    with pytest.raises(GradlensError, match="Unknown architecture"):
+        build_detector("retinanet_vgg16", 80)
+    payload = torch.load(save_detector(_mini(), tmp_path / "d.pth"), weights_only=True)
+    payload["arch"] = "retinanet_from_the_future"
+    torch.save(payload, tmp_path / "future.pth")
+    with pytest.raises(GradlensError, match="Unknown architecture 'retinanet_from_the_future'"):
+        load_detector(tmp_path / "future.pth")
+
+
+def test_config_text_hints():
+    text = "test_pipeline = [dict(type='MultiScaleFlipAug', img_scale=(1333, 800), transforms=[dict(type='Pad', size_divisor=32)])]"
+    assert mmdet.preprocess_hints(text) == {"size_divisor": 32, "min_size": 800, "max_size": 1333}
+    assert mmdet.preprocess_hints(None) == {}
+    assert mmdet.backbone_type_hint("model = dict(backbone=dict(type='ConvNeXt', depths=[3, 3, 9, 3]))") == "ConvNeXt"
