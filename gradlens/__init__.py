@@ -6,14 +6,22 @@ The Python API mirrors the pipeline; the ``gradlens`` command is a thin layer ov
 >>> gt = gradlens.load_ground_truth(gradlens.resolve_coco_paths("data/coco"))   # doctest: +SKIP
 >>> dets = gradlens.read_detections("results.json", gt)                       # doctest: +SKIP
 >>> objects, images = gradlens.quality_scores(dets, gt)                       # doctest: +SKIP
+>>> detector = gradlens.load_detector("retinanet_cednet.pth")                  # doctest: +SKIP
+>>> detections = detector.detect([gradlens.to_tensor(gradlens.read_image("x.jpg"))])  # doctest: +SKIP
 """
 
 from gradlens._version import __version__
 from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth, resolve_coco_paths
 from gradlens.data.detections import Detections, read_detections, write_detections
-from gradlens.data.images import read_image
+from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import make_synthetic_coco, simulate_detections
-from gradlens.errors import GradlensError
+from gradlens.errors import CheckpointError, GradlensError
+from gradlens.evaluation import coco_map
+from gradlens.inference import InferenceSettings, cached_detections, detect_images
+from gradlens.models.bundled import BUNDLED, bundled_detector_path
+from gradlens.models.checkpoints import load_detector, save_detector
+from gradlens.models.registry import ARCHITECTURES, build_detector
+from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.scoring.quality import QualityScores, quality_scores
 from gradlens.scoring.store import read_scores
 from gradlens.selection.improvement import select_images
@@ -21,6 +29,19 @@ from gradlens.selection.manifest import load_manifest
 from gradlens.selection.run import run_selection
 
 __all__ = [
+    "ARCHITECTURES",
+    "BUNDLED",
+    "CheckpointError",
+    "InferenceSettings",
+    "RetinaNetDetector",
+    "build_detector",
+    "bundled_detector_path",
+    "cached_detections",
+    "coco_map",
+    "detect_images",
+    "load_detector",
+    "save_detector",
+    "to_tensor",
     "CocoPaths",
     "Detections",
     "GradlensError",

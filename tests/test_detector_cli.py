@@ -1,0 +1,114 @@
+"""The detector commands end to end: score --model, select with checkpoints, evaluate, profile, convert, models."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from gradlens.cli.app import main
+from gradlens.models.checkpoints import save_detector
+from gradlens.profile import count, profile_classifier
+from tests.test_inference import random_detector
+
+
+def run(argv, capsys):
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    a = save_detector(random_detector("retinanet_cednet_mini", seed=1), folder / "cednet.pth")
+    b = save_detector(random_detector("retinanet_convnext_mini", seed=2), folder / "convnext.pth")
+    return a, b
+
+
+def test_select_runs_checkpoints_and_reuses_their_detections(synthetic_coco, checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADLENS_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = checkpoints
+    root = synthetic_coco.ann.parent.parent
+    argv = ["select", "--a", a, "--b", b, "--coco-root", root, "--workdir", tmp_path / "ws", "--top", 5, "--workers", 0, "--no-progress"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "ws" / "manifest.json").read_text())
+    assert [m["kind"] for m in manifest["models"]] == ["checkpoint", "checkpoint"]
+    assert all(m["detections"] and m["detections"].endswith(".json") for m in manifest["models"])
+    assert (tmp_path / "ws" / "scores" / "a" / "detections.json").exists()
+    selection = pd.read_csv(tmp_path / "ws" / "selection.csv")
+    assert len(selection) == 5
+    cached = sorted((tmp_path / "cache" / "detections").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    # second run: the same cache files, untouched
+    code, out, err = run(argv[:-3] + ["--workers", 0, "--no-progress"], capsys)
+    assert code == 0, err
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert pd.read_csv(tmp_path / "ws" / "selection.csv").equals(selection)
+
+
+def test_score_model_and_evaluate(synthetic_coco, checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADLENS_CACHE_DIR", str(tmp_path / "cache"))
+    root = synthetic_coco.ann.parent.parent
+    code, out, err = run(["score", "--model", checkpoints[0], "--coco-root", root, "--out", tmp_path / "s", "--workers", 0], capsys)
+    assert code == 0, err
+    assert (tmp_path / "s" / "images.csv").exists() and (tmp_path / "s" / "detections.json").exists()
+    code, out, err = run(["evaluate", "--model", checkpoints[0], "--coco-root", root, "--format", "json", "--workers", 0], capsys)
+    assert code == 0, err
+    stats = json.loads(out)
+    assert set(stats) >= {"AP", "AP50", "AR_100"} and 0 <= stats["AP"] <= 1
+    # the same numbers from the cached results file
+    results = tmp_path / "s" / "detections.json"
+    code, out2, err = run(["evaluate", "--detections", results, "--coco-root", root, "--format", "json"], capsys)
+    assert code == 0 and json.loads(out2) == stats
+
+
+def test_detector_errors_are_one_sentence(synthetic_coco, checkpoints, tmp_path, capsys):
+    root = synthetic_coco.ann.parent.parent
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(checkpoints[0].read_bytes()[:1000])
+    for argv, message in [
+        (["score", "--model", bad, "--coco-root", root, "--out", tmp_path / "x"], "damaged or truncated"),
+        (["score", "--model", synthetic_coco.ann, "--coco-root", root, "--out", tmp_path / "x"], "--model expects a detector checkpoint"),
+        (["evaluate", "--coco-root", root], "exactly one of"),
+        (["score", "--model", checkpoints[0], "--coco-root", root, "--out", tmp_path / "x", "--precision", "fp16"], "needs a CUDA device"),
+        (["profile", "--model", "ResNet-1000"], "Unknown model"),
+        (["convert", bad, tmp_path / "y.pth"], "damaged or truncated"),
+    ]:
+        code, out, err = run(argv, capsys)
+        assert code == 1, (argv, err)
+        assert err.startswith("gradlens: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_convert_and_models(checkpoints, tmp_path, capsys):
+    sd = tmp_path / "plain.pth"
+    torch.save(torch.load(checkpoints[0], weights_only=True)["state_dict"], sd)
+    code, out, err = run(["convert", sd, tmp_path / "native.pth", "--arch", "retinanet_cednet_mini"], capsys)
+    assert code == 0, err and "torchvision" in out
+    assert torch.load(tmp_path / "native.pth", weights_only=True)["arch"] == "retinanet_cednet_mini"
+    code, out, err = run(["models"], capsys)
+    assert "retinanet_cednet_next_tiny" in out and "retinanet_swin_base" in out
+
+
+def test_profile_reproduces_table_a1_for_cednet_next_tiny(capsys):
+    result = profile_classifier("CEDNet-NeXt-T")
+    assert round(result.params / 1e6) == 34 and round(result.macs / 1e9, 1) == 5.7
+    code, out, err = run(["profile", "--model", "CEDNet-NeXt-T", "--format", "csv"], capsys)
+    assert code == 0, err
+    row = out.strip().splitlines()[1].split(",")
+    assert row[0] == "CEDNet-NeXt-T" and row[-2:] == ["34", "5.7"]
+
+
+def test_flop_counter_counts_multiply_accumulates_and_used_parameters():
+    layer = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(4, 4))
+    x = torch.zeros(1, 3, 4, 4)
+    params, macs = count(layer, lambda: layer[0](x))  # the Linear is never run
+    assert params == 8 * 3 * 9 + 8
+    assert macs == 8 * 3 * 9 * 16
