@@ -1,8 +1,10 @@
-"""The whole pipeline as far as this version goes, on data that gradlens makes itself.
+"""The whole pipeline as far as this version goes, on data and detectors that gradlens ships.
 
-Writes a synthetic COCO dataset, two COCO results files from simulated
-detectors of different skill (stand-ins until the bundled detectors arrive),
-scores both and selects the images where the sharper one improves most.
+Writes a synthetic COCO dataset, runs the two small bundled detectors on it
+(a CEDNet-style and a ConvNeXt-style RetinaNet, see
+:mod:`gradlens.models.bundled`), scores both and selects the images where the
+CEDNet-style one improves most, exactly as ``gradlens select`` does for real
+checkpoints on COCO.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradlens.data.coco import CocoPaths, load_ground_truth
-from gradlens.data.detections import write_detections
-from gradlens.data.synthetic import SyntheticConfig, make_synthetic_coco, simulate_detections
+from gradlens.data.coco import CocoPaths
+from gradlens.data.synthetic import SyntheticConfig, make_synthetic_coco
+from gradlens.models.bundled import bundled_detector_path
+from gradlens.runner import DetectorRun
 from gradlens.selection.run import SelectionResult, run_selection
 
-DEMO_MODELS = {"sharp": 0.9, "sloppy": 0.45}  # label -> simulated skill
+DEMO_MODELS = ("cednet", "convnext")  # A, then the baseline B
 
 
 @dataclass
@@ -33,17 +36,14 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     progress: bool | None = None,
+    workers: int = 2,
 ) -> DemoResult:
     out_dir = Path(out_dir)
     coco = make_synthetic_coco(out_dir / "coco", SyntheticConfig(num_images=num_images, seed=seed), progress=progress)
-    gt = load_ground_truth(coco)
-    detections = {}
-    for i, (label, skill) in enumerate(DEMO_MODELS.items()):
-        detections[label] = write_detections(
-            simulate_detections(gt, skill=skill, seed=seed + 1 + i), out_dir / "detections" / f"{label}.json"
-        )
+    a, b = (bundled_detector_path(name) for name in DEMO_MODELS)
+    run = DetectorRun(device=device, workers=workers, batch_size=4, cache_dir=out_dir / "cache")
     result = run_selection(
-        detections["sharp"], [detections["sloppy"]], coco=coco, workdir=out_dir / "run", top=top,
-        device=device, progress=progress,
+        a, [b], coco=coco, workdir=out_dir / "run", top=top, device=device, progress=progress, detector_run=run,
     )  # fmt: skip
+    detections = {name: Path(m["detections"]) for name, m in zip(DEMO_MODELS, result.manifest["models"])}
     return DemoResult(coco=coco, detections=detections, selection=result)

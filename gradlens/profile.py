@@ -63,26 +63,59 @@ class Profile:
         }
 
 
-def count(model: nn.Module, run) -> tuple[int, int]:
-    """(parameters used, multiply-accumulates) of one call ``run()`` of ``model`` in eval mode."""
-    used: set[int] = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, args: used.add(id(mod))) for m in model.modules()]
+def count(model: nn.Module, run, reached_only: bool = True) -> tuple[int, int]:
+    """(parameters used, multiply-accumulates) of one call ``run()`` of ``model`` in eval mode.
+
+    A parameter is *used* when the autograd graph of the output reaches it;
+    that also sees weights a module reads without calling its submodules
+    (torchvision's Swin passes ``qkv.weight`` to a functional attention).
+    ``reached_only=False`` counts every parameter and skips the graph pass
+    (detectors use all their weights, and their graph at 1280x800 is large).
+    """
     counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        run()
+    params = list(model.parameters())
+    if not reached_only:
+        return sum(p.numel() for p in params), counter.get_total_flops() // 2
+    flags = [p.requires_grad for p in params]
     try:
-        with torch.no_grad(), counter:
-            run()
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = run()
+        used = _reached_parameters(out)
     finally:
-        for h in hooks:
-            h.remove()
-    params = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        if id(module) in used:
-            for p in module.parameters(recurse=False):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params += p.numel()
-    return params, counter.get_total_flops() // 2
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return sum(p.numel() for p in params if id(p) in used), counter.get_total_flops() // 2
+
+
+def _reached_parameters(out) -> set[int]:
+    """Ids of the leaf tensors whose gradient accumulators the outputs' autograd graph reaches."""
+    tensors = [out] if isinstance(out, torch.Tensor) else list(_flatten(out))
+    stack = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen, found = set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "variable"):
+            found.add(id(fn.variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
+
+
+def _flatten(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flatten(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _flatten(v)
 
 
 def profile_classifier(name: str, size: int = 224) -> Profile:
@@ -99,5 +132,5 @@ def profile_detector(arch: str, height: int = 800, width: int = 1280, num_classe
 
     detector = build_detector(arch, num_classes)
     x = torch.zeros(1, 3, height, width)
-    params, macs = count(detector, lambda: detector.head(detector.backbone(x)))
+    params, macs = count(detector, lambda: detector.head(detector.backbone(x)), reached_only=False)
     return Profile(arch, "detector", (height, width), params, macs)

@@ -176,7 +176,7 @@ def demo(
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
-    """Run the pipeline end to end on a synthetic dataset with two simulated detectors."""
+    """Run the pipeline on a synthetic dataset with the two small bundled detectors (CEDNet-style vs ConvNeXt-style)."""
     from gradlens.demo import run_demo
 
     result = run_demo(out, num_images=num_images, top=top, device=device, progress=progress)
