@@ -146,6 +146,9 @@ class RetinaNetDetector(RetinaNet):
     def image_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Per-image focal and L1 losses, shape ``[len(images)]`` each, in whatever mode the modules are.
 
+        Each is normalised by the image's own number of positive anchors (at
+        least 1), reported as ``num_foreground``.
+
         ``targets[i]["boxes"]`` are xyxy boxes in original pixel coordinates and
         ``targets[i]["labels"]`` contiguous labels. Call it on a model in eval
         mode to get DESIGN's total detection loss; the images may require grad.
@@ -154,7 +157,7 @@ class RetinaNetDetector(RetinaNet):
         outputs, levels, _ = self.head_outputs(batch)
         anchors = torch.cat(levels)
         cls_out, reg_out = outputs["cls_logits"], outputs["bbox_regression"]
-        cls_losses, box_losses = [], []
+        cls_losses, box_losses, num_foreground = [], [], []
         for i, (image, size, target) in enumerate(zip(images, sizes, targets)):
             scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=anchors.dtype, device=anchors.device)
             gt = target["boxes"].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4) * scale
@@ -176,7 +179,9 @@ class RetinaNetDetector(RetinaNet):
                 box_loss = reg_out[i].sum() * 0.0
             cls_losses.append(cls_loss)
             box_losses.append(box_loss)
-        return {"classification": torch.stack(cls_losses), "bbox_regression": torch.stack(box_losses)}
+            num_foreground.append(num_fg)
+        return {"classification": torch.stack(cls_losses), "bbox_regression": torch.stack(box_losses),
+                "num_foreground": torch.tensor(num_foreground, dtype=anchors.dtype, device=anchors.device)}
 
     def _match(self, gt: Tensor, anchors: Tensor) -> Tensor:
         if gt.shape[0] == 0:
@@ -184,7 +189,14 @@ class RetinaNetDetector(RetinaNet):
         return self.proposal_matcher(box_iou(gt, anchors))
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        """With targets: the batch-mean loss dict (for training); without: :meth:`detect`."""
+        """With targets: the batch's training losses; without: :meth:`detect`.
+
+        As in mmdetection's training, the batch's summed losses are divided by
+        the batch's number of positive anchors (not averaged per image), so an
+        image with few small objects does not dominate the batch.
+        """
         if targets is not None:
-            return {k: v.mean() for k, v in self.image_losses(images, targets).items()}
+            losses = self.image_losses(images, targets)
+            weights = losses["num_foreground"]
+            return {k: (losses[k] * weights).sum() / weights.sum() for k in ("classification", "bbox_regression")}
         return self.detect(images)

@@ -1,0 +1,43 @@
+"""The two shipped detectors load from the installed package and really detect on images they never saw."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradlens.data.coco import load_ground_truth
+from gradlens.data.detections import detections_from_records
+from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
+from gradlens.errors import GradlensError
+from gradlens.evaluation import coco_map
+from gradlens.inference import InferenceSettings, detect_images
+from gradlens.models.bundled import BUNDLED, bundled_detector_path
+from gradlens.models.checkpoints import load_detector
+from gradlens.scoring.quality import quality_scores
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory):
+    # seed 5 is neither the training (1001) nor the held-out (2002) seed of scripts/train_bundled.py
+    return load_ground_truth(make_synthetic_coco(tmp_path_factory.mktemp("unseen"), num_images=30, seed=5, progress=False))
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_detector_detects(name, unseen):
+    path = bundled_detector_path(name)
+    assert path.stat().st_size < 8 * 2**20  # a few MB
+    detector = load_detector(path)
+    assert detector.categories == [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    results = detect_images(detector, unseen, settings=InferenceSettings(batch_size=4, workers=0), progress=False)
+    dets = detections_from_records([r for i in sorted(results) for r in results[i]], unseen)
+    stats = coco_map(unseen, dets)
+    assert stats["AP50"] > MIN_AP50, stats
+    _, images = quality_scores(dets, unseen)
+    assert (images["quality"] > 0).mean() > 0.8
+
+
+def test_unknown_bundled_name():
+    with pytest.raises(GradlensError, match="No bundled detector"):
+        bundled_detector_path("yolo")
+
+
+MIN_AP50 = 0.3
