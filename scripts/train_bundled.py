@@ -31,7 +31,7 @@ from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.evaluation import coco_map
 from gradlens.inference import InferenceSettings, detect_images
 from gradlens.data.detections import detections_from_records
-from gradlens.models.checkpoints import save_detector
+from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import build_detector
 
 TRAIN_SEED, HELD_OUT_SEED = 1001, 2002
@@ -73,12 +73,16 @@ def flip(pixels, boxes):
     return pixels.flip(-1), torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def train(arch: str, samples, minutes: float, batch_size: int, lr: float, seed: int, log_every: int = 20):
+def train(arch: str, samples, minutes: float, batch_size: int, lr: float, seed: int, log_every: int = 20, init=None):
+    """Train for a time budget (cosine schedule over it); ``init`` continues from a saved detector."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    detector = build_detector(arch, len(CATEGORIES))
-    detector.categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
-    variance_preserving_head(detector)
+    if init is not None:
+        detector = load_detector(init)
+    else:
+        detector = build_detector(arch, len(CATEGORIES))
+        detector.categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+        variance_preserving_head(detector)
     detector.train().use_channels_last()  # depthwise-conv backward is far faster in NHWC on CPU
     params = [p for p in detector.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
@@ -130,6 +134,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="folder of earlier {cednet,convnext}.pth to continue training from (a warm restart)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -137,7 +143,9 @@ def main(argv=None):
     held_gt, _ = load_split(args.data, "val2017", args.held_out_images, HELD_OUT_SEED)
     report = {}
     for arch in args.arch:
-        detector, steps = train(arch, train_samples, args.minutes, args.batch_size, args.lr, args.seed)
+        name = arch.replace("retinanet_", "").replace("_mini", "")
+        init = args.init / f"{name}.pth" if args.init is not None else None
+        detector, steps = train(arch, train_samples, args.minutes, args.batch_size, args.lr, args.seed, init=init)
         results = detect_images(detector, held_gt, settings=InferenceSettings(batch_size=8, workers=0), progress=False)
         records = [r for i in sorted(results) for r in results[i]]
         dets = detections_from_records(records, held_gt)
@@ -146,7 +154,6 @@ def main(argv=None):
 
         _, images = quality_scores(dets, held_gt)
         nonzero = float((images["quality"] > 0).mean())
-        name = arch.replace("retinanet_", "").replace("_mini", "")
         path = save_detector(detector, args.out / f"{name}.pth")
         params = sum(p.numel() for p in detector.parameters())
         report[arch] = {"file": str(path), "params": params, "steps": steps, "mAP": stats["AP"], "AP50": stats["AP50"],
