@@ -168,8 +168,7 @@ def detect_images(
     with torch.inference_mode(), _PrecisionScope(settings.precision, device):
         for batch in track(loader, f"detecting {len(todo)} images", progress, unit="batch", total=len(sampler)):
             images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
-            # Annotation sizes decide grouping; if a file disagrees, regroup so batching stays exact.
-            outputs = []
+            # Annotation sizes decide grouping; if a file disagrees, run its batch image by image so batching stays exact.
             canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]
             if len(set(canvases)) == 1:
                 outputs = detector.detect(images)

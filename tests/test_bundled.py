@@ -30,7 +30,7 @@ def test_bundled_detector_detects(name, unseen):
     results = detect_images(detector, unseen, settings=InferenceSettings(batch_size=4, workers=0), progress=False)
     dets = detections_from_records([r for i in sorted(results) for r in results[i]], unseen)
     stats = coco_map(unseen, dets)
-    assert stats["AP50"] > MIN_AP50, stats
+    assert stats["AP50"] > MIN_AP50[name], stats
     _, images = quality_scores(dets, unseen)
     assert (images["quality"] > 0).mean() > 0.8
 
@@ -40,4 +40,5 @@ def test_unknown_bundled_name():
         bundled_detector_path("yolo")
 
 
-MIN_AP50 = 0.03
+# measured 0.109 (cednet) and 0.352 (convnext) on this set; an untrained detector scores below 0.01
+MIN_AP50 = {"cednet": 0.07, "convnext": 0.25}
