@@ -12,6 +12,7 @@ from gradlens._version import __version__
 from gradlens.cli import options as opt
 from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
+from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
 
 app = typer.Typer(
@@ -57,13 +58,6 @@ def _echo_summary(label: str, s: dict) -> None:
             typer.echo(f"  {what}: {count}")
 
 
-def _detector_run(arch, trust, batch_size, workers, precision, cache_dir, device):
-    from gradlens.runner import DetectorRun
-
-    return DetectorRun(arch=arch, trust=trust, batch_size=batch_size, workers=workers, precision=precision,
-                       cache_dir=cache_dir, device=device)
-
-
 @app.command()
 def score(
     out: Annotated[Path, typer.Option("--out", help="Directory for objects.csv, images.csv (+ .parquet) and score.json.")],
@@ -101,7 +95,8 @@ def score(
     if model is not None and source.kind != "checkpoint":
         raise GradlensError(f"--model expects a detector checkpoint (.pth, .pt, .ckpt, .bin), but {model} is a {source.kind}.")
     paths = resolve_coco_paths(coco_root, ann, images)
-    run = _detector_run(arch, trust_checkpoint, batch_size, workers, precision, cache_dir, device)
+    run = DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers, precision=precision,
+                      cache_dir=cache_dir, device=device)
     _, meta = score_source(
         source, lambda: load_ground_truth(paths), class_agnostic=class_agnostic, device=device,
         drop_invalid=drop_invalid, out_dir=out, progress=progress, detector_run=run,
@@ -141,7 +136,8 @@ def select(
     result = run_selection(
         a, list(b), coco=resolve_coco_paths(coco_root, ann, images), workdir=workdir, top=top,
         class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid, progress=progress,
-        detector_run=_detector_run(arch, trust_checkpoint, batch_size, workers, precision, cache_dir, device),
+        detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
+                                 precision=precision, cache_dir=cache_dir, device=device),
     )  # fmt: skip
     for model in result.manifest["models"]:
         _echo_summary(f"{model['role']} ({model['label']})", result.summaries[model["role"]])
