@@ -91,6 +91,9 @@ class RetinaNetDetector(RetinaNet):
             batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         outputs = self.head(features)
+        if outputs["bbox_regression"].dtype in (torch.float16, torch.bfloat16):
+            # under autocast: anchors, matching and losses stay in float32 (only the network runs in low precision)
+            outputs = {k: v.float() for k, v in outputs.items()}
         sizes = [tuple(f.shape[-2:]) for f in features]
         if isinstance(self.anchor_generator, MMDetAnchorGenerator):
             levels = self.anchor_generator.level_anchors(sizes, batch.device, outputs["bbox_regression"].dtype)

@@ -1,0 +1,100 @@
+"""Gradient maps of many images into a :class:`~gradlens.attribution.store.MapStore`, streamed and resumable.
+
+Images are decoded by DataLoader workers while the network runs; each batch
+holds images of one padded canvas (so batching never changes a map); each
+map is reduced over channels and written as soon as its batch is done.
+
+The batch plan is fixed by the full list of images, and a rerun skips the
+batches whose maps all exist: a run killed halfway and started again
+computes the missing images in the same batches as an uninterrupted run
+would, so the two give bit-identical maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader
+
+from gradlens.attribution.methods import AttributionConfig, canvas_groups, input_gradients, reduce_channels
+from gradlens.attribution.store import MapStore
+from gradlens.attribution.targets import image_targets
+from gradlens.data.coco import GroundTruth
+from gradlens.inference import _Images
+from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.progress import track
+
+MAP_FORMAT = 1
+
+
+def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig) -> dict:
+    """Everything that changes a map: the store's identity."""
+    return {
+        "map_format": MAP_FORMAT,
+        "checkpoint_sha256": checkpoint_sha256,
+        "arch": getattr(detector, "arch_name", type(detector).__name__),
+        "annotations_sha256": gt.sha256,
+        "images": str(gt.images_dir.resolve()) if gt.images_dir else None,
+        "preprocess": detector.preprocess.to_dict(),
+        "categories": [c.get("id") for c in getattr(detector, "categories", [])],
+        "attribution": config.to_dict(),
+    }
+
+
+@dataclass
+class MapRun:
+    computed: int
+    reused: int
+    store: MapStore
+
+
+def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], batch_size: int) -> list[list[int]]:
+    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list."""
+    ids = sorted({int(i) for i in image_ids})
+    sizes = []
+    for i in ids:
+        info = gt.image_info(i)
+        sizes.append((int(info.get("height") or 0), int(info.get("width") or 0)))
+    return [[ids[k] for k in group] for group in canvas_groups(sizes, detector, batch_size)]
+
+
+def compute_maps(
+    detector: RetinaNetDetector,
+    gt: GroundTruth,
+    image_ids,
+    store: MapStore,
+    config: AttributionConfig | None = None,
+    batch_size: int = 4,
+    workers: int = 2,
+    progress: bool | None = None,
+    label: str = "",
+) -> MapRun:
+    """Compute and store the map of every image in ``image_ids`` that ``store`` lacks."""
+    config = (config or AttributionConfig()).check(next(detector.parameters()).device)
+    device = next(detector.parameters()).device
+    plan = plan_batches(detector, gt, list(image_ids), batch_size)
+    todo = [batch for batch in plan if any(not store.has(i) for i in batch)]
+    total = sum(len(b) for b in plan)
+    if not todo:
+        return MapRun(computed=0, reused=total, store=store)
+    paths = {i: gt.image_path(i) for batch in todo for i in batch}
+    targets = {i: image_targets(gt, i, detector.categories) for i in paths}
+    loader = DataLoader(_Images(paths), batch_sampler=todo, num_workers=workers, collate_fn=list,
+                        pin_memory=device.type == "cuda")
+    computed = 0
+    name = f"gradients {label} ".replace("  ", " ")
+    bar = track(loader, f"{name}({sum(map(len, todo))} images)", progress, unit="batch", total=len(todo))
+    for batch in bar:
+        ids = [i for i, _ in batch]
+        images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+        batch_targets = [targets[i].as_dict() for i in ids]
+        # input_gradients regroups by the decoded size, so a file whose size disagrees with the annotation stays exact
+        attributions = input_gradients(detector, images, batch_targets, config=config, batch_size=batch_size)
+        for image_id, attribution in zip(ids, attributions):
+            if not store.has(image_id):
+                store.write(image_id, reduce_channels(attribution, config.channel_reduce))
+                computed += 1
+        del images, attributions
+    return MapRun(computed=computed, reused=total - computed, store=store)
+
+

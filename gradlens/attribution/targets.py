@@ -1,0 +1,65 @@
+"""Training targets of one image: what its total detection loss is measured against.
+
+DESIGN: the loss of an image is computed against its non-crowd ground truth.
+Objects are given to the detector exactly as its training pipeline gave them:
+mmdetection's ``CocoDataset`` skips boxes narrower or lower than one pixel
+(or of zero area), since they cannot be encoded as box deltas (``log 0``);
+those are dropped here too and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradlens.data.coco import GroundTruth
+from gradlens.errors import GradlensError
+
+MIN_BOX_SIDE = 1.0  # mmdetection's CocoDataset._parse_ann_info: `if w < 1 or h < 1: continue`
+
+
+@dataclass
+class ImageTargets:
+    """Boxes (xyxy, original pixels) and contiguous labels of one image, plus what was left out."""
+
+    image_id: int
+    boxes: Tensor
+    labels: Tensor
+    num_too_small: int = 0
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"boxes": self.boxes, "labels": self.labels}
+
+
+def label_map(categories: list[dict]) -> dict[int, int]:
+    """Dataset category id -> the detector's contiguous label (categories without an id are skipped)."""
+    return {int(c["id"]): label for label, c in enumerate(categories) if c.get("id") is not None}
+
+
+def image_targets(gt: GroundTruth, image_id: int, categories: list[dict]) -> ImageTargets:
+    """The non-crowd objects of ``image_id`` as the detector's training targets."""
+    image_id = int(image_id)
+    gt.image_info(image_id)  # a clear error for an unknown id
+    rows = np.flatnonzero(gt.obj_image_id == image_id)
+    xywh = gt.obj_xywh[rows]
+    keep = (xywh[:, 2] >= MIN_BOX_SIDE) & (xywh[:, 3] >= MIN_BOX_SIDE)
+    labels_of = label_map(categories)
+    cats = gt.obj_category_id[rows][keep]
+    unknown = sorted({int(c) for c in cats if int(c) not in labels_of})
+    if unknown:
+        names = ", ".join(f"{c} ({gt.category_names.get(c, '?')})" for c in unknown)
+        raise GradlensError(
+            f"Image {image_id} has objects of categories {names} that the detector does not know; "
+            "its loss cannot be computed (is this the dataset the detector was trained for?)."
+        )
+    kept = xywh[keep]
+    boxes = np.concatenate([kept[:, :2], kept[:, :2] + kept[:, 2:]], axis=1) if len(kept) else np.zeros((0, 4))
+    return ImageTargets(
+        image_id=image_id,
+        boxes=torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.as_tensor([labels_of[int(c)] for c in cats], dtype=torch.int64),
+        num_too_small=int((~keep).sum()),
+    )

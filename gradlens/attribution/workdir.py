@@ -1,0 +1,164 @@
+"""Maps of every model of a selection, in the work directory: what ``area-curve`` and ``figure`` share.
+
+A work directory written by ``gradlens select`` names the dataset and each
+model (A and the baselines). Gradients need the network, so each model must
+be a checkpoint: given to ``select`` directly, recorded in a score
+directory that was scored from a checkpoint, or supplied now
+(``--checkpoint b=convnext.pth``). Maps go to
+``maps/<role>/<settings digest>/``, so other methods or settings never
+overwrite them and an unchanged rerun reuses every map.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from gradlens.attribution.compute import MapRun, compute_maps, map_store_key
+from gradlens.attribution.methods import AttributionConfig
+from gradlens.attribution.store import MapStore, key_digest
+from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth
+from gradlens.device import resolve_device
+from gradlens.errors import GradlensError
+from gradlens.fileio import read_json, read_table, sha256_file
+from gradlens.runner import DetectorRun
+from gradlens.scoring.store import SCORE_META
+from gradlens.selection.manifest import load_manifest
+
+
+@dataclass
+class ModelMaps:
+    """One model of the work directory and the store holding its maps."""
+
+    role: str
+    label: str
+    checkpoint: Path
+    store: MapStore
+    run: MapRun | None = None
+
+
+def selection_ids(workdir: str | os.PathLike, top: int | None = None) -> list[int]:
+    """Image ids of the work directory's selection, best first (the first ``top`` if given)."""
+    table = read_table(Path(workdir), "selection")
+    ids = [int(i) for i in table["image_id"]]
+    return ids[:top] if top is not None else ids
+
+
+def workdir_ground_truth(manifest: dict, coco: CocoPaths | None = None) -> GroundTruth:
+    """The dataset the selection was made on (or the one given, if its annotations are the same file)."""
+    dataset = manifest.get("dataset") or {}
+    if coco is None:
+        if not dataset.get("annotations") or not dataset.get("images"):
+            raise GradlensError("The manifest names no dataset; pass --coco-root (or --ann and --images).")
+        coco = CocoPaths(ann=Path(dataset["annotations"]), images=Path(dataset["images"]))
+    gt = load_ground_truth(coco)
+    if dataset.get("annotations_sha256") and gt.sha256 != dataset["annotations_sha256"]:
+        raise GradlensError(f"{coco.ann} is not the annotation file the selection was made with; pass that one.")
+    return gt
+
+
+def _recorded_checkpoint(model: dict, workdir: Path) -> Path | None:
+    """The checkpoint a model came from: itself, or the one its score directory was scored from."""
+    if model.get("kind") == "checkpoint":
+        return Path(model["source"])
+    if model.get("kind") == "scores":
+        meta_path = Path(model["source"]) / SCORE_META
+        if not meta_path.is_file():
+            meta_path = workdir / model.get("scores", "") / SCORE_META
+        try:
+            source = read_json(meta_path, "score metadata file").get("source", {})
+        except GradlensError:
+            return None
+        if source.get("kind") == "checkpoint" and source.get("path"):
+            return Path(source["path"])
+    return None
+
+
+def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | os.PathLike] | None = None) -> dict[str, Path]:
+    """role -> checkpoint for every model of the manifest, or one sentence saying which is missing."""
+    overrides = dict(overrides or {})
+    roles = [m["role"] for m in manifest["models"]]
+    unknown = sorted(set(overrides) - set(roles))
+    if unknown:
+        raise GradlensError(f"--checkpoint names role {unknown[0]!r}, but the selection's models are {', '.join(roles)}.")
+    found = {}
+    for model in manifest["models"]:
+        role = model["role"]
+        path = Path(overrides[role]) if role in overrides else _recorded_checkpoint(model, workdir)
+        if path is None:
+            raise GradlensError(
+                f"Model {role} ({model.get('label')}) was given as a {model.get('kind')}, and gradients need the network: "
+                f"pass its checkpoint with --checkpoint {role}=PATH."
+            )
+        if not path.is_file():
+            raise GradlensError(f"The checkpoint of model {role}, {path}, does not exist; pass it with --checkpoint {role}=PATH.")
+        if role not in overrides and model.get("kind") == "checkpoint" and model.get("sha256"):
+            if sha256_file(path) != model["sha256"]:
+                raise GradlensError(f"The checkpoint {path} of model {role} changed since 'gradlens select'; run select again.")
+        found[role] = path
+    return found
+
+
+def workdir_maps(
+    workdir: str | os.PathLike,
+    image_ids: list[int] | None = None,
+    config: AttributionConfig | None = None,
+    detector_run: DetectorRun | None = None,
+    checkpoints: dict[str, str | os.PathLike] | None = None,
+    coco: CocoPaths | None = None,
+    map_dtype: str = "float16",
+    progress: bool | None = None,
+    compute: bool = True,
+) -> tuple[list[ModelMaps], GroundTruth]:
+    """Make sure every model of the work directory has a map of every image in ``image_ids``.
+
+    ``image_ids`` defaults to the whole selection. Returns the stores (A
+    first, then the baselines, as in the manifest) and the ground truth.
+    """
+    from gradlens.models.checkpoints import load_detector
+
+    workdir = Path(workdir)
+    manifest = load_manifest(workdir)
+    config = (config or AttributionConfig()).check()
+    run = detector_run or DetectorRun(**_recorded_run(manifest))
+    device = resolve_device(run.device)
+    config.check(device)
+    ids = selection_ids(workdir) if image_ids is None else [int(i) for i in image_ids]
+    gt = workdir_ground_truth(manifest, coco)
+    paths = model_checkpoints(manifest, workdir, checkpoints)
+    result = []
+    for model in manifest["models"]:
+        role = model["role"]
+        detector = load_detector(paths[role], arch=run.arch, trust=run.trust, device=device)
+        if device.type == "cpu":
+            detector.use_channels_last()  # depthwise-conv backward is far faster in NHWC on the CPU
+        key = map_store_key(detector, sha256_file(paths[role]), gt, config)
+        store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype)
+        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=paths[role], store=store)
+        if compute:
+            maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
+                                    progress=progress, label=f"{role} ({maps.label})")
+        result.append(maps)
+        del detector
+    return result, gt
+
+
+def _recorded_run(manifest: dict) -> dict:
+    detector = (manifest.get("settings") or {}).get("detector") or {}
+    out = {"device": (manifest.get("settings") or {}).get("device", "auto")}
+    for name, field in (("arch", "arch"), ("trust_checkpoint", "trust"), ("batch_size", "batch_size")):
+        if detector.get(name) is not None:
+            out[field] = detector[name]
+    return out
+
+
+def objects_table(workdir: str | os.PathLike, role: str) -> pd.DataFrame:
+    """The per-object scores (matched detection, IoU, confidence) of one model of the work directory."""
+    manifest = load_manifest(workdir)
+    model = next((m for m in manifest["models"] if m["role"] == role), None)
+    if model is None:
+        raise GradlensError(f"The work directory has no model {role!r}.")
+    return read_table(Path(workdir) / model["scores"], "objects")

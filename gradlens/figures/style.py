@@ -1,0 +1,29 @@
+"""Matplotlib set-up shared by the figures: a file backend (no screen needed) and the paper's colours."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # figures are files; notebooks that chose a backend keep theirs
+
+GT_COLOUR = "#e41a1c"  # red: human-annotated boxes (Figure A1)
+DET_COLOUR = "#1f5bff"  # blue: each object's matched detection
+CURVE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def save(fig, stem, formats=("png", "pdf"), dpi: int = 150) -> list:
+    """Save ``fig`` as ``stem.<fmt>`` for each format, atomically; returns the paths."""
+    from pathlib import Path
+
+    from gradlens.fileio import atomic_path
+
+    stem = Path(stem)
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        with atomic_path(path) as tmp:
+            # no creation date in the file: the same inputs give byte-identical figures
+            metadata = {"CreationDate": None} if fmt == "pdf" else None
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
+        paths.append(path)
+    return paths

@@ -1,0 +1,145 @@
+"""``gradlens area-curve`` as a Python function: maps of every model, one shared grid, table and Figure A2."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradlens._version import __version__
+from gradlens.attribution.methods import AttributionConfig
+from gradlens.attribution.workdir import ModelMaps, selection_ids, workdir_maps
+from gradlens.data.coco import CocoPaths
+from gradlens.errors import GradlensError
+from gradlens.fileio import write_json, write_table
+from gradlens.progress import track
+from gradlens.regions.histogram import pooled_percentile
+from gradlens.regions.area import (
+    DEFAULT_LOG_DECADES,
+    DEFAULT_SCALE,
+    DEFAULT_THRESHOLDS,
+    area_curve,
+    area_curve_from_summaries,
+    normalise_curves,
+    threshold_grid,
+)
+from gradlens.runner import DetectorRun
+from gradlens.selection.manifest import load_manifest, save_manifest
+
+DEFAULT_T_MAX_PERCENTILE = 99.9
+CURVE_COLUMNS = ["role", "label", "threshold_index", "threshold", "threshold_normalized", "area", "area_normalized", "num_images"]
+
+
+@dataclass
+class AreaCurveResult:
+    table: pd.DataFrame
+    thresholds: np.ndarray
+    curves: dict[str, np.ndarray]
+    models: list[ModelMaps]
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def curves_table(thresholds: np.ndarray, curves: dict, labels: dict, num_images: int) -> pd.DataFrame:
+    """Long table, one row per (model, threshold), raw and normalised (DESIGN's display normalisation)."""
+    t_norm, normed = normalise_curves(thresholds, curves)
+    frames = [
+        pd.DataFrame({
+            "role": role,
+            "label": labels.get(role, role),
+            "threshold_index": np.arange(len(thresholds)),
+            "threshold": np.asarray(thresholds, dtype=np.float64),
+            "threshold_normalized": t_norm,
+            "area": np.asarray(values, dtype=np.float64),
+            "area_normalized": normed[role],
+            "num_images": int(num_images),
+        })  # fmt: skip
+        for role, values in curves.items()
+    ]
+    return pd.concat(frames, ignore_index=True)[CURVE_COLUMNS]
+
+
+def shared_grid(models: list[ModelMaps], image_ids: list[int], num: int, scale: str, log_decades: float,
+                per_image_normalize: bool, t_max_percentile: float = DEFAULT_T_MAX_PERCENTILE) -> np.ndarray:
+    """One grid for all models, from the summaries alone (no map is read).
+
+    It ends at the ``t_max_percentile``-th percentile of all pixel values of
+    all models' maps pooled (100: the largest value). Gradient magnitudes are
+    heavy-tailed: a grid up to the single largest pixel spends almost all its
+    thresholds where every area is ~0.
+    """
+    summaries = (s for m in models for s in m.store.summaries(image_ids))
+    top = pooled_percentile(summaries, t_max_percentile, per_image_normalize)
+    return threshold_grid(top, num, scale, log_decades)
+
+
+def run_area_curve(
+    workdir: str | os.PathLike,
+    thresholds: int = DEFAULT_THRESHOLDS,
+    scale: str = DEFAULT_SCALE,
+    log_decades: float = DEFAULT_LOG_DECADES,
+    per_image_normalize: bool = False,
+    config: AttributionConfig | None = None,
+    detector_run: DetectorRun | None = None,
+    checkpoints: dict | None = None,
+    coco: CocoPaths | None = None,
+    top: int | None = None,
+    map_dtype: str = "float16",
+    from_summaries: bool = False,
+    t_max_percentile: float = DEFAULT_T_MAX_PERCENTILE,
+    progress: bool | None = None,
+) -> AreaCurveResult:
+    """Maps of the selected images for every model (computed or reused), their area curves on one grid,
+    ``area_curve.csv``/``.parquet``, ``area_curve.json`` and Figure A2 (``area_curve.png``/``.pdf``)."""
+    from gradlens.figures.area_curve import save_area_curve_figure
+
+    workdir = Path(workdir)
+    if scale not in ("linear", "log"):
+        raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
+    threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
+    if not 0 < t_max_percentile <= 100:
+        raise GradlensError(f"--t-max-percentile must be in (0, 100]; got {t_max_percentile}.")
+    ids = selection_ids(workdir, top)
+    if not ids:
+        raise GradlensError("The selection is empty, so there are no images to compute an area curve over.")
+    config = config or AttributionConfig()
+    models, _ = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
+    grid = shared_grid(models, ids, thresholds, scale, log_decades, per_image_normalize, t_max_percentile)
+    device = detector_run.device if detector_run is not None else "auto"
+    curves = {}
+    for m in models:
+        if from_summaries:
+            curves[m.role] = area_curve_from_summaries(m.store.summaries(ids), grid, per_image_normalize)
+        else:
+            maps = track(m.store.maps(ids), f"area curve {m.role} ({m.label})", progress, total=len(ids))
+            curves[m.role] = area_curve(maps, grid, per_image_normalize, device=device)
+    labels = {m.role: m.label for m in models}
+    table = curves_table(grid, curves, labels, len(ids))
+    write_table(table, workdir, "area_curve")
+    figures = save_area_curve_figure(table, workdir / "area_curve", scale=scale)
+    settings = {
+        "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
+        "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,
+        "attribution": config.to_dict(), "num_images": len(ids), "threshold_max": float(grid[-1]),
+    }  # fmt: skip
+    record = {
+        "gradlens_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "models": [{"role": m.role, "label": m.label, "checkpoint": str(m.checkpoint.resolve()),
+                    "maps": str(m.store.folder.relative_to(workdir)) if m.store.folder.is_relative_to(workdir) else str(m.store.folder),
+                    "computed": m.run.computed if m.run else 0, "reused": m.run.reused if m.run else len(ids)}
+                   for m in models],
+        "outputs": {"table": "area_curve.csv", "table_parquet": "area_curve.parquet",
+                    "figure": [p.name for p in figures]},
+    }  # fmt: skip
+    write_json(workdir / "area_curve.json", record)
+    manifest = load_manifest(workdir)
+    manifest.setdefault("outputs", {})["area_curve"] = "area_curve.json"
+    save_manifest(workdir, manifest)
+    outputs = {"table": workdir / "area_curve.csv", "meta": workdir / "area_curve.json",
+               **{p.suffix[1:]: p for p in figures}}
+    return AreaCurveResult(table=table, thresholds=grid, curves=curves, models=models, outputs=outputs)
