@@ -1,10 +1,11 @@
-"""The whole pipeline as far as this version goes, on data and detectors that gradlens ships.
+"""The whole pipeline on data and detectors that gradlens ships, in a few CPU minutes.
 
 Writes a synthetic COCO dataset, runs the two small bundled detectors on it
 (a CEDNet-style and a ConvNeXt-style RetinaNet, see
 :mod:`gradlens.models.bundled`), scores both and selects the images where the
-CEDNet-style one improves most, exactly as ``gradlens select`` does for real
-checkpoints on COCO.
+CEDNet-style one improves most, then computes both detectors' input-gradient
+maps of the selected images, their area curves (Figure A2) and a Figure A1
+gallery — exactly the commands a user runs on real checkpoints and COCO.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gradlens.data.coco import CocoPaths
 from gradlens.data.synthetic import SyntheticConfig, make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
 from gradlens.runner import DetectorRun
 from gradlens.selection.run import SelectionResult, run_selection
+
+if TYPE_CHECKING:
+    from gradlens.regions.run import AreaCurveResult
 
 DEMO_MODELS = ("cednet", "convnext")  # A, then the baseline B
 
@@ -27,6 +32,8 @@ class DemoResult:
     coco: CocoPaths
     detections: dict[str, Path]
     selection: SelectionResult
+    area_curve: "AreaCurveResult | None" = None
+    figures: list[Path] | None = None
 
 
 def run_demo(
@@ -37,7 +44,13 @@ def run_demo(
     device: str = "cpu",
     progress: bool | None = None,
     workers: int = 2,
+    gallery: int = 4,
+    gradients: bool = True,
 ) -> DemoResult:
+    """Run it all into ``out_dir``: ``coco/`` (data), ``cache/`` (detections), ``run/`` (the work directory)."""
+    from gradlens.figures.figure_a1 import render_figures_a1
+    from gradlens.regions.run import run_area_curve
+
     out_dir = Path(out_dir)
     coco = make_synthetic_coco(out_dir / "coco", SyntheticConfig(num_images=num_images, seed=seed), progress=progress)
     a, b = (bundled_detector_path(name) for name in DEMO_MODELS)
@@ -46,4 +59,9 @@ def run_demo(
         a, [b], coco=coco, workdir=out_dir / "run", top=top, device=device, progress=progress, detector_run=run,
     )  # fmt: skip
     detections = {name: Path(m["detections"]) for name, m in zip(DEMO_MODELS, result.manifest["models"])}
-    return DemoResult(coco=coco, detections=detections, selection=result)
+    demo = DemoResult(coco=coco, detections=detections, selection=result)
+    if gradients and len(result.selection):
+        demo.area_curve = run_area_curve(result.workdir, detector_run=run, progress=progress)
+        demo.figures = render_figures_a1(result.workdir, top=min(gallery, len(result.selection)), detector_run=run,
+                                         progress=progress)
+    return demo

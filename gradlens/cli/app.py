@@ -169,13 +169,15 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("gradlens-runs/demo"),
     num_images: Annotated[int, typer.Option("--num-images", min=1, help="Synthetic images to generate.")] = 60,
     top: Annotated[int, typer.Option("--top", min=1, help="Images to select.")] = 20,
+    gallery: Annotated[int, typer.Option("--gallery", min=1, help="Figure A1 for the N best selected images.")] = 4,
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
-    """Run the pipeline on a synthetic dataset with the two small bundled detectors (CEDNet-style vs ConvNeXt-style)."""
+    """The whole pipeline in a few CPU minutes: synthetic COCO data, the two small bundled detectors
+    (CEDNet-style A vs ConvNeXt-style B), select, gradient maps, area curves (Figure A2) and a Figure A1 gallery."""
     from gradlens.demo import run_demo
 
-    result = run_demo(out, num_images=num_images, top=top, device=device, progress=progress)
+    result = run_demo(out, num_images=num_images, top=top, device=device, progress=progress, gallery=gallery)
     sel = result.selection
     for model in sel.manifest["models"]:
         _echo_summary(f"{model['role']} ({model['label']})", sel.summaries[model["role"]])
@@ -185,6 +187,13 @@ def demo(
     typer.echo(f"detections: {', '.join(str(p) for p in result.detections.values())}")
     typer.echo(f"selection:  {sel.workdir / 'selection.csv'}")
     typer.echo(f"manifest:   {sel.workdir / 'manifest.json'}")
+    if result.area_curve is not None:
+        curve = result.area_curve
+        typer.echo(f"maps:       {', '.join(str(m.store.folder) for m in curve.models)}")
+        typer.echo(f"Figure A2:  {curve.outputs['png']} (+ .pdf; table {curve.outputs['table']})")
+    if result.figures:
+        typer.echo(f"Figure A1:  {result.figures[0].parent} ({len(result.figures)} images"
+                   f"{', figure_a1_gallery.pdf' if len(result.figures) > 1 else ''})")
 
 
 from gradlens.cli import detectors as _detectors  # noqa: E402  (commands about detectors live in their own module)
@@ -193,6 +202,12 @@ app.command(name="models")(_detectors.models)
 app.command(name="profile")(_detectors.profile)
 app.command(name="evaluate")(_detectors.evaluate)
 app.command(name="convert")(_detectors.convert)
+
+from gradlens.cli import attribution as _attribution  # noqa: E402  (gradients, area curves, figures)
+
+app.command(name="gradients")(_attribution.gradients)
+app.command(name="area-curve")(_attribution.area_curve)
+app.command(name="figure")(_attribution.figure)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, List, Literal, Optional
 
 import typer
 
@@ -64,4 +64,31 @@ CacheDir = Annotated[
         "--cache-dir", envvar="GRADLENS_CACHE_DIR", show_envvar=True,
         help="Where detections of checkpoints are cached [default: ~/.cache/gradlens].",
     ),
+]
+
+# -- attribution ---------------------------------------------------------------------------------
+Method = Annotated[
+    Literal["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"],
+    typer.Option("--method", help="Attribution of the total detection loss (gradient: the paper's)."),
+]
+ChannelReduce = Annotated[
+    Literal["max", "l1", "l2"],
+    typer.Option("--channel-reduce", help="One value per pixel: max |g| over RGB (the paper's), or the L1 / L2 norm."),
+]
+Steps = Annotated[int, typer.Option("--steps", min=1, help="integrated_gradients: points on the path.")]
+Baseline = Annotated[
+    Literal["black", "white", "mean", "blur"],
+    typer.Option("--baseline", help="integrated_gradients: the path's start (mean: the detector's normalisation mean)."),
+]
+Samples = Annotated[int, typer.Option("--samples", min=1, help="smoothgrad: noisy copies per image.")]
+Noise = Annotated[float, typer.Option("--noise", min=0.0, help="smoothgrad: noise std in units of the [0, 1] pixel range.")]
+Seed = Annotated[int, typer.Option("--seed", help="smoothgrad: noise seed (each image's noise also depends on its pixels).")]
+MapDtype = Annotated[
+    Literal["float16", "float32"],
+    typer.Option("--map-dtype", help="Stored map precision (float16: map/max, <= 2^-11 relative error, half the disk)."),
+]
+Checkpoint = Annotated[
+    Optional[List[str]],
+    typer.Option("--checkpoint", metavar="ROLE=PATH",
+                 help="Checkpoint of a model that 'select' got as results or scores (e.g. b=convnext.pth); repeatable."),
 ]

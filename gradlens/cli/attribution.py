@@ -1,0 +1,249 @@
+"""Commands about gradients: ``gradients``, ``area-curve`` and ``figure`` (thin layers over the Python API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from gradlens.cli import options as opt
+from gradlens.errors import GradlensError
+from gradlens.runner import DetectorRun
+from gradlens.selection.manifest import DEFAULT_WORKDIR
+
+
+def _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision):
+    from gradlens.attribution.methods import AttributionConfig
+
+    return AttributionConfig(method=method, channel_reduce=channel_reduce, steps=steps, baseline=baseline,
+                             samples=samples, noise=noise, seed=seed, precision=precision)
+
+
+def _role_paths(items: list[str] | None) -> dict[str, Path]:
+    out = {}
+    for item in items or []:
+        role, sep, path = item.partition("=")
+        if not sep or not role.strip() or not path.strip():
+            raise GradlensError(f"--checkpoint expects ROLE=PATH (for example b=convnext.pth), got {item!r}.")
+        out[role.strip().lower()] = Path(path.strip())
+    return out
+
+
+def _parse_ids(values: list[str] | None) -> list[int]:
+    ids = []
+    for value in values or []:
+        for part in value.replace(",", " ").split():
+            try:
+                ids.append(int(part))
+            except ValueError:
+                raise GradlensError(f"Image ids must be integers; got {part!r}.") from None
+    return ids
+
+
+def _coco_or_none(coco_root, ann, images):
+    from gradlens.data.coco import resolve_coco_paths
+
+    return resolve_coco_paths(coco_root, ann, images) if (coco_root or ann or images) else None
+
+
+def gradients(
+    model: Annotated[Path, typer.Option("--model", help="Detector checkpoint (gradlens, torchvision or mmdetection 2.x).")],
+    out: Annotated[Path, typer.Option("--out", help="Map store folder: one <image_id>.npz per image plus store.json.")],
+    selection: Annotated[
+        Optional[Path], typer.Option("--selection", help="selection.csv written by 'gradlens select' (its images, best first).")
+    ] = None,
+    image_ids: Annotated[
+        Optional[List[str]], typer.Option("--image-ids", help="Image ids, comma-separated or repeated, instead of --selection.")
+    ] = None,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N images of --selection.")] = None,
+    method: opt.Method = "gradient",
+    channel_reduce: opt.ChannelReduce = "max",
+    steps: opt.Steps = 32,
+    baseline: opt.Baseline = "black",
+    samples: opt.Samples = 16,
+    noise: opt.Noise = 0.15,
+    seed: opt.Seed = 0,
+    map_dtype: opt.MapDtype = "float16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace maps in --out that were made with other settings.")] = False,
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: opt.BatchSize = 4,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "fp32",
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Input-gradient maps of the total detection loss, one compressed file per image (resumable).
+
+    The gradient of each image's focal + box loss against its non-crowd ground
+    truth, w.r.t. the RGB image in [0, 1] at original size, through the
+    detector's own resize/normalise/pad, reduced over channels. A rerun
+    computes only the images whose maps are missing.
+    """
+    from gradlens.attribution.compute import compute_maps, map_store_key
+    from gradlens.attribution.store import MapStore
+    from gradlens.data.coco import load_ground_truth
+    from gradlens.device import resolve_device
+    from gradlens.fileio import read_table, sha256_file
+    from gradlens.models.checkpoints import load_detector
+    from gradlens.selection.manifest import MANIFEST, load_manifest
+    from gradlens.attribution.workdir import workdir_ground_truth
+
+    if (selection is None) == (not image_ids):
+        raise GradlensError("Give exactly one of --selection selection.csv or --image-ids.")
+    coco = _coco_or_none(coco_root, ann, images)
+    if selection is not None:
+        if selection.is_dir():
+            selection = selection / "selection.csv"
+        table = read_table(selection.parent, selection.stem) if selection.suffix in (".csv", ".parquet") else None
+        if table is None or "image_id" not in table:
+            raise GradlensError(f"{selection} is not a selection table written by 'gradlens select'.")
+        ids = [int(i) for i in table["image_id"]][:top]
+        if coco is None and (selection.parent / MANIFEST).is_file():
+            gt = workdir_ground_truth(load_manifest(selection.parent))
+        else:
+            from gradlens.data.coco import resolve_coco_paths
+
+            gt = load_ground_truth(coco or resolve_coco_paths())
+    else:
+        from gradlens.data.coco import resolve_coco_paths
+
+        ids = _parse_ids(image_ids)[:top]
+        gt = load_ground_truth(coco or resolve_coco_paths())
+    config = _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision)
+    dev = resolve_device(device)
+    config.check(dev)
+    detector = load_detector(model, arch=arch, trust=trust_checkpoint, device=dev)
+    if dev.type == "cpu":
+        detector.use_channels_last()
+    store = MapStore(out, map_store_key(detector, sha256_file(model), gt, config), map_dtype=map_dtype, overwrite=overwrite)
+    run = compute_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers, progress=progress)
+    typer.echo(f"{len(ids)} images: {run.computed} maps computed, {run.reused} reused ({config.method}, {config.channel_reduce}).")
+    typer.echo(f"Wrote maps to {out}")
+
+
+def area_curve(
+    workdir: opt.Workdir = DEFAULT_WORKDIR,
+    thresholds: Annotated[int, typer.Option("--thresholds", min=2, help="Points on the shared threshold grid.")] = 200,
+    scale: Annotated[str, typer.Option("--scale", help="Threshold grid spacing: log or linear.")] = "log",
+    log_decades: Annotated[float, typer.Option("--log-decades", min=0.1, help="log grid: decades below the top threshold.")] = 4.0,
+    t_max_percentile: Annotated[
+        float, typer.Option("--t-max-percentile", help="Top of the grid: this percentile of all pixels of all maps (100: the max).")
+    ] = 99.9,
+    per_image_normalize: Annotated[
+        bool, typer.Option("--per-image-normalize", help="Divide each map by its own max before thresholding (not the paper's).")
+    ] = False,
+    from_summaries: Annotated[
+        bool, typer.Option("--from-summaries", help="Curves from the stored histograms (no map read; within 0.8% in t).")
+    ] = False,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N selected images.")] = None,
+    checkpoint: opt.Checkpoint = None,
+    method: opt.Method = "gradient",
+    channel_reduce: opt.ChannelReduce = "max",
+    steps: opt.Steps = 32,
+    baseline: opt.Baseline = "black",
+    samples: opt.Samples = 16,
+    noise: opt.Noise = 0.15,
+    seed: opt.Seed = 0,
+    map_dtype: opt.MapDtype = "float16",
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: opt.BatchSize = 4,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "fp32",
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Figure A2: mean important-region area against the gradient threshold, for every model of the selection.
+
+    Computes (or reuses) the gradient map of every selected image for A and
+    each baseline, then the mean fraction of pixels with magnitude > t on one
+    grid shared by all models. Writes area_curve.csv (+ .parquet, raw and
+    normalised values), area_curve.json and area_curve.png/.pdf.
+    """
+    from gradlens.regions.run import run_area_curve
+
+    result = run_area_curve(
+        workdir, thresholds=thresholds, scale=scale, log_decades=log_decades, per_image_normalize=per_image_normalize,
+        config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision),
+        detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
+                                 precision=precision, device=device),
+        checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), top=top, map_dtype=map_dtype,
+        from_summaries=from_summaries, t_max_percentile=t_max_percentile, progress=progress,
+    )  # fmt: skip
+    n = int(result.table["num_images"].iloc[0])
+    typer.echo(f"Area curves over {n} images, {thresholds} thresholds ({scale}, top t = {result.thresholds[-1]:.4g}):")
+    for m in result.models:
+        curve = result.curves[m.role]
+        mid = len(curve) // 2
+        typer.echo(f"  {m.role} ({m.label}): maps {m.run.computed} computed, {m.run.reused} reused; "
+                   f"mean area {curve[0]:.4f} at t={result.thresholds[0]:.3g}, {curve[mid]:.4f} at t={result.thresholds[mid]:.3g}")
+    for name in ("table", "png", "pdf", "meta"):
+        typer.echo(f"Wrote {result.outputs[name]}")
+
+
+def figure(
+    image_id: Annotated[
+        Optional[List[str]], typer.Option("--image-id", help="Image id(s) to draw (repeat or comma-separate).")
+    ] = None,
+    top: Annotated[
+        Optional[int], typer.Option("--top", min=1, help="Gallery: the N best selected images (default: the best one).")
+    ] = None,
+    workdir: opt.Workdir = DEFAULT_WORKDIR,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the figures [default: <workdir>/figures].")] = None,
+    map_scale: Annotated[
+        str, typer.Option("--map-scale", help="shared: one brightness scale for all models of an image; per-map: each its own.")
+    ] = "shared",
+    clip_percentile: Annotated[
+        float, typer.Option("--clip-percentile", help="Brightness saturates at this percentile of the map values.")
+    ] = 99.5,
+    checkpoint: opt.Checkpoint = None,
+    method: opt.Method = "gradient",
+    channel_reduce: opt.ChannelReduce = "max",
+    steps: opt.Steps = 32,
+    baseline: opt.Baseline = "black",
+    samples: opt.Samples = 16,
+    noise: opt.Noise = 0.15,
+    seed: opt.Seed = 0,
+    map_dtype: opt.MapDtype = "float16",
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: opt.BatchSize = 4,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "fp32",
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """Figure A1: per model, detections on the image (ground truth red, matches blue) above its gradient map.
+
+    Draws the named images, or the --top N selected ones as a gallery
+    (one PNG/PDF per image plus figure_a1_gallery.pdf). Missing maps are
+    computed for just these images.
+    """
+    from gradlens.figures.figure_a1 import render_figures_a1
+
+    ids = _parse_ids(image_id)
+    if ids and top is not None:
+        raise GradlensError("Give --image-id or --top, not both.")
+    written = render_figures_a1(
+        workdir, image_ids=ids or None, top=top, out_dir=out,
+        config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision),
+        detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
+                                 precision=precision, device=device),
+        checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), map_scale=map_scale,
+        clip_percentile=clip_percentile, map_dtype=map_dtype, progress=progress,
+    )  # fmt: skip
+    for path in written:
+        typer.echo(f"Wrote {path} (+ .pdf)")
+    if len(written) > 1:
+        typer.echo(f"Wrote {written[0].parent / 'figure_a1_gallery.pdf'}")
