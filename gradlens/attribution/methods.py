@@ -209,7 +209,9 @@ def _smoothgrad(forward: TotalLoss, images: list[Tensor], config: AttributionCon
         n = min(copies_per_pass, config.samples - done)
         noisy = []
         for im, g in zip(images, generators):
-            noise = torch.randn((n, *im.shape), generator=g, dtype=torch.float32).to(im.device, im.dtype)
+            # one draw per copy, so the noise of copy k does not depend on how copies are split into passes
+            noise = torch.stack([torch.randn(im.shape, generator=g, dtype=torch.float32) for _ in range(n)])
+            noise = noise.to(im.device, im.dtype)
             noisy.append((im.detach()[None] + config.noise * noise).requires_grad_(True))
         grads = torch.autograd.grad(forward(*noisy).sum(), noisy)
         for s, g in zip(sums, grads):

@@ -46,10 +46,11 @@ def _cednet(variant: str | None):
 
         opts = dict(options)
         out_chans = int(opts.pop("out_chans", 256))
+        opts.setdefault("drop_path_rate", 0.0)  # only training uses it; the module is an identity in eval mode
         if variant is not None:
-            body = cednet_backbone(variant, out_chans=out_chans, drop_path_rate=0.0, **opts)
+            body = cednet_backbone(variant, out_chans=out_chans, **opts)
         else:
-            body = CEDNetBackbone(out_chans=out_chans, drop_path_rate=0.0, **opts)
+            body = CEDNetBackbone(out_chans=out_chans, **opts)
         return PyramidBackbone(body, out_chans)
 
     return build
