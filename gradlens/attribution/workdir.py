@@ -42,6 +42,7 @@ class ModelMaps:
 
 def selection_ids(workdir: str | os.PathLike, top: int | None = None) -> list[int]:
     """Image ids of the work directory's selection, best first (the first ``top`` if given)."""
+    load_manifest(workdir)  # a work directory without one gets the hint to run 'select'
     table = read_table(Path(workdir), "selection")
     ids = [int(i) for i in table["image_id"]]
     return ids[:top] if top is not None else ids

@@ -1,0 +1,141 @@
+"""gradients, area-curve and figure end to end on the bundled detectors; their errors; the figures' pixels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from gradlens.demo import run_demo
+from gradlens.figures import style
+from tests.test_detector_cli import run
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A work directory after 'select' with the two bundled detectors (no maps yet)."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(out, num_images=16, top=5, device="cpu", progress=False, workers=0, gradients=False)
+    return result.selection.workdir
+
+
+def test_area_curve_needs_no_arguments_and_reuses_maps(workdir, capsys, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--thresholds", 50, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "5 computed, 0 reused" in out
+    table = pd.read_csv(wd / "area_curve.csv")
+    assert list(table.columns) == ["role", "label", "threshold_index", "threshold", "threshold_normalized", "area", "area_normalized", "num_images"]
+    assert set(table["role"]) == {"a", "b"} and len(table) == 100 and (table["num_images"] == 5).all()
+    for _, rows in table.groupby("role"):
+        assert np.all(np.diff(rows["area"].to_numpy()) <= 0)
+        assert rows["threshold"].is_monotonic_increasing
+    assert table["area_normalized"].max() == pytest.approx(1.0) and table["threshold_normalized"].max() == pytest.approx(1.0)
+    meta = json.loads((wd / "area_curve.json").read_text())
+    assert meta["settings"]["scale"] == "log" and meta["settings"]["num_images"] == 5
+    assert json.loads((wd / "manifest.json").read_text())["outputs"]["area_curve"] == "area_curve.json"
+    first = (wd / "area_curve.csv").read_bytes(), (wd / "area_curve.png").read_bytes(), (wd / "area_curve.pdf").read_bytes()
+
+    code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--thresholds", 50, "--no-progress"], capsys)
+    assert code == 0 and "0 computed, 5 reused" in out
+    assert ((wd / "area_curve.csv").read_bytes(), (wd / "area_curve.png").read_bytes(), (wd / "area_curve.pdf").read_bytes()) == first
+
+    code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--thresholds", 50,
+                          "--from-summaries", "--scale", "linear", "--no-progress"], capsys)  # fmt: skip
+    assert code == 0 and "0 computed" in out
+    png = np.asarray(Image.open(wd / "area_curve.png").convert("RGB")).astype(int)
+    for colour in style.CURVE_COLOURS[:2]:  # both curves are drawn in their colours
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(png - rgb).sum(axis=2) < 30).sum() > 50
+
+
+def test_figure_draws_boxes_in_the_paper_colours(workdir, capsys, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    image_id = int(pd.read_csv(wd / "selection.csv")["image_id"].iloc[0])
+    code, out, err = run(["figure", "--workdir", wd, "--image-id", image_id, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)
+    assert code == 0, err
+    png_path = wd / "figures" / f"figure_a1_{image_id}.png"
+    assert png_path.is_file() and png_path.with_suffix(".pdf").is_file()
+    png = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+    for colour in (style.GT_COLOUR, style.DET_COLOUR):
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(png - rgb).sum(axis=2) < 40).sum() > 100, colour
+    # the maps it computed are the area curve's maps: a gallery reuses them
+    code, out, err = run(["figure", "--workdir", wd, "--top", 3, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (wd / "figures" / "figure_a1_gallery.pdf").is_file()
+    assert len(list((wd / "figures").glob("figure_a1_*.png"))) == 3
+
+
+def test_gradients_command_writes_a_resumable_store(workdir, capsys, tmp_path):
+    from gradlens.models.bundled import bundled_detector_path
+
+    out_dir = tmp_path / "maps"
+
+    def argv(top):
+        return ["gradients", "--model", bundled_detector_path("convnext"), "--selection", workdir / "selection.csv",
+                "--top", top, "--out", out_dir, "--device", "cpu", "--workers", 0, "--no-progress"]  # fmt: skip
+
+    code, out, err = run(argv(3), capsys)
+    assert code == 0, err
+    assert "3 maps computed, 0 reused" in out and len(list(out_dir.glob("*.npz"))) == 3
+    code, out, err = run(argv(4), capsys)
+    assert code == 0 and "1 maps computed, 3 reused" in out
+    code, out, err = run(argv(4) + ["--method", "smoothgrad", "--samples", 2], capsys)
+    assert code == 1 and "other settings" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["area-curve", "--workdir", "{empty}"], "has no manifest.json; run 'gradlens select' first"),
+        (["area-curve", "--workdir", "{wd}", "--checkpoint", "b"], "expects ROLE=PATH"),
+        (["area-curve", "--workdir", "{wd}", "--checkpoint", "c=x.pth"], "names role 'c'"),
+        (["area-curve", "--workdir", "{wd}", "--checkpoint", "b=missing.pth"], "does not exist"),
+        (["area-curve", "--workdir", "{wd}", "--t-max-percentile", "0"], "must be in (0, 100]"),
+        (["area-curve", "--workdir", "{wd}", "--scale", "cubic"], "linear or log"),
+        (["area-curve", "--workdir", "{wd}", "--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
+        (["figure", "--workdir", "{wd}", "--image-id", "1", "--top", "2"], "not both"),
+        (["figure", "--workdir", "{wd}", "--image-id", "x1"], "must be integers"),
+        (["figure", "--workdir", "{wd}", "--map-scale", "loud"], "shared or per-map"),
+        (["gradients", "--model", "{ckpt}", "--out", "{tmp}/m"], "exactly one of --selection"),
+        (["gradients", "--model", "{ckpt}", "--out", "{tmp}/m", "--selection", "{wd}/manifest.json"], "not a selection table"),
+    ],
+)
+def test_user_mistakes_are_one_sentence(argv, message, workdir, capsys, tmp_path):
+    from gradlens.models.bundled import bundled_detector_path
+
+    fill = {"{empty}": str(tmp_path / "empty"), "{wd}": str(workdir), "{tmp}": str(tmp_path), "{ckpt}": str(bundled_detector_path("cednet"))}
+    args = []
+    for a in argv:
+        for k, v in fill.items():
+            a = a.replace(k, v)
+        args.append(a)
+    code, out, err = run(args + ["--no-progress"], capsys)
+    assert code == 1, (out, err)
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_results_file_models_need_a_checkpoint(workdir, capsys, tmp_path):
+    """A model given to select as detections has no network: area-curve says so, and --checkpoint fixes it."""
+    from gradlens.models.bundled import bundled_detector_path
+
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    detections = [m["detections"] for m in manifest["models"]]
+    root = manifest["dataset"]["images"].rsplit("/", 1)[0]
+    wd = tmp_path / "wd"
+    code, out, err = run(["select", "--a", detections[0], "--b", detections[1], "--coco-root", root, "--workdir", wd,
+                          "--top", 2, "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)
+    assert code == 1 and "--checkpoint a=PATH" in err
+    code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--thresholds", 20, "--no-progress",
+                          "--checkpoint", f"a={bundled_detector_path('cednet')}", "--checkpoint", f"b={bundled_detector_path('convnext')}"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert (wd / "area_curve.png").is_file()
