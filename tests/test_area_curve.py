@@ -153,3 +153,21 @@ def test_pooled_percentile_from_histograms():
     assert pooled_percentile(summaries, 100) == pooled.max()
     norm = np.concatenate([(m / m.max()).ravel() for m in maps])
     assert pooled_percentile(summaries, 90, per_image_normalize=True) == pytest.approx(np.percentile(norm, 90, method="inverted_cdf"), rel=0.005)
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        np.linspace(1.0, 1.0 + 2e-5, 300),  # steps near float32's resolution: rounding puts estimates off by one
+        np.linspace(-3.0, 5.0, 17),  # negative thresholds
+        np.geomspace(1e-30, 1e-20, 50),  # a log grid among denormal-sized magnitudes
+        np.array([0.0, 0.0, 1.0, 1.0, 2.5]),  # repeated thresholds
+    ],
+)
+def test_fast_grid_lookup_is_exact_on_awkward_grids(grid):
+    rng = np.random.default_rng(1)
+    lo, hi = float(grid[0]), float(grid[-1])
+    span = hi - lo if hi > lo else 1.0
+    values = np.concatenate([rng.uniform(lo - 0.1 * span, hi + 0.1 * span, 3000), grid, np.nextafter(grid, np.inf)])
+    maps = [values.astype(np.float32).reshape(-1, 1), np.abs(values).astype(np.float32).reshape(1, -1) * 0]
+    assert np.allclose(area_curve(maps, grid), direct_curve(maps, grid), atol=1e-12)

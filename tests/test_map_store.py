@@ -134,3 +134,23 @@ def test_store_keys_separate_methods_and_checkpoints(cednet, synthetic_gt):
     c = _key(cednet, synthetic_gt, AttributionConfig(method="smoothgrad"))
     assert a == b and a != c
     assert a != map_store_key(cednet, "another-checkpoint", synthetic_gt, AttributionConfig())
+
+
+@pytest.mark.parametrize("per_image_normalize", [False, True])
+def test_curve_from_store_codes_equals_the_curve_of_the_read_maps(tmp_path, per_image_normalize):
+    from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
+
+    rng = np.random.default_rng(4)
+    store = MapStore(tmp_path / "s", {"k": 1})
+    for i in range(6):
+        h, w = rng.integers(3, 50, size=2)
+        store.write(i, (rng.lognormal(-10, 2, size=(h, w)) * (rng.random((h, w)) > 0.3)).astype(np.float32))
+    store.write(6, np.zeros((4, 4), np.float32))
+    ids = list(range(7))
+    top = 1.0 if per_image_normalize else max(store.summary(i).max for i in ids)
+    for grid in (threshold_grid(top, 101, "linear"), threshold_grid(top, 64, "log", 5), np.sort(rng.random(40)) * top):
+        fast = area_curve_from_store(store, ids, grid, per_image_normalize)
+        exact = area_curve(store.maps(ids), grid, per_image_normalize)
+        assert np.allclose(fast, exact, rtol=0, atol=1e-12)
+    with pytest.raises(GradlensError, match="float16"):
+        MapStore(tmp_path / "f32", {"k": 2}, map_dtype="float32").read_codes(0)

@@ -174,6 +174,20 @@ class MapStore:
             except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
+    def read_codes(self, image_id: int) -> tuple[np.ndarray, np.float32]:
+        """A float16 map's raw 16-bit codes and its scale: ``read() == codes.view(float16) * scale``.
+
+        There are only 65,536 codes, so per-threshold counts can be had from a
+        histogram of codes (see :func:`gradlens.regions.area.area_curve_from_store`).
+        """
+        if self.map_dtype != "float16":
+            raise GradlensError("Only float16 map stores have 16-bit codes.")
+        with self._open(image_id) as data:
+            try:
+                return data["scaled"].view(np.uint16), np.float32(data["scale"])
+            except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+                raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
+
     def summary(self, image_id: int) -> MapSummary:
         """Max, shape and histogram of one map, without inflating the map itself."""
         with self._open(image_id) as data:

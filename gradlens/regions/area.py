@@ -5,11 +5,11 @@ area is the fraction of the image's pixels in it, so images of any size
 count alike. The area curve of a detector is the mean area over the
 selected images at every threshold of one grid shared by all detectors.
 
-One pass per map, no loop over thresholds or pixels: ``searchsorted`` gives
-every pixel the number of grid thresholds strictly below it, a ``bincount``
-of those numbers and a reversed cumulative sum give the count of pixels
-above every threshold at once — O(pixels · log thresholds) on the CPU or
-the GPU. Maps arrive as an iterable and are consumed one at a time, so
+One pass per map, no loop over thresholds or pixels: every pixel gets the
+number of grid thresholds strictly below it (one arithmetic step on linear
+and log grids, verified exactly; a binary search on any other grid), and a
+``bincount`` of those numbers with a reversed cumulative sum gives the count
+of pixels above every threshold at once, on the CPU or the GPU. Maps arrive as an iterable and are consumed one at a time, so
 memory does not grow with the number of images.
 """
 
@@ -62,16 +62,64 @@ def _as_tensor(m, device: torch.device) -> Tensor:
 def region_areas(map_: Tensor | np.ndarray, thresholds: np.ndarray | Tensor, device: str | torch.device = "cpu") -> np.ndarray:
     """Area fraction of ``{map > t}`` for every threshold ``t`` (thresholds sorted ascending)."""
     device = resolve_device(device)
-    grid = torch.as_tensor(np.asarray(thresholds, dtype=np.float32), device=device)
-    return _areas(_as_tensor(map_, device), grid).cpu().numpy()
+    return _areas(_as_tensor(map_, device), _Bucketer(_check_grid(thresholds), device)).cpu().numpy()
 
 
-def _areas(values: Tensor, grid: Tensor) -> Tensor:
+class _Bucketer:
+    """For each value, the number of grid thresholds strictly below it — exactly, and fast on the grids gradlens makes.
+
+    ``searchsorted`` costs a ~10-step binary search per pixel. On a linear or
+    geometric grid the answer is one arithmetic step (``ceil((v - t0) / dt)``,
+    or the same in log space); floating-point rounding can put it one off, so
+    every estimate is verified against the grid itself (two gathers) and the
+    rare wrong ones are redone with ``searchsorted``. Any other sorted grid
+    takes ``searchsorted`` throughout.
+    """
+
+    def __init__(self, grid64: np.ndarray, device: torch.device):
+        self.size = len(grid64)
+        self.grid = torch.as_tensor(grid64.astype(np.float32), device=device)
+        inf = torch.tensor([np.inf], dtype=torch.float32, device=device)
+        self.extended = torch.cat([-inf, self.grid, inf])  # extended[k] = t_{k-1}, extended[k + 1] = t_k
+        self.kind, self.origin, self.step = None, 0.0, 1.0
+        g32 = self.grid.cpu().numpy().astype(np.float64)
+        if self.size >= 2:
+            diffs = np.diff(g32)
+            if diffs.min() > 0 and np.allclose(diffs, (g32[-1] - g32[0]) / (self.size - 1), rtol=1e-4, atol=0):
+                self.kind, self.origin, self.step = "linear", g32[0], (g32[-1] - g32[0]) / (self.size - 1)
+            elif g32[0] > 0 and diffs.min() > 0:
+                logs = np.diff(np.log(g32))
+                if np.allclose(logs, (np.log(g32[-1]) - np.log(g32[0])) / (self.size - 1), rtol=1e-4, atol=0):
+                    self.kind = "log"
+                    self.origin, self.step = np.log(g32[0]), (np.log(g32[-1]) - np.log(g32[0])) / (self.size - 1)
+
+    def below(self, flat: Tensor) -> Tensor:
+        if self.kind is None:
+            return torch.searchsorted(self.grid, flat, right=False)
+        if self.kind == "linear":
+            position = (flat - self.origin) / self.step
+        else:
+            position = (torch.log(flat.clamp_min(torch.finfo(torch.float32).tiny)) - self.origin) / self.step
+            position = torch.where(flat > 0, position, torch.full_like(position, -1.0))
+        estimate = position.ceil_().clamp_(0, self.size).to(torch.int64)
+        wrong = (self.extended[estimate] >= flat) | (self.extended[estimate + 1] < flat)
+        if bool(wrong.any()):
+            where = wrong.nonzero().squeeze(1)
+            estimate[where] = torch.searchsorted(self.grid, flat[where], right=False)
+        return estimate
+
+
+def _areas(values: Tensor, bucketer: _Bucketer) -> Tensor:
     flat = values.reshape(-1)
     if flat.numel() == 0:
         raise GradlensError("A gradient map has no pixels.")
-    below = torch.searchsorted(grid, flat, right=False)  # thresholds strictly below each value
-    hist = torch.bincount(below, minlength=grid.numel() + 1)
+    if not bool(torch.isfinite(flat).all()):
+        raise GradlensError("A gradient map has NaN or infinite values.")
+    below = bucketer.below(flat)  # thresholds strictly below each value
+    if below.device.type == "cpu":  # NumPy's bincount is ~15x faster than torch's on the CPU
+        hist = torch.from_numpy(np.bincount(below.numpy(), minlength=bucketer.size + 1))
+    else:
+        hist = torch.bincount(below, minlength=bucketer.size + 1)
     above = hist.flip(0).cumsum(0).flip(0)[1:]  # pixels with more than k thresholds below: value > t_k
     return above.to(torch.float64) / flat.numel()
 
@@ -99,8 +147,8 @@ def area_curve(maps: Iterable, thresholds, per_image_normalize: bool = False,
     """
     grid64 = _check_grid(thresholds)
     device = resolve_device(device)
-    grid = torch.as_tensor(grid64.astype(np.float32), device=device)
-    total = torch.zeros(grid.numel(), dtype=torch.float64, device=device)
+    bucketer = _Bucketer(grid64, device)
+    total = torch.zeros(len(grid64), dtype=torch.float64, device=device)
     count = 0
     for m in maps:
         values = _as_tensor(m, device)
@@ -109,11 +157,44 @@ def area_curve(maps: Iterable, thresholds, per_image_normalize: bool = False,
         if per_image_normalize:
             peak = values.max()
             values = values / peak if peak > 0 else torch.zeros_like(values)
-        total += _areas(values, grid)
+        total += _areas(values, bucketer).to(device)
         count += 1
     if count == 0:
         raise GradlensError("No gradient maps were given, so there is no area curve.")
     return (total / count).cpu().numpy()
+
+
+_FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def area_curve_from_store(store, image_ids, thresholds, per_image_normalize: bool = False) -> np.ndarray:
+    """The exact area curve of a float16 map store's maps, from a histogram of their 16-bit codes.
+
+    A stored map takes at most 65,536 distinct values (``code * scale``), so
+    each map costs one ``bincount`` of its codes plus work on 65,536 values —
+    and gives exactly what :func:`area_curve` gives on ``store.maps(image_ids)``
+    (same float32 values, same comparisons).
+    """
+    grid = _check_grid(thresholds).astype(np.float32)
+    total = np.zeros(len(grid))
+    count = 0
+    for image_id in image_ids:
+        codes, scale = store.read_codes(image_id)
+        if codes.size == 0:
+            raise GradlensError("A gradient map has no pixels.")
+        hist = np.bincount(codes.reshape(-1), minlength=1 << 16)
+        used = np.flatnonzero(hist)
+        values = _FLOAT16_VALUES[used] * scale  # exactly the float32 values MapStore.read returns
+        if per_image_normalize:
+            peak = values.max()
+            values = values / peak if peak > 0 else np.zeros_like(values)
+        below = np.searchsorted(grid, values, side="left")  # thresholds strictly below each value
+        per_threshold = np.bincount(below, weights=hist[used], minlength=len(grid) + 1)
+        total += per_threshold[::-1].cumsum()[::-1][1:] / codes.size
+        count += 1
+    if count == 0:
+        raise GradlensError("No gradient maps were given, so there is no area curve.")
+    return total / count
 
 
 def area_curve_from_summaries(summaries: Iterable[dict], thresholds, per_image_normalize: bool = False) -> np.ndarray:

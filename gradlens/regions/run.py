@@ -23,6 +23,7 @@ from gradlens.regions.area import (
     DEFAULT_SCALE,
     DEFAULT_THRESHOLDS,
     area_curve,
+    area_curve_from_store,
     area_curve_from_summaries,
     normalise_curves,
     threshold_grid,
@@ -113,6 +114,9 @@ def run_area_curve(
     for m in models:
         if from_summaries:
             curves[m.role] = area_curve_from_summaries(m.store.summaries(ids), grid, per_image_normalize)
+        elif m.store.map_dtype == "float16":  # exact, from histograms of the stored 16-bit codes
+            tracked = track(ids, f"area curve {m.role} ({m.label})", progress)
+            curves[m.role] = area_curve_from_store(m.store, tracked, grid, per_image_normalize)
         else:
             maps = track(m.store.maps(ids), f"area curve {m.role} ({m.label})", progress, total=len(ids))
             curves[m.role] = area_curve(maps, grid, per_image_normalize, device=device)
