@@ -8,9 +8,15 @@ The Python API mirrors the pipeline; the ``gradlens`` command is a thin layer ov
 >>> objects, images = gradlens.quality_scores(dets, gt)                       # doctest: +SKIP
 >>> detector = gradlens.load_detector("retinanet_cednet.pth")                  # doctest: +SKIP
 >>> detections = detector.detect([gradlens.to_tensor(gradlens.read_image("x.jpg"))])  # doctest: +SKIP
+>>> grads = gradlens.input_gradients(detector, [image], [gradlens.image_targets(gt, 42, detector.categories)])  # doctest: +SKIP
+>>> curve = gradlens.area_curve(maps, gradlens.threshold_grid(1e-2, 200, "log"))  # doctest: +SKIP
 """
 
 from gradlens._version import __version__
+from gradlens.attribution.methods import METHODS, AttributionConfig, gradient_maps, input_gradients, reduce_channels
+from gradlens.attribution.store import MapStore
+from gradlens.attribution.targets import image_targets
+from gradlens.attribution.workdir import selection_ids, selection_table, workdir_maps
 from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth, resolve_coco_paths
 from gradlens.data.detections import Detections, read_detections, write_detections
 from gradlens.data.images import read_image, to_tensor
@@ -22,6 +28,9 @@ from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
+from gradlens.regions.run import run_area_curve
+from gradlens.runner import DetectorRun
 from gradlens.scoring.quality import QualityScores, quality_scores
 from gradlens.scoring.store import read_scores
 from gradlens.selection.improvement import select_images
@@ -29,6 +38,24 @@ from gradlens.selection.manifest import load_manifest
 from gradlens.selection.run import run_selection
 
 __all__ = [
+    "METHODS",
+    "AttributionConfig",
+    "DetectorRun",
+    "MapStore",
+    "area_curve",
+    "area_curve_from_store",
+    "draw_figure_a1",
+    "gradient_maps",
+    "image_targets",
+    "input_gradients",
+    "plot_area_curve",
+    "reduce_channels",
+    "render_figures_a1",
+    "run_area_curve",
+    "selection_ids",
+    "selection_table",
+    "threshold_grid",
+    "workdir_maps",
     "ARCHITECTURES",
     "BUNDLED",
     "CheckpointError",
@@ -61,3 +88,15 @@ __all__ = [
     "simulate_detections",
     "write_detections",
 ]
+
+
+def __getattr__(name):  # the figure functions import matplotlib: only when asked for
+    if name in ("draw_figure_a1", "render_figures_a1"):
+        from gradlens.figures import figure_a1
+
+        return getattr(figure_a1, name)
+    if name == "plot_area_curve":
+        from gradlens.figures.area_curve import plot_area_curve
+
+        return plot_area_curve
+    raise AttributeError(f"module 'gradlens' has no attribute {name!r}")

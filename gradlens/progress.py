@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: work in terminals and notebooks without ipywidgets
 
 T = TypeVar("T")
 

@@ -24,6 +24,19 @@ class DetectorRun:
     cache_dir: str | os.PathLike | None = None
     device: str = "auto"
 
+    @classmethod
+    def recorded(cls, workdir: str | os.PathLike, **overrides) -> "DetectorRun":
+        """The run recorded by ``select`` in a work directory's manifest, with some settings changed
+        (``DetectorRun.recorded("runs/latest", device="cuda")``)."""
+        from gradlens.selection.manifest import load_manifest
+
+        settings = load_manifest(workdir).get("settings") or {}
+        detector = settings.get("detector") or {}
+        recorded = {"device": settings.get("device", "auto"), "arch": detector.get("arch"),
+                    "trust": bool(detector.get("trust_checkpoint", False)), "batch_size": detector.get("batch_size") or 4,
+                    "precision": detector.get("precision") or "fp32"}
+        return cls(**{**recorded, **overrides})
+
     @property
     def settings(self) -> InferenceSettings:
         return InferenceSettings(batch_size=self.batch_size, workers=self.workers, precision=self.precision)

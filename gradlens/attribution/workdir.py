@@ -40,10 +40,15 @@ class ModelMaps:
     run: MapRun | None = None
 
 
+def selection_table(workdir: str | os.PathLike) -> pd.DataFrame:
+    """The work directory's selection (image ids best first, qualities and improvement)."""
+    load_manifest(workdir)  # a work directory without one gets the hint to run 'select'
+    return read_table(Path(workdir), "selection")
+
+
 def selection_ids(workdir: str | os.PathLike, top: int | None = None) -> list[int]:
     """Image ids of the work directory's selection, best first (the first ``top`` if given)."""
-    load_manifest(workdir)  # a work directory without one gets the hint to run 'select'
-    table = read_table(Path(workdir), "selection")
+    table = selection_table(workdir)
     ids = [int(i) for i in table["image_id"]]
     return ids[:top] if top is not None else ids
 
@@ -124,7 +129,7 @@ def workdir_maps(
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     config = (config or AttributionConfig()).check()
-    run = detector_run or DetectorRun(**_recorded_run(manifest))
+    run = detector_run or DetectorRun.recorded(workdir)
     device = resolve_device(run.device)
     config.check(device)
     ids = selection_ids(workdir) if image_ids is None else [int(i) for i in image_ids]
@@ -145,15 +150,6 @@ def workdir_maps(
         result.append(maps)
         del detector
     return result, gt
-
-
-def _recorded_run(manifest: dict) -> dict:
-    detector = (manifest.get("settings") or {}).get("detector") or {}
-    out = {"device": (manifest.get("settings") or {}).get("device", "auto")}
-    for name, field in (("arch", "arch"), ("trust_checkpoint", "trust"), ("batch_size", "batch_size")):
-        if detector.get(name) is not None:
-            out[field] = detector[name]
-    return out
 
 
 def objects_table(workdir: str | os.PathLike, role: str) -> pd.DataFrame:

@@ -141,6 +141,7 @@ def area_curve(
         bool, typer.Option("--from-summaries", help="Curves from the stored histograms (no map read; within 0.8% in t).")
     ] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N selected images.")] = None,
+    name: Annotated[str, typer.Option("--name", help="Output file stem, so variants can sit beside the paper's curves.")] = "area_curve",
     checkpoint: opt.Checkpoint = None,
     method: opt.Method = "gradient",
     channel_reduce: opt.ChannelReduce = "max",
@@ -176,7 +177,7 @@ def area_curve(
         detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
                                  precision=precision, device=device),
         checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), top=top, map_dtype=map_dtype,
-        from_summaries=from_summaries, t_max_percentile=t_max_percentile, progress=progress,
+        from_summaries=from_summaries, t_max_percentile=t_max_percentile, name=name, progress=progress,
     )  # fmt: skip
     n = int(result.table["num_images"].iloc[0])
     typer.echo(f"Area curves over {n} images, {thresholds} thresholds ({scale}, top t = {result.thresholds[-1]:.4g}):")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gradlens.errors import GradlensError
 from gradlens.figures import style
 
 DEFAULT_CLIP_PERCENTILE = 99.5
@@ -147,11 +148,12 @@ def render_figures_a1(
 
     from gradlens.attribution.workdir import selection_ids, workdir_maps
     from gradlens.data.images import read_image
-    from gradlens.errors import GradlensError
     from gradlens.fileio import atomic_path
     from gradlens.progress import track
 
     workdir = Path(workdir)
+    if top is not None and top < 1:
+        raise GradlensError(f"top must be at least 1 (got {top}).")
     if image_ids:
         ids = [int(i) for i in image_ids]
     else:

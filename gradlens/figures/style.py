@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg", force=False)  # figures are files; notebooks that chose a backend keep theirs
+
+def _interactive_session() -> bool:
+    """In IPython/Jupyter the user's backend (e.g. inline) must stay; elsewhere figures are only files."""
+    shell = sys.modules.get("IPython")
+    return bool(shell and getattr(shell, "get_ipython", lambda: None)())
+
+
+if "MPLBACKEND" not in os.environ and not _interactive_session():
+    matplotlib.use("Agg")  # no screen needed, and no window ever opens from a command
 
 GT_COLOUR = "#e41a1c"  # red: human-annotated boxes (Figure A1)
 DET_COLOUR = "#1f5bff"  # blue: each object's matched detection

@@ -118,7 +118,10 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
 
     ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
     """
+    from gradlens.device import resolve_device
+
     path = Path(path)
+    device = resolve_device(device)
     detector = detector_from_object(read_checkpoint(path, trust=trust), path, arch=arch)
     if categories is not None:
         if len(categories) != detector.num_classes:

@@ -91,10 +91,14 @@ def run_area_curve(
     map_dtype: str = "float16",
     from_summaries: bool = False,
     t_max_percentile: float = DEFAULT_T_MAX_PERCENTILE,
+    name: str = "area_curve",
     progress: bool | None = None,
 ) -> AreaCurveResult:
     """Maps of the selected images for every model (computed or reused), their area curves on one grid,
-    ``area_curve.csv``/``.parquet``, ``area_curve.json`` and Figure A2 (``area_curve.png``/``.pdf``)."""
+    ``<name>.csv``/``.parquet``, ``<name>.json`` and Figure A2 (``<name>.png``/``.pdf``) in the work directory.
+
+    ``name`` lets a variant (another method, ``per_image_normalize``) sit beside the paper's curves.
+    """
     from gradlens.figures.area_curve import save_area_curve_figure
 
     workdir = Path(workdir)
@@ -122,8 +126,10 @@ def run_area_curve(
             curves[m.role] = area_curve(maps, grid, per_image_normalize, device=device)
     labels = {m.role: m.label for m in models}
     table = curves_table(grid, curves, labels, len(ids))
-    write_table(table, workdir, "area_curve")
-    figures = save_area_curve_figure(table, workdir / "area_curve", scale=scale)
+    if not name or "/" in name or name.startswith("."):
+        raise GradlensError(f"The output name {name!r} must be a plain file stem such as area_curve.")
+    write_table(table, workdir, name)
+    figures = save_area_curve_figure(table, workdir / name, scale=scale)
     settings = {
         "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
         "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,
@@ -137,13 +143,13 @@ def run_area_curve(
                     "maps": str(m.store.folder.relative_to(workdir)) if m.store.folder.is_relative_to(workdir) else str(m.store.folder),
                     "computed": m.run.computed if m.run else 0, "reused": m.run.reused if m.run else len(ids)}
                    for m in models],
-        "outputs": {"table": "area_curve.csv", "table_parquet": "area_curve.parquet",
+        "outputs": {"table": f"{name}.csv", "table_parquet": f"{name}.parquet",
                     "figure": [p.name for p in figures]},
     }  # fmt: skip
-    write_json(workdir / "area_curve.json", record)
+    write_json(workdir / f"{name}.json", record)
     manifest = load_manifest(workdir)
-    manifest.setdefault("outputs", {})["area_curve"] = "area_curve.json"
+    manifest.setdefault("outputs", {})[name] = f"{name}.json"
     save_manifest(workdir, manifest)
-    outputs = {"table": workdir / "area_curve.csv", "meta": workdir / "area_curve.json",
+    outputs = {"table": workdir / f"{name}.csv", "meta": workdir / f"{name}.json",
                **{p.suffix[1:]: p for p in figures}}
     return AreaCurveResult(table=table, thresholds=grid, curves=curves, models=models, outputs=outputs)
