@@ -12,8 +12,12 @@ would, so the two give bit-identical maps.
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader
 
 from gradlens.attribution.methods import AttributionConfig, canvas_groups, input_gradients, reduce_channels
@@ -58,6 +62,33 @@ def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[i
     return [[ids[k] for k in group] for group in canvas_groups(sizes, detector, batch_size)]
 
 
+class _Inline:
+    """The executor interface, running each task at once in the calling thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a thread pool would
+            future.set_exception(exc)
+        return future
+
+
+def _write_missing(store: MapStore, maps) -> int:
+    written = 0
+    for image_id, magnitude in maps:
+        if not store.has(image_id):
+            store.write(image_id, magnitude)
+            written += 1
+    return written
+
+
 def compute_maps(
     detector: RetinaNetDetector,
     gt: GroundTruth,
@@ -77,24 +108,38 @@ def compute_maps(
     total = sum(len(b) for b in plan)
     if not todo:
         return MapRun(computed=0, reused=total, store=store)
+    if device.type == "cpu":
+        # On the CPU the network already uses every core; decoding workers would only contend with it
+        # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
+        workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
     paths = {i: gt.image_path(i) for batch in todo for i in batch}
     targets = {i: image_targets(gt, i, detector.categories) for i in paths}
     loader = DataLoader(_Images(paths), batch_sampler=todo, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
-    computed = 0
     name = f"gradients {label} ".replace("  ", " ")
     bar = track(loader, f"{name}({sum(map(len, todo))} images)", progress, unit="batch", total=len(todo))
-    for batch in bar:
-        ids = [i for i, _ in batch]
-        images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
-        batch_targets = [targets[i].as_dict() for i in ids]
-        # input_gradients regroups by the decoded size, so a file whose size disagrees with the annotation stays exact
-        attributions = input_gradients(detector, images, batch_targets, config=config, batch_size=batch_size)
-        for image_id, attribution in zip(ids, attributions):
-            if not store.has(image_id):
-                store.write(image_id, reduce_channels(attribution, config.channel_reduce))
-                computed += 1
-        del images, attributions
+    # On a GPU, maps are compressed and written by a background thread (zlib releases the GIL) while
+    # the next batch runs; at most two batches of maps wait, so memory stays bounded. On the CPU the
+    # thread would steal a core from the network's threads (measured: 15 % slower), so writes are inline.
+    computed = 0
+    pending: deque[Future] = deque()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlens-map-writer") if device.type == "cuda" else _Inline()
+    with executor as writer:
+        try:
+            for batch in bar:
+                ids = [i for i, _ in batch]
+                images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+                batch_targets = [targets[i].as_dict() for i in ids]
+                # input_gradients regroups by the decoded size, so a file whose size disagrees with the annotation stays exact
+                attributions = input_gradients(detector, images, batch_targets, config=config, batch_size=batch_size)
+                maps = [(i, reduce_channels(a, config.channel_reduce).cpu()) for i, a in zip(ids, attributions)]
+                del images, attributions
+                pending.append(writer.submit(_write_missing, store, maps))
+                while len(pending) > 2:
+                    computed += pending.popleft().result()
+        finally:  # a failure or Ctrl-C: every map already computed is still written
+            while pending:
+                computed += pending.popleft().result()
     return MapRun(computed=computed, reused=total - computed, store=store)
 
 

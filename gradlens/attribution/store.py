@@ -147,12 +147,15 @@ class MapStore:
         bins, counts = value_histogram(stored)
         summary = MapSummary(int(image_id), int(m.shape[0]), int(m.shape[1]), float(stored.max()) if m.numel() else 0.0,
                              bins, counts)
+        arrays = {"scaled": scaled, "scale": np.float64(peak if peak > 0 else 1.0), "max": np.float64(summary.max),
+                  "shape": np.array(m.shape, dtype=np.int64), "hist_bins": bins, "hist_counts": counts}
         with atomic_path(self.path(image_id)) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(
-                    handle, scaled=scaled, scale=np.float64(peak if peak > 0 else 1.0), max=np.float64(summary.max),
-                    shape=np.array(m.shape, dtype=np.int64), hist_bins=bins, hist_counts=counts,
-                )  # fmt: skip
+            # an .npz (NumPy reads it with np.load) deflated at level 1: 3-4x faster to write than
+            # np.savez_compressed's level 6, for a few percent more bytes on noisy gradient maps
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+                for name, value in arrays.items():
+                    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
         return summary
 
     # -- reading ---------------------------------------------------------------------------------
