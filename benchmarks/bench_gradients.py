@@ -77,7 +77,10 @@ def main(argv=None):
     parser.add_argument("--min-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-precision", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="NHWC convolutions for gradlens (auto: on the CPU only, as the commands do)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -99,7 +102,7 @@ def main(argv=None):
         t_naive = time.perf_counter() - start
 
         fast_detector = make_detector(args, device)
-        if device.type == "cpu":
+        if args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu"):
             fast_detector.use_channels_last()
         config = AttributionConfig()
         store = MapStore(f"{tmp}/maps", map_store_key(fast_detector, "bench", gt, config))
@@ -116,19 +119,20 @@ def main(argv=None):
         print(f"{'gradlens compute_maps (batched, frozen, stored float16)':58s} {t_fast:8.2f} {len(ids) / t_fast:7.2f}  {t_naive / t_fast:.2f}x")
         print(f"agreement: max |stored - naive| / max(naive map) = {max(errors):.2e} (float16 storage: <= 4.9e-4 expected)")
 
-        # precision: bf16 autocast against fp32, one image at a time
-        rel, ious = [], {0.01: [], 0.1: [], 0.5: []}
-        for image_id in ids[: min(8, len(ids))]:
-            image = to_tensor(read_image(gt.image_path(image_id))).to(device)
-            target = image_targets(gt, image_id, detector.categories).as_dict()
-            exact = gradient_maps(fast_detector, [image], [target])[0].float().cpu().numpy()
-            low = gradient_maps(fast_detector, [image], [target], precision="bf16")[0].float().cpu().numpy()
-            rel.append(float(np.linalg.norm(low - exact) / np.linalg.norm(exact)))
-            for q in ious:
-                ious[q].append(region_iou(low, exact, q * exact.max()))
-        print(f"bf16 autocast vs fp32 maps: relative L2 error mean {np.mean(rel):.3f} (max {np.max(rel):.3f}); "
-              + ", ".join(f"important-region IoU at t={q:g}*max {np.mean(v):.3f}" for q, v in ious.items()))
-
+        # precision: low-precision arithmetic against fp32, one image at a time
+        precisions = [] if args.skip_precision else ["bf16"] + (["tf32", "fp16"] if device.type == "cuda" else [])
+        for precision in precisions:
+            rel, ious = [], {0.01: [], 0.1: [], 0.5: []}
+            for image_id in ids[: min(8, len(ids))]:
+                image = to_tensor(read_image(gt.image_path(image_id))).to(device)
+                target = image_targets(gt, image_id, detector.categories).as_dict()
+                exact = gradient_maps(fast_detector, [image], [target])[0].float().cpu().numpy()
+                low = gradient_maps(fast_detector, [image], [target], precision=precision)[0].float().cpu().numpy()
+                rel.append(float(np.linalg.norm(low - exact) / np.linalg.norm(exact)))
+                for q in ious:
+                    ious[q].append(region_iou(low, exact, q * exact.max()))
+            print(f"{precision} vs fp32 maps: relative L2 error mean {np.mean(rel):.4f} (max {np.max(rel):.4f}); important-region IoU "
+                  + ", ".join(f"{np.mean(v):.3f} at t={q:g}*max" for q, v in ious.items()))
 
 if __name__ == "__main__":
     main()

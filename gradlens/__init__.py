@@ -12,6 +12,7 @@ The Python API mirrors the pipeline; the ``gradlens`` command is a thin layer ov
 >>> curve = gradlens.area_curve(maps, gradlens.threshold_grid(1e-2, 200, "log"))  # doctest: +SKIP
 """
 
+from gradlens import device as _device  # noqa: F401  (sets CUDA determinism settings before CUDA starts)
 from gradlens._version import __version__
 from gradlens.attribution.methods import METHODS, AttributionConfig, gradient_maps, input_gradients, reduce_channels
 from gradlens.attribution.store import MapStore

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import os
+
+# cuBLAS is deterministic only with a fixed workspace, which must be chosen before CUDA starts;
+# the gradient engine asks for deterministic kernels so that maps are bit-identical run to run.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
 
 from gradlens.errors import GradlensError
 

@@ -141,9 +141,20 @@ def frozen_inference_mode(detector: torch.nn.Module) -> Iterator[None]:
     detector.eval()
     for p in frozen:
         p.requires_grad_(False)
+    # cuDNN's fastest backward kernels may add in a varying order (atomics): deterministic ones keep
+    # a map bit-identical from run to run, so a resumed run matches an uninterrupted one on a GPU too
+    # (and deterministic kernels elsewhere, e.g. bilinear upsampling's backward, which adds with atomics)
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, never fails
     try:
         yield
     finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+        if torch.cuda.is_available():
+            torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
         for p in frozen:
             p.requires_grad_(True)
         for m, mode in modes:

@@ -140,7 +140,10 @@ class MapStore:
         if m.ndim != 2:
             raise GradlensError(f"A gradient map must be 2-D; got shape {tuple(m.shape)}.")
         if not bool(torch.isfinite(m).all()):
-            raise GradlensError(f"The gradient map of image {image_id} has NaN or infinite values (the loss is not finite).")
+            raise GradlensError(
+                f"The gradient map of image {image_id} has NaN or infinite values (the loss or its gradient overflowed; "
+                "with --precision fp16 use fp32, tf32 or bf16)."
+            )
         peak = float(m.max()) if m.numel() else 0.0
         scaled = (m / peak if peak > 0 else m).numpy().astype(self.map_dtype)
         stored = torch.from_numpy(scaled.astype(np.float32) * np.float32(peak if peak > 0 else 1.0))
