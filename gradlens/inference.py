@@ -61,8 +61,18 @@ class _Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, image_id: int):
-        pixels = read_image(self.paths[image_id])
+        try:
+            pixels = read_image(self.paths[image_id])
+        except GradlensError as exc:  # returned, not raised: a worker's exception would arrive as a traceback text
+            return image_id, exc
         return image_id, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def raise_decoding_errors(batch) -> None:
+    """Re-raise, in the main process and as one sentence, an image that a loader worker could not decode."""
+    for _, pixels in batch:
+        if isinstance(pixels, BaseException):
+            raise pixels
 
 
 class ShapeGroupedBatches(Sampler):
@@ -167,6 +177,7 @@ def detect_images(
     detector.eval()
     with torch.inference_mode(), _PrecisionScope(settings.precision, device):
         for batch in track(loader, f"detecting {len(todo)} images", progress, unit="batch", total=len(sampler)):
+            raise_decoding_errors(batch)
             images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
             # Annotation sizes decide grouping; if a file disagrees, run its batch image by image so batching stays exact.
             canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]

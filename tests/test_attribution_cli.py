@@ -139,3 +139,42 @@ def test_results_file_models_need_a_checkpoint(workdir, capsys, tmp_path):
                           "--checkpoint", f"a={bundled_detector_path('cednet')}", "--checkpoint", f"b={bundled_detector_path('convnext')}"], capsys)  # fmt: skip
     assert code == 0, err
     assert (wd / "area_curve.png").is_file()
+
+
+def test_figure_and_area_curve_share_batch_mates(workdir, capsys, tmp_path):
+    """A map drawn first by 'figure --image-id' is the very map 'area-curve' would compute (planned over the selection)."""
+    from gradlens.attribution.workdir import workdir_maps
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(workdir, one)
+    shutil.copytree(workdir, two)
+    image_id = int(pd.read_csv(one / "selection.csv")["image_id"].iloc[-1])
+    assert run(["figure", "--workdir", one, "--image-id", image_id, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)[0] == 0
+    assert run(["area-curve", "--workdir", one, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)[0] == 0
+    assert run(["area-curve", "--workdir", two, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)[0] == 0
+    assert (one / "area_curve.csv").read_bytes() == (two / "area_curve.csv").read_bytes()
+    models_one, _ = workdir_maps(one, compute=False)
+    models_two, _ = workdir_maps(two, compute=False)
+    assert np.array_equal(models_one[0].store.read(image_id), models_two[0].store.read(image_id))
+
+
+def test_missing_image_is_one_sentence_with_decoding_workers(workdir, capsys, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    images = tmp_path / "images"
+    shutil.copytree(manifest["dataset"]["images"], images)
+    manifest["dataset"]["images"] = str(images)
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    image_id = int(pd.read_csv(wd / "selection.csv")["image_id"].iloc[0])
+    (images / f"{image_id:012d}.jpg").unlink()
+    code, out, err = run(["gradients", "--model", manifest["models"][0]["source"], "--selection", wd / "selection.csv",
+                          "--out", tmp_path / "maps", "--device", "cpu", "--workers", 1, "--no-progress"], capsys)  # fmt: skip
+    assert code == 1 and "does not exist" in err and err.count("\n") == 1, err
+
+
+def test_detection_results_are_not_checkpoints(workdir, capsys, tmp_path):
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    code, out, err = run(["gradients", "--model", manifest["models"][0]["detections"], "--image-ids", "1",
+                          "--out", tmp_path / "m", "--no-progress"], capsys)  # fmt: skip
+    assert code == 1 and "is a detection results file" in err

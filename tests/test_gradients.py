@@ -193,7 +193,7 @@ def test_manual_smoothgrad_reference():
     g = _generator_for(image, 4)
     noise = [torch.randn(image.shape, generator=g) for _ in range(3)]
     expected = torch.stack([input_gradients(det, [image + 0.1 * n], [target])[0] for n in noise]).mean(0)
-    assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))  # 3 copies in one batch vs alone
 
 
 def test_channel_reductions_match_numpy():

@@ -24,16 +24,22 @@ from gradlens.attribution.methods import AttributionConfig, canvas_groups, input
 from gradlens.attribution.store import MapStore
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
-from gradlens.inference import _Images
+from gradlens.inference import _Images, raise_decoding_errors
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.progress import track
 
 MAP_FORMAT = 1
 
 
-def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig) -> dict:
-    """Everything that changes a map: the store's identity."""
+def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
+                  batch_size: int | None = None) -> dict:
+    """Everything that changes a map: the store's identity.
+
+    The batch size is part of it: batch mates change a map only in the last
+    bits of float arithmetic, but a store promises bit-identical maps on resume.
+    """
     return {
+        "batch_size": batch_size,
         "map_format": MAP_FORMAT,
         "checkpoint_sha256": checkpoint_sha256,
         "arch": getattr(detector, "arch_name", type(detector).__name__),
@@ -47,8 +53,8 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
 
 @dataclass
 class MapRun:
-    computed: int
-    reused: int
+    computed: int  # maps written by this run (a wanted image's batch mates included)
+    reused: int  # wanted images whose map was already stored
     store: MapStore
 
 
@@ -99,15 +105,23 @@ def compute_maps(
     workers: int = 2,
     progress: bool | None = None,
     label: str = "",
+    plan_ids=None,
 ) -> MapRun:
-    """Compute and store the map of every image in ``image_ids`` that ``store`` lacks."""
+    """Compute and store the map of every image in ``image_ids`` that ``store`` lacks.
+
+    Batches are planned over ``plan_ids`` (default: ``image_ids``), and each
+    batch holding a wanted image is computed whole, so a subset gets the very
+    maps a run over all of ``plan_ids`` gives.
+    """
     config = (config or AttributionConfig()).check(next(detector.parameters()).device)
     device = next(detector.parameters()).device
-    plan = plan_batches(detector, gt, list(image_ids), batch_size)
+    wanted = {int(i) for i in image_ids}
+    plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
+    plan = [batch for batch in plan if wanted.intersection(batch)]
     todo = [batch for batch in plan if any(not store.has(i) for i in batch)]
-    total = sum(len(b) for b in plan)
+    already = sum(1 for i in wanted if store.has(i))
     if not todo:
-        return MapRun(computed=0, reused=total, store=store)
+        return MapRun(computed=0, reused=already, store=store)
     if device.type == "cpu":
         # On the CPU the network already uses every core; decoding workers would only contend with it
         # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
@@ -127,6 +141,7 @@ def compute_maps(
     with executor as writer:
         try:
             for batch in bar:
+                raise_decoding_errors(batch)
                 ids = [i for i, _ in batch]
                 images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
                 batch_targets = [targets[i].as_dict() for i in ids]
@@ -140,6 +155,6 @@ def compute_maps(
         finally:  # a failure or Ctrl-C: every map already computed is still written
             while pending:
                 computed += pending.popleft().result()
-    return MapRun(computed=computed, reused=total - computed, store=store)
+    return MapRun(computed=computed, reused=already, store=store)
 
 

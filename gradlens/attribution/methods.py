@@ -30,6 +30,7 @@ Why it is fast, and still exact:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
@@ -164,8 +165,9 @@ def frozen_inference_mode(detector: torch.nn.Module) -> Iterator[None]:
 def _generator_for(image: Tensor, seed: int) -> torch.Generator:
     """A generator seeded by the seed and the image's bytes: same image, same noise, whatever its batch."""
     data = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.sha256(f"{int(seed)}:{zlib.crc32(data)}".encode()).digest()
     g = torch.Generator(device="cpu")
-    g.manual_seed((zlib.crc32(data) << 20) ^ (seed & 0xFFFFF))
+    g.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
     return g
 
 
@@ -271,8 +273,10 @@ def input_gradients(
     for im in images:
         if im.ndim != 3 or im.shape[0] != 3:
             raise GradlensError(f"Images must be [3, H, W] RGB tensors; got shape {tuple(im.shape)}.")
+    if torch.is_inference_mode_enabled():
+        raise GradlensError("Input gradients cannot be computed inside torch.inference_mode(); call input_gradients outside it.")
     results: list[Tensor | None] = [None] * len(images)
-    with frozen_inference_mode(detector):
+    with frozen_inference_mode(detector), torch.enable_grad():
         for group in canvas_groups([tuple(im.shape[-2:]) for im in images], detector, batch_size):
             attributions = _attribute_group(
                 detector, [images[i] for i in group], [_as_target(targets[i]) for i in group], config, batch_size

@@ -83,6 +83,17 @@ def _recorded_checkpoint(model: dict, workdir: Path) -> Path | None:
     return None
 
 
+def require_checkpoint(path: str | os.PathLike, what: str) -> Path:
+    """A checkpoint path, or one sentence saying what else it is (gradients need the network)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() == ".json":
+        kind = "a score directory" if path.is_dir() else "a detection results file"
+        raise GradlensError(f"{what} {path} is {kind}; gradients need the detector's checkpoint (.pth, .pt, .ckpt, .bin).")
+    if not path.is_file():
+        raise GradlensError(f"The checkpoint {path} ({what}) does not exist.")
+    return path
+
+
 def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | os.PathLike] | None = None) -> dict[str, Path]:
     """role -> checkpoint for every model of the manifest, or one sentence saying which is missing."""
     overrides = dict(overrides or {})
@@ -95,10 +106,13 @@ def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | 
         role = model["role"]
         path = Path(overrides[role]) if role in overrides else _recorded_checkpoint(model, workdir)
         if path is None:
+            given = {"detections": "a detection results file", "scores": "a score directory"}.get(model.get("kind"), model.get("kind"))
             raise GradlensError(
-                f"Model {role} ({model.get('label')}) was given as a {model.get('kind')}, and gradients need the network: "
+                f"Model {role} ({model.get('label')}) was given to select as {given}, and gradients need the network: "
                 f"pass its checkpoint with --checkpoint {role}=PATH."
             )
+        if role in overrides:
+            require_checkpoint(path, f"--checkpoint {role}=")
         if not path.is_file():
             raise GradlensError(f"The checkpoint of model {role}, {path}, does not exist; pass it with --checkpoint {role}=PATH.")
         if role not in overrides and model.get("kind") == "checkpoint" and model.get("sha256"):
@@ -132,7 +146,11 @@ def workdir_maps(
     run = detector_run or DetectorRun.recorded(workdir)
     device = resolve_device(run.device)
     config.check(device)
-    ids = selection_ids(workdir) if image_ids is None else [int(i) for i in image_ids]
+    selected = selection_ids(workdir)
+    ids = selected if image_ids is None else [int(i) for i in image_ids]
+    # Batches are planned over the whole selection whatever subset is asked for, so an image's map is
+    # computed with the same batch mates by 'figure --image-id', 'area-curve --top' and 'area-curve'.
+    plan_ids = sorted(set(selected) | set(ids))
     gt = workdir_ground_truth(manifest, coco)
     paths = model_checkpoints(manifest, workdir, checkpoints)
     result = []
@@ -141,12 +159,12 @@ def workdir_maps(
         detector = load_detector(paths[role], arch=run.arch, trust=run.trust, device=device)
         if device.type == "cpu":
             detector.use_channels_last()  # depthwise-conv backward is far faster in NHWC on the CPU
-        key = map_store_key(detector, sha256_file(paths[role]), gt, config)
+        key = map_store_key(detector, sha256_file(paths[role]), gt, config, batch_size=run.batch_size)
         store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype)
         maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=paths[role], store=store)
         if compute:
             maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
-                                    progress=progress, label=f"{role} ({maps.label})")
+                                    progress=progress, label=f"{role} ({maps.label})", plan_ids=plan_ids)
         result.append(maps)
         del detector
     return result, gt

@@ -9,6 +9,7 @@ import typer
 
 from gradlens.cli import options as opt
 from gradlens.errors import GradlensError
+from gradlens.attribution.workdir import require_checkpoint
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
 
@@ -39,6 +40,24 @@ def _parse_ids(values: list[str] | None) -> list[int]:
             except ValueError:
                 raise GradlensError(f"Image ids must be integers; got {part!r}.") from None
     return ids
+
+
+OptionalBatchSize = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", min=1, help="Images per batch (same padded canvas) [default: as recorded by select, else 4]."),
+]
+
+
+def _workdir_run(workdir, arch, trust, batch_size, workers, precision, device) -> DetectorRun:
+    """select's recorded detector settings (architecture, trust, batch size), with what was given on this command line."""
+    given = {"workers": workers, "precision": precision, "device": device}
+    if arch is not None:
+        given["arch"] = arch
+    if trust:
+        given["trust"] = True
+    if batch_size is not None:
+        given["batch_size"] = batch_size
+    return DetectorRun.recorded(workdir, **given)
 
 
 def _coco_or_none(coco_root, ann, images):
@@ -95,6 +114,7 @@ def gradients(
 
     if (selection is None) == (not image_ids):
         raise GradlensError("Give exactly one of --selection selection.csv or --image-ids.")
+    require_checkpoint(model, "--model")
     coco = _coco_or_none(coco_root, ann, images)
     if selection is not None:
         if selection.is_dir():
@@ -120,7 +140,8 @@ def gradients(
     detector = load_detector(model, arch=arch, trust=trust_checkpoint, device=dev)
     if dev.type == "cpu":
         detector.use_channels_last()
-    store = MapStore(out, map_store_key(detector, sha256_file(model), gt, config), map_dtype=map_dtype, overwrite=overwrite)
+    store = MapStore(out, map_store_key(detector, sha256_file(model), gt, config, batch_size=batch_size), map_dtype=map_dtype,
+                     overwrite=overwrite)
     run = compute_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers, progress=progress)
     typer.echo(f"{len(ids)} images: {run.computed} maps computed, {run.reused} reused ({config.method}, {config.channel_reduce}).")
     typer.echo(f"Wrote maps to {out}")
@@ -156,7 +177,7 @@ def area_curve(
     images: opt.Images = None,
     arch: opt.Arch = None,
     trust_checkpoint: opt.TrustCheckpoint = False,
-    batch_size: opt.BatchSize = 4,
+    batch_size: OptionalBatchSize = None,
     workers: opt.Workers = 2,
     precision: opt.Precision = "fp32",
     device: opt.Device = "auto",
@@ -174,8 +195,7 @@ def area_curve(
     result = run_area_curve(
         workdir, thresholds=thresholds, scale=scale, log_decades=log_decades, per_image_normalize=per_image_normalize,
         config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision),
-        detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
-                                 precision=precision, device=device),
+        detector_run=_workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
         checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), top=top, map_dtype=map_dtype,
         from_summaries=from_summaries, t_max_percentile=t_max_percentile, name=name, progress=progress,
     )  # fmt: skip
@@ -219,7 +239,7 @@ def figure(
     images: opt.Images = None,
     arch: opt.Arch = None,
     trust_checkpoint: opt.TrustCheckpoint = False,
-    batch_size: opt.BatchSize = 4,
+    batch_size: OptionalBatchSize = None,
     workers: opt.Workers = 2,
     precision: opt.Precision = "fp32",
     device: opt.Device = "auto",
@@ -239,8 +259,7 @@ def figure(
     written = render_figures_a1(
         workdir, image_ids=ids or None, top=top, out_dir=out,
         config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision),
-        detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
-                                 precision=precision, device=device),
+        detector_run=_workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
         checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), map_scale=map_scale,
         clip_percentile=clip_percentile, map_dtype=map_dtype, progress=progress,
     )  # fmt: skip

@@ -78,7 +78,8 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
             top.text(row.det_x, row.det_y - 1, f"({row.iou:.2f}, {row.confidence:.2f})", color="white", fontsize=font,
                      va="bottom", ha="left", clip_on=True,
                      bbox={"facecolor": style.DET_COLOUR, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
-        top.text(3, 3, f"{panel.quality:.3f}", color="black", fontsize=font + 2, va="top", ha="left", fontweight="bold",
+        quality = "no objects" if panel.quality != panel.quality else f"{panel.quality:.3f}"  # NaN: no quality
+        top.text(3, 3, quality, color="black", fontsize=font + 2, va="top", ha="left", fontweight="bold",
                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5, "alpha": 0.9})
         top.set_title(panel.label, fontsize=10)
         bottom.imshow(display, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -105,6 +105,8 @@ def run_area_curve(
     if scale not in ("linear", "log"):
         raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
     threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise GradlensError(f"The output name {name!r} must be a plain file stem such as area_curve.")
     if not 0 < t_max_percentile <= 100:
         raise GradlensError(f"--t-max-percentile must be in (0, 100]; got {t_max_percentile}.")
     ids = selection_ids(workdir, top)
@@ -126,8 +128,6 @@ def run_area_curve(
             curves[m.role] = area_curve(maps, grid, per_image_normalize, device=device)
     labels = {m.role: m.label for m in models}
     table = curves_table(grid, curves, labels, len(ids))
-    if not name or "/" in name or name.startswith("."):
-        raise GradlensError(f"The output name {name!r} must be a plain file stem such as area_curve.")
     write_table(table, workdir, name)
     figures = save_area_curve_figure(table, workdir / name, scale=scale)
     settings = {
