@@ -275,8 +275,15 @@ def input_gradients(
             raise GradlensError(f"Images must be [3, H, W] RGB tensors; got shape {tuple(im.shape)}.")
     if torch.is_inference_mode_enabled():
         raise GradlensError("Input gradients cannot be computed inside torch.inference_mode(); call input_gradients outside it.")
+    with frozen_inference_mode(detector):
+        return attribute_frozen(detector, images, targets, config, batch_size)
+
+
+def attribute_frozen(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence, config: AttributionConfig,
+                     batch_size: int) -> list[Tensor]:
+    """:func:`input_gradients` for a detector already inside :func:`frozen_inference_mode` (safe to call from threads)."""
     results: list[Tensor | None] = [None] * len(images)
-    with frozen_inference_mode(detector), torch.enable_grad():
+    with torch.enable_grad():  # grad mode is per thread
         for group in canvas_groups([tuple(im.shape[-2:]) for im in images], detector, batch_size):
             attributions = _attribute_group(
                 detector, [images[i] for i in group], [_as_target(targets[i]) for i in group], config, batch_size
