@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Literal, Optional
 
 import typer
 
@@ -150,7 +150,7 @@ def gradients(
 def area_curve(
     workdir: opt.Workdir = DEFAULT_WORKDIR,
     thresholds: Annotated[int, typer.Option("--thresholds", min=2, help="Points on the shared threshold grid.")] = 200,
-    scale: Annotated[str, typer.Option("--scale", help="Threshold grid spacing: log or linear.")] = "log",
+    scale: Annotated[Literal["log", "linear"], typer.Option("--scale", help="Threshold grid spacing.")] = "log",
     log_decades: Annotated[float, typer.Option("--log-decades", min=0.1, help="log grid: decades below the top threshold.")] = 4.0,
     t_max_percentile: Annotated[
         float, typer.Option("--t-max-percentile", help="Top of the grid: this percentile of all pixels of all maps (100: the max).")
@@ -220,7 +220,8 @@ def figure(
     workdir: opt.Workdir = DEFAULT_WORKDIR,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the figures [default: <workdir>/figures].")] = None,
     map_scale: Annotated[
-        str, typer.Option("--map-scale", help="shared: one brightness scale for all models of an image; per-map: each its own.")
+        Literal["shared", "per-map"],
+        typer.Option("--map-scale", help="shared: one brightness scale for all models of an image; per-map: each its own."),
     ] = "shared",
     clip_percentile: Annotated[
         float, typer.Option("--clip-percentile", help="Brightness saturates at this percentile of the map values.")
