@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -35,7 +34,7 @@ from gradlens.data.images import read_image
 from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path, write_json
 from gradlens.models.retinanet import RetinaNetDetector
-from gradlens.models.transform import padded_size
+from gradlens.models.transform import canvas_groups, padded_size
 from gradlens.progress import track
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
@@ -76,18 +75,12 @@ def raise_decoding_errors(batch) -> None:
 
 
 class ShapeGroupedBatches(Sampler):
-    """Batches of image ids that share one padded canvas, largest groups first, deterministic."""
+    """Batches of image ids that share one padded canvas, in a deterministic order."""
 
     def __init__(self, sizes: dict[int, tuple[int, int]], detector: RetinaNetDetector, batch_size: int):
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for image_id in sorted(sizes):
-            h, w = sizes[image_id]
-            groups[padded_size(h, w, detector.preprocess)].append(image_id)
-        self.batches = [
-            ids[i:i + batch_size]
-            for _, ids in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-            for i in range(0, len(ids), batch_size)
-        ]
+        ids = sorted(sizes)
+        groups = canvas_groups([sizes[i] for i in ids], detector.preprocess, batch_size)
+        self.batches = [[ids[k] for k in group] for group in groups]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

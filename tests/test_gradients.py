@@ -9,7 +9,6 @@ import torch
 from gradlens.attribution.methods import (
     AttributionConfig,
     TotalLoss,
-    canvas_groups,
     frozen_inference_mode,
     gradient_maps,
     input_gradients,
@@ -20,7 +19,7 @@ from gradlens.data.coco import ground_truth_from_dict
 from gradlens.data.synthetic import CATEGORIES
 from gradlens.errors import GradlensError
 from gradlens.models.registry import build_detector
-from gradlens.models.transform import PreprocessConfig, batch_images, padded_size
+from gradlens.models.transform import PreprocessConfig, batch_images, canvas_groups, padded_size
 from tests.conftest import make_gt_dict
 
 SMALL = PreprocessConfig(min_size=64, max_size=96, size_divisor=32)
@@ -243,7 +242,7 @@ def test_bf16_maps_stay_close_to_fp32():
 def test_canvas_groups_cover_every_index_once():
     det = tiny_detector()
     sizes = [(50, 70), (52, 74), (48, 70), (70, 50), (30, 90)] * 3
-    groups = canvas_groups(sizes, det, batch_size=4)
+    groups = canvas_groups(sizes, det.preprocess, batch_size=4)
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     for g in groups:
         assert len(g) <= 4 and len({padded_size(*sizes[i], det.preprocess) for i in g}) == 1

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader
 from gradlens.attribution.methods import (
     AttributionConfig,
     attribute_frozen,
-    canvas_groups,
     frozen_inference_mode,
     reduce_channels,
 )
@@ -33,6 +32,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.inference import _Images, raise_decoding_errors
 from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.transform import canvas_groups
 from gradlens.progress import track
 
 MAP_FORMAT = 1
@@ -72,7 +72,7 @@ def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[i
     for i in ids:
         info = gt.image_info(i)
         sizes.append((int(info.get("height") or 0), int(info.get("width") or 0)))
-    return [[ids[k] for k in group] for group in canvas_groups(sizes, detector, batch_size)]
+    return [[ids[k] for k in group] for group in canvas_groups(sizes, detector.preprocess, batch_size)]
 
 
 def cpu_threads(device: torch.device, batches: int) -> int:

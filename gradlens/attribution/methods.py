@@ -42,7 +42,7 @@ from torch import Tensor
 from gradlens.errors import GradlensError
 from gradlens.inference import PRECISIONS, InferenceSettings, _PrecisionScope
 from gradlens.models.retinanet import RetinaNetDetector
-from gradlens.models.transform import padded_size
+from gradlens.models.transform import canvas_groups as _canvas_groups
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 BASELINES = ("black", "white", "mean", "blur")
@@ -233,14 +233,6 @@ def _smoothgrad(forward: TotalLoss, images: list[Tensor], config: AttributionCon
     return tuple(s[None] / config.samples for s in sums)
 
 
-def canvas_groups(sizes: Sequence[tuple[int, int]], detector: RetinaNetDetector, batch_size: int) -> list[list[int]]:
-    """Indices of ``sizes`` in batches of at most ``batch_size`` that share one padded canvas, in a fixed order."""
-    by_canvas: dict[tuple[int, int], list[int]] = {}
-    for i, (h, w) in enumerate(sizes):
-        by_canvas.setdefault(padded_size(h, w, detector.preprocess), []).append(i)
-    return [idx[j:j + batch_size] for _, idx in sorted(by_canvas.items()) for j in range(0, len(idx), batch_size)]
-
-
 def _as_target(t) -> dict:
     return t.as_dict() if hasattr(t, "as_dict") else {"boxes": t["boxes"], "labels": t["labels"]}
 
@@ -284,7 +276,7 @@ def attribute_frozen(detector: RetinaNetDetector, images: Sequence[Tensor], targ
     """:func:`input_gradients` for a detector already inside :func:`frozen_inference_mode` (safe to call from threads)."""
     results: list[Tensor | None] = [None] * len(images)
     with torch.enable_grad():  # grad mode is per thread
-        for group in canvas_groups([tuple(im.shape[-2:]) for im in images], detector, batch_size):
+        for group in _canvas_groups([tuple(im.shape[-2:]) for im in images], detector.preprocess, batch_size):
             attributions = _attribute_group(
                 detector, [images[i] for i in group], [_as_target(targets[i]) for i in group], config, batch_size
             )

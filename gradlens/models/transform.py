@@ -63,6 +63,18 @@ def padded_size(height: int, width: int, config: PreprocessConfig) -> tuple[int,
     return -(-h // d) * d, -(-w // d) * d
 
 
+def canvas_groups(sizes, config: PreprocessConfig, batch_size: int) -> list[list[int]]:
+    """Indices of ``sizes`` ((h, w) per image) in batches of at most ``batch_size`` sharing one padded canvas.
+
+    Deterministic: groups in canvas order, indices ascending within each, so a
+    list of images always gives the same batches.
+    """
+    by_canvas: dict[tuple[int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        by_canvas.setdefault(padded_size(h, w, config), []).append(i)
+    return [idx[j:j + batch_size] for _, idx in sorted(by_canvas.items()) for j in range(0, len(idx), batch_size)]
+
+
 def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
     """Resize (bilinear, half-pixel centres, no antialiasing, like cv2) and normalise one CHW image in [0, 1]."""
     height, width = image.shape[-2:]
