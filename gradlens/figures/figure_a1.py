@@ -75,8 +75,9 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
             if not row.matched:
                 continue
             top.add_patch(Rectangle((row.det_x, row.det_y), row.det_w, row.det_h, fill=False, edgecolor=style.DET_COLOUR, linewidth=1.6))
-            top.text(row.det_x, row.det_y - 1, f"({row.iou:.2f}, {row.confidence:.2f})", color="white", fontsize=font,
-                     va="bottom", ha="left", clip_on=True,
+            near_top = row.det_y < 0.06 * h  # no room above the box: the label goes just inside it
+            top.text(row.det_x, row.det_y + 1 if near_top else row.det_y - 1, f"({row.iou:.2f}, {row.confidence:.2f})",
+                     color="white", fontsize=font, va="top" if near_top else "bottom", ha="left", clip_on=True,
                      bbox={"facecolor": style.DET_COLOUR, "edgecolor": "none", "pad": 1.0, "alpha": 0.85})
         quality = "no objects" if panel.quality != panel.quality else f"{panel.quality:.3f}"  # NaN: no quality
         top.text(3, 3, quality, color="black", fontsize=font + 2, va="top", ha="left", fontweight="bold",
