@@ -144,8 +144,11 @@ def compute_maps(
     config = (config or AttributionConfig()).check(next(detector.parameters()).device)
     device = next(detector.parameters()).device
     wanted = {int(i) for i in image_ids}
-    plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
-    plan = [batch for batch in plan if wanted.intersection(batch)]
+    full_plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
+    # how batches are run (threads or not) changes the last bits of a map: decided by the whole plan,
+    # so a subset ('figure --image-id') computes each batch exactly as the whole run does
+    threads = cpu_threads(device, len(full_plan))
+    plan = [batch for batch in full_plan if wanted.intersection(batch)]
     todo = [batch for batch in plan if any(not store.has(i) for i in batch)]
     already = sum(1 for i in wanted if store.has(i))
     if not todo:
@@ -159,7 +162,6 @@ def compute_maps(
     loader = DataLoader(_Images(paths), batch_sampler=todo, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
     name = f"gradients {label} ".replace("  ", " ")
-    threads = cpu_threads(device, len(plan))
     desc = f"{name}({sum(map(len, todo))} images{f', {threads} threads' if threads > 1 else ''})"
     bar = track(None, desc, progress, unit="batch", total=len(todo))
 
