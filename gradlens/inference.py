@@ -67,11 +67,26 @@ class _Images(Dataset):
         return image_id, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def raise_decoding_errors(batch) -> None:
-    """Re-raise, in the main process and as one sentence, an image that a loader worker could not decode."""
+def loaded_images(batch, device: torch.device) -> tuple[list[int], list[torch.Tensor]]:
+    """Ids and [0, 1] float images on ``device`` of a batch of :class:`_Images` items.
+
+    An image that a loader worker could not decode is re-raised here, in the
+    main process and as one sentence (a worker's own exception would arrive as
+    a traceback text).
+    """
     for _, pixels in batch:
         if isinstance(pixels, BaseException):
             raise pixels
+    return [i for i, _ in batch], [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+
+
+def annotated_sizes(gt: GroundTruth, image_ids) -> dict[int, tuple[int, int]]:
+    """(height, width) of each image as the annotation file gives them (0 where it does not)."""
+    sizes = {}
+    for i in image_ids:
+        info = gt.image_info(i)
+        sizes[int(i)] = (int(info.get("height") or 0), int(info.get("width") or 0))
+    return sizes
 
 
 class ShapeGroupedBatches(Sampler):
@@ -159,26 +174,21 @@ def detect_images(
     if not todo:
         return results
     paths = {i: gt.image_path(i) for i in todo}
-    sizes = {}
-    for i in todo:
-        info = gt.image_info(i)
-        sizes[i] = (int(info.get("height") or 0), int(info.get("width") or 0))
-    sampler = ShapeGroupedBatches(sizes, detector, settings.batch_size)
+    sampler = ShapeGroupedBatches(annotated_sizes(gt, todo), detector, settings.batch_size)
     loader = DataLoader(_Images(paths), batch_sampler=sampler, num_workers=settings.workers,
                         collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
     label_to_id = [c["id"] for c in detector.categories]
     detector.eval()
     with torch.inference_mode(), _PrecisionScope(settings.precision, device):
         for batch in track(loader, f"detecting {len(todo)} images", progress, unit="batch", total=len(sampler)):
-            raise_decoding_errors(batch)
-            images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+            ids, images = loaded_images(batch, device)
             # Annotation sizes decide grouping; if a file disagrees, run its batch image by image so batching stays exact.
             canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]
             if len(set(canvases)) == 1:
                 outputs = detector.detect(images)
             else:
                 outputs = [detector.detect([im])[0] for im in images]
-            for (image_id, _), out in zip(batch, outputs):
+            for image_id, out in zip(ids, outputs):
                 results[image_id] = _records(image_id, out, label_to_id)
             if on_batch is not None:
                 on_batch(results)

@@ -30,9 +30,8 @@ from gradlens.attribution.methods import (
 from gradlens.attribution.store import MapStore
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
-from gradlens.inference import _Images, raise_decoding_errors
+from gradlens.inference import ShapeGroupedBatches, _Images, annotated_sizes, loaded_images
 from gradlens.models.retinanet import RetinaNetDetector
-from gradlens.models.transform import canvas_groups
 from gradlens.progress import track
 
 MAP_FORMAT = 1
@@ -67,12 +66,7 @@ class MapRun:
 
 def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], batch_size: int) -> list[list[int]]:
     """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list."""
-    ids = sorted({int(i) for i in image_ids})
-    sizes = []
-    for i in ids:
-        info = gt.image_info(i)
-        sizes.append((int(info.get("height") or 0), int(info.get("width") or 0)))
-    return [[ids[k] for k in group] for group in canvas_groups(sizes, detector.preprocess, batch_size)]
+    return ShapeGroupedBatches(annotated_sizes(gt, set(image_ids)), detector, batch_size).batches
 
 
 def cpu_threads(device: torch.device, batches: int) -> int:
@@ -141,8 +135,8 @@ def compute_maps(
     batch holding a wanted image is computed whole, so a subset gets the very
     maps a run over all of ``plan_ids`` gives.
     """
-    config = (config or AttributionConfig()).check(next(detector.parameters()).device)
     device = next(detector.parameters()).device
+    config = (config or AttributionConfig()).check(device)
     wanted = {int(i) for i in image_ids}
     full_plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
     # how batches are run (threads or not) changes the last bits of a map: decided by the whole plan,
@@ -165,9 +159,7 @@ def compute_maps(
     desc = f"{name}({sum(map(len, todo))} images{f', {threads} threads' if threads > 1 else ''})"
     bar = track(None, desc, progress, unit="batch", total=len(todo))
 
-    def work(batch) -> int:
-        ids = [i for i, _ in batch]
-        images = [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
+    def work(ids: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         # regrouped by the decoded size, so a file whose size disagrees with the annotation stays exact
         attributions = attribute_frozen(detector, images, [targets[i].as_dict() for i in ids], config, batch_size)
         return [(i, reduce_channels(a, config.channel_reduce).cpu()) for i, a in zip(ids, attributions)]
@@ -187,11 +179,12 @@ def compute_maps(
         with executor as pool:
             try:
                 for batch in loader:
-                    raise_decoding_errors(batch)
+                    ids, images = loaded_images(batch, device)
                     if threads > 1:
-                        pending.append(pool.submit(lambda b=batch: _write_missing(store, work(b))))
+                        pending.append(pool.submit(lambda i=ids, x=images: _write_missing(store, work(i, x))))
                     else:
-                        pending.append(pool.submit(_write_missing, store, work(batch)))
+                        pending.append(pool.submit(_write_missing, store, work(ids, images)))
+                    del images
                     while len(pending) > max(2, 2 * threads):  # bounded: memory does not grow with the run
                         computed += pending.popleft().result()
                         bar.update()

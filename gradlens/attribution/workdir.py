@@ -94,8 +94,13 @@ def require_checkpoint(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | os.PathLike] | None = None) -> dict[str, Path]:
-    """role -> checkpoint for every model of the manifest, or one sentence saying which is missing."""
+def model_checkpoints(manifest: dict, workdir: Path,
+                      overrides: dict[str, str | os.PathLike] | None = None) -> dict[str, tuple[Path, str]]:
+    """role -> (checkpoint, its SHA-256) for every model of the manifest, or one sentence saying which is missing.
+
+    Each file is hashed once here: the hash both checks that a checkpoint given to
+    ``select`` is unchanged and names the map store.
+    """
     overrides = dict(overrides or {})
     roles = [m["role"] for m in manifest["models"]]
     unknown = sorted(set(overrides) - set(roles))
@@ -115,10 +120,10 @@ def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | 
             require_checkpoint(path, f"--checkpoint {role}=")
         if not path.is_file():
             raise GradlensError(f"The checkpoint of model {role}, {path}, does not exist; pass it with --checkpoint {role}=PATH.")
-        if role not in overrides and model.get("kind") == "checkpoint" and model.get("sha256"):
-            if sha256_file(path) != model["sha256"]:
-                raise GradlensError(f"The checkpoint {path} of model {role} changed since 'gradlens select'; run select again.")
-        found[role] = path
+        digest = sha256_file(path)
+        if role not in overrides and model.get("kind") == "checkpoint" and model.get("sha256") and digest != model["sha256"]:
+            raise GradlensError(f"The checkpoint {path} of model {role} changed since 'gradlens select'; run select again.")
+        found[role] = (path, digest)
     return found
 
 
@@ -142,26 +147,26 @@ def workdir_maps(
 
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
-    config = (config or AttributionConfig()).check()
     run = detector_run or DetectorRun.recorded(workdir)
     device = resolve_device(run.device)
-    config.check(device)
+    config = (config or AttributionConfig()).check(device)
     selected = selection_ids(workdir)
     ids = selected if image_ids is None else [int(i) for i in image_ids]
     # Batches are planned over the whole selection whatever subset is asked for, so an image's map is
     # computed with the same batch mates by 'figure --image-id', 'area-curve --top' and 'area-curve'.
     plan_ids = sorted(set(selected) | set(ids))
     gt = workdir_ground_truth(manifest, coco)
-    paths = model_checkpoints(manifest, workdir, checkpoints)
+    checkpoints_found = model_checkpoints(manifest, workdir, checkpoints)
     result = []
     for model in manifest["models"]:
         role = model["role"]
-        detector = load_detector(paths[role], arch=run.arch, trust=run.trust, device=device)
+        path, digest = checkpoints_found[role]
+        detector = load_detector(path, arch=run.arch, trust=run.trust, device=device)
         if device.type == "cpu":
             detector.use_channels_last()  # depthwise-conv backward is far faster in NHWC on the CPU
-        key = map_store_key(detector, sha256_file(paths[role]), gt, config, batch_size=run.batch_size)
+        key = map_store_key(detector, digest, gt, config, batch_size=run.batch_size)
         store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype)
-        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=paths[role], store=store)
+        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store)
         if compute:
             maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
                                     progress=progress, label=f"{role} ({maps.label})", plan_ids=plan_ids)
@@ -169,11 +174,3 @@ def workdir_maps(
         del detector
     return result, gt
 
-
-def objects_table(workdir: str | os.PathLike, role: str) -> pd.DataFrame:
-    """The per-object scores (matched detection, IoU, confidence) of one model of the work directory."""
-    manifest = load_manifest(workdir)
-    model = next((m for m in manifest["models"] if m["role"] == role), None)
-    if model is None:
-        raise GradlensError(f"The work directory has no model {role!r}.")
-    return read_table(Path(workdir) / model["scores"], "objects")

@@ -97,22 +97,27 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
     return fig
 
 
-def panels_for_image(workdir: str | os.PathLike, image_id: int, models, order: str = "paper") -> list[Panel]:
-    """Panels of one image from a work directory: scores of each model and its stored map.
-
-    ``models`` are the :class:`~gradlens.attribution.workdir.ModelMaps` of the
-    work directory (A first). ``order="paper"`` puts the baselines first and A last.
-    """
-    from gradlens.fileio import read_table
+def score_tables(workdir: str | os.PathLike, models) -> dict:
+    """Each model's scores (objects and images tables) from the work directory, read once for many images."""
+    from gradlens.scoring.store import read_scores
     from gradlens.selection.manifest import load_manifest
 
     workdir = Path(workdir)
     manifest = {m["role"]: m for m in load_manifest(workdir)["models"]}
+    return {m.role: read_scores(workdir / manifest[m.role]["scores"])[0] for m in models}
+
+
+def panels_for_image(workdir: str | os.PathLike, image_id: int, models, order: str = "paper", scores: dict | None = None) -> list[Panel]:
+    """Panels of one image from a work directory: scores of each model and its stored map.
+
+    ``models`` are the :class:`~gradlens.attribution.workdir.ModelMaps` of the
+    work directory (A first). ``order="paper"`` puts the baselines first and A last.
+    ``scores`` (from :func:`score_tables`) saves re-reading the tables for every image.
+    """
+    scores = scores if scores is not None else score_tables(workdir, models)
     panels = []
     for m in models:
-        scores = workdir / manifest[m.role]["scores"]
-        objects = read_table(scores, "objects")
-        images = read_table(scores, "images")
+        objects, images = scores[m.role]
         rows = objects[objects["image_id"] == int(image_id)]
         quality = images.loc[images["image_id"] == int(image_id), "quality"]
         panels.append(Panel(
@@ -169,6 +174,7 @@ def render_figures_a1(
     models, gt = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
     out_dir = Path(out_dir) if out_dir is not None else workdir / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
+    scores = score_tables(workdir, models)
     written = []
     with contextlib.ExitStack() as stack:
         gallery = None
@@ -177,7 +183,7 @@ def render_figures_a1(
             gallery = stack.enter_context(PdfPages(tmp, metadata={"CreationDate": None}))
         for image_id in track(ids, "figure A1", progress):
             image = read_image(gt.image_path(image_id))
-            panels = panels_for_image(workdir, image_id, models)
+            panels = panels_for_image(workdir, image_id, models, scores=scores)
             name = gt.image_info(image_id).get("file_name", "")
             fig = draw_figure_a1(image, panels, title=f"image {image_id} ({name})", map_scale=map_scale,
                                  clip_percentile=clip_percentile)
