@@ -202,9 +202,9 @@ def _records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
     records = []
     for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
         category = label_to_id[label]
-        if category is None or x2 <= x1 or y2 <= y1:
-            # no category (torchvision's 'N/A' labels), or a box clipped to zero area at the image border:
-            # COCO gives it IoU 0 with everything, and results files must not hold such boxes
+        if category is None:
+            # torchvision's placeholder labels ('N/A', background) are no COCO category. Boxes clipped to zero
+            # area at the border are kept, as mmdetection and torchvision keep them: they match nothing
             continue
         records.append({"image_id": image_id, "category_id": int(category), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
     return records

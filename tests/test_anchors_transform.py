@@ -52,8 +52,8 @@ def test_decode_identity_and_clamp():
 
 
 def test_resize_conventions_differ_by_one_pixel():
-    mmdet = PreprocessConfig(rounding="round")
-    torchvision_style = PreprocessConfig(rounding="floor")
+    mmdet = PreprocessConfig(convention="mmcv")
+    torchvision_style = PreprocessConfig(convention="torchvision")
     # 640 x 480: scale 800/480 = 1.6667; width 1066.67 rounds to 1067 (mmcv) and floors to 1066 (torchvision)
     assert resized_size(480, 640, mmdet) == (800, 1067)
     assert resized_size(480, 640, torchvision_style) == (800, 1066)
@@ -76,8 +76,8 @@ def test_batch_pads_bottom_right_with_zeros_and_is_differentiable():
 
 def test_grayscale_like_input_and_identity_resize():
     cfg = PreprocessConfig(min_size=20, max_size=40, size_divisor=1)
-    img = torch.full((3, 20, 30), 0.5)
+    img = torch.full((3, 20, 30), 128 / 255)
     batch, sizes = batch_images([img], cfg)
     assert sizes == [(20, 30)]
-    expected = (0.5 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    expected = (128 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])  # mmdetection's
     assert torch.allclose(batch[0, :, 5, 5], expected)

@@ -126,7 +126,7 @@ def test_torchvision_zoo_layout_loads():
 
     reference = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
     det = detector_from_object(reference.state_dict(), "tv.pth", arch="torchvision_retinanet_resnet50_fpn")
-    assert det.preprocess.rounding == "floor"
+    assert det.preprocess.convention == "torchvision" and det.framework == "torchvision"
     # same feature maps as torchvision's own model on the same batch
     x = torch.rand(1, 3, 128, 160)
     ours = det.backbone(x)

@@ -90,14 +90,14 @@ def error_of(capsys, argv):
     [
         ("empty", [], "contains no detections"),
         ("foreign image", [det(123456789, 1, [0, 0, 5, 5], 0.5)], "image id is not in the annotation file"),
-        ("zero box", None, "zero or negative box width or height"),
+        ("negative box", None, "negative box width or height"),
         ("bad score", None, "score outside [0, 1]"),
     ],
 )
 def test_bad_results_exit_nonzero_with_one_sentence(capsys, tmp_path, synthetic_coco, synthetic_gt, case, records, expected):
     image_id = int(synthetic_gt.image_ids[0])
-    if case == "zero box":
-        records = [det(image_id, 1, [0, 0, 0, 5], 0.5)]
+    if case == "negative box":
+        records = [det(image_id, 1, [0, 0, -1, 5], 0.5)]
     if case == "bad score":
         records = [det(image_id, 1, [0, 0, 5, 5], 2.0)]
     path = tmp_path / "r.json"
@@ -122,13 +122,13 @@ def test_missing_and_malformed_files(capsys, tmp_path, synthetic_coco, results):
 
 def test_drop_invalid_reports_counts(capsys, tmp_path, synthetic_coco, synthetic_gt):
     image_id = int(synthetic_gt.image_ids[0])
-    records = [det(image_id, 1, [0, 0, 5, 5], 0.5), det(image_id, 1, [0, 0, 0, 5], 0.5), det(image_id, 1, [0, 0, 5, 5], 7.0)]
+    records = [det(image_id, 1, [0, 0, 5, 5], 0.5), det(image_id, 1, [0, 0, -2, 5], 0.5), det(image_id, 1, [0, 0, 5, 5], 7.0)]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(records))
     argv = ["score", "--detections", str(path), "--out", str(tmp_path / "o"), "--ann", str(synthetic_coco.ann), "--drop-invalid"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert "dropped: zero or negative box width or height: 1" in out and "dropped: score outside [0, 1]: 1" in out
+    assert "dropped: negative box width or height: 1" in out and "dropped: score outside [0, 1]: 1" in out
 
 
 def test_usage_errors_exit_nonzero(capsys):

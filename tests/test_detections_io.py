@@ -55,8 +55,8 @@ BAD = {
     "fractional category": ([det(1, 1, [0, 0, 1, 1], 0.5) | {"category_id": 1.5}], "non-integer category_id"),
     "unknown image": ([det(1, 1, [0, 0, 1, 1], 0.5), det(7, 1, [0, 0, 1, 1], 0.5)], "image id is not in the annotation file"),
     "unknown category": ([det(1, 3, [0, 0, 1, 1], 0.5)], "category id is not in the annotation file"),
-    "zero width": ([det(1, 1, [0, 0, 0, 4], 0.5)], "zero or negative box width or height"),
-    "negative height": ([det(1, 1, [0, 0, 4, -2], 0.5)], "zero or negative box width or height"),
+    "negative width": ([det(1, 1, [0, 0, -1e-3, 4], 0.5)], "negative box width or height"),
+    "negative height": ([det(1, 1, [0, 0, 4, -2], 0.5)], "negative box width or height"),
     "score above one": ([det(1, 1, [0, 0, 4, 4], 1.5)], "score outside [0, 1]"),
     "negative score": ([det(1, 1, [0, 0, 4, 4], -0.1)], "score outside [0, 1]"),
     "nan": ([det(1, 1, [0, 0, 4, 4], 0.5) | {"score": math.nan}], "non-finite"),
@@ -102,14 +102,20 @@ def test_missing_file_and_directory(tmp_path, gt):
 def test_drop_invalid_skips_and_counts(results_file, gt):
     records = [
         det(1, 1, [0, 0, 4, 4], 0.5),
-        det(1, 1, [0, 0, 0, 4], 0.5),
+        det(1, 1, [0, 0, -3, 4], 0.5),
         det(1, 1, [0, 0, 4, -1], 0.5),
         det(2, 2, [0, 0, 4, 4], 1.2),
         det(2, 2, [1, 1, 4, 4], 0.7),
     ]
     d = read_detections(results_file(records), gt, drop_invalid=True)
     assert d.index.tolist() == [0, 4]
-    assert d.dropped == {"zero or negative box width or height": 2, "score outside [0, 1]": 1}
+    assert d.dropped == {"negative box width or height": 2, "score outside [0, 1]": 1}
+
+
+def test_zero_area_boxes_are_valid_detections(results_file, gt):
+    """mmdetection writes boxes clipped to zero area at the border; they are read, and simply match nothing."""
+    d = read_detections(results_file([det(1, 1, [0, 0, 0, 4], 0.5), det(1, 1, [3, 3, 2, 0], 0.4)]), gt)
+    assert len(d) == 2 and d.xywh[:, 2:].min() == 0 and not d.dropped
 
 
 def test_drop_invalid_does_not_hide_foreign_image_ids(results_file, gt):
@@ -119,7 +125,7 @@ def test_drop_invalid_does_not_hide_foreign_image_ids(results_file, gt):
 
 def test_all_invalid_is_an_error_even_when_dropping(results_file, gt):
     with pytest.raises(InvalidDetectionsError, match="Every detection"):
-        read_detections(results_file([det(1, 1, [0, 0, 0, 4], 0.5)]), gt, drop_invalid=True)
+        read_detections(results_file([det(1, 1, [0, 0, -1, 4], 0.5)]), gt, drop_invalid=True)
 
 
 @pytest.mark.parametrize("case", ["string in bbox", "bool in bbox", "null in bbox", "image id 2**63"])
@@ -132,7 +138,7 @@ def test_format_errors_are_not_droppable(results_file, gt, case):
 
 def test_values_are_droppable_with_integral_float_ids(results_file, gt):
     records = [det(1, 1, [0, 0, 4, 4], 0.5) | {"image_id": 1.0}, det(1, 1, [0, 0, -4, 4], 0.5)]
-    assert read_detections(results_file(records), gt, drop_invalid=True).dropped == {"zero or negative box width or height": 1}
+    assert read_detections(results_file(records), gt, drop_invalid=True).dropped == {"negative box width or height": 1}
 
 
 def test_in_memory_records_are_checked_alike(gt):
@@ -141,7 +147,7 @@ def test_in_memory_records_are_checked_alike(gt):
     with pytest.raises(InvalidDetectionsError, match="Entry 0 of the detection list has a bbox"):
         detections_from_records([det(1, 1, [0, 0, 1, 1], 0.5) | {"bbox": ["0", 0, 1, 1]}], gt)
     with pytest.raises(InvalidDetectionsError, match="^The detection list has 1 detection"):
-        detections_from_records([det(1, 1, [0, 0, 0, 1], 0.5)], gt)
+        detections_from_records([det(1, 1, [0, 0, -1, 1], 0.5)], gt)
 
 
 @pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "[" + "1" * 5000 + "]"])

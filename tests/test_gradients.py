@@ -23,11 +23,15 @@ from gradlens.models.transform import PreprocessConfig, batch_images, canvas_gro
 from tests.conftest import make_gt_dict
 
 SMALL = PreprocessConfig(min_size=64, max_size=96, size_divisor=32)
+# mmcv's uint8 resize makes the loss piecewise constant in the pixels (its gradient is defined as the linear
+# interpolation's Jacobian); checks of the calculus itself (finite differences, completeness) use torchvision's
+# continuous float resize
+CONTINUOUS = PreprocessConfig(min_size=64, max_size=96, size_divisor=32, convention="torchvision")
 
 
-def tiny_detector(arch="retinanet_cednet_mini", seed=0, dtype=torch.float32, options=None):
+def tiny_detector(arch="retinanet_cednet_mini", seed=0, dtype=torch.float32, options=None, preprocess=SMALL):
     torch.manual_seed(seed)
-    det = build_detector(arch, len(CATEGORIES), options=options, preprocess=SMALL)
+    det = build_detector(arch, len(CATEGORIES), options=options, preprocess=preprocess)
     with torch.no_grad():
         for p in det.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -50,7 +54,7 @@ def plain_loss(det, image, target):
 
 
 def test_gradient_matches_finite_differences_in_float64():
-    det = tiny_detector(dtype=torch.float64)
+    det = tiny_detector(dtype=torch.float64, preprocess=CONTINUOUS)
     image, target = scene(48, 70, seed=1, dtype=torch.float64)  # resized to 64 x 93, padded to 64 x 96
     grad = input_gradients(det, [image], [target])[0]
     assert grad.dtype == torch.float64 and grad.shape == image.shape
@@ -155,7 +159,7 @@ def test_integrated_gradients_completeness(baseline, tolerance):
     """
     from gradlens.attribution.methods import _baseline
 
-    det = tiny_detector(dtype=torch.float64)
+    det = tiny_detector(dtype=torch.float64, preprocess=CONTINUOUS)
     image, target = scene(50, 70, seed=7, dtype=torch.float64)
     attr = input_gradients(det, [image], [target], method="integrated_gradients", steps=128, baseline=baseline, batch_size=32)[0]
     base = _baseline(image, baseline, det.preprocess.mean)

@@ -27,7 +27,7 @@ DropInvalid = Annotated[
     bool,
     typer.Option(
         "--drop-invalid",
-        help="Skip (and count) detections with zero-size or negative boxes, NaN, or scores outside [0, 1] instead of stopping.",
+        help="Skip (and count) detections with negative box sizes, NaN, or scores outside [0, 1] instead of stopping.",
     ),
 ]
 Device = Annotated[

@@ -195,7 +195,8 @@ def _invalid_value_masks(xywh: np.ndarray, score: np.ndarray) -> dict[str, np.nd
     finite = np.isfinite(xywh).all(axis=1) & np.isfinite(score)
     return {
         "non-finite box or score": ~finite,
-        "zero or negative box width or height": finite & ((xywh[:, 2] <= 0) | (xywh[:, 3] <= 0)),
+        # zero is allowed: mmdetection keeps boxes clipped to zero area at the border (they match nothing)
+        "negative box width or height": finite & ((xywh[:, 2] < 0) | (xywh[:, 3] < 0)),
         "score outside [0, 1]": finite & ((score < 0) | (score > 1)),
     }
 
@@ -210,7 +211,7 @@ def read_detections(
 
     With ``gt``, every image id (and, with ``check_categories``, every category
     id) must exist in the annotations. Records with impossible values
-    (zero-size or negative boxes, scores outside [0, 1], NaN) are an error, or,
+    (negative box sizes, scores outside [0, 1], NaN) are an error, or,
     with ``drop_invalid``, dropped and counted in ``Detections.dropped``.
     """
     path = Path(path)

@@ -120,3 +120,16 @@ def mmdet_delta_decode(anchors: Tensor, deltas: Tensor, max_shape: tuple[int, in
             dim=-1,
         )
     return boxes
+
+
+def mmdet_delta_encode(anchors: Tensor, boxes: Tensor) -> Tensor:
+    """mmdetection's ``DeltaXYWHBBoxCoder.encode`` (means 0, stds 1): the regression targets of ``boxes``.
+
+    Centres are ``(x1 + x2) * 0.5`` (torchvision's coder uses ``x1 + 0.5 * w``,
+    which rounds differently), so the box loss is mmdetection's to the last bit.
+    """
+    pxy = (anchors[:, :2] + anchors[:, 2:]) * 0.5
+    pwh = anchors[:, 2:] - anchors[:, :2]
+    gxy = (boxes[:, :2] + boxes[:, 2:]) * 0.5
+    gwh = boxes[:, 2:] - boxes[:, :2]
+    return torch.cat([(gxy - pxy) / pwh, torch.log(gwh / pwh)], dim=-1)

@@ -22,9 +22,9 @@ from gradlens.models.fpn import BackboneWithPyramid, PyramidBackbone
 from gradlens.models.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.transform import PreprocessConfig
 
-PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, rounding="round")
-TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, rounding="floor")
-MINI_PREPROCESS = PreprocessConfig(min_size=256, max_size=416, size_divisor=32, rounding="round")
+PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, convention="mmcv")
+TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, convention="torchvision")
+MINI_PREPROCESS = PreprocessConfig(min_size=256, max_size=416, size_divisor=32, convention="mmcv")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Architecture:
     build_backbone: Callable[[dict], nn.Module]
     preprocess: PreprocessConfig = PAPER_PREPROCESS
     anchors: str = "mmdet"
+    test_cfg: TestConfig = field(default_factory=TestConfig)
     default_options: dict = field(default_factory=dict)
 
 
@@ -137,6 +138,7 @@ _register(Architecture(
     "torchvision_retinanet_resnet50_fpn", "resnet",
     "torchvision's retinanet_resnet50_fpn (P6 from P5, ReLU before P7, rounded anchors, floor resize)",
     _resnet50(True), preprocess=TORCHVISION_PREPROCESS, anchors="torchvision",
+    test_cfg=TestConfig(max_per_img=300),  # torchvision's detections_per_img
 ))
 _register(Architecture(
     "retinanet_cednet_mini", "cednet", "small CEDNet-style RetinaNet for the demo and tests",
@@ -173,8 +175,8 @@ def build_detector(name: str, num_classes: int, options: dict | None = None, pre
     opts = {**arch.default_options, **(options or {})}
     backbone = arch.build_backbone(opts)
     anchors = _torchvision_anchors() if arch.anchors == "torchvision" else MMDetAnchorGenerator(AnchorConfig())
-    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess or arch.preprocess, test_cfg=test_cfg,
-                                 anchor_generator=anchors)
+    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess or arch.preprocess,
+                                 test_cfg=test_cfg or arch.test_cfg, anchor_generator=anchors)
     detector.arch_name = name
     detector.arch_options = opts
     return detector.eval()

@@ -1,12 +1,21 @@
 """RetinaNet as the paper trained and tested it, on torchvision's RetinaNet.
 
-torchvision provides the head, the matcher and the loss pieces; gradlens
-swaps in mmdetection's anchors, a differentiable preprocessing with the
-checkpoint's resize convention, mmdetection's post-processing order (decode
-and clip per level, rescale to the original image, then NMS), and a loss that
-is computed **per image** and without touching train/eval flags, so that the
-gradient engine can backpropagate each image's own total detection loss with
-normalisation layers in inference mode (DESIGN: total detection loss).
+torchvision provides the head and the loss pieces. A detector runs as the
+framework that trained its checkpoint runs it, because both post-processing
+and anchor assignment change detections and gradients:
+
+- **mmdetection** (``preprocess.convention == "mmcv"``): mmdetection's anchors,
+  mmcv's uint8 resize, its post-processing order (decode and clip per level,
+  rescale to the original image, then NMS, 100 per image), its
+  ``MaxIoUAssigner``, box-delta encoding and focal-loss arithmetic, and ground
+  truth rescaled and clipped to the image as its ``Resize`` does;
+- **torchvision** (``"torchvision"``): torchvision's own transform,
+  ``postprocess_detections`` (NMS before rescaling, 300 per image),
+  ``Matcher`` and box coder.
+
+The loss is computed **per image** and without touching train/eval flags, so
+that the gradient engine can backpropagate each image's own total detection
+loss with normalisation layers in inference mode (DESIGN: total detection loss).
 """
 
 from __future__ import annotations
@@ -14,12 +23,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
-from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode
+from torchvision.models.detection.transform import resize_boxes
+
+from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode, mmdet_delta_encode
+from gradlens.models.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.transform import PreprocessConfig, batch_images
 
 
@@ -73,6 +86,12 @@ class RetinaNetDetector(RetinaNet):
         self.num_classes = num_classes
         self.transform = None  # replaced by gradlens' differentiable preprocessing
         self.channels_last = False
+        self.assigner = MaxIoUAssigner(self.loss_cfg.pos_iou, self.loss_cfg.neg_iou, min_pos_iou=0.0)
+
+    @property
+    def framework(self) -> str:
+        """``"mmdetection"`` or ``"torchvision"``: whose test and training arithmetic this detector follows."""
+        return "mmdetection" if self.preprocess.convention == "mmcv" else "torchvision"
 
     def use_channels_last(self, enabled: bool = True) -> "RetinaNetDetector":
         """Run convolutions in NHWC layout: on CPU, depthwise-conv backward is ~20x faster that way."""
@@ -114,6 +133,12 @@ class RetinaNetDetector(RetinaNet):
         outputs, levels, counts = self.head_outputs(batch)
         cls = outputs["cls_logits"].float().split(counts, dim=1)
         reg = outputs["bbox_regression"].float().split(counts, dim=1)
+        if self.framework == "torchvision":
+            split = {"cls_logits": list(cls), "bbox_regression": list(reg)}
+            results = self.postprocess_detections(split, [[a.float() for a in levels]] * len(images), sizes)
+            for result, image, size in zip(results, images, sizes):
+                result["boxes"] = resize_boxes(result["boxes"], list(size), list(image.shape[-2:]))
+            return results
         results = []
         for i, (image, size) in enumerate(zip(images, sizes)):
             scale = torch.tensor(
@@ -162,9 +187,8 @@ class RetinaNetDetector(RetinaNet):
         cls_out, reg_out = outputs["cls_logits"], outputs["bbox_regression"]
         cls_losses, box_losses, num_foreground = [], [], []
         for i, (image, size, target) in enumerate(zip(images, sizes, targets)):
-            scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=anchors.dtype, device=anchors.device)
-            gt = target["boxes"].to(device=anchors.device, dtype=anchors.dtype).reshape(-1, 4) * scale
-            matched = self._match(gt, anchors)
+            gt = self._scaled_targets(target["boxes"], tuple(image.shape[-2:]), size, anchors)
+            matched = self.match(gt, anchors)
             foreground = matched >= 0
             num_fg = max(1, int(foreground.sum()))
             cls_target = torch.zeros_like(cls_out[i])
@@ -172,11 +196,10 @@ class RetinaNetDetector(RetinaNet):
                 labels = target["labels"].to(anchors.device)
                 cls_target[foreground, labels[matched[foreground]]] = 1.0
             valid = matched != self.proposal_matcher.BETWEEN_THRESHOLDS
-            cls_loss = sigmoid_focal_loss(cls_out[i][valid], cls_target[valid], alpha=self.loss_cfg.alpha,
-                                          gamma=self.loss_cfg.gamma, reduction="sum") / num_fg
+            cls_loss = self._focal_loss(cls_out[i][valid], cls_target[valid]) / num_fg
             if gt.shape[0]:
                 fg = foreground.nonzero()[:, 0]
-                target_deltas = self.box_coder.encode_single(gt[matched[fg]], anchors[fg])
+                target_deltas = self._encode(gt[matched[fg]], anchors[fg])
                 box_loss = (reg_out[i][fg] - target_deltas).abs().sum() / num_fg
             else:
                 box_loss = reg_out[i].sum() * 0.0
@@ -186,10 +209,39 @@ class RetinaNetDetector(RetinaNet):
         return {"classification": torch.stack(cls_losses), "bbox_regression": torch.stack(box_losses),
                 "num_foreground": torch.tensor(num_foreground, dtype=anchors.dtype, device=anchors.device)}
 
-    def _match(self, gt: Tensor, anchors: Tensor) -> Tensor:
+    def _scaled_targets(self, boxes: Tensor, original: tuple[int, int], size: tuple[int, int], anchors: Tensor) -> Tensor:
+        """Ground-truth boxes in the resized image, as the framework's own resize moves them."""
+        boxes = boxes.to(device=anchors.device).reshape(-1, 4)
+        if self.framework == "torchvision":
+            return resize_boxes(boxes.to(anchors.dtype), list(original), list(size))
+        # mmdetection's Resize: float32 boxes times the float32 scale factor, clipped to the resized image
+        scale = torch.tensor([size[1] / original[1], size[0] / original[0]] * 2, dtype=torch.float32, device=anchors.device)
+        scaled = (boxes.float() * scale).to(anchors.dtype)
+        return torch.stack([scaled[:, 0].clamp(0, size[1]), scaled[:, 1].clamp(0, size[0]),
+                            scaled[:, 2].clamp(0, size[1]), scaled[:, 3].clamp(0, size[0])], dim=1)
+
+    def match(self, gt: Tensor, anchors: Tensor) -> Tensor:
+        """Per anchor: matched object index, -1 (background) or -2 (ignored), by the framework's own rule."""
         if gt.shape[0] == 0:
             return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
-        return self.proposal_matcher(box_iou(gt, anchors))
+        if self.framework == "torchvision":
+            return self.proposal_matcher(box_iou(gt, anchors))
+        return self.assigner.assign(mmdet_box_overlaps(gt, anchors))
+
+    def _encode(self, gt: Tensor, anchors: Tensor) -> Tensor:
+        if self.framework == "torchvision":
+            return self.box_coder.encode_single(gt, anchors)
+        return mmdet_delta_encode(anchors, gt)
+
+    def _focal_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Summed sigmoid focal loss, in torchvision's or mmdetection's (``py_sigmoid_focal_loss``) arithmetic."""
+        alpha, gamma = self.loss_cfg.alpha, self.loss_cfg.gamma
+        if self.framework == "torchvision":
+            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
+        prob = logits.sigmoid()
+        pt = (1 - prob) * targets + prob * (1 - targets)
+        weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """With targets: the batch's training losses; without: :meth:`detect`.

@@ -6,9 +6,16 @@ padded bottom-right to a multiple of ``size_divisor``. Because every step is a
 torch operation on the original tensor, the gradient of the loss reaches the
 original pixels (DESIGN: input gradient map).
 
-Two conventions exist for the resized size, and a one-pixel difference changes
-detections: mmcv rounds (``int(w * s + 0.5)``), torchvision floors. A
-checkpoint is run with the convention it was trained and evaluated with.
+A checkpoint is run with the convention of the framework that trained it,
+because a one-pixel or one-grey-level difference changes detections:
+
+- ``mmcv`` (mmdetection): the new size is rounded (``int(w * s + 0.5)``), the
+  *uint8* image is resized by OpenCV's fixed-point bilinear
+  (:mod:`gradlens.models.resize`, bit-exact), then normalised with mmcv's
+  arithmetic. The gradient passes the uint8 rounding straight through, as
+  the Jacobian of the same linear interpolation.
+- ``torchvision``: the size is floored, the float image is normalised first
+  and then resized by ``F.interpolate`` (``GeneralizedRCNNTransform``'s order).
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Rounding = Literal["round", "floor"]
+from gradlens.models.resize import mmcv_resize
+
+Convention = Literal["mmcv", "torchvision"]
+CONVENTIONS = ("mmcv", "torchvision")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = mmdetection's (123.675, 116.28, 103.53) / 255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = mmdetection's (58.395, 57.12, 57.375) / 255
@@ -35,7 +45,11 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     size_divisor: int = 32
-    rounding: Rounding = "round"
+    convention: Convention = "mmcv"
+
+    def __post_init__(self):
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"unknown preprocessing convention {self.convention!r}; use one of {', '.join(CONVENTIONS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,13 +59,16 @@ class PreprocessConfig:
         d = dict(d)
         d["mean"] = tuple(float(v) for v in d.get("mean", IMAGENET_MEAN))
         d["std"] = tuple(float(v) for v in d.get("std", IMAGENET_STD))
+        if "rounding" in d:  # files written before the conventions had names: rounding implied the framework
+            rounding = d.pop("rounding")
+            d.setdefault("convention", "mmcv" if rounding == "round" else "torchvision")
         return cls(**d)
 
 
 def resized_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
     """The (height, width) the image is resized to: the largest scale fitting ``min_size`` x ``max_size``."""
     scale = min(config.max_size / max(height, width), config.min_size / min(height, width))
-    if config.rounding == "round":  # mmcv.rescale_size
+    if config.convention == "mmcv":  # mmcv.rescale_size
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     return max(1, int(height * scale)), max(1, int(width * scale))  # torchvision floors
 
@@ -76,14 +93,37 @@ def canvas_groups(sizes, config: PreprocessConfig, batch_size: int) -> list[list
 
 
 def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
-    """Resize (bilinear, half-pixel centres, no antialiasing, like cv2) and normalise one CHW image in [0, 1]."""
+    """Resize and normalise one CHW image in [0, 1] as the checkpoint's framework does."""
     height, width = image.shape[-2:]
     size = resized_size(height, width, config)
-    if size != (height, width):
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if config.convention == "mmcv":
+        return mmcv_normalise(mmcv_resize(image, size), config)
     mean = torch.tensor(config.mean, dtype=image.dtype, device=image.device)[:, None, None]
     std = torch.tensor(config.std, dtype=image.dtype, device=image.device)[:, None, None]
-    return (image - mean) / std
+    image = (image - mean) / std  # torchvision normalises before it resizes
+    if size != (height, width):
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    return image
+
+
+def mmcv_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
+    """mmcv's ``imnormalize`` of an image in 0..255: float32 ``v - mean``, then times ``1 / std`` in float64.
+
+    (OpenCV's ``subtract`` with a float64 scalar works in float32; its
+    ``multiply`` by a float64 array in float64, rounding the product once.)
+    In any dtype other than float32 (the float64 reference runs), the same
+    formula in that dtype.
+    """
+    mean = torch.tensor(pixel_units(config.mean), dtype=torch.float64, device=pixels.device)[:, None, None]
+    inv_std = 1.0 / torch.tensor(pixel_units(config.std), dtype=torch.float64, device=pixels.device)[:, None, None]
+    if pixels.dtype == torch.float32:
+        return ((pixels - mean.float()).double() * inv_std).float()
+    return (pixels - mean.to(pixels.dtype)) * inv_std.to(pixels.dtype)
+
+
+def pixel_units(values) -> tuple[float, ...]:
+    """Mean or std given for [0, 1] images, in the 0..255 units mmdetection configs write (123.675, ...)."""
+    return tuple(round(float(v) * 255, 6) for v in values)
 
 
 def batch_images(images: list[Tensor], config: PreprocessConfig) -> tuple[Tensor, list[tuple[int, int]]]:
