@@ -53,15 +53,16 @@ def default_cache_dir() -> Path:
 class _Images(Dataset):
     """Decodes one image per item in a worker: (image id, uint8 CHW tensor)."""
 
-    def __init__(self, paths: dict[int, Path]):
+    def __init__(self, paths: dict[int, Path], exif_orientation: str = "ignore"):
         self.paths = paths
+        self.exif_orientation = exif_orientation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, image_id: int):
         try:
-            pixels = read_image(self.paths[image_id])
+            pixels = read_image(self.paths[image_id], self.exif_orientation)
         except GradlensError as exc:  # returned, not raised: a worker's exception would arrive as a traceback text
             return image_id, exc
         return image_id, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -175,7 +176,7 @@ def detect_images(
         return results
     paths = {i: gt.image_path(i) for i in todo}
     sampler = ShapeGroupedBatches(annotated_sizes(gt, todo), detector, settings.batch_size)
-    loader = DataLoader(_Images(paths), batch_sampler=sampler, num_workers=settings.workers,
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=sampler, num_workers=settings.workers,
                         collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
     label_to_id = [c["id"] for c in detector.categories]
     detector.eval()
@@ -223,6 +224,7 @@ def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: RetinaNetDetect
         "arch": arch or detector.arch_name,
         "annotations_sha256": gt.sha256,
         "images": str(Path(gt.images_dir).resolve()) if gt.images_dir else None,
+        "exif_orientation": gt.exif_orientation,
         "preprocess": detector.preprocess.to_dict(),
         "test_cfg": detector.test_cfg.to_dict(),
         "categories": [c["id"] for c in detector.categories],

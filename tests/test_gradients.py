@@ -283,14 +283,18 @@ def test_shape_and_length_errors():
 def test_targets_skip_crowds_and_sub_pixel_boxes_and_map_categories():
     data = make_gt_dict(
         [1, 2],
-        [(1, 3, [10, 10, 20, 30], 0), (1, 9, [0, 0, 50, 50], 1), (1, 4, [5, 5, 0.5, 10], 0), (1, 7, [40, 5, 8, 8], 0)],
+        [(1, 3, [10, 10, 20, 30], 0), (1, 9, [0, 0, 50, 50], 1), (1, 4, [5, 5, 0.5, 10], 0), (1, 7, [40, 5, 8, 8], 0),
+         (1, 3, [100, 10, 5, 5], 0),  # beside the 100 x 80 image: mmdetection's CocoDataset skips it
+         (1, 3, [90, 70, 20, 20], 0),  # partly inside: kept
+         (1, 3, [30, 30, 5, 5], 0)],  # its annotated area is set to 0 below: skipped as upstream
         categories=CATEGORIES,
     )
+    data["annotations"][-1]["area"] = 0.0
     gt = ground_truth_from_dict(data)
     t = image_targets(gt, 1, CATEGORIES)
-    assert t.boxes.tolist() == [[10, 10, 30, 40], [40, 5, 48, 13]]
-    assert t.labels.tolist() == [1, 3]  # category 3 -> label 1, category 7 -> label 3
-    assert t.num_too_small == 1
+    assert t.boxes.tolist() == [[10, 10, 30, 40], [40, 5, 48, 13], [90, 70, 110, 90]]
+    assert t.labels.tolist() == [1, 3, 1]  # category 3 -> label 1, category 7 -> label 3
+    assert t.num_too_small == 3
     empty = image_targets(gt, 2, CATEGORIES)
     assert empty.boxes.shape == (0, 4) and empty.labels.shape == (0,)
     with pytest.raises(GradlensError, match="does not know"):

@@ -63,3 +63,27 @@ def test_to_tensor_is_chw_in_unit_range():
     t = to_tensor(np.array([[[0, 128, 255]]], np.uint8))
     assert t.shape == (3, 1, 1) and t.dtype == torch.float32
     torch.testing.assert_close(t.flatten(), torch.tensor([0, 128 / 255, 1.0]))
+
+
+def test_exif_orientation_ignored_by_default_and_applied_as_opencv_does(tmp_path):
+    import cv2
+    from PIL import Image
+
+    from gradlens.data.images import count_exif_turned, exif_orientation_of
+
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(pixels).save(turned, exif=exif, quality=95)
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(pixels).save(plain, quality=95)
+    stored = read_image(turned)
+    assert stored.shape == (30, 50, 3)
+    applied = read_image(turned, exif_orientation="apply")
+    assert applied.shape == (50, 30, 3)
+    # mmdetection's loader: cv2.imdecode with IMREAD_COLOR turns the image (BGR)
+    assert np.array_equal(applied, cv2.cvtColor(cv2.imread(str(turned), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    assert np.array_equal(read_image(plain, exif_orientation="apply"), read_image(plain))
+    assert exif_orientation_of(turned) == 6 and exif_orientation_of(plain) == 1
+    assert count_exif_turned([turned, plain, plain], progress=False) == 1

@@ -51,6 +51,7 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
         "arch": getattr(detector, "arch_name", type(detector).__name__),
         "annotations_sha256": gt.sha256,
         "images": str(gt.images_dir.resolve()) if gt.images_dir else None,
+        "exif_orientation": gt.exif_orientation,
         "preprocess": detector.preprocess.to_dict(),
         "categories": [c.get("id") for c in getattr(detector, "categories", [])],
         "attribution": config.to_dict(),
@@ -153,7 +154,7 @@ def compute_maps(
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
     paths = {i: gt.image_path(i) for batch in todo for i in batch}
     targets = {i: image_targets(gt, i, detector.categories) for i in paths}
-    loader = DataLoader(_Images(paths), batch_sampler=todo, num_workers=workers, collate_fn=list,
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=todo, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
     name = f"gradients {label} ".replace("  ", " ")
     desc = f"{name}({sum(map(len, todo))} images{f', {threads} threads' if threads > 1 else ''})"

@@ -2,9 +2,9 @@
 
 DESIGN: the loss of an image is computed against its non-crowd ground truth.
 Objects are given to the detector exactly as its training pipeline gave them:
-mmdetection's ``CocoDataset`` skips boxes narrower or lower than one pixel
-(or of zero area), since they cannot be encoded as box deltas (``log 0``);
-those are dropped here too and counted.
+mmdetection's ``CocoDataset._parse_ann_info`` skips boxes narrower or lower
+than one pixel, annotations whose ``area`` is not positive and boxes that do
+not overlap the image; those are dropped here too and counted.
 """
 
 from __future__ import annotations
@@ -39,13 +39,24 @@ def label_map(categories: list[dict]) -> dict[int, int]:
     return {int(c["id"]): label for label, c in enumerate(categories) if c.get("id") is not None}
 
 
+def _area(annotation: dict) -> float:
+    """The annotation's ``area`` (segment area in COCO); files without one count as positive."""
+    value = annotation.get("area", 1.0)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+
+
 def image_targets(gt: GroundTruth, image_id: int, categories: list[dict]) -> ImageTargets:
     """The non-crowd objects of ``image_id`` as the detector's training targets."""
     image_id = int(image_id)
     gt.image_info(image_id)  # a clear error for an unknown id
     rows = np.flatnonzero(gt.obj_image_id == image_id)
     xywh = gt.obj_xywh[rows]
-    keep = (xywh[:, 2] >= MIN_BOX_SIDE) & (xywh[:, 3] >= MIN_BOX_SIDE)
+    info = gt.image_info(image_id)
+    width, height = float(info.get("width") or np.inf), float(info.get("height") or np.inf)
+    inter_w = np.maximum(0, np.minimum(xywh[:, 0] + xywh[:, 2], width) - np.maximum(xywh[:, 0], 0))
+    inter_h = np.maximum(0, np.minimum(xywh[:, 1] + xywh[:, 3], height) - np.maximum(xywh[:, 1], 0))
+    area = np.array([_area(gt.coco.anns[int(a)]) for a in gt.obj_ann_id[rows]], dtype=np.float64)
+    keep = (inter_w * inter_h > 0) & (area > 0) & (xywh[:, 2] >= MIN_BOX_SIDE) & (xywh[:, 3] >= MIN_BOX_SIDE)
     labels_of = label_map(categories)
     cats = gt.obj_category_id[rows][keep]
     unknown = sorted({int(c) for c in cats if int(c) not in labels_of})

@@ -12,7 +12,7 @@ overwrite them and an unchanged rerun reuses every map.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -59,7 +59,10 @@ def workdir_ground_truth(manifest: dict, coco: CocoPaths | None = None) -> Groun
     if coco is None:
         if not dataset.get("annotations") or not dataset.get("images"):
             raise GradlensError("The manifest names no dataset; pass --coco-root (or --ann and --images).")
-        coco = CocoPaths(ann=Path(dataset["annotations"]), images=Path(dataset["images"]))
+        coco = CocoPaths(ann=Path(dataset["annotations"]), images=Path(dataset["images"]),
+                         exif_orientation=dataset.get("exif_orientation", "ignore"))
+    elif dataset.get("exif_orientation"):  # images decoded as the selection's detections were
+        coco = replace(coco, exif_orientation=dataset["exif_orientation"])
     gt = load_ground_truth(coco)
     if dataset.get("annotations_sha256") and gt.sha256 != dataset["annotations_sha256"]:
         raise GradlensError(f"{coco.ann} is not the annotation file the selection was made with; pass that one.")

@@ -68,6 +68,7 @@ def score(
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
+    exif_orientation: opt.ExifOrientation = None,
     class_agnostic: opt.ClassAgnostic = False,
     drop_invalid: opt.DropInvalid = False,
     arch: opt.Arch = None,
@@ -94,14 +95,22 @@ def score(
         raise GradlensError(f"--detections expects a COCO results .json file, but {detections} is a {source.kind}.")
     if model is not None and source.kind != "checkpoint":
         raise GradlensError(f"--model expects a detector checkpoint (.pth, .pt, .ckpt, .bin), but {model} is a {source.kind}.")
-    paths = resolve_coco_paths(coco_root, ann, images)
+    paths = resolve_coco_paths(coco_root, ann, images, exif_orientation=exif_orientation or "ignore")
     run = DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers, precision=precision,
                       cache_dir=cache_dir, device=device)
+    loaded = []
     _, meta = score_source(
-        source, lambda: load_ground_truth(paths), class_agnostic=class_agnostic, device=device,
+        source, lambda: loaded.append(load_ground_truth(paths)) or loaded[-1], class_agnostic=class_agnostic, device=device,
         drop_invalid=drop_invalid, out_dir=out, progress=progress, detector_run=run,
     )  # fmt: skip
     _echo_summary(source.label, meta["summary"])
+    if loaded and paths.images.is_dir():
+        from gradlens.data.images import count_exif_turned
+
+        gt = loaded[-1]
+        turned = count_exif_turned((gt.image_path(i) for i in gt.image_ids), progress)
+        typer.echo(f"  images with a non-identity EXIF orientation tag: {turned} of {len(gt.image_ids)} "
+                   f"(decoded with --exif-orientation {paths.exif_orientation})")
     typer.echo(f"Wrote {out / 'objects.csv'}, {out / 'images.csv'} (+ .parquet) and {out / 'score.json'}")
 
 
@@ -114,6 +123,7 @@ def select(
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
+    exif_orientation: opt.ExifOrientation = None,
     class_agnostic: opt.ClassAgnostic = False,
     drop_invalid: opt.DropInvalid = False,
     arch: opt.Arch = None,
@@ -134,7 +144,7 @@ def select(
     from gradlens.selection.run import run_selection
 
     result = run_selection(
-        a, list(b), coco=resolve_coco_paths(coco_root, ann, images), workdir=workdir, top=top,
+        a, list(b), coco=resolve_coco_paths(coco_root, ann, images, exif_orientation=exif_orientation or "ignore"), workdir=workdir, top=top,
         class_agnostic=class_agnostic, device=device, drop_invalid=drop_invalid, progress=progress,
         detector_run=DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
                                  precision=precision, cache_dir=cache_dir, device=device),

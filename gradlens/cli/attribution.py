@@ -88,6 +88,7 @@ def gradients(
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
+    exif_orientation: opt.ExifOrientation = None,
     arch: opt.Arch = None,
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
@@ -134,6 +135,8 @@ def gradients(
 
         ids = _parse_ids(image_ids)[:top]
         gt = load_ground_truth(coco or resolve_coco_paths())
+    if exif_orientation is not None:
+        gt.exif_orientation = exif_orientation
     config = _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision)
     dev = resolve_device(device)
     config.check(dev)

@@ -85,6 +85,7 @@ def evaluate(
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
+    exif_orientation: opt.ExifOrientation = None,
     arch: opt.Arch = None,
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
@@ -103,7 +104,7 @@ def evaluate(
 
     if (detections is None) == (model is None):
         raise GradlensError("Give exactly one of --model CKPT or --detections RESULTS.json.")
-    gt = load_ground_truth(resolve_coco_paths(coco_root, ann, images))
+    gt = load_ground_truth(resolve_coco_paths(coco_root, ann, images, exif_orientation=exif_orientation or "ignore"))
     if model is not None:
         run = DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers,
                           precision=precision, cache_dir=cache_dir, device=device)

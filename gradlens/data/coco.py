@@ -38,6 +38,9 @@ class CocoPaths:
     # their own) rather than falling back to ./data/coco; only a named annotation file is
     # held against the one that score directories record.
     given: bool = field(default=True, compare=False)
+    # "ignore" (COCO boxes refer to the stored pixels) or "apply" (turn images as their EXIF tag says, as
+    # OpenCV's IMREAD_COLOR does in mmdetection's loader)
+    exif_orientation: str = "ignore"
 
 
 def resolve_coco_paths(
@@ -45,6 +48,7 @@ def resolve_coco_paths(
     ann: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     split: str = DEFAULT_SPLIT,
+    exif_orientation: str = "ignore",
 ) -> CocoPaths:
     """Apply DESIGN.md's precedence: ``--ann``/``--images``, else ``--coco-root``, else
     ``$GRADLENS_COCO_ROOT``, else ``./data/coco``, each holding the standard layout."""
@@ -56,6 +60,7 @@ def resolve_coco_paths(
         ann=Path(ann) if ann is not None else root / "annotations" / f"instances_{split}.json",
         images=Path(images) if images is not None else root / split,
         given=given,
+        exif_orientation=exif_orientation,
     )
 
 
@@ -80,6 +85,7 @@ class GroundTruth:
     num_crowd: int
     num_degenerate: int  # non-crowd objects with zero width or height
     images_dir: Path | None = None
+    exif_orientation: str = "ignore"  # how images are decoded: see CocoPaths
 
     @property
     def boxes(self) -> np.ndarray:
@@ -181,12 +187,15 @@ def load_ground_truth(
     images_dir: str | os.PathLike | None = None,
 ) -> GroundTruth:
     """Read a COCO ``instances_*.json`` into a :class:`GroundTruth` (through pycocotools' index)."""
+    exif = "ignore"
     if isinstance(ann, CocoPaths):
         images_dir = ann.images if images_dir is None else images_dir
-        ann = ann.ann
+        ann, exif = ann.ann, ann.exif_orientation
     path = Path(ann)
     raw = read_bytes(path, "annotation file")
-    return ground_truth_from_dict(parse_json(raw, path, "annotation file"), path, hashlib.sha256(raw).hexdigest(), images_dir)
+    gt = ground_truth_from_dict(parse_json(raw, path, "annotation file"), path, hashlib.sha256(raw).hexdigest(), images_dir)
+    gt.exif_orientation = exif
+    return gt
 
 
 def ground_truth_from_dict(

@@ -182,7 +182,7 @@ def render_figures_a1(
             tmp = stack.enter_context(atomic_path(out_dir / "figure_a1_gallery.pdf"))
             gallery = stack.enter_context(PdfPages(tmp, metadata={"CreationDate": None}))
         for image_id in track(ids, "figure A1", progress):
-            image = read_image(gt.image_path(image_id))
+            image = read_image(gt.image_path(image_id), gt.exif_orientation)
             panels = panels_for_image(workdir, image_id, models, scores=scores)
             name = gt.image_info(image_id).get("file_name", "")
             fig = draw_figure_a1(image, panels, title=f"image {image_id} ({name})", map_scale=map_scale,

@@ -142,6 +142,7 @@ def run_selection(
             "annotations": ann.get("path"),
             "annotations_sha256": ann.get("sha256"),
             "images": str(coco.images.resolve()) if coco is not None else None,
+            "exif_orientation": coco.exif_orientation if coco is not None else "ignore",
         },
         "settings": {"top": top, "class_agnostic": class_agnostic, "device": device, "drop_invalid": drop_invalid,
                      "detector": _detector_settings(detector_run)},
