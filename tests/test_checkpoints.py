@@ -208,4 +208,9 @@ def test_config_text_hints():
     text = "test_pipeline = [dict(type='MultiScaleFlipAug', img_scale=(1333, 800), transforms=[dict(type='Pad', size_divisor=32)])]"
     assert mmdet.preprocess_hints(text) == {"size_divisor": 32, "min_size": 800, "max_size": 1333}
     assert mmdet.preprocess_hints(None) == {}
+    # the normalisation in mmdetection's 0..255 units comes back exactly in those units
+    from gradlens.models.transform import pixel_units
+
+    norm = mmdet.preprocess_hints("img_norm_cfg = dict(\n    mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=True)")
+    assert pixel_units(norm["mean"]) == (103.53, 116.28, 123.675) and pixel_units(norm["std"]) == (1.0, 1.0, 1.0)
     assert mmdet.backbone_type_hint("model = dict(backbone=dict(type='ConvNeXt', depths=[3, 3, 9, 3]))") == "ConvNeXt"

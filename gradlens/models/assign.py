@@ -28,13 +28,12 @@ def mmdet_box_overlaps(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """mmdetection's ``bbox_overlaps(boxes1, boxes2, mode='iou')``: an ``(N, M)`` IoU matrix, same arithmetic."""
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - overlap
-    union = torch.max(union, union.new_tensor([IOU_EPS]))
-    return overlap / union
+    # upstream's (rb - lt).clamp(0) on (N, M, 2) corners, one coordinate at a time and in place (same values)
+    iw = torch.min(boxes1[:, None, 2], boxes2[None, :, 2]).sub_(torch.max(boxes1[:, None, 0], boxes2[None, :, 0])).clamp_(min=0)
+    ih = torch.min(boxes1[:, None, 3], boxes2[None, :, 3]).sub_(torch.max(boxes1[:, None, 1], boxes2[None, :, 1])).clamp_(min=0)
+    overlap = iw.mul_(ih)
+    union = (area1[:, None] + area2[None, :]).sub_(overlap).clamp_(min=IOU_EPS)  # = torch.max(union, eps)
+    return overlap.div_(union)
 
 
 @dataclass(frozen=True)

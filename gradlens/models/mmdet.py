@@ -229,6 +229,12 @@ def preprocess_hints(config_text: str | None) -> dict:
     if m := re.search(r"img_scale\s*=\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", test):
         a, b = int(m.group(1)), int(m.group(2))
         hints["min_size"], hints["max_size"] = min(a, b), max(a, b)
+    norm = re.search(r"img_norm_cfg\s*=\s*dict\((.*?)\)", config_text, re.S)
+    for name in ("mean", "std"):
+        if norm and (m := re.search(name + r"\s*=\s*\[([^\]]*)\]", norm.group(1))):
+            values = [float(v) for v in m.group(1).split(",") if v.strip()]
+            if len(values) == 3:  # in 0..255 units, as mmdetection writes them; gradlens keeps [0, 1] units
+                hints[name] = tuple(v / 255 for v in values)
     return hints
 
 
