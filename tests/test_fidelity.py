@@ -57,10 +57,12 @@ def test_a_float_resize_would_not_be_exact():
 
 
 def _imnormalize(image_rgb: np.ndarray) -> np.ndarray:
-    """mmcv.imnormalize as mmcv 1.x writes it: float32 copy, cv2.subtract / cv2.multiply with float64 arrays."""
+    """mmdetection's Normalize (float32 mean and std) calling mmcv 1.x's imnormalize_: a float32 image,
+    cv2.subtract / cv2.multiply with the float64-widened mean and inverted std."""
     img = image_rgb.astype(np.float32)
-    mean = np.float64(MMDET_MEAN.reshape(1, -1))
-    stdinv = 1 / np.float64(MMDET_STD.reshape(1, -1))
+    mean, std = np.array(MMDET_MEAN, dtype=np.float32), np.array(MMDET_STD, dtype=np.float32)  # Normalize.__init__
+    mean = np.float64(mean.reshape(1, -1))
+    stdinv = 1 / np.float64(std.reshape(1, -1))
     cv2.subtract(img, mean, img)
     cv2.multiply(img, stdinv, img)
     return img

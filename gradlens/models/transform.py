@@ -109,13 +109,15 @@ def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
 def mmcv_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
     """mmcv's ``imnormalize`` of an image in 0..255: float32 ``v - mean``, then times ``1 / std`` in float64.
 
-    (OpenCV's ``subtract`` with a float64 scalar works in float32; its
-    ``multiply`` by a float64 array in float64, rounding the product once.)
-    In any dtype other than float32 (the float64 reference runs), the same
-    formula in that dtype.
+    mmdetection's ``Normalize`` stores mean and std as float32 arrays;
+    ``imnormalize`` widens them to float64 and inverts the std there. OpenCV's
+    ``subtract`` works in float32, its ``multiply`` by a float64 array in
+    float64, rounding the product once. In any dtype other than float32 (the
+    float64 reference runs), the same formula in that dtype.
     """
-    mean = torch.tensor(pixel_units(config.mean), dtype=torch.float64, device=pixels.device)[:, None, None]
-    inv_std = 1.0 / torch.tensor(pixel_units(config.std), dtype=torch.float64, device=pixels.device)[:, None, None]
+    mean = torch.tensor(pixel_units(config.mean), dtype=torch.float32, device=pixels.device).double()[:, None, None]
+    std = torch.tensor(pixel_units(config.std), dtype=torch.float32, device=pixels.device).double()[:, None, None]
+    inv_std = 1.0 / std
     if pixels.dtype == torch.float32:
         return ((pixels - mean.float()).double() * inv_std).float()
     return (pixels - mean.to(pixels.dtype)) * inv_std.to(pixels.dtype)
