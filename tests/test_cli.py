@@ -64,6 +64,26 @@ def test_score_writes_tables(capsys, tmp_path, synthetic_coco, results, monkeypa
     assert "images scored" in out and "crowd regions ignored" in out and "virtual match" in out
 
 
+def test_score_counts_images_with_an_exif_orientation(capsys, tmp_path, synthetic_coco, synthetic_gt, results):
+    import shutil
+
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(synthetic_coco.images, images)
+    first = synthetic_gt.image_path(int(synthetic_gt.image_ids[0])).name
+    with Image.open(images / first) as img:
+        exif = Image.Exif()
+        exif[0x0112] = 8
+        img.convert("RGB").save(images / first, exif=exif)
+    argv = ["score", "--detections", str(results), "--out", str(tmp_path / "s"), "--ann", str(synthetic_coco.ann),
+            "--images", str(images)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    total = len(synthetic_gt.image_ids)
+    assert f"images with a non-identity EXIF orientation tag: 1 of {total} (decoded with --exif-orientation ignore)" in out
+
+
 def test_select_with_two_baselines(capsys, tmp_path, synthetic_coco, synthetic_gt):
     paths = [
         write_detections(simulate_detections(synthetic_gt, skill=s, seed=i), tmp_path / f"m{i}.json")

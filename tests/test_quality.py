@@ -102,6 +102,18 @@ def test_degenerate_ground_truth_box_gets_virtual_match(gt_file, results_file):
     assert result.summary["num_degenerate_objects"] == 1
 
 
+def test_zero_area_detections_match_nothing(gt_file, results_file):
+    """mmdetection keeps boxes clipped to zero area; with the highest score, they still lose to a real overlap."""
+    anns = [(1, 1, [10, 10, 20, 20], 0), (1, 1, [0, 0, 5, 5], 0)]
+    dets = [det(1, 1, [10, 10, 0, 20], 0.99), det(1, 1, [15, 15, 20, 20], 0.5), det(1, 1, [0, 0, 5, 0], 0.9)]
+    objects, images = score(gt_file, results_file, [1], anns, dets)
+    data = make_gt_dict([1], anns)
+    expected_objects, expected_images = reference_quality(data, dets)
+    assert obj_row(objects, 1)["det_index"] == 1 and not obj_row(objects, 2)["matched"]
+    assert images["quality"].iloc[0] == pytest.approx(expected_images[1])
+    assert expected_objects[2] == (0.0, 0.0, -1)
+
+
 def test_image_quality_is_the_mean_over_objects(gt_file, results_file):
     anns = [(1, 1, [0, 0, 10, 10], 0), (1, 2, [20, 20, 10, 10], 0), (1, 5, [40, 40, 10, 10], 0)]
     dets = [det(1, 1, [0, 0, 10, 10], 0.9), det(1, 2, [20, 20, 10, 5], 0.8)]

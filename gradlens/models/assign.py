@@ -11,7 +11,8 @@ on the assignment, a checkpoint is scored with its own framework's rule.
 
 The assignment here is vectorised: the upstream loop over ground-truth
 objects is replaced by finding, for every anchor, the *last* object whose
-maximum it reaches, which is the object the loop would have left in place.
+maximum it reaches (a scatter-max over the few anchor/object pairs at an
+object's maximum), which is the object the loop would have left in place.
 """
 
 from __future__ import annotations
@@ -61,10 +62,14 @@ class MaxIoUAssigner:
         positive = max_overlaps >= self.pos_iou_thr
         codes[positive] = argmax_overlaps[positive] + 1
         # low-quality step: for i in 0..G-1, every anchor whose IoU with object i equals object i's maximum goes to i
+        reaches = overlaps == gt_max_overlaps[:, None]
         eligible = gt_max_overlaps >= self.min_pos_iou
-        reaches = (overlaps == gt_max_overlaps[:, None]) & eligible[:, None]
-        reached = reaches.any(dim=0)
-        last = (num_gts - 1) - reaches.flip(0).to(torch.uint8).argmax(dim=0)  # the loop's last writer wins
-        codes[reached] = last[reached] + 1
+        if not bool(eligible.all()):
+            reaches &= eligible[:, None]
+        objects, anchors = reaches.nonzero(as_tuple=True)  # sparse: the few anchors at each object's maximum
+        winner = torch.full((num_anchors,), -1, dtype=torch.int64, device=overlaps.device)
+        winner.scatter_reduce_(0, anchors, objects, reduce="amax")  # the loop's last writer wins
+        reached = winner >= 0
+        codes[reached] = winner[reached] + 1
         # mmdetection's codes -> matched index (>= 0), background (-1), ignored (-2)
         return torch.where(codes > 0, codes - 1, torch.where(codes == 0, -1, -2))
