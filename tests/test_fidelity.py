@@ -155,7 +155,7 @@ def test_detector_gradient_passes_the_uint8_rounding_straight_through():
     del det.prepare
     (new_h, new_w) = sizes[0]
     rows, cols = (torch.from_numpy(m) for m in _matrices(50, 70, new_h, new_w))
-    std = torch.tensor([58.395, 57.12, 57.375], dtype=torch.float64)[:, None, None]
+    std = torch.tensor([58.395, 57.12, 57.375], dtype=torch.float32).double()[:, None, None]  # as Normalize stores it
     expected = 255 * rows.t() @ (grad_batch[0, :, :new_h, :new_w] / std) @ cols
     losses = det.image_losses([x], [target])
     (got,) = torch.autograd.grad(losses["classification"].sum() + losses["bbox_regression"].sum(), x)
