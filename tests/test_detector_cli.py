@@ -95,6 +95,8 @@ def test_convert_and_models(checkpoints, tmp_path, capsys):
     assert torch.load(tmp_path / "native.pth", weights_only=True)["arch"] == "retinanet_cednet_mini"
     code, out, err = run(["models"], capsys)
     assert "retinanet_cednet_next_tiny" in out and "retinanet_swin_base" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+    assert rows["retinanet_cednet_next_tiny"] == "mmdetection" and rows["torchvision_retinanet_resnet50_fpn"] == "torchvision"
 
 
 def test_profile_reproduces_table_a1_for_cednet_next_tiny(capsys):

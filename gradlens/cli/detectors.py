@@ -16,12 +16,17 @@ Format = Annotated[Literal["table", "csv", "json"], typer.Option("--format", hel
 
 
 def models() -> None:
-    """List the detector architectures gradlens can build and load."""
+    """List the detector architectures gradlens can build and load, and whose arithmetic each follows.
+
+    mmdetection: mmcv's uint8 OpenCV resize, 100 detections per image,
+    MaxIoUAssigner; torchvision: its own transform, 300 per image, Matcher.
+    """
     from gradlens.models.registry import ARCHITECTURES
 
     width = max(len(n) for n in ARCHITECTURES)
     for name, arch in ARCHITECTURES.items():
-        typer.echo(f"{name:<{width}}  {arch.description}")
+        framework = "mmdetection" if arch.preprocess.convention == "mmcv" else "torchvision"
+        typer.echo(f"{name:<{width}}  {framework:<11}  {arch.description}")
 
 
 def profile(
