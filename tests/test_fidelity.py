@@ -139,6 +139,17 @@ def test_resize_gradient_is_the_fixed_point_linear_maps_jacobian(h, w, new_h, ne
     assert error.max() <= 0.5 and error.min() >= -0.5 - 2 * (1 / 4 + 1 / 128)
 
 
+def test_the_gpu_and_cpu_backward_formulations_agree():
+    """The dense matrix-product backward (used on GPUs) and the scatter one (CPU) compute the same product."""
+    from gradlens.models.resize import resize_backward_dense, resize_backward_scatter
+
+    g = torch.Generator().manual_seed(0)
+    for h, w, new_h, new_w in [(13, 17, 29, 23), (40, 30, 20, 15), (5, 11, 16, 3), (48, 64, 80, 107)]:
+        grad = torch.randn(3, new_h, new_w, generator=g, dtype=torch.float64)
+        dense, scatter = resize_backward_dense(grad, (h, w)), resize_backward_scatter(grad, (h, w))
+        assert dense.shape == (3, h, w) and torch.allclose(dense, scatter, rtol=1e-12, atol=1e-12)
+
+
 def test_detector_gradient_passes_the_uint8_rounding_straight_through():
     """d loss / d image = 255 * A_y^T (d loss / d normalised image / std) A_x, the rounding contributing 1."""
     from tests.test_gradients import scene, tiny_detector

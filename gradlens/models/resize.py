@@ -148,23 +148,35 @@ class _MMCVResize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (src_h, src_w), (dst_h, dst_w) = ctx.source, grad.shape[-2:]
-        if grad.device.type == "cpu":
-            # two taps per output: scatter each tap back (index_add_ is sequential, so deterministic, on the CPU)
-            xi, xw, yi, yw = _plan_tensors(src_h, src_w, dst_h, dst_w, grad.device)
-            scale = 255.0 / COEF_SCALE
-            cols = grad.new_zeros(grad.shape[0], src_h, dst_w)
-            cols.index_add_(1, yi[0], grad * (yw[0] * scale)).index_add_(1, yi[1], grad * (yw[1] * scale))
-            result = grad.new_zeros(grad.shape[0], src_h, src_w)
-            xs = xw / COEF_SCALE
-            return result.index_add_(2, xi[0], cols * xs[0]).index_add_(2, xi[1], cols * xs[1]), None
-        rows, cols = _matrix_tensors(src_h, src_w, dst_h, dst_w, grad.dtype, grad.device)
-        # the cheaper association of rows^T @ grad @ cols
-        if dst_h * src_w * (dst_w + src_h) <= src_h * dst_w * (dst_h + src_w):
-            result = rows.t() @ (grad @ cols)
-        else:
-            result = (rows.t() @ grad) @ cols
-        return result.mul_(255), None
+        backward = resize_backward_scatter if grad.device.type == "cpu" else resize_backward_dense
+        return backward(grad, ctx.source), None
+
+
+def resize_backward_scatter(grad: Tensor, source: tuple[int, int]) -> Tensor:
+    """The resize's vector-Jacobian product, scattering each of the two taps back (``index_add_``).
+
+    Sequential, so deterministic, on the CPU (on CUDA it would add with atomics).
+    """
+    (src_h, src_w), (dst_h, dst_w) = source, grad.shape[-2:]
+    xi, xw, yi, yw = _plan_tensors(src_h, src_w, dst_h, dst_w, grad.device)
+    scale = 255.0 / COEF_SCALE
+    cols = grad.new_zeros(grad.shape[0], src_h, dst_w)
+    cols.index_add_(1, yi[0], grad * (yw[0] * scale)).index_add_(1, yi[1], grad * (yw[1] * scale))
+    result = grad.new_zeros(grad.shape[0], src_h, src_w)
+    xs = xw / COEF_SCALE
+    return result.index_add_(2, xi[0], cols * xs[0]).index_add_(2, xi[1], cols * xs[1])
+
+
+def resize_backward_dense(grad: Tensor, source: tuple[int, int]) -> Tensor:
+    """The same product as two dense matrix products (deterministic and fast on a GPU)."""
+    (src_h, src_w), (dst_h, dst_w) = source, grad.shape[-2:]
+    rows, cols = _matrix_tensors(src_h, src_w, dst_h, dst_w, grad.dtype, grad.device)
+    # the cheaper association of rows^T @ grad @ cols
+    if dst_h * src_w * (dst_w + src_h) <= src_h * dst_w * (dst_h + src_w):
+        result = rows.t() @ (grad @ cols)
+    else:
+        result = (rows.t() @ grad) @ cols
+    return result.mul_(255)
 
 
 def mmcv_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
