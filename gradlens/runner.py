@@ -27,13 +27,17 @@ class DetectorRun:
     @classmethod
     def recorded(cls, workdir: str | os.PathLike, **overrides) -> "DetectorRun":
         """The run recorded by ``select`` in a work directory's manifest, with some settings changed
-        (``DetectorRun.recorded("runs/latest", device="cuda")``)."""
+        (``DetectorRun.recorded("runs/latest", device="cuda")``).
+
+        Trust is never read back: a manifest is a file anyone can edit or send, so unpickling code is
+        allowed only when this call says so (``trust=True``, the command line's ``--trust-checkpoint``).
+        """
         from gradlens.selection.manifest import load_manifest
 
         settings = load_manifest(workdir).get("settings") or {}
         detector = settings.get("detector") or {}
         recorded = {"device": settings.get("device", "auto"), "arch": detector.get("arch"),
-                    "trust": bool(detector.get("trust_checkpoint", False)), "batch_size": detector.get("batch_size") or 4,
+                    "trust": False, "batch_size": detector.get("batch_size") or 4,
                     "precision": detector.get("precision") or "fp32"}
         return cls(**{**recorded, **overrides})
 

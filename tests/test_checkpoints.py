@@ -214,3 +214,17 @@ def test_config_text_hints():
     norm = mmdet.preprocess_hints("img_norm_cfg = dict(\n    mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=True)")
     assert pixel_units(norm["mean"]) == (103.53, 116.28, 123.675) and pixel_units(norm["std"]) == (1.0, 1.0, 1.0)
     assert mmdet.backbone_type_hint("model = dict(backbone=dict(type='ConvNeXt', depths=[3, 3, 9, 3]))") == "ConvNeXt"
+
+
+class _Shell:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_calling_os_system_is_named_as_needing_code(tmp_path):
+    path = tmp_path / "shell.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Shell()}, path)
+    with pytest.raises(CheckpointError, match="needs arbitrary code.*--trust-checkpoint"):
+        load_detector(path)

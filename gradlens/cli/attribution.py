@@ -49,7 +49,8 @@ OptionalBatchSize = Annotated[
 
 
 def _workdir_run(workdir, arch, trust, batch_size, workers, precision, device) -> DetectorRun:
-    """select's recorded detector settings (architecture, trust, batch size), with what was given on this command line."""
+    """select's recorded detector settings (architecture, batch size), with what was given on this command line;
+    trust only from this command line."""
     given = {"workers": workers, "precision": precision, "device": device}
     if arch is not None:
         given["arch"] = arch

@@ -105,9 +105,35 @@ class GroundTruth:
             raise InputFileError(f"Image id {image_id} is not in the annotation file {self.path}.") from None
 
     def image_path(self, image_id: int) -> Path:
+        """The image's file, which must lie inside the image folder (after resolving symlinks and ``..``).
+
+        A dataset names files, it does not get to read the rest of the disk: a
+        ``file_name`` like ``../secret.jpg`` or ``/etc/passwd`` is refused.
+        """
         if self.images_dir is None:
             raise InputFileError("No image folder was given (use --coco-root or --images).")
-        return self.images_dir / self.image_info(image_id)["file_name"]
+        name = self.image_info(image_id)["file_name"]
+        path = self.images_dir / name
+        root = self._resolved_images_dir()
+        if not path.resolve().is_relative_to(root):
+            raise InputFileError(
+                f"Image {image_id} has a file_name {name!r} that points outside the image folder {self.images_dir}; "
+                "gradlens reads images only inside it."
+            )
+        return path
+
+    def _resolved_images_dir(self) -> Path:
+        cached = getattr(self, "_images_root", None)
+        if cached is None or cached[0] != self.images_dir:
+            cached = (self.images_dir, Path(self.images_dir).resolve())
+            self._images_root = cached
+        return cached[1]
+
+
+def _is_positive_integer(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and float(value).is_integer() and value > 0
 
 
 def _is_finite_number(value) -> bool:
@@ -152,6 +178,12 @@ def _check_structure(data: object, path: Path) -> None:
         if img["id"] in image_ids:
             raise InputFileError(f"Image id {img['id']} appears more than once in {path}.")
         image_ids.add(img["id"])
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            raise InputFileError(f"Image {img['id']} of {path} has no file_name (a non-empty string naming its file).")
+        for key in ("width", "height"):
+            if key in img and not _is_positive_integer(img[key]):
+                raise InputFileError(f"Image {img['id']} of {path} has a {key} {short_repr(img[key])} that is not a positive integer.")
     category_ids = set()
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
@@ -174,6 +206,10 @@ def _check_structure(data: object, path: Path) -> None:
             raise InputFileError(f"Annotation {ann['id']} of {path} has a bbox that is not four finite numbers.")
         if bbox[2] < 0 or bbox[3] < 0:
             raise InputFileError(f"Annotation {ann['id']} of {path} has a negative box width or height.")
+        if "iscrowd" in ann and not (type(ann["iscrowd"]) in (int, bool) and ann["iscrowd"] in (0, 1)):
+            raise InputFileError(f"Annotation {ann['id']} of {path} has an iscrowd {short_repr(ann['iscrowd'])} that is not 0 or 1.")
+        if "area" in ann and not _is_finite_number(ann["area"]):
+            raise InputFileError(f"Annotation {ann['id']} of {path} has an area {short_repr(ann['area'])} that is not a number.")
         if ann["image_id"] not in image_ids:
             raise InputFileError(f"Annotation {ann['id']} of {path} refers to image {ann['image_id']}, which is not listed.")
         if ann["category_id"] not in category_ids:

@@ -77,7 +77,9 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text and "Unsupported global" in text:
+        # torch names a refused global as "Unsupported global: ..." or "unsupported GLOBAL posix.system whose
+        # module posix is blocked": both mean the file holds more than tensors ("Unsupported operand" is garbage)
+        if "Weights only load failed" in text and "unsupported global" in text.lower():
             if not trust:
                 raise CheckpointError(
                     f"{path} needs arbitrary code to unpickle (it is not plain tensors and containers); "
