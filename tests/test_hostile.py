@@ -1,0 +1,191 @@
+"""Hostile inputs through the real CLI: every one succeeds correctly or exits 1 with one sentence,
+no code runs and no file outside the dataset is read without a flag on the command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradlens.models.bundled import bundled_detector_path
+from tests.test_cli import run
+
+
+def one_sentence(capsys, argv) -> str:
+    """Run the CLI; assert exit 1, no traceback and a single 'gradlens: error:' line; return that line."""
+    code, out, err = run([str(a) for a in argv], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("gradlens: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+class _TouchOnLoad:
+    """A pickle whose unpickling creates a file: the side effect no command may trigger without the flag."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from gradlens.demo import run_demo
+
+    out = tmp_path_factory.mktemp("hostile")
+    result = run_demo(out, num_images=12, top=3, device="cpu", progress=False, workers=0, gradients=False)
+    return result.selection.workdir
+
+
+@pytest.fixture
+def evil(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    payload = torch.load(bundled_detector_path("cednet"), weights_only=True)
+    payload["hook"] = _TouchOnLoad(marker)  # a real, loadable checkpoint plus one object that runs code
+    torch.save(payload, path)
+    return path, marker
+
+
+def _coco_root(workdir: Path) -> str:
+    return json.loads((workdir / "manifest.json").read_text())["dataset"]["images"].rsplit("/", 1)[0]
+
+
+def _poisoned_workdir(workdir: Path, tmp_path: Path, checkpoint: Path) -> Path:
+    """A work directory received from someone else: its manifest points at a code-running checkpoint,
+    with the right hash, and claims it was trusted."""
+    wd = tmp_path / "received"
+    shutil.copytree(workdir, wd)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    for model in manifest["models"]:
+        model["source"], model["sha256"], model["kind"] = str(checkpoint), digest, "checkpoint"
+    manifest["settings"]["detector"]["trust_checkpoint"] = True
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    return wd
+
+
+def test_a_code_running_pickle_runs_through_no_command(demo, evil, tmp_path, capsys):
+    path, marker = evil
+    root = _coco_root(demo)
+    image_id = int(json.loads((demo / "manifest.json").read_text())["counts"]["images_selected"] and
+                   open(demo / "selection.csv").read().splitlines()[1].split(",")[0])
+    received = _poisoned_workdir(demo, tmp_path, path)
+    commands = [
+        ["score", "--model", path, "--out", tmp_path / "s", "--coco-root", root, "--device", "cpu", "--workers", 0],
+        ["select", "--a", path, "--b", bundled_detector_path("convnext"), "--coco-root", root, "--workdir", tmp_path / "w",
+         "--device", "cpu", "--workers", 0],
+        ["gradients", "--model", path, "--image-ids", image_id, "--out", tmp_path / "g", "--coco-root", root,
+         "--device", "cpu", "--workers", 0],
+        ["evaluate", "--model", path, "--coco-root", root, "--device", "cpu", "--workers", 0],
+        ["convert", path, tmp_path / "converted.pth"],
+        ["area-curve", "--workdir", received, "--device", "cpu", "--workers", 0],
+        ["figure", "--workdir", received, "--image-id", image_id, "--device", "cpu", "--workers", 0],
+    ]
+    for argv in commands:
+        message = one_sentence(capsys, argv + ["--no-progress"] if argv[0] != "convert" else argv)
+        assert "needs arbitrary code" in message and "--trust-checkpoint" in message, (argv[0], message)
+        assert not marker.exists(), f"{argv[0]} ran the checkpoint's code"
+    # with the flag on the command line, the user's own decision, the file loads (and its code runs)
+    code, out, err = run(["convert", str(path), str(tmp_path / "converted.pth"), "--trust-checkpoint"], capsys)
+    assert code == 0, err
+    assert marker.exists()
+
+
+@pytest.fixture
+def dataset(tmp_path, demo):
+    """A copy of the demo dataset whose annotation file the test may poison."""
+    root = Path(_coco_root(demo))
+    copy = tmp_path / "coco"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _poison(dataset: Path, change) -> Path:
+    ann = dataset / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    change(data)
+    ann.write_text(json.dumps(data))
+    return ann
+
+
+def _first_image_with_objects(data: dict) -> dict:
+    with_objects = {a["image_id"] for a in data["annotations"] if not a.get("iscrowd")}
+    return next(img for img in data["images"] if img["id"] in with_objects)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_image_paths_stay_inside_the_image_folder(where, dataset, tmp_path, capsys):
+    secret = tmp_path / "outside" / "secret.jpg"
+    secret.parent.mkdir()
+    state = {}
+
+    def change(data):
+        image = _first_image_with_objects(data)
+        shutil.copy(dataset / "val2017" / image["file_name"], secret)  # a real image: only its place is wrong
+        state["id"] = image["id"]
+        if where == "parent":
+            image["file_name"] = "../../outside/secret.jpg"
+        elif where == "absolute":
+            image["file_name"] = str(secret)
+        else:
+            os.symlink(secret, dataset / "val2017" / "link.jpg")
+            image["file_name"] = "link.jpg"
+
+    _poison(dataset, change)
+    message = one_sentence(capsys, ["gradients", "--model", bundled_detector_path("cednet"), "--image-ids", state["id"],
+                                    "--out", tmp_path / "g", "--coco-root", dataset, "--device", "cpu", "--workers", 0,
+                                    "--no-progress"])
+    assert f"Image {state['id']}" in message and "outside the image folder" in message
+    assert not (tmp_path / "g").exists() or not list((tmp_path / "g").glob("*.npz"))
+
+
+def test_a_symlink_inside_the_folder_is_fine(dataset, tmp_path, capsys):
+    state = {}
+
+    def change(data):
+        image = _first_image_with_objects(data)
+        os.symlink(dataset / "val2017" / image["file_name"], dataset / "val2017" / "alias.jpg")
+        image["file_name"], state["id"] = "alias.jpg", image["id"]
+
+    _poison(dataset, change)
+    code, out, err = run(["gradients", "--model", str(bundled_detector_path("cednet")), "--image-ids", str(state["id"]),
+                          "--out", str(tmp_path / "g"), "--coco-root", str(dataset), "--device", "cpu", "--workers", "0",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+
+
+ANNOTATION_CASES = {
+    "height as a word": (lambda d: d["images"][0].update(height="tall"), "height 'tall' that is not a positive integer"),
+    "zero width": (lambda d: d["images"][0].update(width=0), "width 0 that is not a positive integer"),
+    "no file_name": (lambda d: d["images"][0].pop("file_name"), "has no file_name"),
+    "empty file_name": (lambda d: d["images"][0].update(file_name=" "), "has no file_name"),
+    "file_name a number": (lambda d: d["images"][0].update(file_name=7), "has no file_name"),
+    "iscrowd as a string": (lambda d: d["annotations"][0].update(iscrowd="0"), "iscrowd '0' that is not 0 or 1"),
+    "iscrowd 2": (lambda d: d["annotations"][0].update(iscrowd=2), "iscrowd 2 that is not 0 or 1"),
+    "area as a string": (lambda d: d["annotations"][0].update(area="big"), "area 'big' that is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(ANNOTATION_CASES))
+@pytest.mark.parametrize("command", ["score", "gradients"])
+def test_annotation_fields_are_checked_at_load(case, command, dataset, demo, tmp_path, capsys):
+    change, expected = ANNOTATION_CASES[case]
+    _poison(dataset, change)
+    if command == "score":
+        detections = json.loads((demo / "manifest.json").read_text())["models"][0]["detections"]
+        argv = ["score", "--detections", detections, "--out", tmp_path / "s", "--coco-root", dataset]
+    else:
+        argv = ["gradients", "--model", bundled_detector_path("cednet"), "--image-ids", 1, "--out", tmp_path / "g",
+                "--coco-root", dataset, "--device", "cpu", "--workers", 0, "--no-progress"]
+    message = one_sentence(capsys, argv)
+    assert expected in message, message
+    assert not (tmp_path / "s").exists()
