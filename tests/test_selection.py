@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -243,8 +244,11 @@ def test_stale_score_directories_are_removed(tmp_path, synthetic_coco, synthetic
     assert sorted(p.name for p in (work / "scores").iterdir()) == ["a", "b1", "b2", "b3"]
     (work / "scores/b2/notes.txt").write_text("mine")  # not gradlens' to delete
     (work / "scores/other").mkdir()
-    run_selection(a, [b], coco=synthetic_coco, workdir=work, top=5)
-    assert sorted(p.name for p in (work / "scores").iterdir()) == ["a", "b", "b2", "other"]
+    shutil.copytree(work / "scores/a", work / "scores/mine")  # a user's own score directory: not recorded, kept
+    result = run_selection(a, [b], coco=synthetic_coco, workdir=work, top=5)
+    assert sorted(p.name for p in (work / "scores").iterdir()) == ["a", "b", "b2", "mine", "other"]
+    assert sorted(p.name for p in result.removed) == ["b1", "b2", "b3"]
+    assert (work / "scores/mine/score.json").is_file()
     assert [p.name for p in (work / "scores/b2").iterdir()] == ["notes.txt"]
     # A stale folder that is an input of this run is kept.
     run_selection(a, [b, *extra], coco=synthetic_coco, workdir=work, top=5)

@@ -100,13 +100,18 @@ def test_small_datasets_have_every_edge_case(tmp_path, num_images, seed):
 
 
 def test_rerun_with_fewer_images_leaves_no_stale_jpegs(tmp_path):
-    make_synthetic_coco(tmp_path / "d", num_images=8, seed=1, progress=False)
+    first = make_synthetic_coco(tmp_path / "d", num_images=8, seed=1, progress=False)
+    before = {i["file_name"] for i in json.loads(first.ann.read_text())["images"]}
     (tmp_path / "d/val2017/notes.txt").write_text("kept")
-    paths = make_synthetic_coco(tmp_path / "d", num_images=4, seed=2, progress=False)
+    (tmp_path / "d/val2017/my_photo.jpg").write_bytes(b"\xff\xd8 the user's own")  # not gradlens' to delete
+    removed = []
+    paths = make_synthetic_coco(tmp_path / "d", num_images=4, seed=2, progress=False, on_remove=removed.append)
     listed = {i["file_name"] for i in json.loads(paths.ann.read_text())["images"]}
-    assert {p.name for p in paths.images.glob("*.jpg")} == listed and len(listed) == 4
+    assert {p.name for p in paths.images.glob("*.jpg")} == listed | {"my_photo.jpg"} and len(listed) == 4
+    assert {p.name for p in removed} == before - listed and removed  # each removal reported
     assert (paths.images / "notes.txt").is_file()
     (paths.images / "notes.txt").unlink()
+    (paths.images / "my_photo.jpg").unlink()
     fresh = make_synthetic_coco(tmp_path / "fresh", num_images=4, seed=2, progress=False)
     assert tree_digest(tmp_path / "fresh") == tree_digest(tmp_path / "d"), "same as a dataset made from scratch"
 

@@ -156,6 +156,8 @@ def select(
     if len(result.selection):
         best = result.selection.iloc[0]
         typer.echo(f"  largest improvement {best['improvement']:.4f} (image {int(best['image_id'])})")
+    for path in result.removed:
+        typer.echo(f"Removed {path}: the score directory of a role the earlier selection had and this one has not.")
     typer.echo(f"Wrote {workdir / 'selection.csv'} and {workdir / 'manifest.json'}")
 
 
@@ -170,7 +172,11 @@ def synthetic(
     """Write a small COCO-format dataset of rendered shapes (real JPEGs, crowds, grayscale, empty images)."""
     from gradlens.data.synthetic import make_synthetic_coco
 
-    paths = make_synthetic_coco(out, num_images=num_images, seed=seed, split=split, progress=progress)
+    removed = []
+    paths = make_synthetic_coco(out, num_images=num_images, seed=seed, split=split, progress=progress, on_remove=removed.append)
+    if removed:
+        typer.echo(f"Removed {len(removed)} image(s) of the earlier synthetic dataset that the new one does not list "
+                   f"(e.g. {removed[0].name}).")
     typer.echo(f"Wrote {num_images} images to {paths.images} and annotations to {paths.ann}")
 
 

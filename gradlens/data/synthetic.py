@@ -168,15 +168,18 @@ def _render_image(rng: np.random.Generator, cfg: SyntheticConfig, force: str | N
 
 
 def make_synthetic_coco(
-    root: str | os.PathLike, config: SyntheticConfig | None = None, progress: bool | None = None, **overrides
+    root: str | os.PathLike, config: SyntheticConfig | None = None, progress: bool | None = None,
+    on_remove=None, **overrides
 ) -> CocoPaths:
     """Write a COCO-layout dataset under ``root`` and return its paths.
 
     ``root/annotations/instances_<split>.json`` and ``root/<split>/<id>.jpg``,
     so that ``--coco-root root`` finds it. Writing over an earlier synthetic
-    dataset replaces it: JPEGs of the split that the new annotation file does
-    not list are removed. A split that holds anything else (an annotation file
-    gradlens did not write, or JPEGs without one) is refused, not overwritten.
+    dataset replaces it: JPEGs that the earlier annotation file listed and the
+    new one does not are removed (each passed to ``on_remove``); any other file
+    in the folder — a JPEG the user added — is left alone. A split that holds
+    anything else (an annotation file gradlens did not write, or JPEGs without
+    one) is refused, not overwritten.
     """
     cfg = config or SyntheticConfig()
     if overrides:
@@ -185,6 +188,7 @@ def make_synthetic_coco(
     image_dir = root / cfg.split
     ann_path = root / "annotations" / f"instances_{cfg.split}.json"
     _refuse_foreign_dataset(ann_path, image_dir)
+    written_before = _listed_file_names(ann_path)
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     # Sparse, sorted ids (COCO's are not 1..N either).
@@ -211,10 +215,25 @@ def make_synthetic_coco(
     with atomic_path(ann_path) as tmp:
         tmp.write_text(json.dumps(dataset))
     listed = {img["file_name"] for img in images}
-    for stale in image_dir.glob("*.jpg"):  # left by an earlier, larger run
-        if stale.name not in listed:
+    for name in sorted(written_before - listed):  # written by an earlier, larger run
+        stale = image_dir / name
+        if stale.is_file():
             stale.unlink()
+            if on_remove is not None:
+                on_remove(stale)
     return CocoPaths(ann=ann_path, images=image_dir)
+
+
+def _listed_file_names(ann_path: Path) -> set[str]:
+    """The plain file names an earlier synthetic annotation file listed (what gradlens wrote there)."""
+    if not ann_path.exists():
+        return set()
+    try:
+        data = json.loads(ann_path.read_text())
+        names = {img["file_name"] for img in data["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name}
 
 
 def _is_synthetic_annotation_file(path: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from gradlens.fileio import require_file, sha256_file, write_table
 from gradlens.scoring.sources import ModelSource, compute_scores, identify_source, save_scores
 from gradlens.scoring.store import remove_score_dir
 from gradlens.selection.improvement import DEFAULT_TOP, b_roles, select_images
-from gradlens.selection.manifest import DEFAULT_WORKDIR, save_manifest
+from gradlens.selection.manifest import DEFAULT_WORKDIR, load_manifest, save_manifest
 
 
 @dataclass
@@ -30,6 +30,7 @@ class SelectionResult:
     manifest: dict
     summaries: dict[str, dict]
     workdir: Path
+    removed: list[Path] = field(default_factory=list)  # score directories of an earlier selection's other roles
 
 
 def _unique_labels(sources: list[ModelSource]) -> list[str]:
@@ -57,17 +58,32 @@ def _check_annotations(sources: list[ModelSource], roles: list[str], metas: dict
         raise GradlensError("The models were scored against different annotation files, so their qualities cannot be compared.")
 
 
-def _remove_stale_scores(workdir: Path, roles: list[str], sources: list[ModelSource]) -> None:
-    """Remove score directories under ``workdir/scores`` left by an earlier run with other roles
-    (``b1``…``b3`` after a run with one baseline), so the folder shows only what the manifest names.
-    Only gradlens score directories go, and never one that this run read as an input."""
-    folder = workdir / "scores"
-    if not folder.is_dir():
-        return
-    keep = {(folder / role).resolve() for role in roles} | {src.path.resolve() for src in sources}
-    for path in sorted(folder.iterdir()):
+def _previous_score_dirs(workdir: Path) -> list[Path]:
+    """The score directories the work directory's previous manifest says gradlens wrote (none if unreadable)."""
+    try:
+        previous = load_manifest(workdir)
+    except GradlensError:
+        return []
+    folder = (workdir / "scores").resolve()
+    dirs = []
+    for model in previous.get("models") or []:
+        rel = model.get("scores") if isinstance(model, dict) else None
+        if isinstance(rel, str) and (workdir / rel).resolve().parent == folder:  # only scores/<role>, nothing else
+            dirs.append(workdir / rel)
+    return dirs
+
+
+def _remove_stale_scores(workdir: Path, previous: list[Path], roles: list[str], sources: list[ModelSource]) -> list[Path]:
+    """Remove the score directories an earlier selection wrote for roles this one has not (``b2``, ``b3``
+    after a run with one baseline). Only those the earlier manifest recorded go — a folder of the user's own
+    under ``scores/`` stays — and never one that this run read as an input. Returns what was removed."""
+    keep = {(workdir / "scores" / role).resolve() for role in roles} | {src.path.resolve() for src in sources}
+    removed = []
+    for path in previous:
         if path.is_dir() and path.resolve() not in keep:
             remove_score_dir(path)
+            removed.append(path)
+    return removed
 
 
 def _detector_settings(run) -> dict | None:
@@ -102,6 +118,7 @@ def run_selection(
     if top < 1:
         raise GradlensError(f"--top must be at least 1 (got {top}).")
     workdir = Path(workdir)
+    previous_scores = _previous_score_dirs(workdir)
     device = str(resolve_device(device))
     sources = [identify_source(a)] + [identify_source(p) for p in b]
     roles = ["a"] + b_roles(len(b))
@@ -166,5 +183,5 @@ def run_selection(
         },
     }
     save_manifest(workdir, manifest)
-    _remove_stale_scores(workdir, roles, sources)
-    return SelectionResult(selection=selection, manifest=manifest, summaries=summaries, workdir=workdir)
+    removed = _remove_stale_scores(workdir, previous_scores, roles, sources)
+    return SelectionResult(selection=selection, manifest=manifest, summaries=summaries, workdir=workdir, removed=removed)
