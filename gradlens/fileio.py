@@ -87,6 +87,32 @@ def read_table(directory: str | os.PathLike, stem: str) -> pd.DataFrame:
     raise InputFileError(f"{directory} has no {stem}.parquet or {stem}.csv.")
 
 
+def read_table_file(path: str | os.PathLike) -> pd.DataFrame:
+    """Read exactly the named ``.csv`` or ``.parquet`` file (an edited CSV is not shadowed by its Parquet twin)."""
+    path = Path(path)
+    require_file(path, "table")
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pyarrow and pandas raise many types for a damaged file
+        raise InputFileError(f"Cannot read the table {path} ({type(exc).__name__}).") from None
+
+
+def image_id_column(table: pd.DataFrame, where) -> list[int]:
+    """A table's ``image_id`` column as Python ints, or one sentence naming the first value that is not one."""
+    ids = []
+    for value in table["image_id"]:
+        if isinstance(value, str):
+            value = value.strip()
+        try:
+            number = int(value)
+            if float(value) != number:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise InputFileError(f"{where} has an image_id {short_repr(value)} that is not an integer.") from None
+        ids.append(number)
+    return ids
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Content hash that identifies an input independently of its path or modification time."""
     digest = hashlib.sha256()

@@ -76,8 +76,7 @@ def _poisoned_workdir(workdir: Path, tmp_path: Path, checkpoint: Path) -> Path:
 def test_a_code_running_pickle_runs_through_no_command(demo, evil, tmp_path, capsys):
     path, marker = evil
     root = _coco_root(demo)
-    image_id = int(json.loads((demo / "manifest.json").read_text())["counts"]["images_selected"] and
-                   open(demo / "selection.csv").read().splitlines()[1].split(",")[0])
+    image_id = int(open(demo / "selection.csv").read().splitlines()[1].split(",")[1])
     received = _poisoned_workdir(demo, tmp_path, path)
     commands = [
         ["score", "--model", path, "--out", tmp_path / "s", "--coco-root", root, "--device", "cpu", "--workers", 0],
@@ -189,3 +188,28 @@ def test_annotation_fields_are_checked_at_load(case, command, dataset, demo, tmp
     message = one_sentence(capsys, argv)
     assert expected in message, message
     assert not (tmp_path / "s").exists()
+
+
+def test_gradients_reads_the_selection_file_it_was_given(demo, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd)
+    lines = (wd / "selection.csv").read_text().splitlines()
+    (wd / "selection.csv").write_text("\n".join([lines[0]] + lines[2:]) + "\n")  # the user drops the first image
+    wanted = int(lines[2].split(",")[1])  # columns: rank, image_id, ...
+    code, out, err = run(["gradients", "--model", str(bundled_detector_path("cednet")), "--selection", str(wd / "selection.csv"),
+                          "--top", "1", "--out", str(tmp_path / "g"), "--device", "cpu", "--workers", "0", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g" / f"{wanted}.npz").is_file() and not (tmp_path / "g" / f"{int(lines[1].split(',')[1])}.npz").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", ""])
+def test_a_selection_with_a_bad_image_id_is_one_sentence(value, demo, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd)
+    lines = (wd / "selection.csv").read_text().splitlines()
+    rank, _, rest = lines[1].split(",", 2)
+    lines[1] = ",".join([rank, value, rest])
+    (wd / "selection.csv").write_text("\n".join(lines) + "\n")
+    message = one_sentence(capsys, ["gradients", "--model", bundled_detector_path("cednet"), "--selection", wd / "selection.csv",
+                                    "--out", tmp_path / "g", "--device", "cpu", "--workers", 0, "--no-progress"])
+    assert "image_id" in message and "not an integer" in message

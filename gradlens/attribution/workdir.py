@@ -48,8 +48,12 @@ def selection_table(workdir: str | os.PathLike) -> pd.DataFrame:
 
 def selection_ids(workdir: str | os.PathLike, top: int | None = None) -> list[int]:
     """Image ids of the work directory's selection, best first (the first ``top`` if given)."""
+    from gradlens.fileio import image_id_column
+
     table = selection_table(workdir)
-    ids = [int(i) for i in table["image_id"]]
+    if "image_id" not in table:
+        raise GradlensError(f"The selection in {workdir} has no image_id column; run 'gradlens select' again.")
+    ids = image_id_column(table, Path(workdir) / "selection")
     return ids[:top] if top is not None else ids
 
 

@@ -109,7 +109,7 @@ def gradients(
     from gradlens.attribution.store import MapStore
     from gradlens.data.coco import load_ground_truth
     from gradlens.device import resolve_device
-    from gradlens.fileio import read_table, sha256_file
+    from gradlens.fileio import image_id_column, read_table, read_table_file, sha256_file
     from gradlens.models.checkpoints import load_detector
     from gradlens.selection.manifest import MANIFEST, load_manifest
     from gradlens.attribution.workdir import workdir_ground_truth
@@ -119,12 +119,14 @@ def gradients(
     require_checkpoint(model, "--model")
     coco = _coco_or_none(coco_root, ann, images)
     if selection is not None:
-        if selection.is_dir():
+        if selection.is_dir():  # a work directory: its selection, read from the exact Parquet copy when there
+            table = read_table(selection, "selection")
             selection = selection / "selection.csv"
-        table = read_table(selection.parent, selection.stem) if selection.suffix in (".csv", ".parquet") else None
+        else:  # the named file, and no other
+            table = read_table_file(selection) if selection.suffix in (".csv", ".parquet") else None
         if table is None or "image_id" not in table:
             raise GradlensError(f"{selection} is not a selection table written by 'gradlens select'.")
-        ids = [int(i) for i in table["image_id"]][:top]
+        ids = image_id_column(table, selection)[:top]
         if coco is None and (selection.parent / MANIFEST).is_file():
             gt = workdir_ground_truth(load_manifest(selection.parent))
         else:
