@@ -28,6 +28,7 @@ from gradlens.attribution.methods import (
     reduce_channels,
 )
 from gradlens.attribution.store import MapStore
+from gradlens.errors import GradlensError
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.inference import ShapeGroupedBatches, _Images, annotated_sizes, loaded_images
@@ -76,7 +77,11 @@ def cpu_threads(device: torch.device, batches: int) -> int:
     if device.type != "cpu" or batches < 2:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = int(os.environ.get("GRADLENS_GRADIENT_THREADS", cores))
+    raw = os.environ.get("GRADLENS_GRADIENT_THREADS", str(cores))
+    try:
+        wanted = int(raw)
+    except ValueError:
+        raise GradlensError(f"GRADLENS_GRADIENT_THREADS is {raw!r}; set it to a whole number of threads (or unset it).") from None
     return max(1, min(wanted, batches))
 
 

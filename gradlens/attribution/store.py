@@ -70,11 +70,12 @@ class MapStore:
     """A folder of per-image maps made with one set of settings (``key``)."""
 
     def __init__(self, folder: str | os.PathLike, key: dict | None = None, map_dtype: str = "float16",
-                 overwrite: bool = False):
+                 overwrite: bool = False, remedy: str = "choose another folder or pass --overwrite"):
         """Open (``key=None``: read only, the key on disk is used) or create a store.
 
         A folder holding maps made with another key is refused unless
-        ``overwrite``, which deletes those maps first.
+        ``overwrite``, which deletes those maps first; ``remedy`` ends the
+        refusal (what the calling command offers the user).
         """
         self.folder = Path(folder)
         if map_dtype not in MAP_DTYPES:
@@ -99,12 +100,12 @@ class MapStore:
         if existing is not None and (existing.get("key") != key or existing.get("map_dtype") != map_dtype):
             if not overwrite:
                 raise GradlensError(
-                    f"{self.folder} holds maps made with other settings; choose another folder or pass --overwrite."
+                    f"{self.folder} holds maps made with other settings; {remedy}."
                 )
             self.clear()
         elif existing is None and self.folder.is_dir() and any(self.folder.glob("*.npz")):
             if not overwrite:
-                raise GradlensError(f"{self.folder} holds maps of unknown origin; choose another folder or pass --overwrite.")
+                raise GradlensError(f"{self.folder} holds maps of unknown origin; {remedy}.")
             self.clear()
         self.key = key
         self.folder.mkdir(parents=True, exist_ok=True)

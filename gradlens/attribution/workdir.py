@@ -172,7 +172,8 @@ def workdir_maps(
         if device.type == "cpu":
             detector.use_channels_last()  # depthwise-conv backward is far faster in NHWC on the CPU
         key = map_store_key(detector, digest, gt, config, batch_size=run.batch_size)
-        store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype)
+        store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype,
+                         remedy="it was changed outside gradlens; delete that folder and its maps are computed again")
         maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store)
         if compute:
             maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,

@@ -155,7 +155,7 @@ def gradients(
 
 def area_curve(
     workdir: opt.Workdir = DEFAULT_WORKDIR,
-    thresholds: Annotated[int, typer.Option("--thresholds", min=2, help="Points on the shared threshold grid.")] = 200,
+    thresholds: Annotated[int, typer.Option("--thresholds", min=2, max=1_000_000, help="Points on the shared threshold grid.")] = 200,
     scale: Annotated[Literal["log", "linear"], typer.Option("--scale", help="Threshold grid spacing.")] = "log",
     log_decades: Annotated[float, typer.Option("--log-decades", min=0.1, help="log grid: decades below the top threshold.")] = 4.0,
     t_max_percentile: Annotated[

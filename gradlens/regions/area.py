@@ -33,6 +33,9 @@ DEFAULT_SCALE: Scale = "log"
 DEFAULT_LOG_DECADES = 4.0
 
 
+MAX_THRESHOLDS = 1_000_000  # a grid is held per model and image batch: more points than pixels tell nothing
+
+
 def threshold_grid(max_value: float, num: int = DEFAULT_THRESHOLDS, scale: Scale = "linear",
                    log_decades: float = DEFAULT_LOG_DECADES) -> np.ndarray:
     """``num`` increasing thresholds ending at ``max_value``.
@@ -43,14 +46,22 @@ def threshold_grid(max_value: float, num: int = DEFAULT_THRESHOLDS, scale: Scale
     """
     if num < 2:
         raise GradlensError("A threshold grid needs at least 2 thresholds.")
+    if num > MAX_THRESHOLDS:
+        raise GradlensError(f"--thresholds {num} is more than the {MAX_THRESHOLDS:,} a grid may have.")
     if not (np.isfinite(max_value) and max_value > 0):
         raise GradlensError(f"The largest gradient magnitude is {max_value}; every map is zero, so there is no threshold grid.")
     if scale == "linear":
         return np.linspace(0.0, float(max_value), num)
     if scale == "log":
-        if not log_decades > 0:
-            raise GradlensError("--log-decades must be positive.")
-        return float(max_value) * np.logspace(-float(log_decades), 0.0, num)
+        if not (np.isfinite(log_decades) and log_decades > 0):
+            raise GradlensError("--log-decades must be a positive number.")
+        grid = float(max_value) * np.logspace(-float(log_decades), 0.0, num)
+        # maps are float32 (or float16 codes): a threshold below the smallest float32 cannot separate anything
+        if not (grid[0] >= np.finfo(np.float32).tiny and np.all(np.diff(grid) > 0)):
+            usable = np.log10(float(max_value) / np.finfo(np.float32).tiny)
+            raise GradlensError(f"--log-decades {log_decades:g} reaches below the smallest float32 value from the "
+                                f"largest magnitude {float(max_value):.3g}; use at most {usable:.0f}.")
+        return grid
     raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
 
 
