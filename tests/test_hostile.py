@@ -213,3 +213,30 @@ def test_a_selection_with_a_bad_image_id_is_one_sentence(value, demo, tmp_path, 
     message = one_sentence(capsys, ["gradients", "--model", bundled_detector_path("cednet"), "--selection", wd / "selection.csv",
                                     "--out", tmp_path / "g", "--device", "cpu", "--workers", 0, "--no-progress"])
     assert "image_id" in message and "not an integer" in message
+
+
+@pytest.mark.parametrize("tamper", ["wrong shape", "another store's map", "truncated"])
+def test_unusable_stored_maps_are_computed_again(tamper, demo, tmp_path, capsys):
+    import numpy as np
+
+    from gradlens.attribution.store import MapStore
+
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd)
+    argv = ["area-curve", "--workdir", str(wd), "--device", "cpu", "--workers", "0", "--thresholds", "30", "--no-progress"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    reference = (wd / "area_curve.csv").read_bytes()
+    store_a, store_b = (next((wd / "maps" / role).iterdir()) for role in ("a", "b"))
+    victim = sorted(store_a.glob("*.npz"))[0]
+    if tamper == "wrong shape":
+        store = MapStore(store_a)  # its own key: a well-formed map, only of another size
+        store.write(int(victim.stem), np.ones((7, 9), np.float32))
+    elif tamper == "another store's map":
+        shutil.copy(store_b / victim.name, victim)  # same image and shape, other detector
+    else:
+        victim.write_bytes(victim.read_bytes()[:100])
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "(1 damaged or mismatched, computed again)" in out
+    assert (wd / "area_curve.csv").read_bytes() == reference

@@ -64,6 +64,7 @@ class MapRun:
     computed: int  # maps written by this run (a wanted image's batch mates included)
     reused: int  # wanted images whose map was already stored
     store: MapStore
+    replaced: int = 0  # stored maps found damaged, foreign or of the wrong shape, computed again
 
 
 def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], batch_size: int) -> list[list[int]]:
@@ -149,10 +150,11 @@ def compute_maps(
     # so a subset ('figure --image-id') computes each batch exactly as the whole run does
     threads = cpu_threads(device, len(full_plan))
     plan = [batch for batch in full_plan if wanted.intersection(batch)]
+    replaced = _drop_unusable_maps(store, gt, [i for batch in plan for i in batch])
     todo = [batch for batch in plan if any(not store.has(i) for i in batch)]
     already = sum(1 for i in wanted if store.has(i))
     if not todo:
-        return MapRun(computed=0, reused=already, store=store)
+        return MapRun(computed=0, reused=already, store=store, replaced=replaced)
     if device.type == "cpu":
         # On the CPU the network already uses every core; decoding workers would only contend with it
         # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
@@ -205,6 +207,25 @@ def compute_maps(
                         computed += future.result()
                         bar.update()
                 bar.close()
-    return MapRun(computed=computed, reused=already, store=store)
+    return MapRun(computed=computed, reused=already, store=store, replaced=replaced)
+
+
+def _drop_unusable_maps(store: MapStore, gt: GroundTruth, image_ids: list[int]) -> int:
+    """Delete stored maps that cannot be this store's map of their image (damaged, another store's file,
+    another shape than the image) so they are computed again; returns how many."""
+    from gradlens.data.images import image_size
+
+    dropped = 0
+    for image_id in image_ids:
+        if not store.has(image_id):
+            continue
+        try:
+            shape = image_size(gt.image_path(image_id), gt.exif_orientation)
+        except GradlensError:
+            shape = None  # an unreadable image is reported when it is decoded
+        if store.problem(image_id, shape) is not None:
+            store.path(image_id).unlink(missing_ok=True)
+            dropped += 1
+    return dropped
 
 

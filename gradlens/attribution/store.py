@@ -152,7 +152,8 @@ class MapStore:
         summary = MapSummary(int(image_id), int(m.shape[0]), int(m.shape[1]), float(stored.max()) if m.numel() else 0.0,
                              bins, counts)
         arrays = {"scaled": scaled, "scale": np.float64(peak if peak > 0 else 1.0), "max": np.float64(summary.max),
-                  "shape": np.array(m.shape, dtype=np.int64), "hist_bins": bins, "hist_counts": counts}
+                  "shape": np.array(m.shape, dtype=np.int64), "hist_bins": bins, "hist_counts": counts,
+                  "key": np.array(key_digest(self.key))}  # so a map file moved in from another store is recognised
         with atomic_path(self.path(image_id)) as tmp:
             # an .npz (NumPy reads it with np.load) deflated at level 1: 3-4x faster to write than
             # np.savez_compressed's level 6, for a few percent more bytes on noisy gradient maps
@@ -212,6 +213,26 @@ class MapStore:
     def summaries(self, image_ids) -> Iterator[MapSummary]:
         for i in image_ids:
             yield self.summary(i)
+
+    def problem(self, image_id: int, shape: tuple[int, int] | None = None) -> str | None:
+        """Why the stored map of ``image_id`` cannot be used (None if it can): damaged, made with other
+        settings (another store's file), or of another shape than its image (``shape`` = (h, w))."""
+        try:
+            with np.load(self.path(image_id), allow_pickle=False) as data:
+                stored = tuple(int(v) for v in data["shape"])
+                scaled = data["scaled"]
+                if tuple(scaled.shape) != stored or scaled.dtype != np.dtype(self.map_dtype):
+                    return "damaged"
+                if "key" in data.files and str(data["key"]) != key_digest(self.key):
+                    return "made with other settings"
+                float(data["scale"]), float(data["max"])
+        except FileNotFoundError:
+            return "missing"
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+            return "damaged"
+        if shape is not None and stored != tuple(shape):
+            return f"of shape {stored[0]}x{stored[1]}, not its image's {shape[0]}x{shape[1]}"
+        return None
 
     def missing(self, image_ids) -> list[int]:
         return [int(i) for i in image_ids if not self.has(i)]

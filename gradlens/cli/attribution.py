@@ -150,6 +150,8 @@ def gradients(
                      overwrite=overwrite)
     run = compute_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers, progress=progress)
     typer.echo(f"{len(ids)} images: {run.computed} maps computed, {run.reused} reused ({config.method}, {config.channel_reduce}).")
+    if run.replaced:
+        typer.echo(f"  {run.replaced} stored map(s) were damaged, of another store or of the wrong shape, and were computed again.")
     typer.echo(f"Wrote maps to {out}")
 
 
@@ -210,7 +212,8 @@ def area_curve(
     for m in result.models:
         curve = result.curves[m.role]
         mid = len(curve) // 2
-        typer.echo(f"  {m.role} ({m.label}): maps {m.run.computed} computed, {m.run.reused} reused; "
+        replaced = f" ({m.run.replaced} damaged or mismatched, computed again)" if m.run and m.run.replaced else ""
+        typer.echo(f"  {m.role} ({m.label}): maps {m.run.computed} computed{replaced}, {m.run.reused} reused; "
                    f"mean area {curve[0]:.4f} at t={result.thresholds[0]:.3g}, {curve[mid]:.4f} at t={result.thresholds[mid]:.3g}")
     for name in ("table", "png", "pdf", "meta"):
         typer.echo(f"Wrote {result.outputs[name]}")

@@ -68,3 +68,17 @@ def count_exif_turned(paths, progress: bool | None = None) -> int:
     from gradlens.progress import track
 
     return sum(exif_orientation_of(p) != 1 for p in track(list(paths), "reading EXIF orientation tags", progress, unit="image"))
+
+
+def image_size(path: str | os.PathLike, exif_orientation: str = "ignore") -> tuple[int, int]:
+    """(height, width) of the decoded image, from the file's header only (turned when EXIF is applied)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = exif_orientation == "apply" and img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    except FileNotFoundError:
+        raise InputFileError(f"The image {path} does not exist.") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputFileError(f"The image {path} cannot be decoded ({exc}).") from None
+    return (width, height) if turned else (height, width)
