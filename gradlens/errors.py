@@ -20,3 +20,7 @@ class InvalidDetectionsError(GradlensError):
 
 class CheckpointError(InputFileError):
     """A checkpoint that cannot be read, trusted or fitted to an architecture."""
+
+
+class OutputError(GradlensError):
+    """An output cannot be written (no space, no permission); it names the user's file, never a temporary one."""

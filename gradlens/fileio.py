@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from gradlens.errors import InputFileError
+from gradlens.errors import InputFileError, OutputError
 
 
 def current_umask() -> int:
@@ -46,14 +46,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     readable by whoever could read the folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except OSError as exc:  # no space, no permission...: name the user's file, not the temporary one
+        raise OutputError(f"Cannot write {path}: {exc.strerror or exc}.") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -240,3 +240,63 @@ def test_unusable_stored_maps_are_computed_again(tamper, demo, tmp_path, capsys)
     assert code == 0, err
     assert "(1 damaged or mismatched, computed again)" in out
     assert (wd / "area_curve.csv").read_bytes() == reference
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny file whose PNG header claims ``width`` x ``height`` pixels (a decompression bomb's calling card)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decompression_bombs_are_refused_in_one_sentence(workers, dataset, tmp_path, capsys):
+    state = {}
+
+    def change(data):
+        image = _first_image_with_objects(data)
+        _png_claiming(dataset / "val2017" / "bomb.png", 20000, 20000)
+        image["file_name"], state["id"] = "bomb.png", image["id"]
+
+    _poison(dataset, change)
+    message = one_sentence(capsys, ["gradients", "--model", bundled_detector_path("cednet"), "--image-ids", state["id"],
+                                    "--out", tmp_path / "g", "--coco-root", dataset, "--device", "cpu",
+                                    "--workers", workers, "--no-progress"])
+    assert "bomb.png" in message and "GRADLENS_MAX_IMAGE_PIXELS" in message
+
+
+def test_the_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    from gradlens.data.images import read_image
+    from gradlens.errors import InputFileError
+    from PIL import Image
+
+    path = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(path)
+    assert read_image(path).shape == (30, 40, 3)
+    monkeypatch.setenv("GRADLENS_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(InputFileError, match="40 x 30 pixels, more than the 1,000"):
+        read_image(path)
+    monkeypatch.setenv("GRADLENS_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(InputFileError, match="whole number"):
+        read_image(path)
+
+
+def test_write_failures_name_the_users_file(tmp_path, monkeypatch):
+    from gradlens.errors import GradlensError
+    from gradlens.fileio import write_json
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    target = tmp_path / "out" / "table.json"
+    with pytest.raises(GradlensError) as info:
+        write_json(target, {"a": 1})
+    assert str(info.value) == f"Cannot write {target}: No space left on device."
+    assert not list((tmp_path / "out").iterdir())  # no temporary file left behind

@@ -23,6 +23,38 @@ from gradlens.errors import InputFileError
 
 EXIF_ORIENTATIONS = ("ignore", "apply")
 ORIENTATION_TAG = 0x0112
+DEFAULT_MAX_PIXELS = 100_000_000  # 10000 x 10000; COCO's largest image has 0.4 million
+ENV_MAX_PIXELS = "GRADLENS_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The largest image (in pixels) gradlens decodes: ``$GRADLENS_MAX_IMAGE_PIXELS``, else 100 million.
+
+    A small file can claim a huge size (a "decompression bomb"); decoding it would
+    exhaust memory in every loader worker, so such images are refused first.
+    """
+    raw = os.environ.get(ENV_MAX_PIXELS)
+    if raw is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputFileError(f"{ENV_MAX_PIXELS} is {raw!r}; set it to a whole number of pixels.") from None
+    if value < 1:
+        raise InputFileError(f"{ENV_MAX_PIXELS} is {value}; it must be positive.")
+    if Image.MAX_IMAGE_PIXELS is not None and value > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = value  # the user's explicit choice also lifts Pillow's own bomb check
+    return value
+
+
+def _check_size(img: Image.Image, path: Path) -> None:
+    width, height = img.size
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise InputFileError(
+            f"The image {path} is {width} x {height} pixels, more than the {limit:,} gradlens decodes "
+            f"(set {ENV_MAX_PIXELS} to allow it)."
+        )
 
 
 def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.ndarray:
@@ -30,6 +62,7 @@ def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_size(img, path)
             img.load()
             if exif_orientation == "apply":
                 img = ImageOps.exif_transpose(img)
@@ -41,6 +74,9 @@ def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.
             rgb = img.convert("RGB")
     except FileNotFoundError:
         raise InputFileError(f"The image {path} does not exist.") from None
+    except Image.DecompressionBombError:
+        raise InputFileError(f"The image {path} claims more pixels than Pillow decodes safely "
+                             f"(set {ENV_MAX_PIXELS} to allow it).") from None
     except UnidentifiedImageError:
         raise InputFileError(f"The file {path} is not an image that can be decoded.") from None
     except OSError as exc:
@@ -58,7 +94,7 @@ def exif_orientation_of(path: str | os.PathLike) -> int:
     try:
         with Image.open(path) as img:
             value = img.getexif().get(ORIENTATION_TAG, 1)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1
     return int(value) if isinstance(value, int) else 1
 
@@ -75,10 +111,14 @@ def image_size(path: str | os.PathLike, exif_orientation: str = "ignore") -> tup
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_size(img, path)
             width, height = img.size
             turned = exif_orientation == "apply" and img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
     except FileNotFoundError:
         raise InputFileError(f"The image {path} does not exist.") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise InputFileError(f"The image {path} claims more pixels than Pillow decodes safely "
+                             f"(set {ENV_MAX_PIXELS} to allow it).") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InputFileError(f"The image {path} cannot be decoded ({exc}).") from None
     return (width, height) if turned else (height, width)
