@@ -300,3 +300,53 @@ def test_write_failures_name_the_users_file(tmp_path, monkeypatch):
         write_json(target, {"a": 1})
     assert str(info.value) == f"Cannot write {target}: No space left on device."
     assert not list((tmp_path / "out").iterdir())  # no temporary file left behind
+
+
+MANIFEST_CASES = {
+    "no models": (lambda m: m.update(models=[]), "names no models"),
+    "models not a list": (lambda m: m.update(models={"a": 1}), "names no models"),
+    "a model without role": (lambda m: m["models"][1].pop("role"), "has no role"),
+    "a numeric source": (lambda m: m["models"][0].update(source=5), "source that is not text"),
+    "settings a string": (lambda m: m.update(settings="fast"), "'settings' that is not an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+@pytest.mark.parametrize("command", ["area-curve", "figure"])
+def test_damaged_manifests_are_one_sentence(case, command, demo, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd)
+    manifest = json.loads((wd / "manifest.json").read_text())
+    change, expected = MANIFEST_CASES[case]
+    change(manifest)
+    (wd / "manifest.json").write_text(json.dumps(manifest))
+    argv = [command, "--workdir", wd, "--device", "cpu", "--workers", 0, "--no-progress"]
+    message = one_sentence(capsys, argv + (["--image-id", 1] if command == "figure" else []))
+    assert expected in message, message
+
+
+CHECKPOINT_CASES = {
+    "fewer categories than classes": (lambda d: d.update(categories=d["categories"][:2]), "lists 2 categories for a detector with 5"),
+    "string category ids": (lambda d: d.update(categories=[{"id": "x", "name": "a"}] * 5), "category id 'x'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_damaged_checkpoints_are_one_sentence(case, dataset, tmp_path, capsys):
+    payload = torch.load(bundled_detector_path("cednet"), weights_only=True)
+    change, expected = CHECKPOINT_CASES[case]
+    change(payload)
+    torch.save(payload, tmp_path / "bad.pth")
+    message = one_sentence(capsys, ["evaluate", "--model", tmp_path / "bad.pth", "--coco-root", dataset, "--device", "cpu",
+                                    "--workers", 0, "--no-progress"])
+    assert expected in message, message
+
+
+def test_a_state_dict_of_another_architecture_is_one_sentence(dataset, tmp_path, capsys):
+    from gradlens.models.checkpoints import load_detector
+
+    torch.save(load_detector(bundled_detector_path("cednet")).state_dict(), tmp_path / "sd.pth")
+    for arch in ("retinanet_convnext_mini", "retinanet_swin_tiny", "retinanet_cednet_next_tiny", "torchvision_retinanet_resnet50_fpn"):
+        message = one_sentence(capsys, ["evaluate", "--model", tmp_path / "sd.pth", "--arch", arch, "--coco-root", dataset,
+                                        "--device", "cpu", "--workers", 0, "--no-progress"])
+        assert "does not fit " + arch in message, message

@@ -164,8 +164,21 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         raise CheckpointError(f"{path} is a gradlens checkpoint with a damaged header ({exc}).") from None
     detector = build_detector(name, num_classes, obj.get("options") or {}, preprocess=preprocess, test_cfg=test_cfg)
     load_strict(detector, state, path)
-    detector.categories = cats
+    detector.categories = checked_categories(cats, num_classes, path)
     return detector
+
+
+def checked_categories(cats, num_classes: int, path) -> list[dict]:
+    """A checkpoint's label -> category list, one entry per class, each an integer id (or none) and a name."""
+    if len(cats) != num_classes:
+        raise CheckpointError(f"{path} lists {len(cats)} categories for a detector with {num_classes} classes.")
+    checked = []
+    for label, c in enumerate(cats):
+        cid = c.get("id") if isinstance(c, Mapping) else "?"
+        if not (cid is None or (isinstance(cid, int) and not isinstance(cid, bool))):
+            raise CheckpointError(f"{path} gives label {label} the category id {cid!r}; ids must be integers.")
+        checked.append({"id": cid, "name": str(c.get("name", f"class_{label}"))})
+    return checked
 
 
 def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -> RetinaNetDetector:
@@ -178,7 +191,13 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
     options = {}
     if arch.family in ("convnext", "swin"):
         options["out_indices"] = [i for i in range(4) if f"backbone.body.norm{i}.weight" in state]
-    detector = build_detector(arch_name, num_classes, options)
+        if not options["out_indices"]:
+            raise CheckpointError(f"{path} does not fit {arch_name}: its weights have no {arch.family} stage outputs "
+                                  "(backbone.body.norm<i>); is it a state dict of another architecture?")
+    try:
+        detector = build_detector(arch_name, num_classes, options)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit {arch_name} ({exc}).") from None
     load_strict(detector, state, path)
     if arch_name.startswith("torchvision_") and num_classes == 91:
         from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights

@@ -31,4 +31,16 @@ def load_manifest(workdir: str | os.PathLike = DEFAULT_WORKDIR) -> dict:
     manifest = read_json(path, "manifest")
     if not isinstance(manifest, dict) or "models" not in manifest:
         raise InputFileError(f"{path} is not a gradlens manifest.")
+    models = manifest["models"]
+    if not isinstance(models, list) or len(models) < 2:
+        raise InputFileError(f"{path} names no models A and B; run 'gradlens select' again.")
+    for k, model in enumerate(models):
+        if not (isinstance(model, dict) and isinstance(model.get("role"), str) and model["role"]):
+            raise InputFileError(f"Model entry {k} of {path} has no role; run 'gradlens select' again.")
+        for key in ("label", "scores", "source", "detections", "sha256", "kind"):
+            if model.get(key) is not None and not isinstance(model[key], str):
+                raise InputFileError(f"Model {model['role']} of {path} has a {key} that is not text.")
+    for key in ("dataset", "settings"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise InputFileError(f"{path} has a '{key}' that is not an object; run 'gradlens select' again.")
     return manifest
