@@ -171,7 +171,7 @@ def test_unwritable_output_is_one_sentence(capsys, tmp_path, synthetic_coco, res
     blocker.write_text("x")
     argv = ["score", "--detections", str(results), "--out", str(blocker / "sub"), "--ann", str(synthetic_coco.ann)]
     code, lines = error_of(capsys, argv)
-    assert code == 1 and len(lines) == 1 and "cannot write or read" in lines[0] and str(blocker) in lines[0]
+    assert code == 1 and len(lines) == 1 and "Cannot write " in lines[0] and str(blocker) in lines[0]
 
 
 def test_select_with_swapped_score_directories_of_the_workdir(capsys, tmp_path, synthetic_coco, synthetic_gt):
