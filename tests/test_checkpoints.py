@@ -213,6 +213,8 @@ def test_config_text_hints():
 
     norm = mmdet.preprocess_hints("img_norm_cfg = dict(\n    mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=True)")
     assert pixel_units(norm["mean"]) == (103.53, 116.28, 123.675) and pixel_units(norm["std"]) == (1.0, 1.0, 1.0)
+    with pytest.raises(CheckpointError, match="BGR"):
+        mmdet.preprocess_hints("img_norm_cfg = dict(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=False)")
     assert mmdet.backbone_type_hint("model = dict(backbone=dict(type='ConvNeXt', depths=[3, 3, 9, 3]))") == "ConvNeXt"
 
 

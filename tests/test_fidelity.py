@@ -379,3 +379,121 @@ def test_size_conventions():
     # files written before the conventions had names
     assert PreprocessConfig.from_dict({"rounding": "floor"}).convention == "torchvision"
     assert PreprocessConfig.from_dict({"rounding": "round"}).convention == "mmcv"
+
+
+# ---------------------------------------------------------------------------------------------
+# mmdetection's loss pieces, bit for bit against transcriptions of the upstream functions
+
+
+def _py_sigmoid_focal_loss(pred, target, gamma=2.0, alpha=0.25):
+    """mmdet/models/losses/focal_loss.py: py_sigmoid_focal_loss, elementwise (reduction 'none')."""
+    pred_sigmoid = pred.sigmoid()
+    target = target.type_as(pred)
+    pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
+    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    return torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
+
+
+def _bbox2delta(proposals, gt):
+    """mmdet/core/bbox/coder/delta_xywh_bbox_coder.py: bbox2delta with means 0 and stds 1."""
+    px, py = (proposals[..., 0] + proposals[..., 2]) * 0.5, (proposals[..., 1] + proposals[..., 3]) * 0.5
+    pw, ph = proposals[..., 2] - proposals[..., 0], proposals[..., 3] - proposals[..., 1]
+    gx, gy = (gt[..., 0] + gt[..., 2]) * 0.5, (gt[..., 1] + gt[..., 3]) * 0.5
+    gw, gh = gt[..., 2] - gt[..., 0], gt[..., 3] - gt[..., 1]
+    deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+    return deltas.sub_(deltas.new_tensor([0.0] * 4)).div_(deltas.new_tensor([1.0] * 4))
+
+
+def _mmdet_detector():
+    from gradlens.models.registry import build_detector
+
+    return build_detector("retinanet_cednet_mini", 5)
+
+
+def test_focal_loss_is_mmdetections_elementwise():
+    det = _mmdet_detector()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, generator=g) * 4
+    targets = (torch.rand(400, generator=g) < 0.3).float()
+    # one element at a time on both sides: torch's vector and scalar kernels round differently
+    expected = torch.cat([_py_sigmoid_focal_loss(logits[i:i + 1], targets[i:i + 1]) for i in range(400)])
+    got = torch.stack([det._focal_loss(logits[i:i + 1], targets[i:i + 1]) for i in range(400)])
+    assert torch.equal(got, expected)
+
+
+def test_box_encoding_is_mmdetections_bit_for_bit():
+    det = _mmdet_detector()
+    g = torch.Generator().manual_seed(1)
+    anchors = torch.rand(500, 2, generator=g) * 300
+    anchors = torch.cat([anchors, anchors + 8 + torch.rand(500, 2, generator=g) * 200], 1)
+    boxes = torch.rand(500, 2, generator=g) * 300
+    boxes = torch.cat([boxes, boxes + 1 + torch.rand(500, 2, generator=g) * 200], 1)
+    assert torch.equal(det._encode(boxes, anchors), _bbox2delta(anchors, boxes))
+
+
+def test_ground_truth_is_rescaled_and_clipped_as_mmdetections_resize():
+    """Resize._resize_bboxes: float32 boxes times the float32 scale factor, then clipped to the resized image."""
+    det = _mmdet_detector()
+    boxes = np.array([[10.3, 20.7, 200.1, 150.9], [600.0, 400.0, 700.5, 490.0], [-3.0, -2.0, 50.0, 40.0]], np.float32)
+    original, size = (480, 640), (256, 341)
+    scale = np.array([size[1] / original[1], size[0] / original[0]] * 2, dtype=np.float32)
+    expected = boxes * scale
+    expected[:, 0::2] = np.clip(expected[:, 0::2], 0, size[1])
+    expected[:, 1::2] = np.clip(expected[:, 1::2], 0, size[0])
+    got = det._scaled_targets(torch.from_numpy(boxes), original, size, torch.zeros(1, 4))
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_mmdetection_loss_matches_finite_differences_on_the_preprocessed_image():
+    """The mmdetection loss path (assigner, encoding, focal loss) is differentiated right: d loss / d batch."""
+    from tests.test_gradients import scene, tiny_detector
+
+    det = tiny_detector(dtype=torch.float64)
+    assert det.framework == "mmdetection"
+    image, target = scene(48, 70, seed=1, dtype=torch.float64)
+    batch, sizes = det.prepare([image])
+
+    def loss_of(b):
+        det.prepare = lambda images: (b, sizes)
+        try:
+            losses = det.image_losses([image], [target])
+        finally:
+            del det.prepare
+        return losses["classification"].sum() + losses["bbox_regression"].sum()
+
+    leaf = batch.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(leaf), leaf)
+    g = torch.Generator().manual_seed(2)
+    eps = 1e-6
+    with torch.no_grad():
+        for _ in range(3):
+            direction = torch.randn(batch.shape, generator=g, dtype=torch.float64)
+            numeric = (loss_of(batch + eps * direction) - loss_of(batch - eps * direction)) / (2 * eps)
+            analytic = (grad * direction).sum()
+            assert abs(float(numeric - analytic)) <= 1e-5 * abs(float(analytic)) + 1e-9
+
+
+def test_exif_setting_is_part_of_every_key_and_recorded_by_select(tmp_path, synthetic_coco, synthetic_gt):
+    from dataclasses import replace
+
+    from gradlens.attribution.compute import map_store_key
+    from gradlens.attribution.methods import AttributionConfig
+    from gradlens.attribution.workdir import workdir_ground_truth
+    from gradlens.data.coco import load_ground_truth
+    from gradlens.data.detections import write_detections
+    from gradlens.data.synthetic import simulate_detections
+    from gradlens.inference import InferenceSettings, cache_key
+    from gradlens.selection.run import run_selection
+
+    det = _mmdet_detector()
+    det.categories = [{"id": i + 1, "name": str(i)} for i in range(5)]
+    turned = load_ground_truth(replace(synthetic_coco, exif_orientation="apply"))
+    assert turned.exif_orientation == "apply" and synthetic_gt.exif_orientation == "ignore"
+    assert cache_key("x", turned, det, InferenceSettings()) != cache_key("x", synthetic_gt, det, InferenceSettings())
+    config = AttributionConfig()
+    assert map_store_key(det, "x", turned, config) != map_store_key(det, "x", synthetic_gt, config)
+    a, b = (write_detections(simulate_detections(synthetic_gt, skill=s, seed=1), tmp_path / f"{s}.json") for s in (0.9, 0.3))
+    result = run_selection(a, [b], coco=replace(synthetic_coco, exif_orientation="apply"), workdir=tmp_path / "w", top=3)
+    assert result.manifest["dataset"]["exif_orientation"] == "apply"
+    assert workdir_ground_truth(result.manifest).exif_orientation == "apply"
+    assert workdir_ground_truth(result.manifest, synthetic_coco).exif_orientation == "apply"  # paths given, setting kept

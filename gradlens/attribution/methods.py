@@ -126,6 +126,12 @@ class TotalLoss:
         with _PrecisionScope(self.precision, self.device):
             losses = self.detector.image_losses(images, self.targets * copies)
         total = losses["classification"].float() + losses["bbox_regression"].float()
+        if not bool(torch.isfinite(total).all()):  # a silent inf would still give a finite, meaningless map
+            raise GradlensError(
+                "The total detection loss of an image is not finite: a ground-truth box has no area inside the image "
+                "as decoded (with --exif-orientation apply, the annotations must describe the turned images), or the "
+                "loss overflowed (with --precision fp16, use fp32, tf32 or bf16)."
+            )
         return total.view(copies, len(inputs)).sum(dim=1)
 
 

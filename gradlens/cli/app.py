@@ -58,6 +58,14 @@ def _echo_summary(label: str, s: dict) -> None:
             typer.echo(f"  {what}: {count}")
 
 
+def _located(gt, image_id):
+    """The image's path, or None where the annotation cannot name one (scoring results needs no images)."""
+    try:
+        return gt.image_path(image_id)
+    except GradlensError:
+        return None
+
+
 @app.command()
 def score(
     out: Annotated[Path, typer.Option("--out", help="Directory for objects.csv, images.csv (+ .parquet) and score.json.")],
@@ -108,7 +116,7 @@ def score(
         from gradlens.data.images import count_exif_turned
 
         gt = loaded[-1]
-        turned = count_exif_turned((gt.image_path(i) for i in gt.image_ids), progress)
+        turned = count_exif_turned((_located(gt, i) for i in gt.image_ids), progress)
         typer.echo(f"  images with a non-identity EXIF orientation tag: {turned} of {len(gt.image_ids)} "
                    f"(decoded with --exif-orientation {paths.exif_orientation})")
     typer.echo(f"Wrote {out / 'objects.csv'}, {out / 'images.csv'} (+ .parquet) and {out / 'score.json'}")

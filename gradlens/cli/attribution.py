@@ -89,7 +89,7 @@ def gradients(
     coco_root: opt.CocoRoot = None,
     ann: opt.Ann = None,
     images: opt.Images = None,
-    exif_orientation: opt.ExifOrientation = None,
+    exif_orientation: opt.ExifOrientationRecorded = None,
     arch: opt.Arch = None,
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
@@ -127,8 +127,8 @@ def gradients(
         if table is None or "image_id" not in table:
             raise GradlensError(f"{selection} is not a selection table written by 'gradlens select'.")
         ids = image_id_column(table, selection)[:top]
-        if coco is None and (selection.parent / MANIFEST).is_file():
-            gt = workdir_ground_truth(load_manifest(selection.parent))
+        if (selection.parent / MANIFEST).is_file():  # the selection's dataset, decoded as select decoded it
+            gt = workdir_ground_truth(load_manifest(selection.parent), coco)
         else:
             from gradlens.data.coco import resolve_coco_paths
 

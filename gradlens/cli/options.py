@@ -30,13 +30,14 @@ DropInvalid = Annotated[
         help="Skip (and count) detections with negative box sizes, NaN, or scores outside [0, 1] instead of stopping.",
     ),
 ]
+_EXIF_HELP = ("ignore: decode the stored pixels, which COCO boxes refer to; apply: turn images as their EXIF tag says, "
+              "as mmdetection's OpenCV loader does")
 ExifOrientation = Annotated[
+    Optional[Literal["ignore", "apply"]], typer.Option("--exif-orientation", help=_EXIF_HELP + " [default: ignore]."),
+]
+ExifOrientationRecorded = Annotated[
     Optional[Literal["ignore", "apply"]],
-    typer.Option(
-        "--exif-orientation",
-        help="ignore: decode the stored pixels, which COCO boxes refer to; apply: turn images as their EXIF tag says, "
-             "as mmdetection's OpenCV loader does [default: ignore, or what 'select' recorded].",
-    ),
+    typer.Option("--exif-orientation", help=_EXIF_HELP + " [default: what 'select' recorded for the selection, else ignore]."),
 ]
 Device = Annotated[
     Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to compute (auto: CUDA when present).")

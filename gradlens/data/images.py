@@ -100,10 +100,12 @@ def exif_orientation_of(path: str | os.PathLike) -> int:
 
 
 def count_exif_turned(paths, progress: bool | None = None) -> int:
-    """How many of the image files carry an EXIF orientation other than the identity (read from headers only)."""
+    """How many of the image files carry an EXIF orientation other than the identity (read from headers only;
+    ``None`` entries, images that cannot be located, count as not turned)."""
     from gradlens.progress import track
 
-    return sum(exif_orientation_of(p) != 1 for p in track(list(paths), "reading EXIF orientation tags", progress, unit="image"))
+    return sum(p is not None and exif_orientation_of(p) != 1
+               for p in track(list(paths), "reading EXIF orientation tags", progress, unit="image"))
 
 
 def image_size(path: str | os.PathLike, exif_orientation: str = "ignore") -> tuple[int, int]:

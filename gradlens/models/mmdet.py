@@ -230,6 +230,10 @@ def preprocess_hints(config_text: str | None) -> dict:
         a, b = int(m.group(1)), int(m.group(2))
         hints["min_size"], hints["max_size"] = min(a, b), max(a, b)
     norm = re.search(r"img_norm_cfg\s*=\s*dict\((.*?)\)", config_text, re.S)
+    if norm and re.search(r"to_rgb\s*=\s*False", norm.group(1)):
+        # caffe-style models see BGR images; gradlens feeds RGB, so their detections would be silently wrong
+        raise CheckpointError("The checkpoint's config normalises BGR images (img_norm_cfg to_rgb=False); "
+                              "gradlens runs RGB models only.")
     for name in ("mean", "std"):
         if norm and (m := re.search(name + r"\s*=\s*\[([^\]]*)\]", norm.group(1))):
             values = [float(v) for v in m.group(1).split(",") if v.strip()]
