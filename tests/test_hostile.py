@@ -308,6 +308,16 @@ MANIFEST_CASES = {
     "a model without role": (lambda m: m["models"][1].pop("role"), "has no role"),
     "a numeric source": (lambda m: m["models"][0].update(source=5), "source that is not text"),
     "settings a string": (lambda m: m.update(settings="fast"), "'settings' that is not an object"),
+    "images folder a number": (lambda m: m["dataset"].update(images=5), "dataset images in"),
+    "annotations a list": (lambda m: m["dataset"].update(annotations=["x"]), "dataset annotations in"),
+    "batch size a word": (lambda m: m["settings"]["detector"].update(batch_size="x"), "batch size"),
+    "negative batch size": (lambda m: m["settings"]["detector"].update(batch_size=-3), "batch size"),
+    "detector settings a string": (lambda m: m["settings"].update(detector="fast"), "detector settings"),
+    "unknown precision": (lambda m: m["settings"]["detector"].update(precision="fp8"), "recorded precision"),
+    "scores outside the work directory": (lambda m: m["models"][0].update(scores="../../../../etc"), "keeps its scores in"),
+    "a role that is a path": (lambda m: m["models"][0].update(role="a/../../x"), "has the role"),
+    "a role twice": (lambda m: m["models"][1].update(role="a"), "has the role 'a'"),
+    "unknown EXIF setting": (lambda m: m["dataset"].update(exif_orientation="sideways"), "exif_orientation"),
 }
 
 

@@ -8,6 +8,7 @@ arguments after ``gradlens select``, and a reader can tell exactly which inputs
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from gradlens.errors import InputFileError
@@ -31,16 +32,49 @@ def load_manifest(workdir: str | os.PathLike = DEFAULT_WORKDIR) -> dict:
     manifest = read_json(path, "manifest")
     if not isinstance(manifest, dict) or "models" not in manifest:
         raise InputFileError(f"{path} is not a gradlens manifest.")
+    _check_manifest(manifest, path)
+    return manifest
+
+
+_ROLE = re.compile(r"^(a|b\d*)$")  # the roles select writes; they name folders, so nothing else is accepted
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Every field later commands use, type-checked once: a manifest is a file anyone can edit or send."""
+    again = "run 'gradlens select' again"
     models = manifest["models"]
     if not isinstance(models, list) or len(models) < 2:
-        raise InputFileError(f"{path} names no models A and B; run 'gradlens select' again.")
+        raise InputFileError(f"{path} names no models A and B; {again}.")
+    roles = []
     for k, model in enumerate(models):
         if not (isinstance(model, dict) and isinstance(model.get("role"), str) and model["role"]):
-            raise InputFileError(f"Model entry {k} of {path} has no role; run 'gradlens select' again.")
-        for key in ("label", "scores", "source", "detections", "sha256", "kind"):
+            raise InputFileError(f"Model entry {k} of {path} has no role; {again}.")
+        role = model["role"]
+        if not _ROLE.match(role) or role in roles:
+            raise InputFileError(f"Model entry {k} of {path} has the role {role!r}; roles are a, b, b1, b2... each once.")
+        roles.append(role)
+        for key in ("label", "scores", "source", "detections", "sha256", "kind", "quality_column"):
             if model.get(key) is not None and not isinstance(model[key], str):
-                raise InputFileError(f"Model {model['role']} of {path} has a {key} that is not text.")
-    for key in ("dataset", "settings"):
+                raise InputFileError(f"Model {role} of {path} has a {key} that is not text.")
+        if model.get("scores") is not None and model["scores"] != f"scores/{role}":
+            raise InputFileError(f"Model {role} of {path} keeps its scores in {model['scores']!r}, not scores/{role}; {again}.")
+    for key in ("dataset", "settings", "outputs", "counts"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-            raise InputFileError(f"{path} has a '{key}' that is not an object; run 'gradlens select' again.")
-    return manifest
+            raise InputFileError(f"{path} has a '{key}' that is not an object; {again}.")
+    dataset = manifest.get("dataset") or {}
+    for key in ("annotations", "annotations_sha256", "images"):
+        if dataset.get(key) is not None and not isinstance(dataset[key], str):
+            raise InputFileError(f"The dataset {key} in {path} is not text; {again}.")
+    if dataset.get("exif_orientation") not in (None, "ignore", "apply"):
+        raise InputFileError(f"The dataset exif_orientation in {path} is {dataset['exif_orientation']!r}, not ignore or apply.")
+    detector = (manifest.get("settings") or {}).get("detector")
+    if detector is not None:
+        if not isinstance(detector, dict):
+            raise InputFileError(f"The detector settings in {path} are not an object; {again}.")
+        batch = detector.get("batch_size")
+        if batch is not None and not (type(batch) is int and batch >= 1):
+            raise InputFileError(f"The recorded batch size in {path} is {batch!r}, not a positive integer; {again}.")
+        if detector.get("arch") is not None and not isinstance(detector["arch"], str):
+            raise InputFileError(f"The recorded architecture in {path} is not text; {again}.")
+        if detector.get("precision") not in (None, "fp32", "tf32", "bf16", "fp16"):
+            raise InputFileError(f"The recorded precision in {path} is {detector['precision']!r}; {again}.")
