@@ -360,3 +360,35 @@ def test_a_state_dict_of_another_architecture_is_one_sentence(dataset, tmp_path,
         message = one_sentence(capsys, ["evaluate", "--model", tmp_path / "sd.pth", "--arch", arch, "--coco-root", dataset,
                                         "--device", "cpu", "--workers", 0, "--no-progress"])
         assert "does not fit " + arch in message, message
+
+
+OPTION_CASES = {
+    "infinite noise": (["gradients", "--method", "smoothgrad", "--noise", "inf"], {}, "--noise must be a finite"),
+    "a million samples": (["gradients", "--method", "smoothgrad", "--samples", "1000000"], {}, "at most 100,000"),
+    "log decades beyond float": (["area-curve", "--scale", "log", "--log-decades", "1e308"], {}, "smallest float32"),
+    "2**63 thresholds": (["area-curve", "--thresholds", str(2**63)], {}, None),  # a usage error: exit 2
+    "thread count a word": (["area-curve"], {"GRADLENS_GRADIENT_THREADS": "abc"}, "GRADLENS_GRADIENT_THREADS is 'abc'"),
+    "pixel limit a word": (["area-curve"], {"GRADLENS_MAX_IMAGE_PIXELS": "many"}, "GRADLENS_MAX_IMAGE_PIXELS is 'many'"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_bad_settings_are_refused_before_work(case, demo, tmp_path, capsys, monkeypatch):
+    argv, env, expected = OPTION_CASES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd)
+    image_id = open(demo / "selection.csv").read().splitlines()[1].split(",")[1]
+    if argv[0] == "gradients":
+        argv = argv + ["--model", str(bundled_detector_path("cednet")), "--image-ids", image_id, "--out", str(tmp_path / "g"),
+                       "--coco-root", _coco_root(demo)]
+    else:
+        argv = argv + ["--workdir", str(wd)]
+    argv += ["--device", "cpu", "--workers", "0", "--no-progress"]
+    if expected is None:
+        code, out, err = run(argv, capsys)
+        assert code == 2 and "Traceback" not in err and "--thresholds" in err
+        return
+    assert expected in one_sentence(capsys, argv)
+    assert not (tmp_path / "g").exists() or not list((tmp_path / "g").glob("*.npz"))

@@ -30,6 +30,7 @@ Why it is fast, and still exact:
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import zlib
 from dataclasses import asdict, dataclass
@@ -48,6 +49,9 @@ METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 BASELINES = ("black", "white", "mean", "blur")
 CHANNEL_REDUCTIONS = ("max", "l1", "l2")
 BLUR_SIGMA = 8.0  # pixels of the original image, for the 'blur' baseline
+
+
+MAX_COPIES = 100_000  # integration steps or noisy samples per image
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,10 @@ class AttributionConfig:
             raise GradlensError(f"Unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}.")
         if self.steps < 1 or self.samples < 1:
             raise GradlensError("--steps and --samples must be at least 1.")
-        if not self.noise >= 0:
-            raise GradlensError("--noise must be a non-negative number.")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise GradlensError("--noise must be a finite, non-negative number.")
+        if self.steps > MAX_COPIES or self.samples > MAX_COPIES:
+            raise GradlensError(f"--steps and --samples can be at most {MAX_COPIES:,} (each is a full gradient pass).")
         if device is not None:
             InferenceSettings(precision=self.precision).check(device)
         elif self.precision not in PRECISIONS:
