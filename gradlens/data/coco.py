@@ -114,20 +114,12 @@ class GroundTruth:
             raise InputFileError("No image folder was given (use --coco-root or --images).")
         name = self.image_info(image_id)["file_name"]
         path = self.images_dir / name
-        root = self._resolved_images_dir()
-        if not path.resolve().is_relative_to(root):
+        if not path.resolve().is_relative_to(Path(self.images_dir).resolve()):
             raise InputFileError(
                 f"Image {image_id} has a file_name {name!r} that points outside the image folder {self.images_dir}; "
                 "gradlens reads images only inside it."
             )
         return path
-
-    def _resolved_images_dir(self) -> Path:
-        cached = getattr(self, "_images_root", None)
-        if cached is None or cached[0] != self.images_dir:
-            cached = (self.images_dir, Path(self.images_dir).resolve())
-            self._images_root = cached
-        return cached[1]
 
 
 def _is_positive_integer(value) -> bool:

@@ -189,5 +189,8 @@ def mmcv_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     """
     if tuple(image.shape[-2:]) == tuple(size):
         exact = quantise(image).to(image.dtype)
-        return exact + (image * 255 - (image * 255).detach()) if image.requires_grad and torch.is_grad_enabled() else exact
+        if not (image.requires_grad and torch.is_grad_enabled()):
+            return exact
+        linear = image * 255
+        return exact + (linear - linear.detach())  # value: the uint8 image; gradient: 255
     return _MMCVResize.apply(image, tuple(size))

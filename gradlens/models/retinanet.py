@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
-
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
 from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode, mmdet_delta_encode
 from gradlens.models.assign import MaxIoUAssigner, mmdet_box_overlaps
