@@ -106,9 +106,14 @@ def score(
     paths = resolve_coco_paths(coco_root, ann, images, exif_orientation=exif_orientation or "ignore")
     run = DetectorRun(arch=arch, trust=trust_checkpoint, batch_size=batch_size, workers=workers, precision=precision,
                       cache_dir=cache_dir, device=device)
-    loaded = []
+    loaded = []  # the ground truth, once score_source has needed it (it is not read for a score directory)
+
+    def load_gt():
+        loaded.append(load_ground_truth(paths))
+        return loaded[-1]
+
     _, meta = score_source(
-        source, lambda: loaded.append(load_ground_truth(paths)) or loaded[-1], class_agnostic=class_agnostic, device=device,
+        source, load_gt, class_agnostic=class_agnostic, device=device,
         drop_invalid=drop_invalid, out_dir=out, progress=progress, detector_run=run,
     )  # fmt: skip
     _echo_summary(source.label, meta["summary"])

@@ -11,7 +11,9 @@ converted to 8-bit RGB so that every detector sees three channels.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +59,13 @@ def _check_size(img: Image.Image, path: Path) -> None:
         )
 
 
-def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (stored pixel order unless told to apply EXIF)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image file opened (header only) and checked against the pixel limit; every failure one sentence."""
     try:
         with Image.open(path) as img:
             _check_size(img, path)
-            img.load()
-            if exif_orientation == "apply":
-                img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite on black rather than letting convert() drop alpha inconsistently per mode.
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                img = Image.alpha_composite(background, img)
-            rgb = img.convert("RGB")
+            yield img
     except FileNotFoundError:
         raise InputFileError(f"The image {path} does not exist.") from None
     except Image.DecompressionBombError:
@@ -79,8 +73,23 @@ def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.
                              f"(set {ENV_MAX_PIXELS} to allow it).") from None
     except UnidentifiedImageError:
         raise InputFileError(f"The file {path} is not an image that can be decoded.") from None
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InputFileError(f"The image {path} cannot be decoded ({exc}).") from None
+
+
+def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (stored pixel order unless told to apply EXIF)."""
+    path = Path(path)
+    with _opened(path) as img:
+        img.load()
+        if exif_orientation == "apply":
+            img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Composite on black rather than letting convert() drop alpha inconsistently per mode.
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        rgb = img.convert("RGB")
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
@@ -111,16 +120,7 @@ def count_exif_turned(paths, progress: bool | None = None) -> int:
 def image_size(path: str | os.PathLike, exif_orientation: str = "ignore") -> tuple[int, int]:
     """(height, width) of the decoded image, from the file's header only (turned when EXIF is applied)."""
     path = Path(path)
-    try:
-        with Image.open(path) as img:
-            _check_size(img, path)
-            width, height = img.size
-            turned = exif_orientation == "apply" and img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
-    except FileNotFoundError:
-        raise InputFileError(f"The image {path} does not exist.") from None
-    except Image.DecompressionBombError:
-        raise InputFileError(f"The image {path} claims more pixels than Pillow decodes safely "
-                             f"(set {ENV_MAX_PIXELS} to allow it).") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InputFileError(f"The image {path} cannot be decoded ({exc}).") from None
+    with _opened(path) as img:
+        width, height = img.size
+        turned = exif_orientation == "apply" and img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
     return (width, height) if turned else (height, width)

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from gradlens.data.images import EXIF_ORIENTATIONS
 from gradlens.errors import InputFileError
 from gradlens.fileio import read_json, write_json
 
@@ -41,6 +42,8 @@ _ROLE = re.compile(r"^(a|b\d*)$")  # the roles select writes; they name folders,
 
 def _check_manifest(manifest: dict, path: Path) -> None:
     """Every field later commands use, type-checked once: a manifest is a file anyone can edit or send."""
+    from gradlens.inference import PRECISIONS  # (torch and the models: only when a manifest is read)
+
     again = "run 'gradlens select' again"
     models = manifest["models"]
     if not isinstance(models, list) or len(models) < 2:
@@ -65,7 +68,7 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     for key in ("annotations", "annotations_sha256", "images"):
         if dataset.get(key) is not None and not isinstance(dataset[key], str):
             raise InputFileError(f"The dataset {key} in {path} is not text; {again}.")
-    if dataset.get("exif_orientation") not in (None, "ignore", "apply"):
+    if dataset.get("exif_orientation") not in (None, *EXIF_ORIENTATIONS):
         raise InputFileError(f"The dataset exif_orientation in {path} is {dataset['exif_orientation']!r}, not ignore or apply.")
     detector = (manifest.get("settings") or {}).get("detector")
     if detector is not None:
@@ -76,5 +79,5 @@ def _check_manifest(manifest: dict, path: Path) -> None:
             raise InputFileError(f"The recorded batch size in {path} is {batch!r}, not a positive integer; {again}.")
         if detector.get("arch") is not None and not isinstance(detector["arch"], str):
             raise InputFileError(f"The recorded architecture in {path} is not text; {again}.")
-        if detector.get("precision") not in (None, "fp32", "tf32", "bf16", "fp16"):
+        if detector.get("precision") not in (None, *PRECISIONS):
             raise InputFileError(f"The recorded precision in {path} is {detector['precision']!r}; {again}.")
