@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from concurrent.futures import Future
 
 # cuBLAS is deterministic only with a fixed workspace, which must be chosen before CUDA starts;
 # the gradient engine asks for deterministic kernels so that maps are bit-identical run to run.
@@ -29,3 +31,52 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise GradlensError(f"Unknown device '{device}'; use one of auto, cpu, cuda.")
+
+
+def batch_threads(device: torch.device, batches: int, variable: str = "GRADLENS_GRADIENT_THREADS") -> int:
+    """Batches computed at once on the CPU, each by one thread whose operators use one core.
+
+    A small detector's operators parallelise poorly over two or more cores; a
+    batch per core is faster (measured in ``benchmarks/``). One per core by
+    default, the environment ``variable`` overriding it; decided by the whole
+    plan, so a resumed run computes each batch exactly as an uninterrupted one.
+    """
+    if device.type != "cpu" or batches < 2:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    raw = os.environ.get(variable, str(cores))
+    try:
+        wanted = int(raw)
+    except ValueError:
+        raise GradlensError(f"{variable} is {raw!r}; set it to a whole number of threads (or unset it).") from None
+    return max(1, min(wanted, batches))
+
+
+@contextlib.contextmanager
+def single_threaded_ops(enabled: bool):
+    """PyTorch's intra-op threads set to 1 for the block (restored after): each batch thread keeps to one core."""
+    saved = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+class Inline:
+    """The executor interface, running each task at once in the calling thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a thread pool would
+            future.set_exception(exc)
+        return future

@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -31,6 +33,7 @@ from gradlens._version import __version__
 from gradlens.data.coco import GroundTruth
 from gradlens.data.detections import Detections, read_detections, write_detections
 from gradlens.data.images import read_image
+from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path, write_json
 from gradlens.models.retinanet import RetinaNetDetector
@@ -175,24 +178,63 @@ def detect_images(
     if not todo:
         return results
     paths = {i: gt.image_path(i) for i in todo}
+    # on the CPU, a batch per core (each single-threaded), decided by the whole list so a resumed run
+    # computes every batch as an uninterrupted one does
+    threads = batch_threads(device, len(ShapeGroupedBatches(annotated_sizes(gt, ids), detector, settings.batch_size)),
+                            "GRADLENS_INFERENCE_THREADS")
     sampler = ShapeGroupedBatches(annotated_sizes(gt, todo), detector, settings.batch_size)
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=sampler, num_workers=settings.workers,
+    workers = settings.workers
+    if threads > 1:  # decoding workers would take the cores the batch threads use (JPEG decoding is ~5 % of the work)
+        workers = min(workers, max(0, (os.cpu_count() or 1) - threads))
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=sampler, num_workers=workers,
                         collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
     label_to_id = [c["id"] for c in detector.categories]
     detector.eval()
-    with torch.inference_mode(), _PrecisionScope(settings.precision, device):
-        for batch in track(loader, f"detecting {len(todo)} images", progress, unit="batch", total=len(sampler)):
-            ids, images = loaded_images(batch, device)
+
+    def work(ids: list[int], images: list[torch.Tensor]) -> list[tuple[int, list[dict]]]:
+        with torch.inference_mode(), _PrecisionScope(settings.precision, device):
             # Annotation sizes decide grouping; if a file disagrees, run its batch image by image so batching stays exact.
             canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]
             if len(set(canvases)) == 1:
                 outputs = detector.detect(images)
             else:
                 outputs = [detector.detect([im])[0] for im in images]
-            for image_id, out in zip(ids, outputs):
-                results[image_id] = _records(image_id, out, label_to_id)
-            if on_batch is not None:
-                on_batch(results)
+            return [(image_id, _records(image_id, out, label_to_id)) for image_id, out in zip(ids, outputs)]
+
+    def finish(future: Future) -> None:
+        for image_id, records in future.result():
+            results[image_id] = records
+        if on_batch is not None:
+            on_batch(results)
+
+    bar = track(None, f"detecting {len(todo)} images{f' ({threads} threads)' if threads > 1 else ''}", progress,
+                unit="batch", total=len(sampler))
+    pending: deque[Future] = deque()
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradlens-detect") if threads > 1 else Inline()
+    with single_threaded_ops(threads > 1), executor as pool:
+        try:
+            for batch in loader:
+                ids, images = loaded_images(batch, device)
+                pending.append(pool.submit(work, ids, images))
+                del images
+                while len(pending) > (2 * threads if threads > 1 else 0):  # bounded: memory does not grow with the run
+                    finish(pending.popleft())
+                    bar.update()
+            while pending:
+                finish(pending.popleft())
+                bar.update()
+        except BaseException:  # a failure or Ctrl-C: batches not started are dropped, those running are kept
+            for future in pending:
+                future.cancel()
+            for future in pending:
+                if not future.cancelled():
+                    try:
+                        finish(future)
+                    except BaseException:  # noqa: BLE001 - the first failure is the one raised
+                        pass
+            raise
+        finally:
+            bar.close()
     return results
 
 

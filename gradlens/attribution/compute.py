@@ -12,7 +12,6 @@ would, so the two give bit-identical maps.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +32,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.inference import ShapeGroupedBatches, _Images, annotated_sizes, loaded_images
 from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
 
 MAP_FORMAT = 1
@@ -72,49 +72,6 @@ def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[i
     return ShapeGroupedBatches(annotated_sizes(gt, set(image_ids)), detector, batch_size).batches
 
 
-def cpu_threads(device: torch.device, batches: int) -> int:
-    """Batches computed at once on the CPU: one per core (decided by the whole plan, so a resumed run
-    computes each batch exactly as an uninterrupted one); ``GRADLENS_GRADIENT_THREADS`` overrides it."""
-    if device.type != "cpu" or batches < 2:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    raw = os.environ.get("GRADLENS_GRADIENT_THREADS", str(cores))
-    try:
-        wanted = int(raw)
-    except ValueError:
-        raise GradlensError(f"GRADLENS_GRADIENT_THREADS is {raw!r}; set it to a whole number of threads (or unset it).") from None
-    return max(1, min(wanted, batches))
-
-
-@contextlib.contextmanager
-def _single_threaded_ops(enabled: bool):
-    saved = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-class _Inline:
-    """The executor interface, running each task at once in the calling thread."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - delivered through the future, as a thread pool would
-            future.set_exception(exc)
-        return future
-
-
 def _write_missing(store: MapStore, maps) -> int:
     written = 0
     for image_id, magnitude in maps:
@@ -148,7 +105,7 @@ def compute_maps(
     full_plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
     # how batches are run (threads or not) changes the last bits of a map: decided by the whole plan,
     # so a subset ('figure --image-id') computes each batch exactly as the whole run does
-    threads = cpu_threads(device, len(full_plan))
+    threads = batch_threads(device, len(full_plan))
     plan = [batch for batch in full_plan if wanted.intersection(batch)]
     replaced = _drop_unusable_maps(store, gt, [i for batch in plan for i in batch])
     todo = [batch for batch in plan if any(not store.has(i) for i in batch)]
@@ -173,7 +130,7 @@ def compute_maps(
         return [(i, reduce_channels(a, config.channel_reduce).cpu()) for i, a in zip(ids, attributions)]
 
     computed = 0
-    with frozen_inference_mode(detector), _single_threaded_ops(threads > 1):
+    with frozen_inference_mode(detector), single_threaded_ops(threads > 1):
         if threads > 1:
             # CPU: one batch per thread, each thread's operators on one core. A single image's operators
             # parallelise poorly (measured on 2 cores: 1.2-1.4x more images per second this way). Each
@@ -182,7 +139,7 @@ def compute_maps(
         else:
             # one batch at a time; on a GPU the maps are compressed and written by a background thread
             # (zlib releases the GIL) while the next batch runs
-            executor = _Inline() if device.type == "cpu" else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlens-map-writer")
+            executor = Inline() if device.type == "cpu" else ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradlens-map-writer")
         pending: deque[Future] = deque()
         with executor as pool:
             try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import hashlib
 import zlib
 from dataclasses import asdict, dataclass
@@ -154,14 +155,15 @@ def frozen_inference_mode(detector: torch.nn.Module) -> Iterator[None]:
     detector.eval()
     for p in frozen:
         p.requires_grad_(False)
-    # cuDNN's fastest backward kernels may add in a varying order (atomics): deterministic ones keep
-    # a map bit-identical from run to run, so a resumed run matches an uninterrupted one on a GPU too
-    # (and deterministic kernels elsewhere, e.g. bilinear upsampling's backward, which adds with atomics)
+    # cuDNN's fastest backward kernels may add in a varying order (atomics): deterministic ones keep a map
+    # bit-identical from run to run, so a resumed run matches an uninterrupted one on a GPU too. gradlens's own
+    # operations are deterministic by construction (the resize's and CEDNet's upsampling's backward); PyTorch's
+    # deterministic mode stays on as a safety net (it warns, never fails, on an op without such a kernel).
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, cudnn_benchmark()
     if torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, never fails
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
@@ -172,6 +174,20 @@ def frozen_inference_mode(detector: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
         for m, mode in modes:
             m.training = mode
+
+
+def cudnn_benchmark() -> bool:
+    """``GRADLENS_CUDNN_BENCHMARK=1``: let cuDNN time its deterministic algorithms and keep the fastest.
+
+    Off by default: the choice is made per process by timing, so two runs may pick different (each
+    deterministic) algorithms and differ in the last bits, which a resumed map store must not.
+    """
+    raw = os.environ.get("GRADLENS_CUDNN_BENCHMARK", "0").strip().lower()
+    if raw in ("0", "", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise GradlensError(f"GRADLENS_CUDNN_BENCHMARK is {raw!r}; set it to 1 or 0 (or unset it).")
 
 
 def _generator_for(image: Tensor, seed: int) -> torch.Generator:

@@ -55,6 +55,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.models.layers import LayerNorm
+from gradlens.models.upsample import Upsample2x
 
 __all__ = [
     "CEDNET_VARIANTS",
@@ -226,8 +227,8 @@ class _TopDown(nn.Module):
         super().__init__()
         self.decoder_upsample = nn.ModuleList(
             [
-                nn.Sequential(nn.Conv2d(dims[2], dims[1], 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)),
-                nn.Sequential(nn.Conv2d(dims[1], dims[0], 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)),
+                nn.Sequential(nn.Conv2d(dims[2], dims[1], 1), Upsample2x()),
+                nn.Sequential(nn.Conv2d(dims[1], dims[0], 1), Upsample2x()),
             ]
         )
         self.decoder_norm = nn.Sequential(_norm(dims[1], eps), _norm(dims[0], eps))

@@ -1,0 +1,126 @@
+"""Deterministic GPU formulations, checked on the CPU: CEDNet's 2x upsampling, cuDNN's policy, batch threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradlens.attribution.methods import cudnn_benchmark, frozen_inference_mode, gradient_maps
+from gradlens.data.coco import load_ground_truth
+from gradlens.errors import GradlensError
+from gradlens.inference import InferenceSettings, detect_images
+from gradlens.models import upsample
+from gradlens.models.registry import build_detector
+from gradlens.models.upsample import Upsample2x, _Upsample2x, upsample2x_backward
+from tests.test_gradients import scene, tiny_detector
+from tests.test_inference import _arrays, random_detector
+
+SHAPES = [(2, 8, 5, 7), (1, 3, 1, 1), (1, 4, 2, 9), (3, 16, 33, 17), (1, 2, 1, 6), (2, 5, 7, 1)]
+
+
+def _interpolate(x):
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def _dense_upsampling_matrix(n: int) -> np.ndarray:
+    """One axis' 2x bilinear map (align_corners=False) written out from the formula, as a (2n, n) matrix."""
+    matrix = np.zeros((2 * n, n))
+    for j in range(2 * n):
+        source = max((j + 0.5) / 2 - 0.5, 0.0)
+        i0 = int(np.floor(source))
+        frac = source - i0
+        matrix[j, i0] += 1 - frac
+        matrix[j, min(i0 + 1, n - 1)] += frac
+    return matrix
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_upsampling_forward_is_pytorchs_own_bit_for_bit(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_Upsample2x.apply(x.clone().requires_grad_(True)).detach(), _interpolate(x))
+    assert torch.equal(Upsample2x()(x), _interpolate(x))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_upsampling_backward_is_the_adjoint_of_the_written_out_map(shape):
+    g = torch.Generator().manual_seed(2)
+    n, c, h, w = shape
+    grad = torch.randn(n, c, 2 * h, 2 * w, generator=g, dtype=torch.float64)
+    rows, cols = _dense_upsampling_matrix(h), _dense_upsampling_matrix(w)
+    expected = np.einsum("jh,ncjk,kw->nchw", rows, grad.numpy(), cols)
+    np.testing.assert_allclose(upsample2x_backward(grad).numpy(), expected, rtol=1e-13, atol=1e-13)
+    # and it is what PyTorch's own backward computes (float32: up to summation order)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    g32 = grad.float()
+    ours = torch.autograd.grad(_Upsample2x.apply(x), x, g32)[0]
+    theirs = torch.autograd.grad(_interpolate(x), x, g32)[0]
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-6
+
+
+def test_upsampling_backward_is_bit_identical_twice_and_batch_independent():
+    grad = torch.randn(4, 6, 18, 26, generator=torch.Generator().manual_seed(3))
+    first, second = upsample2x_backward(grad), upsample2x_backward(grad.clone())
+    assert torch.equal(first, second)
+    assert torch.equal(upsample2x_backward(grad[2:3]), first[2:3])
+
+
+def test_cednet_uses_it_without_changing_its_keys():
+    det = build_detector("retinanet_cednet_mini", 3)
+    modules = [m for m in det.modules() if isinstance(m, Upsample2x)]
+    assert modules and not any(isinstance(m, torch.nn.Upsample) for m in det.modules())
+    keys = [k for k in det.state_dict() if "decoder_upsample" in k]
+    assert keys and all(k.split("decoder_upsample.")[1].split(".")[1] == "0" for k in keys)  # only the 1x1 convs
+
+
+def test_a_cednet_map_through_the_deterministic_backward_equals_the_native_one(monkeypatch):
+    det = tiny_detector()
+    images, targets = zip(*[scene(70, 90, 5), scene(64, 100, 6)])
+    native = gradient_maps(det, list(images), list(targets), batch_size=2)
+    monkeypatch.setattr(upsample, "_native_backward_is_deterministic", lambda x: False)  # the GPU's path, on the CPU
+    calls = []
+    original = upsample2x_backward
+    monkeypatch.setattr(upsample, "upsample2x_backward", lambda g: calls.append(1) or original(g))
+    ours = gradient_maps(det, list(images), list(targets), batch_size=2)
+    assert calls  # the deterministic backward really ran
+    for a, b in zip(native, ours):
+        assert float((a - b).abs().max() / a.max()) < 1e-5
+
+
+def test_cudnn_policy_is_set_and_restored(monkeypatch):
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    det = tiny_detector()
+    monkeypatch.setenv("GRADLENS_CUDNN_BENCHMARK", "1")
+    with frozen_inference_mode(det):
+        assert torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == saved
+    monkeypatch.delenv("GRADLENS_CUDNN_BENCHMARK")
+    with frozen_inference_mode(det):
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv("GRADLENS_CUDNN_BENCHMARK", "fast")
+    with pytest.raises(GradlensError, match="GRADLENS_CUDNN_BENCHMARK is 'fast'"):
+        cudnn_benchmark()
+
+
+@pytest.fixture(scope="module")
+def gt(synthetic_coco):
+    return load_ground_truth(synthetic_coco)
+
+
+def test_inference_in_batch_threads_equals_one_thread(gt, monkeypatch):
+    det = random_detector()
+    settings = InferenceSettings(batch_size=3, workers=0)
+    monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "1")
+    one = detect_images(det, gt, settings=settings, progress=False)
+    monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "3")
+    threaded = detect_images(det, gt, settings=settings, progress=False)
+    assert one.keys() == threaded.keys()
+    assert sum(len(v) for v in one.values()) > 0
+    for image_id in one:
+        a, b = _arrays(one[image_id]), _arrays(threaded[image_id])
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+    monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "many")
+    with pytest.raises(GradlensError, match="GRADLENS_INFERENCE_THREADS is 'many'"):
+        detect_images(det, gt, settings=settings, progress=False)
