@@ -114,7 +114,9 @@ class RetinaNetDetector(RetinaNet):
             outputs = {k: v.float() for k, v in outputs.items()}
         sizes = [tuple(f.shape[-2:]) for f in features]
         if isinstance(self.anchor_generator, MMDetAnchorGenerator):
-            levels = self.anchor_generator.level_anchors(sizes, batch.device, outputs["bbox_regression"].dtype)
+            # mmdetection's anchors, ground truth and assignment are float32 whatever the network's dtype (a
+            # float64 reference run changes the network's arithmetic, not which anchors are positive)
+            levels = self.anchor_generator.level_anchors(sizes, batch.device, torch.float32)
         else:  # torchvision's rounded anchors (torchvision zoo checkpoints)
             from torchvision.models.detection.image_list import ImageList
 
