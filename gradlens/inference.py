@@ -42,6 +42,10 @@ from gradlens.progress import track
 
 Precision = Literal["fp32", "tf32", "bf16", "fp16"]
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+# ``--precision auto`` on a GPU: the fastest setting whose area curve stays within AUTO_CURVE_TOLERANCE (area
+# fraction) of the exact one (benchmarks/bench_precision.py; benchmarks/README.md). On the CPU auto is fp32.
+GPU_DEFAULT_PRECISION = "tf32"
+AUTO_CURVE_TOLERANCE = 0.005
 CACHE_FORMAT = 1
 
 
@@ -106,6 +110,15 @@ class ShapeGroupedBatches(Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto``: :data:`GPU_DEFAULT_PRECISION` on CUDA, fp32 on the CPU; any other value unchanged."""
+    if precision != "auto":
+        return precision
+    from gradlens.device import resolve_device
+
+    return GPU_DEFAULT_PRECISION if resolve_device(device).type == "cuda" else "fp32"
 
 
 @dataclass

@@ -82,3 +82,14 @@ def test_precision_benchmark_at_tiny_scale(capsys):
     assert rows["bf16"]["rel_mean"] > rows["fp32"]["rel_mean"]
     assert all(r["kept"] <= 4 and r["img_s"] > 0 for r in rows.values())
     assert "fastest setting" in capsys.readouterr().out
+
+
+def test_auto_precision_is_fp32_on_the_cpu_and_the_measured_default_on_cuda(monkeypatch):
+    from gradlens.inference import GPU_DEFAULT_PRECISION, PRECISIONS, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert GPU_DEFAULT_PRECISION in PRECISIONS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("auto", "auto") == GPU_DEFAULT_PRECISION
+    assert resolve_precision("fp32", "cuda") == "fp32"

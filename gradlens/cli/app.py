@@ -12,6 +12,7 @@ from gradlens._version import __version__
 from gradlens.cli import options as opt
 from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
+from gradlens.inference import resolve_precision
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
 
@@ -83,7 +84,7 @@ def score(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     cache_dir: opt.CacheDir = None,
     device: opt.Device = "auto",
     progress: opt.Progress = None,
@@ -93,6 +94,7 @@ def score(
     Object quality = IoU x confidence of the object's best detection (virtual
     match 0 when none overlaps); image quality = mean over its non-crowd objects.
     """
+    precision = resolve_precision(precision, device)
     from gradlens.data.coco import load_ground_truth
     from gradlens.scoring.sources import identify_source, score_source
 
@@ -143,7 +145,7 @@ def select(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     cache_dir: opt.CacheDir = None,
     device: opt.Device = "auto",
     progress: opt.Progress = None,
@@ -154,6 +156,7 @@ def select(
     to the smaller image id. Writes selection.csv, scores/<role>/ and manifest.json
     into the work directory, so later commands need no arguments.
     """
+    precision = resolve_precision(precision, device)
     from gradlens.selection.run import run_selection
 
     result = run_selection(

@@ -9,6 +9,7 @@ import typer
 
 from gradlens.cli import options as opt
 from gradlens.errors import GradlensError
+from gradlens.inference import resolve_precision
 from gradlens.attribution.workdir import require_checkpoint
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
@@ -94,7 +95,7 @@ def gradients(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
@@ -105,6 +106,7 @@ def gradients(
     detector's own resize/normalise/pad, reduced over channels. A rerun
     computes only the images whose maps are missing.
     """
+    precision = resolve_precision(precision, device)
     from gradlens.attribution.compute import compute_maps, map_store_key
     from gradlens.attribution.store import MapStore
     from gradlens.data.coco import load_ground_truth
@@ -187,7 +189,7 @@ def area_curve(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: OptionalBatchSize = None,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
@@ -198,6 +200,7 @@ def area_curve(
     grid shared by all models. Writes area_curve.csv (+ .parquet, raw and
     normalised values), area_curve.json and area_curve.png/.pdf.
     """
+    precision = resolve_precision(precision, device)
     from gradlens.regions.run import run_area_curve
 
     result = run_area_curve(
@@ -251,7 +254,7 @@ def figure(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: OptionalBatchSize = None,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     device: opt.Device = "auto",
     progress: opt.Progress = None,
 ) -> None:
@@ -261,6 +264,7 @@ def figure(
     (one PNG/PDF per image plus figure_a1_gallery.pdf). Missing maps are
     computed for just these images.
     """
+    precision = resolve_precision(precision, device)
     from gradlens.figures.figure_a1 import render_figures_a1
 
     ids = _parse_ids(image_id)

@@ -11,6 +11,7 @@ import typer
 from gradlens.cli import options as opt
 from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
+from gradlens.inference import resolve_precision
 
 Format = Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")]
 
@@ -95,13 +96,14 @@ def evaluate(
     trust_checkpoint: opt.TrustCheckpoint = False,
     batch_size: opt.BatchSize = 4,
     workers: opt.Workers = 2,
-    precision: opt.Precision = "fp32",
+    precision: opt.Precision = "auto",
     cache_dir: opt.CacheDir = None,
     device: opt.Device = "auto",
     fmt: Format = "table",
     progress: opt.Progress = None,
 ) -> None:
     """COCO box mAP (pycocotools COCOeval) of a checkpoint or a results file, to check it against its published AP."""
+    precision = resolve_precision(precision, device)
     from gradlens.data.coco import load_ground_truth
     from gradlens.data.detections import read_detections
     from gradlens.evaluation import coco_map
