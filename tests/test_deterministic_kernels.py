@@ -124,3 +124,18 @@ def test_inference_in_batch_threads_equals_one_thread(gt, monkeypatch):
     monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "many")
     with pytest.raises(GradlensError, match="GRADLENS_INFERENCE_THREADS is 'many'"):
         detect_images(det, gt, settings=settings, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a lent GPU machine)")
+@pytest.mark.parametrize("arch", ["retinanet_cednet_mini", "retinanet_convnext_mini"])
+def test_gpu_maps_are_bit_identical_twice_and_batched_equals_one_at_a_time(arch):
+    det = tiny_detector(arch).cuda()
+    images, targets = zip(*[scene(70, 90, s) for s in (7, 8, 9)])
+    images = [im.cuda() for im in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    first = gradient_maps(det, images, targets, batch_size=3)
+    second = gradient_maps(det, images, targets, batch_size=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for image, target, batched in zip(images, targets, first):
+        alone = gradient_maps(det, [image], [target], batch_size=1)[0]
+        assert float((alone - batched).abs().max() / alone.max()) < 1e-5
