@@ -23,10 +23,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     name = str(device).lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
+        from gradlens import distributed
+
         if not torch.cuda.is_available():
-            raise GradlensError("--device cuda was asked for, but PyTorch sees no CUDA device on this machine.")
+            world = distributed.active()
+            rank = f"Rank {world.rank}: " if world is not None else ""
+            raise GradlensError(f"{rank}--device cuda was asked for, but PyTorch sees no CUDA device on this machine.")
+        if name == "cuda" and distributed.active() is not None:
+            return distributed.device_for_rank("cuda")  # one GPU per torchrun process: cuda:LOCAL_RANK
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

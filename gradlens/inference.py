@@ -10,7 +10,8 @@ exactly the detections it gets alone: batching changes speed, not results
 Results are cached as COCO results JSON under a key made of the checkpoint's
 content hash, the annotation file's hash, the image folder and every setting
 that can change a detection; a second ``select`` reuses them. An interrupted
-run keeps what it finished in a partial file and resumes from it.
+run keeps what it finished in chunk files and resumes from them; under
+torchrun the batches are shared out over the ranks (:mod:`gradlens.distributed`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -29,13 +31,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gradlens import distributed
 from gradlens._version import __version__
 from gradlens.data.coco import GroundTruth
 from gradlens.data.detections import Detections, read_detections, write_detections
 from gradlens.data.images import read_image
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.errors import GradlensError
-from gradlens.fileio import atomic_path, write_json
+from gradlens.fileio import atomic_path, sha256_file, write_json
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.models.transform import canvas_groups, padded_size
 from gradlens.progress import track
@@ -177,29 +180,56 @@ def detect_images(
 ) -> dict[int, list[dict]]:
     """COCO result records per image id for ``image_ids`` (default: every image of ``gt``).
 
-    ``done`` holds results already computed (from a partial run): those
-    images are skipped, and the dict is filled in place, so a caller keeps
-    every finished image even if a later batch fails. ``on_batch(results)``
-    is called after every batch.
+    ``done`` holds results already computed (from a partial run): batches
+    whose images are all done are skipped, and the dict is filled in place, so
+    a caller keeps every finished image even if a later batch fails.
+    ``on_batch(results)`` is called after every batch. The batch plan is fixed
+    by the whole list, so a resumed run computes each batch exactly as an
+    uninterrupted one (bit-identical detections).
     """
     settings = settings or InferenceSettings()
     device = next(detector.parameters()).device
     settings.check(device)
     ids = [int(i) for i in (gt.image_ids if image_ids is None else image_ids)]
     results: dict[int, list[dict]] = done if done is not None else {}
-    todo = [i for i in ids if i not in results]
+    plan = plan_detections(detector, gt, ids, settings.batch_size)
+    todo = [batch for batch in plan if any(i not in results for i in batch)]
     if not todo:
         return results
-    paths = {i: gt.image_path(i) for i in todo}
-    # on the CPU, a batch per core (each single-threaded), decided by the whole list so a resumed run
-    # computes every batch as an uninterrupted one does
-    threads = batch_threads(device, len(ShapeGroupedBatches(annotated_sizes(gt, ids), detector, settings.batch_size)),
-                            "GRADLENS_INFERENCE_THREADS")
-    sampler = ShapeGroupedBatches(annotated_sizes(gt, todo), detector, settings.batch_size)
+    threads = batch_threads(device, len(plan), "GRADLENS_INFERENCE_THREADS")
+    bar = track(None, f"detecting {sum(map(len, todo))} images{f' ({threads} threads)' if threads > 1 else ''}", progress,
+                unit="batch", total=len(todo))
+
+    def finish(pairs: list[tuple[int, list[dict]]]) -> None:
+        results.update(pairs)
+        bar.update()
+        if on_batch is not None:
+            on_batch(results)
+
+    try:
+        run_detection_batches(detector, gt, todo, settings, threads, threads > 1, finish)
+    finally:
+        bar.close()
+    return results
+
+
+def plan_detections(detector: RetinaNetDetector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
+    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list."""
+    return ShapeGroupedBatches(annotated_sizes(gt, [int(i) for i in image_ids]), detector, batch_size).batches
+
+
+def run_detection_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], settings: InferenceSettings,
+                          threads: int, single_threaded: bool, on_batch, stop=None) -> None:
+    """Detect on ``batches`` (each run whole, in order); ``on_batch([(image_id, records), ...])`` after each, in
+    this thread. ``threads`` batches run at once (CPU); ``single_threaded`` keeps each batch's operators on one
+    core (it changes the last bits, so the caller decides it by the whole plan). ``stop()`` is called after
+    every batch and may raise to end the run early (another rank failed)."""
+    device = next(detector.parameters()).device
+    paths = {i: gt.image_path(i) for batch in batches for i in batch}
     workers = settings.workers
     if threads > 1:  # decoding workers would take the cores the batch threads use (JPEG decoding is ~5 % of the work)
         workers = min(workers, max(0, (os.cpu_count() or 1) - threads))
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=sampler, num_workers=workers,
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers,
                         collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
     label_to_id = [c["id"] for c in detector.categories]
     detector.eval()
@@ -215,16 +245,13 @@ def detect_images(
             return [(image_id, _records(image_id, out, label_to_id)) for image_id, out in zip(ids, outputs)]
 
     def finish(future: Future) -> None:
-        for image_id, records in future.result():
-            results[image_id] = records
-        if on_batch is not None:
-            on_batch(results)
+        on_batch(future.result())
+        if stop is not None:
+            stop()
 
-    bar = track(None, f"detecting {len(todo)} images{f' ({threads} threads)' if threads > 1 else ''}", progress,
-                unit="batch", total=len(sampler))
     pending: deque[Future] = deque()
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradlens-detect") if threads > 1 else Inline()
-    with single_threaded_ops(threads > 1), executor as pool:
+    with single_threaded_ops(single_threaded), executor as pool:
         try:
             for batch in loader:
                 ids, images = loaded_images(batch, device)
@@ -232,23 +259,18 @@ def detect_images(
                 del images
                 while len(pending) > (2 * threads if threads > 1 else 0):  # bounded: memory does not grow with the run
                     finish(pending.popleft())
-                    bar.update()
             while pending:
                 finish(pending.popleft())
-                bar.update()
         except BaseException:  # a failure or Ctrl-C: batches not started are dropped, those running are kept
             for future in pending:
                 future.cancel()
             for future in pending:
                 if not future.cancelled():
                     try:
-                        finish(future)
+                        on_batch(future.result())
                     except BaseException:  # noqa: BLE001 - the first failure is the one raised
                         pass
             raise
-        finally:
-            bar.close()
-    return results
 
 
 def _records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
@@ -313,7 +335,7 @@ def cached_detections(
     """Detections of every image of ``gt``, from the cache when this exact run was done before.
 
     The result is also a COCO results JSON at ``result.path``. While running,
-    finished images are saved to a ``.partial.json`` every ``save_every_s``
+    finished images are saved as chunks in a ``.partial/`` folder every ``save_every_s``
     seconds and on any failure, so a killed or failed run resumes.
     """
     settings = settings or InferenceSettings()
@@ -321,7 +343,8 @@ def cached_detections(
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = folder / "detections"
     name = _digest(key)
-    final, meta_path, partial = folder / f"{name}.json", folder / f"{name}.meta.json", folder / f"{name}.partial.json"
+    final, meta_path = folder / f"{name}.json", folder / f"{name}.meta.json"
+    legacy_partial = folder / f"{name}.partial.json"  # the single partial file of gradlens < 0.5
     start = time.perf_counter()
     if final.exists() and meta_path.exists():
         try:
@@ -331,27 +354,136 @@ def cached_detections(
         except (GradlensError, OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     folder.mkdir(parents=True, exist_ok=True)
-    done = _read_partial(partial, key)
-    last_save = [time.perf_counter()]
-
-    def save_partial(results):
-        if time.perf_counter() - last_save[0] >= save_every_s:
-            _write_partial(partial, key, results)
-            last_save[0] = time.perf_counter()
-
-    results: dict[int, list[dict]] = dict(done)
+    chunks = PartialResults(folder / f"{name}.partial", key)
+    results: dict[int, list[dict]] = {**_read_partial(legacy_partial, key), **chunks.load()}
     resumed = len(results)
+    every = _save_every(save_every_s)
     try:
-        detect_images(detector, gt, settings=settings, progress=progress, done=results, on_batch=save_partial)
+        if distributed.active() is None:
+            last_save = [time.perf_counter()]
+
+            def save_partial(done):
+                if time.perf_counter() - last_save[0] >= every:
+                    chunks.save(done)
+                    last_save[0] = time.perf_counter()
+
+            detect_images(detector, gt, settings=settings, progress=progress, done=results, on_batch=save_partial)
+        else:
+            _detect_across_ranks(detector, gt, settings, key, chunks, results, progress, every)
     except BaseException:
-        _write_partial(partial, key, results)  # keep every finished image for the next run
+        chunks.save(results)  # keep every finished image for the next run
         raise
     records = [r for i in sorted(results) for r in results[i]]
     write_detections(records, final)
     write_json(meta_path, {"key": key, "gradlens_version": __version__, "images": len(results), "detections": len(records)})
-    partial.unlink(missing_ok=True)
+    chunks.clear()
+    legacy_partial.unlink(missing_ok=True)
     dets = read_detections(final, gt)
     return InferenceResult(dets, final, False, time.perf_counter() - start, len(results) - resumed)
+
+
+def _save_every(default: float) -> float:
+    raw = os.environ.get("GRADLENS_PARTIAL_SAVE_S")
+    if raw is None:
+        return default
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        raise GradlensError(f"GRADLENS_PARTIAL_SAVE_S is {raw!r}; set it to a number of seconds.") from None
+
+
+class PartialResults:
+    """The images an interrupted run finished, as chunk files in one folder (``<cache name>.partial/``).
+
+    Each save writes only the images finished since the last one, atomically,
+    so saving costs the same at image 10 and at image 5,000, and several
+    torchrun ranks save side by side; loading reads every chunk of this key.
+    """
+
+    def __init__(self, folder: Path, key: dict, tag: str = "0"):
+        self.folder, self.key, self.tag = Path(folder), key, tag
+        self.saved: set[int] = set()
+        self._count = 0
+
+    def load(self) -> dict[int, list[dict]]:
+        results: dict[int, list[dict]] = {}
+        for path in sorted(self.folder.glob("chunk-*.json")):
+            results.update(_read_partial(path, self.key))
+        self.saved.update(results)
+        return results
+
+    def save(self, results: dict[int, list[dict]]) -> int:
+        new = [i for i in results if i not in self.saved]
+        if not new:
+            return 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._count += 1
+        path = self.folder / f"chunk-{self.tag}-{os.getpid()}-{time.time_ns()}-{self._count}.json"
+        _write_partial(path, self.key, {i: results[i] for i in new})
+        self.saved.update(new)
+        return len(new)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _detect_across_ranks(detector, gt, settings, key, chunks, results, progress, every) -> None:
+    """Rank 0 under torchrun: the batches a single process would run, split over the ranks (see gradlens.distributed)."""
+    ids = [int(i) for i in gt.image_ids]
+    plan = plan_detections(detector, gt, ids, settings.batch_size)
+    todo = [batch for batch in plan if any(i not in results for i in batch)]
+    if not todo:
+        return
+    device = next(detector.parameters()).device
+    single_threaded = batch_threads(device, len(plan), "GRADLENS_INFERENCE_THREADS") > 1
+    sizes = annotated_sizes(gt, [i for batch in todo for i in batch])
+    costs = [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in todo]
+    job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt), "key": key,
+           "settings": asdict(settings), "single_threaded": single_threaded, "partial": str(chunks.folder),
+           "save_every_s": every}
+    world = distributed.active()
+    bar = track(None, f"detecting {sum(map(len, todo))} images on {world.size} ranks", progress, unit="batch", total=len(todo))
+    try:
+        distributed.run_job("detect", job, todo, costs, len(ids), bar=bar,
+                            own=lambda batches, status: _detect_share(detector, gt, batches, settings, single_threaded,
+                                                                      chunks, results, status, every))
+    finally:
+        bar.close()
+    results.update(chunks.load())  # every rank's chunks
+
+
+def _detect_share(detector, gt, batches, settings, single_threaded, chunks, results, status, every) -> int:
+    """One rank's batches: results saved as chunks every ``every`` seconds and when the share ends, however it ends."""
+    device = next(detector.parameters()).device
+    threads = batch_threads(device, len(batches), "GRADLENS_INFERENCE_THREADS") if single_threaded else 1
+    last_save, done = [time.perf_counter()], [0]
+
+    def on_batch(pairs):
+        results.update(pairs)
+        status.progress(1)
+        done[0] += 1
+        if time.perf_counter() - last_save[0] >= every:
+            chunks.save(results)
+            last_save[0] = time.perf_counter()
+        distributed.fault_injection(done[0])
+
+    try:
+        run_detection_batches(detector, gt, batches, settings, threads, single_threaded, on_batch, stop=status.stop_if_failed)
+    finally:
+        chunks.save(results)
+    return sum(map(len, batches))
+
+
+@distributed.handler("detect")
+def _detect_job(job: dict, batches: list[list[int]], status) -> int:
+    """A rank > 0's share of rank 0's inference step: load the same inputs, check them, compute, save chunks."""
+    detector = distributed.detector_from_spec(job["detector"])
+    gt = distributed.ground_truth_from_spec(job["gt"])
+    settings = InferenceSettings(**job["settings"])
+    mine = cache_key(sha256_file(job["detector"]["checkpoint"]), gt, detector, settings)
+    distributed.check_same_inputs(mine, job["key"], "detections")
+    chunks = PartialResults(Path(job["partial"]), job["key"], tag=str(distributed.active().rank))
+    return _detect_share(detector, gt, batches, settings, job["single_threaded"], chunks, {}, status, job["save_every_s"])
 
 
 def _read_partial(path: Path, key: dict) -> dict[int, list[dict]]:

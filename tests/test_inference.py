@@ -125,13 +125,13 @@ def test_failed_run_keeps_finished_images_and_resumes(gt, tmp_path, monkeypatch)
     monkeypatch.setattr(det, "detect", flaky)
     with pytest.raises(RuntimeError, match="simulated crash"):
         cached_detections(det, "sha", gt, InferenceSettings(batch_size=2, workers=0), cache_dir=tmp_path, progress=False)
-    partial = list((tmp_path / "detections").glob("*.partial.json"))
-    assert len(partial) == 1
-    finished = json.loads(partial[0].read_text())["results"]
+    chunks = list((tmp_path / "detections").glob("*.partial/chunk-*.json"))
+    assert len(chunks) == 1  # saved once, on the failure
+    finished = json.loads(chunks[0].read_text())["results"]
     assert len(finished) >= 2
     done_before = calls["n"]
     result = cached_detections(det, "sha", gt, InferenceSettings(batch_size=2, workers=0), cache_dir=tmp_path, progress=False)
-    assert not list((tmp_path / "detections").glob("*.partial.json"))
+    assert not list((tmp_path / "detections").glob("*.partial*"))
     assert calls["n"] - done_before < len(gt.image_ids)  # the finished images were not redone
     fresh = cached_detections(random_detector(), "other", gt, InferenceSettings(workers=0), cache_dir=tmp_path / "x", progress=False)
     assert len(result.detections) == len(fresh.detections)

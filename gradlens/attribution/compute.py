@@ -12,11 +12,13 @@ would, so the two give bit-identical maps.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -26,11 +28,14 @@ from gradlens.attribution.methods import (
     frozen_inference_mode,
     reduce_channels,
 )
+from gradlens import distributed
 from gradlens.attribution.store import MapStore
 from gradlens.errors import GradlensError
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
+from gradlens.fileio import sha256_file
 from gradlens.inference import ShapeGroupedBatches, _Images, annotated_sizes, loaded_images
+from gradlens.models.transform import padded_size
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
@@ -112,17 +117,52 @@ def compute_maps(
     already = sum(1 for i in wanted if store.has(i))
     if not todo:
         return MapRun(computed=0, reused=already, store=store, replaced=replaced)
+    name = f"gradients {label} ".replace("  ", " ")
+    world = distributed.active()
+    if world is None:
+        desc = f"{name}({sum(map(len, todo))} images{f', {threads} threads' if threads > 1 else ''})"
+    else:
+        desc = f"{name}({sum(map(len, todo))} images on {world.size} ranks)"
+    bar = track(None, desc, progress, unit="batch", total=len(todo))
+    try:
+        if world is None:
+            computed = compute_batches(detector, gt, todo, store, config, batch_size, workers, threads, threads > 1,
+                                       on_batch=lambda written: bar.update())
+        else:
+            job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
+                   "store": str(store.folder), "key": store.key, "config": asdict(config), "batch_size": batch_size,
+                   "workers": workers, "single_threaded": threads > 1}
+            sizes = annotated_sizes(gt, [i for batch in todo for i in batch])
+            costs = [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in todo]
+            computed = distributed.run_job(
+                "maps", job, todo, costs, sum(map(len, full_plan)), bar=bar,
+                own=lambda batches, status: _maps_share(detector, gt, batches, store, config, batch_size, workers,
+                                                        threads > 1, status))
+    finally:
+        bar.close()
+    return MapRun(computed=computed, reused=already, store=store, replaced=replaced)
+
+
+def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], store: MapStore,
+                    config: AttributionConfig, batch_size: int, workers: int, threads: int, single_threaded: bool,
+                    on_batch=None, stop=None) -> int:
+    """Compute and store the maps of ``batches`` (each whole, in order); returns the maps written.
+
+    ``threads`` batches run at once (CPU), each on one core when
+    ``single_threaded`` (it changes the last bits of a map, so the caller
+    decides it by the whole plan). ``on_batch(written)`` runs after each batch
+    and ``stop()`` between batches (it may raise to end early); every map
+    already computed is written however the run ends.
+    """
+    device = next(detector.parameters()).device
     if device.type == "cpu":
         # On the CPU the network already uses every core; decoding workers would only contend with it
         # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
-    paths = {i: gt.image_path(i) for batch in todo for i in batch}
+    paths = {i: gt.image_path(i) for batch in batches for i in batch}
     targets = {i: image_targets(gt, i, detector.categories) for i in paths}
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=todo, num_workers=workers, collate_fn=list,
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
-    name = f"gradients {label} ".replace("  ", " ")
-    desc = f"{name}({sum(map(len, todo))} images{f', {threads} threads' if threads > 1 else ''})"
-    bar = track(None, desc, progress, unit="batch", total=len(todo))
 
     def work(ids: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         # regrouped by the decoded size, so a file whose size disagrees with the annotation stays exact
@@ -130,7 +170,15 @@ def compute_maps(
         return [(i, reduce_channels(a, config.channel_reduce).cpu()) for i, a in zip(ids, attributions)]
 
     computed = 0
-    with frozen_inference_mode(detector), single_threaded_ops(threads > 1):
+
+    def collect(future: Future) -> None:
+        nonlocal computed
+        written = future.result()
+        computed += written
+        if on_batch is not None:
+            on_batch(written)
+
+    with frozen_inference_mode(detector), single_threaded_ops(single_threaded):
         if threads > 1:
             # CPU: one batch per thread, each thread's operators on one core. A single image's operators
             # parallelise poorly (measured on 2 cores: 1.2-1.4x more images per second this way). Each
@@ -151,9 +199,10 @@ def compute_maps(
                         pending.append(pool.submit(_write_missing, store, work(ids, images)))
                     del images
                     while len(pending) > max(2, 2 * threads):  # bounded: memory does not grow with the run
-                        computed += pending.popleft().result()
-                        bar.update()
-            except BaseException:  # a failure or Ctrl-C: batches not started are dropped...
+                        collect(pending.popleft())
+                        if stop is not None:
+                            stop()
+            except BaseException:  # a failure, Ctrl-C or another rank's failure: batches not started are dropped...
                 for future in pending:
                     future.cancel()
                 raise
@@ -161,10 +210,36 @@ def compute_maps(
                 while pending:
                     future = pending.popleft()
                     if not future.cancelled():
-                        computed += future.result()
-                        bar.update()
-                bar.close()
-    return MapRun(computed=computed, reused=already, store=store, replaced=replaced)
+                        collect(future)
+    return computed
+
+
+def _maps_share(detector, gt, batches, store, config, batch_size, workers, single_threaded, status) -> int:
+    device = next(detector.parameters()).device
+    threads = batch_threads(device, len(batches)) if single_threaded else 1
+    done = [0]
+
+    def on_batch(written):
+        status.progress(1)
+        done[0] += 1
+        distributed.fault_injection(done[0])
+
+    return compute_batches(detector, gt, batches, store, config, batch_size, workers, threads, single_threaded,
+                           on_batch=on_batch, stop=status.stop_if_failed)
+
+
+@distributed.handler("maps")
+def _maps_job(job: dict, batches: list[list[int]], status) -> int:
+    """A rank > 0's share of rank 0's gradient step: load the same inputs, check them, write maps to the shared store."""
+    detector = distributed.detector_from_spec(job["detector"])
+    gt = distributed.ground_truth_from_spec(job["gt"])
+    config = AttributionConfig(**job["config"]).check(next(detector.parameters()).device)
+    store = MapStore(job["store"])
+    mine = json.loads(json.dumps(map_store_key(detector, sha256_file(job["detector"]["checkpoint"]), gt, config,
+                                               batch_size=job["batch_size"])))
+    distributed.check_same_inputs(mine, job["key"], "gradient maps")
+    distributed.check_same_inputs(store.key, job["key"], f"the map store {store.folder}")
+    return _maps_share(detector, gt, batches, store, config, job["batch_size"], job["workers"], job["single_threaded"], status)
 
 
 def _drop_unusable_maps(store: MapStore, gt: GroundTruth, image_ids: list[int]) -> int:

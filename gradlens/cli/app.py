@@ -243,7 +243,33 @@ app.command(name="figure")(_attribution.figure)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a user mistake becomes one line on stderr and exit code 1."""
+    """Run the CLI; a user mistake becomes one line on stderr and exit code 1.
+
+    Under torchrun, rank 0 runs the command and the other ranks compute their
+    share of its long steps (:mod:`gradlens.distributed`).
+    """
+    from gradlens import distributed
+
+    try:
+        with distributed.session() as world:
+            if world is not None and not world.main:
+                sys.exit(distributed.serve(world))
+            code = 1
+            try:
+                _run(argv)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                raise
+            finally:
+                if code != 143:  # stopped by torchrun (another rank died): the others are being stopped too
+                    distributed.release(code)
+    except GradlensError as exc:  # a failure while joining or leaving torchrun's process group
+        typer.echo(f"gradlens: error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         app(args=argv, prog_name="gradlens")
     except GradlensError as exc:

@@ -129,6 +129,7 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
         if len(categories) != detector.num_classes:
             raise GradlensError(f"{len(categories)} categories were given for a detector with {detector.num_classes} classes.")
         detector.categories = [dict(c) for c in categories]
+    detector.load_options = {"arch": arch, "trust": bool(trust)}  # how to load it again (another torchrun rank)
     return detector.to(device).eval()
 
 
