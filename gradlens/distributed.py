@@ -97,13 +97,16 @@ def session() -> Iterator[World | None]:
     # torchrun stops the other ranks with SIGTERM when one dies: unwind (and save what is finished) as on Ctrl-C
     previous = signal.signal(signal.SIGTERM, _terminated)
     _session = world
+    clean = False
     try:
         yield world
+        clean = True
     finally:
         _session = None
         signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+        if clean:  # after a failure a peer may be gone, and leaving the group would wait for it
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
 
 
 def _terminated(signum, frame):
@@ -293,6 +296,9 @@ def run_job(kind: str, job: dict, batches: list[list[int]], costs: list[float], 
         computed = own(job["shards"][0], status)
     except Stopped:
         pass
+    except (SystemExit, KeyboardInterrupt) as exc:  # stopped from outside: no waiting for the others
+        status.fail(0, _message(exc))
+        raise
     except BaseException as exc:  # noqa: BLE001 - reported after the other ranks have stopped
         own_error = exc
         status.fail(0, _message(exc))

@@ -57,6 +57,10 @@ def _echo_summary(label: str, s: dict) -> None:
     for count, what in skipped:
         if count:
             typer.echo(f"  {what}: {count}")
+    if "num_images_detected" in s:
+        done = s["num_images_detected"]
+        typer.echo(f"  images run through the detector: {done}"
+                   + (f" (the other {s['num_images'] - done} from the cache or an interrupted run)" if done < s["num_images"] else ""))
 
 
 def _located(gt, image_id):

@@ -127,12 +127,15 @@ def _checkpoint_scores(source, load_gt, class_agnostic, device, cache_dir, progr
     if cache_dir is not None:
         cached = read_scores_if_current(cache_dir, source.sha256, gt.sha256, settings)
         if cached is not None:
-            return *cached, True
+            scores, meta = cached
+            return scores, {**meta, "summary": {**meta["summary"], "num_images_detected": 0}}, True
     result = detections_for_checkpoint(source.path, gt, run, progress=progress, checkpoint_sha256=source.sha256)
     scores = quality_scores(result.detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
     source_record = {"kind": "checkpoint", "path": str(source.path.resolve()), "sha256": source.sha256,
                      "detections": str(result.path)}
-    return scores, make_meta(scores, source_record, annotations_record(gt), settings), False
+    meta = make_meta(scores, source_record, annotations_record(gt), settings)
+    meta["summary"]["num_images_detected"] = 0 if result.reused else int(result.images)  # by this run (not resumed)
+    return scores, meta, False
 
 
 def save_scores(scores: QualityScores, meta: dict, out_dir: str | os.PathLike) -> dict:
