@@ -45,7 +45,7 @@ def make_detector(args, device):
         if args.min_size:
             with_preprocess(det, min_size=args.min_size, max_size=int(args.min_size * 1333 / 800))
         return det.to(device).eval()
-    return load_detector(bundled_detector_path("cednet"), device=device)
+    return load_detector(bundled_detector_path(args.bundled), device=device)
 
 
 def naive(detector, gt, ids, device):
@@ -74,6 +74,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--arch", default=None, help="a paper architecture with random weights instead of the bundled detector")
+    parser.add_argument("--bundled", choices=["cednet", "convnext"], default="cednet", help="which bundled detector (without --arch)")
     parser.add_argument("--min-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
@@ -117,7 +118,11 @@ def main(argv=None):
         print(f"\n{'method':58s} {'seconds':>8s} {'img/s':>7s}  ratio")
         print(f"{'naive: captum Saliency, 1 image, all params require grad':58s} {t_naive:8.2f} {len(ids) / t_naive:7.2f}")
         print(f"{'gradlens compute_maps (batched, frozen, stored float16)':58s} {t_fast:8.2f} {len(ids) / t_fast:7.2f}  {t_naive / t_fast:.2f}x")
-        print(f"agreement: max |stored - naive| / max(naive map) = {max(errors):.2e} (float16 storage: <= 4.9e-4 expected)")
+        rel = [float(np.linalg.norm(store.read(i) - reference[i]) / np.linalg.norm(reference[i])) for i in ids]
+        print(f"agreement: max |stored - naive| / max(naive map) = median {np.median(errors):.1e}, max {max(errors):.1e} "
+              f"(float16 storage: <= 4.9e-4 expected); relative L2 median {np.median(rel):.1e}, max {max(rel):.1e}")
+        print("  (a larger max comes from an image where a pre-activation within round-off of zero flips sign between "
+              "batch and single-image summation order: the network's own discontinuity, not a gradlens difference)")
 
         # precision: low-precision arithmetic against fp32, one image at a time
         precisions = [] if args.skip_precision else ["bf16"] + (["tf32", "fp16"] if device.type == "cuda" else [])

@@ -93,8 +93,15 @@ class RetinaNetDetector(RetinaNet):
         return "mmdetection" if self.preprocess.convention == "mmcv" else "torchvision"
 
     def use_channels_last(self, enabled: bool = True) -> "RetinaNetDetector":
-        """Run convolutions in NHWC layout: on CPU, depthwise-conv backward is ~20x faster that way."""
+        """The CPU's speed mode: convolutions in NHWC layout (depthwise-conv backward is ~20x faster that way)
+        and channel LayerNorms as one fused kernel over it (24 % of a small CEDNet's gradient pass).
+        Equal to the reference arithmetic up to round-off, not bit for bit."""
+        from gradlens.models.layers import LayerNorm
+
         self.channels_last = enabled
+        for module in self.modules():
+            if isinstance(module, LayerNorm) and module.data_format == "channels_first":
+                module.fused_channels_first = enabled
         return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     # -- the network ---------------------------------------------------------------------------
