@@ -1,9 +1,10 @@
 """benchmarks/bench_paper_scale.py at a tiny scale: the whole analysis runs, and what it reports is real.
 
 One run of the script's ``main`` (10 images of 64 px, the three full-size
-detectors at test scale 80 x 133, top 4, naive loops on 2 images, CPU) is
-shared by the tests; they check the work directory it leaves, every stage's
-numbers, and its FLOP counts against a count made by hand from the layers.
+detectors at test scale 80 x 133, top 4, naive loops on 2 images, CPU; about
+25 s on 2 cores) is checked for the work directory it leaves, every stage's
+numbers, the agreement with the naive loops, and its FLOP counts against a
+count made by hand from the layers.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def bench():
     return _load_script()
 
 
-@pytest.fixture(scope="module")
-def run(bench, tmp_path_factory):
-    root = tmp_path_factory.mktemp("paper_scale")
-    report = bench.main([*ARGS, "--keep", str(root / "keep"), "--json", str(root / "report.json")])
-    return report, root
+def test_tiny_run_end_to_end(bench, tmp_path):
+    """One run, every check (one test function, so parallel test workers never run the benchmark twice)."""
+    report = bench.main([*ARGS, "--keep", str(tmp_path / "keep"), "--json", str(tmp_path / "report.json")])
+    run = (report, tmp_path)
+    check_work_directory(run, bench)
+    check_stages(run)
+    check_agreement(run)
+    check_flops(run, bench)
 
 
-def test_work_directory_holds_select_and_area_curve_outputs(run, bench):
+def check_work_directory(run, bench):
+    """selection.csv and area_curve.csv as select and area-curve write them, and every map in its store."""
     report, root = run
     workdir = Path(report["workdir"])
     assert workdir == root / "keep" / "run"
@@ -68,7 +73,8 @@ def test_work_directory_holds_select_and_area_curve_outputs(run, bench):
         assert len(stores) == 1 and len(list(stores[0].glob("*.npz"))) == len(selection)
 
 
-def test_every_stage_reports_times_rates_and_flops(run):
+def check_stages(run):
+    """Every stage: positive times and rates; FLOPs, naive rates and ratios where measured; the JSON as returned."""
     report, root = run
     assert json.loads((root / "report.json").read_text()) == json.loads(json.dumps(report))
     stages = Counter(r["stage"] for r in report["stages"])
@@ -88,7 +94,8 @@ def test_every_stage_reports_times_rates_and_flops(run):
         assert calibration["detections"] > 0, label
 
 
-def test_gradlens_and_naive_agree(run):
+def check_agreement(run):
+    """gradlens and the naive loops give the same detections, maps and curves."""
     agreement = run[0]["agreement"]
     for what, value in agreement.items():
         if what.startswith("inference"):
@@ -149,7 +156,8 @@ def _network_flops(arch: str, height: int, width: int) -> int:
     raise AssertionError("unreachable")
 
 
-def test_flop_counts_match_a_count_by_hand(run, bench):
+def check_flops(run, bench):
+    """FlopCounterMode's counts against a count by hand from the layers' shapes."""
     report = run[0]
     for _, label, arch in bench.MODELS:
         flops = report["flops"][label]
