@@ -45,7 +45,7 @@ from gradlens.data.coco import load_ground_truth
 from gradlens.data.detections import detections_from_records
 from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
-from gradlens.inference import InferenceSettings, detect_images
+from gradlens.inference import AUTO_CURVE_TOLERANCE, InferenceSettings, detect_images
 from gradlens.models.bundled import bundled_detector_path
 from gradlens.models.checkpoints import load_detector
 from gradlens.models.registry import build_detector, with_preprocess
@@ -54,7 +54,7 @@ from gradlens.regions.run import DEFAULT_T_MAX_PERCENTILE
 from gradlens.scoring.quality import quality_scores
 from gradlens.selection.improvement import select_images
 
-TOLERANCE = 0.005  # area fraction: the README's stated tolerance for the GPU default
+TOLERANCE = AUTO_CURVE_TOLERANCE  # area fraction: the tolerance --precision auto was chosen by
 
 
 # -------------------------------------------------------------------------------------------------

@@ -213,6 +213,7 @@ class Status:
 
         self.store = dist.distributed_c10d._get_default_store()
         self.prefix = f"gradlens/job{job_id}"
+        self.batches_done = 0  # by this rank
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -233,6 +234,12 @@ class Status:
 
     def progress(self, batches: int = 1) -> int:
         return int(self.store.add(self._key("progress"), batches))
+
+    def batch_done(self) -> None:
+        """One more batch finished on this rank: counted for rank 0's bar (and for ``GRADLENS_FAULT``)."""
+        self.progress(1)
+        self.batches_done += 1
+        fault_injection(self.batches_done)
 
     def finished(self) -> int:
         return int(self.store.add(self._key("finished"), 1))

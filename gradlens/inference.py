@@ -192,7 +192,7 @@ def detect_images(
     settings.check(device)
     ids = [int(i) for i in (gt.image_ids if image_ids is None else image_ids)]
     results: dict[int, list[dict]] = done if done is not None else {}
-    plan = plan_detections(detector, gt, ids, settings.batch_size)
+    plan = plan_batches(detector, gt, ids, settings.batch_size)
     todo = [batch for batch in plan if any(i not in results for i in batch)]
     if not todo:
         return results
@@ -213,9 +213,16 @@ def detect_images(
     return results
 
 
-def plan_detections(detector: RetinaNetDetector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
-    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list."""
+def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
+    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list
+    (the order given does not matter)."""
     return ShapeGroupedBatches(annotated_sizes(gt, [int(i) for i in image_ids]), detector, batch_size).batches
+
+
+def batch_costs(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]]) -> list[float]:
+    """Padded pixels of each batch (its canvas times its images): what torchrun ranks are balanced by."""
+    sizes = annotated_sizes(gt, [batch[0] for batch in batches])
+    return [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in batches]
 
 
 def run_detection_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], settings: InferenceSettings,
@@ -354,22 +361,14 @@ def cached_detections(
         except (GradlensError, OSError, ValueError):
             pass  # a damaged cache entry is recomputed
     folder.mkdir(parents=True, exist_ok=True)
-    chunks = PartialResults(folder / f"{name}.partial", key)
+    chunks = PartialResults(folder / f"{name}.partial", key, every=_save_every(save_every_s))
     results: dict[int, list[dict]] = {**_read_partial(legacy_partial, key), **chunks.load()}
     resumed = len(results)
-    every = _save_every(save_every_s)
     try:
         if distributed.active() is None:
-            last_save = [time.perf_counter()]
-
-            def save_partial(done):
-                if time.perf_counter() - last_save[0] >= every:
-                    chunks.save(done)
-                    last_save[0] = time.perf_counter()
-
-            detect_images(detector, gt, settings=settings, progress=progress, done=results, on_batch=save_partial)
+            detect_images(detector, gt, settings=settings, progress=progress, done=results, on_batch=chunks.save_if_due)
         else:
-            _detect_across_ranks(detector, gt, settings, key, chunks, results, progress, every)
+            _detect_across_ranks(detector, gt, settings, key, chunks, results, progress)
     except BaseException:
         chunks.save(results)  # keep every finished image for the next run
         raise
@@ -400,10 +399,11 @@ class PartialResults:
     torchrun ranks save side by side; loading reads every chunk of this key.
     """
 
-    def __init__(self, folder: Path, key: dict, tag: str = "0"):
-        self.folder, self.key, self.tag = Path(folder), key, tag
+    def __init__(self, folder: Path, key: dict, tag: str = "0", every: float = 60.0):
+        self.folder, self.key, self.tag, self.every = Path(folder), key, tag, every
         self.saved: set[int] = set()
         self._count = 0
+        self._last_save = time.perf_counter()
 
     def load(self) -> dict[int, list[dict]]:
         results: dict[int, list[dict]] = {}
@@ -412,7 +412,13 @@ class PartialResults:
         self.saved.update(results)
         return results
 
+    def save_if_due(self, results: dict[int, list[dict]]) -> None:
+        """:meth:`save` when ``every`` seconds have passed since the last save (or since the start)."""
+        if time.perf_counter() - self._last_save >= self.every:
+            self.save(results)
+
     def save(self, results: dict[int, list[dict]]) -> int:
+        self._last_save = time.perf_counter()
         new = [i for i in results if i not in self.saved]
         if not new:
             return 0
@@ -427,45 +433,38 @@ class PartialResults:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _detect_across_ranks(detector, gt, settings, key, chunks, results, progress, every) -> None:
+def _detect_across_ranks(detector, gt, settings, key, chunks, results, progress) -> None:
     """Rank 0 under torchrun: the batches a single process would run, split over the ranks (see gradlens.distributed)."""
     ids = [int(i) for i in gt.image_ids]
-    plan = plan_detections(detector, gt, ids, settings.batch_size)
+    plan = plan_batches(detector, gt, ids, settings.batch_size)
     todo = [batch for batch in plan if any(i not in results for i in batch)]
     if not todo:
         return
     device = next(detector.parameters()).device
     single_threaded = batch_threads(device, len(plan), "GRADLENS_INFERENCE_THREADS") > 1
-    sizes = annotated_sizes(gt, [i for batch in todo for i in batch])
-    costs = [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in todo]
     job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt), "key": key,
            "settings": asdict(settings), "single_threaded": single_threaded, "partial": str(chunks.folder),
-           "save_every_s": every}
+           "save_every_s": chunks.every}
     world = distributed.active()
     bar = track(None, f"detecting {sum(map(len, todo))} images on {world.size} ranks", progress, unit="batch", total=len(todo))
     try:
-        distributed.run_job("detect", job, todo, costs, len(ids), bar=bar,
+        distributed.run_job("detect", job, todo, batch_costs(detector, gt, todo), len(ids), bar=bar,
                             own=lambda batches, status: _detect_share(detector, gt, batches, settings, single_threaded,
-                                                                      chunks, results, status, every))
+                                                                      chunks, results, status))
     finally:
         bar.close()
     results.update(chunks.load())  # every rank's chunks
 
 
-def _detect_share(detector, gt, batches, settings, single_threaded, chunks, results, status, every) -> int:
-    """One rank's batches: results saved as chunks every ``every`` seconds and when the share ends, however it ends."""
+def _detect_share(detector, gt, batches, settings, single_threaded, chunks, results, status) -> int:
+    """One rank's batches: results saved as chunks when due and when the share ends, however it ends."""
     device = next(detector.parameters()).device
     threads = batch_threads(device, len(batches), "GRADLENS_INFERENCE_THREADS") if single_threaded else 1
-    last_save, done = [time.perf_counter()], [0]
 
     def on_batch(pairs):
         results.update(pairs)
-        status.progress(1)
-        done[0] += 1
-        if time.perf_counter() - last_save[0] >= every:
-            chunks.save(results)
-            last_save[0] = time.perf_counter()
-        distributed.fault_injection(done[0])
+        chunks.save_if_due(results)
+        status.batch_done()
 
     try:
         run_detection_batches(detector, gt, batches, settings, threads, single_threaded, on_batch, stop=status.stop_if_failed)
@@ -482,8 +481,8 @@ def _detect_job(job: dict, batches: list[list[int]], status) -> int:
     settings = InferenceSettings(**job["settings"])
     mine = cache_key(sha256_file(job["detector"]["checkpoint"]), gt, detector, settings)
     distributed.check_same_inputs(mine, job["key"], "detections")
-    chunks = PartialResults(Path(job["partial"]), job["key"], tag=str(distributed.active().rank))
-    return _detect_share(detector, gt, batches, settings, job["single_threaded"], chunks, {}, status, job["save_every_s"])
+    chunks = PartialResults(Path(job["partial"]), job["key"], tag=str(distributed.active().rank), every=job["save_every_s"])
+    return _detect_share(detector, gt, batches, settings, job["single_threaded"], chunks, {}, status)
 
 
 def _read_partial(path: Path, key: dict) -> dict[int, list[dict]]:

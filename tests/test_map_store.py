@@ -83,10 +83,16 @@ def test_stored_maps_equal_the_api_one_image_at_a_time(tmp_path, cednet, synthet
     store = MapStore(tmp_path / "maps", _key(cednet, synthetic_gt), map_dtype="float32")
     run = compute_maps(cednet, synthetic_gt, ids, store, batch_size=3, workers=0, progress=False)
     assert run.computed == len(ids) and run.reused == 0
-    for i in ids[:4]:
-        image = to_tensor(read_image(synthetic_gt.image_path(i)))
-        expected = gradient_maps(cednet, [image], [image_targets(synthetic_gt, i, cednet.categories)])[0].numpy()
-        assert np.allclose(store.read(i), expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
+    images = {i: to_tensor(read_image(synthetic_gt.image_path(i))) for i in ids}
+    targets = {i: image_targets(synthetic_gt, i, cednet.categories) for i in ids}
+    for batch in plan_batches(cednet, synthetic_gt, ids, 3):  # the API on the same batches (threads may reorder sums)
+        expected = gradient_maps(cednet, [images[i] for i in batch], [targets[i] for i in batch])
+        for i, e in zip(batch, expected):
+            assert np.allclose(store.read(i), e.numpy(), rtol=1e-4, atol=1e-6 * float(e.max())), i
+    for i in ids:  # and one image at a time up to round-off: batch mates change the kernels' summation order,
+        # which can tip a near-zero ReLU input of the small head and move a few pixels by ~0.2 % of the max
+        alone = gradient_maps(cednet, [images[i]], [targets[i]])[0].numpy()
+        assert np.linalg.norm(store.read(i) - alone) <= 2e-3 * np.linalg.norm(alone), i
     again = compute_maps(cednet, synthetic_gt, ids, store, batch_size=3, workers=0, progress=False)
     assert again.computed == 0 and again.reused == len(ids)
 

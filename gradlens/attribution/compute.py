@@ -18,7 +18,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,8 +33,7 @@ from gradlens.errors import GradlensError
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
-from gradlens.inference import ShapeGroupedBatches, _Images, annotated_sizes, loaded_images
-from gradlens.models.transform import padded_size
+from gradlens.inference import _Images, batch_costs, loaded_images, plan_batches
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
@@ -70,11 +68,6 @@ class MapRun:
     reused: int  # wanted images whose map was already stored
     store: MapStore
     replaced: int = 0  # stored maps found damaged, foreign or of the wrong shape, computed again
-
-
-def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], batch_size: int) -> list[list[int]]:
-    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list."""
-    return ShapeGroupedBatches(annotated_sizes(gt, set(image_ids)), detector, batch_size).batches
 
 
 def _write_missing(store: MapStore, maps) -> int:
@@ -132,10 +125,8 @@ def compute_maps(
             job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
                    "store": str(store.folder), "key": store.key, "config": asdict(config), "batch_size": batch_size,
                    "workers": workers, "single_threaded": threads > 1}
-            sizes = annotated_sizes(gt, [i for batch in todo for i in batch])
-            costs = [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in todo]
             computed = distributed.run_job(
-                "maps", job, todo, costs, sum(map(len, full_plan)), bar=bar,
+                "maps", job, todo, batch_costs(detector, gt, todo), sum(map(len, full_plan)), bar=bar,
                 own=lambda batches, status: _maps_share(detector, gt, batches, store, config, batch_size, workers,
                                                         threads > 1, status))
     finally:
@@ -217,15 +208,8 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
 def _maps_share(detector, gt, batches, store, config, batch_size, workers, single_threaded, status) -> int:
     device = next(detector.parameters()).device
     threads = batch_threads(device, len(batches)) if single_threaded else 1
-    done = [0]
-
-    def on_batch(written):
-        status.progress(1)
-        done[0] += 1
-        distributed.fault_injection(done[0])
-
     return compute_batches(detector, gt, batches, store, config, batch_size, workers, threads, single_threaded,
-                           on_batch=on_batch, stop=status.stop_if_failed)
+                           on_batch=lambda written: status.batch_done(), stop=status.stop_if_failed)
 
 
 @distributed.handler("maps")
