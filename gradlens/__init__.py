@@ -10,6 +10,7 @@ The Python API mirrors the pipeline; the ``gradlens`` command is a thin layer ov
 >>> detections = detector.detect([gradlens.to_tensor(gradlens.read_image("x.jpg"))])  # doctest: +SKIP
 >>> grads = gradlens.input_gradients(detector, [image], [gradlens.image_targets(gt, 42, detector.categories)])  # doctest: +SKIP
 >>> curve = gradlens.area_curve(maps, gradlens.threshold_grid(1e-2, 200, "log"))  # doctest: +SKIP
+>>> share = gradlens.box_energy(a_map, [(10, 20, 110, 140)])                 # doctest: +SKIP
 """
 
 from gradlens import device as _device  # noqa: F401  (sets CUDA determinism settings before CUDA starts)
@@ -30,7 +31,10 @@ from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
+from gradlens.regions.localisation import box_energy, box_fraction, box_mask, inside_outside_areas, pointing_game
+from gradlens.regions.per_image import image_curves
 from gradlens.regions.run import run_area_curve
+from gradlens.regions.statistics import area_under_curve, bootstrap_mean, paired_difference, wilcoxon_p
 from gradlens.runner import DetectorRun
 from gradlens.scoring.quality import QualityScores, quality_scores
 from gradlens.scoring.store import read_scores
@@ -45,6 +49,16 @@ __all__ = [
     "MapStore",
     "area_curve",
     "area_curve_from_store",
+    "area_under_curve",
+    "bootstrap_mean",
+    "box_energy",
+    "box_fraction",
+    "box_mask",
+    "image_curves",
+    "inside_outside_areas",
+    "paired_difference",
+    "pointing_game",
+    "wilcoxon_p",
     "draw_figure_a1",
     "gradient_maps",
     "image_targets",

@@ -30,7 +30,9 @@ def test_area_curve_needs_no_arguments_and_reuses_maps(workdir, capsys, tmp_path
     assert code == 0, err
     assert "5 computed, 0 reused" in out
     table = pd.read_csv(wd / "area_curve.csv")
-    assert list(table.columns) == ["role", "label", "threshold_index", "threshold", "threshold_normalized", "area", "area_normalized", "num_images"]
+    assert list(table.columns) == ["role", "label", "threshold_index", "threshold", "threshold_normalized", "area", "area_normalized",
+                                   "num_images", "area_low", "area_high", "area_inside", "area_outside", "area_low_normalized",
+                                   "area_high_normalized"]
     assert set(table["role"]) == {"a", "b"} and len(table) == 100 and (table["num_images"] == 5).all()
     for _, rows in table.groupby("role"):
         assert np.all(np.diff(rows["area"].to_numpy()) <= 0)
@@ -39,6 +41,7 @@ def test_area_curve_needs_no_arguments_and_reuses_maps(workdir, capsys, tmp_path
     meta = json.loads((wd / "area_curve.json").read_text())
     assert meta["settings"]["scale"] == "log" and meta["settings"]["num_images"] == 5
     assert json.loads((wd / "manifest.json").read_text())["outputs"]["area_curve"] == "area_curve.json"
+    _check_metrics_against_the_maps(wd, table, meta)
     first = (wd / "area_curve.csv").read_bytes(), (wd / "area_curve.png").read_bytes(), (wd / "area_curve.pdf").read_bytes()
 
     code, out, err = run(["area-curve", "--workdir", wd, "--device", "cpu", "--workers", 0, "--thresholds", 50, "--no-progress"], capsys)
@@ -52,6 +55,50 @@ def test_area_curve_needs_no_arguments_and_reuses_maps(workdir, capsys, tmp_path
     for colour in style.CURVE_COLOURS[:2]:  # both curves are drawn in their colours
         rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         assert (np.abs(png - rgb).sum(axis=2) < 30).sum() > 50
+
+
+def _check_metrics_against_the_maps(wd, table, meta):
+    """metrics.csv, the bands and the paired table recomputed from the stored maps and the annotation file."""
+    from pycocotools.coco import COCO
+    from scipy import stats
+
+    from gradlens.attribution.store import MapStore
+    from gradlens.regions.localisation import box_energy, inside_outside_areas, pointing_game
+
+    metrics = pd.read_csv(wd / "metrics.csv")
+    per_image = pd.read_parquet(wd / "area_curve_per_image.parquet")
+    coco = COCO(json.loads((wd / "manifest.json").read_text())["dataset"]["annotations"])
+    grid = table[table["role"] == "a"]["threshold"].to_numpy()
+    for model in meta["models"]:
+        store = MapStore(wd / model["maps"])
+        rows = metrics[metrics["role"] == model["role"]]
+        assert len(rows) == 5 and rows["rank"].tolist() == [1, 2, 3, 4, 5]
+        for _, row in rows.iterrows():
+            m = store.read(int(row["image_id"]))
+            boxes = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])
+                     for a in coco.imgToAnns[int(row["image_id"])] if not a.get("iscrowd", 0)]
+            assert row["num_boxes"] == len(boxes)
+            assert row["box_energy"] == pytest.approx(box_energy(m, boxes), rel=1e-9)
+            assert row["pointing_game"] == float(pointing_game(m, boxes))
+            inside, outside = inside_outside_areas(m, boxes, grid)
+            curve = per_image[(per_image["role"] == model["role"]) & (per_image["image_id"] == row["image_id"])]
+            assert np.allclose(curve["area_inside"], inside, rtol=0, atol=1e-12)
+            assert np.allclose(curve["area"], inside + outside, rtol=0, atol=1e-12)
+        mine = table[table["role"] == model["role"]]
+        assert np.all(mine["area_low"] <= mine["area"] + 1e-12) and np.all(mine["area"] <= mine["area_high"] + 1e-12)
+        assert np.allclose(mine["area_inside"] + mine["area_outside"], mine["area"], atol=1e-12)
+    paired = pd.read_csv(wd / "area_curve_paired.csv")
+    area_rows = paired[paired["quantity"] == "area"]
+    assert len(area_rows) == len(grid) and set(paired["versus"]) == {"b"}
+    a = per_image[per_image["role"] == "a"].pivot(index="image_id", columns="threshold_index", values="area")
+    b = per_image[per_image["role"] == "b"].pivot(index="image_id", columns="threshold_index", values="area")
+    for k in (0, len(grid) // 2):
+        d = (a[k] - b[k]).to_numpy()
+        assert area_rows["difference"].iloc[k] == pytest.approx(d.mean())
+        assert area_rows["p_value"].iloc[k] == pytest.approx(stats.wilcoxon(d).pvalue)
+    energy = paired[paired["quantity"] == "box_energy"].iloc[0]
+    d = (metrics[metrics["role"] == "a"]["box_energy"].to_numpy() - metrics[metrics["role"] == "b"]["box_energy"].to_numpy())
+    assert energy["difference"] == pytest.approx(d.mean()) and energy["p_value"] == pytest.approx(stats.wilcoxon(d).pvalue)
 
 
 def test_figure_draws_boxes_in_the_paper_colours(workdir, capsys, tmp_path):

@@ -173,6 +173,11 @@ def area_curve(
     ] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N selected images.")] = None,
     name: Annotated[str, typer.Option("--name", help="Output file stem, so variants can sit beside the paper's curves.")] = "area_curve",
+    bootstrap: Annotated[
+        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples of the images for bands and intervals (0: none).")
+    ] = 1000,
+    bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the image resamples.")] = 0,
+    level: Annotated[float, typer.Option("--level", min=0.5, max=0.999, help="Confidence level of bands and intervals.")] = 0.95,
     checkpoint: opt.Checkpoint = None,
     method: opt.Method = "gradient",
     channel_reduce: opt.ChannelReduce = "max",
@@ -197,8 +202,12 @@ def area_curve(
 
     Computes (or reuses) the gradient map of every selected image for A and
     each baseline, then the mean fraction of pixels with magnitude > t on one
-    grid shared by all models. Writes area_curve.csv (+ .parquet, raw and
-    normalised values), area_curve.json and area_curve.png/.pdf.
+    grid shared by all models, with bootstrap bands. Writes area_curve.csv
+    (+ .parquet, raw and normalised values, bands, inside/outside the boxes),
+    area_curve_paired.csv (A minus each baseline: per threshold and per
+    metric, interval, Wilcoxon p), metrics.csv (box energy, pointing game,
+    areas per image and model), metrics_summary.csv, area_curve.json and
+    area_curve.png/.pdf.
     """
     precision = resolve_precision(precision, device)
     from gradlens.regions.run import run_area_curve
@@ -209,6 +218,7 @@ def area_curve(
         detector_run=_workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
         checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), top=top, map_dtype=map_dtype,
         from_summaries=from_summaries, t_max_percentile=t_max_percentile, name=name, progress=progress,
+        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, level=level,
     )  # fmt: skip
     n = int(result.table["num_images"].iloc[0])
     typer.echo(f"Area curves over {n} images, {thresholds} thresholds ({scale}, top t = {result.thresholds[-1]:.4g}):")
@@ -218,8 +228,19 @@ def area_curve(
         replaced = f" ({m.run.replaced} damaged or mismatched, computed again)" if m.run and m.run.replaced else ""
         typer.echo(f"  {m.role} ({m.label}): maps {m.run.computed} computed{replaced}, {m.run.reused} reused; "
                    f"mean area {curve[0]:.4f} at t={result.thresholds[0]:.3g}, {curve[mid]:.4f} at t={result.thresholds[mid]:.3g}")
-    for name in ("table", "png", "pdf", "meta"):
-        typer.echo(f"Wrote {result.outputs[name]}")
+    summary = result.summary.set_index(["role", "metric"])
+    for m in result.models:
+        energy, pointing = summary.loc[(m.role, "box_energy")], summary.loc[(m.role, "pointing_game")]
+        chance = summary.loc[(m.role, "box_fraction"), "mean"]
+        if energy["num_images"]:
+            typer.echo(f"  {m.role}: box energy {energy['mean']:.3f} [{energy['low']:.3f}, {energy['high']:.3f}] "
+                       f"(boxes cover {chance:.3f} of the pixels), pointing game {pointing['mean']:.3f}")
+    paired = result.paired[result.paired["quantity"] == "area_auc"] if len(result.paired) else result.paired
+    for _, row in paired.iterrows():
+        typer.echo(f"  {row['role']} - {row['versus']}: area under the curve {row['difference']:+.4f} "
+                   f"[{row['low']:+.4f}, {row['high']:+.4f}], Wilcoxon p = {row['p_value']:.3g} ({row['num_images']} images)")
+    for key in ("table", "paired", "metrics", "metrics_summary", "png", "pdf", "meta"):
+        typer.echo(f"Wrote {result.outputs[key]}")
 
 
 def figure(

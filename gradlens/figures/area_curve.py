@@ -1,4 +1,8 @@
-"""Figure A2: mean important-region area against the gradient threshold, one curve per detector."""
+"""Figure A2: mean important-region area against the gradient threshold, one curve per detector.
+
+With bootstrap columns in the table each curve carries its band; with a
+paired table a second panel shows A minus each baseline with its interval.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
         fig = ax.figure
     for k, (label, rows) in enumerate(table.groupby("label", sort=False)):
         rows = rows.sort_values("threshold")
-        ax.plot(rows["threshold_normalized"], rows["area_normalized"], label=label,
-                color=style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)], linewidth=1.8)
+        colour = style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)]
+        ax.plot(rows["threshold_normalized"], rows["area_normalized"], label=label, color=colour, linewidth=1.8)
+        if "area_low_normalized" in rows and rows["area_low_normalized"].notna().any():
+            ax.fill_between(rows["threshold_normalized"], rows["area_low_normalized"], rows["area_high_normalized"],
+                            color=colour, alpha=0.2, linewidth=0)
     if scale == "log":
         ax.set_xscale("log")
     else:
@@ -41,11 +48,51 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
     return fig
 
 
-def save_area_curve_figure(table: pd.DataFrame, stem: str | os.PathLike, scale: str = "linear", title: str | None = None) -> list:
-    """Write ``stem.png`` and ``stem.pdf``."""
+def plot_paired_difference(paired: pd.DataFrame, table: pd.DataFrame, scale: str = "linear", ax=None):
+    """A minus each baseline per threshold, in the same normalisation as the curves, with its interval."""
     import matplotlib.pyplot as plt
 
-    fig = plot_area_curve(table, scale=scale, title=title)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.9))
+    else:
+        fig = ax.figure
+    peak = float(table["area"].max()) or 1.0
+    t_top = float(table["threshold"].max()) or 1.0
+    rows_all = paired[paired["quantity"] == "area"]
+    labels = list(dict.fromkeys(table["label"]))
+    for versus, rows in rows_all.groupby("versus_label", sort=False):
+        k = labels.index(versus) if versus in labels else 1
+        colour = style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)]
+        rows = rows.sort_values("threshold")
+        t = rows["threshold"] / t_top
+        ax.plot(t, rows["difference"] / peak, color=colour, linewidth=1.6, label=f"{rows['label'].iloc[0]} − {versus}")
+        if rows["low"].notna().any():
+            ax.fill_between(t, rows["low"] / peak, rows["high"] / peak, color=colour, alpha=0.2, linewidth=0)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if scale == "log":
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, 1)
+    ax.set_xlabel("gradient threshold t (normalised)")
+    ax.set_ylabel("paired difference of areas (normalised)")
+    ax.set_title("A minus baseline, paired per image (bootstrap band)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def save_area_curve_figure(table: pd.DataFrame, stem: str | os.PathLike, scale: str = "linear", title: str | None = None,
+                           paired: pd.DataFrame | None = None) -> list:
+    """Write ``stem.png`` and ``stem.pdf``: the curves, and beside them the paired differences when given."""
+    import matplotlib.pyplot as plt
+
+    if paired is not None and len(paired) and (paired["quantity"] == "area").any():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9))
+        plot_area_curve(table, scale=scale, title=title, ax=left)
+        plot_paired_difference(paired, table, scale=scale, ax=right)
+    else:
+        fig = plot_area_curve(table, scale=scale, title=title)
     try:
         return style.save(fig, stem)
     finally:

@@ -186,26 +186,61 @@ def area_curve_from_store(store, image_ids, thresholds, per_image_normalize: boo
     and gives exactly what :func:`area_curve` gives on ``store.maps(image_ids)``
     (same float32 values, same comparisons).
     """
-    grid = _check_grid(thresholds).astype(np.float32)
-    total = np.zeros(len(grid))
-    count = 0
-    for image_id in image_ids:
-        codes, scale = store.read_codes(image_id)
-        if codes.size == 0:
-            raise GradlensError("A gradient map has no pixels.")
-        hist = np.bincount(codes.reshape(-1), minlength=1 << 16)
-        used = np.flatnonzero(hist)
-        values = _FLOAT16_VALUES[used] * scale  # exactly the float32 values MapStore.read returns
-        if per_image_normalize:
-            peak = values.max()
-            values = values / peak if peak > 0 else np.zeros_like(values)
-        below = np.searchsorted(grid, values, side="left")  # thresholds strictly below each value
-        per_threshold = np.bincount(below, weights=hist[used], minlength=len(grid) + 1)
-        total += per_threshold[::-1].cumsum()[::-1][1:] / codes.size
+    curves = CodeCurves(thresholds)
+    return mean_of_rows(curves.image(*store.read_codes(i), per_image_normalize)["area"] for i in image_ids)
+
+
+def mean_of_rows(rows: Iterable[np.ndarray]) -> np.ndarray:
+    """Rows added one after another, then divided by their number: one summation order for every caller."""
+    total, count = None, 0
+    for row in rows:
+        total = np.array(row, dtype=np.float64) if total is None else total + row
         count += 1
     if count == 0:
         raise GradlensError("No gradient maps were given, so there is no area curve.")
     return total / count
+
+
+class CodeCurves:
+    """Per-image curves and box statistics of float16 maps, from histograms of their 16-bit codes.
+
+    ``image(codes, scale, per_image_normalize, mask)`` gives the image's area
+    curve and, with a box ``mask`` (``[H, W]`` booleans), its inside and
+    outside areas, box energy and pointing-game hit: exactly what the
+    functions of :mod:`gradlens.regions.localisation` give on the same map
+    (same float32 values, same comparisons), at the cost of three ``bincount``.
+    """
+
+    def __init__(self, thresholds):
+        self.grid = _check_grid(thresholds).astype(np.float32)
+
+    def _above(self, below: np.ndarray, hist: np.ndarray, pixels: int) -> np.ndarray:
+        per_threshold = np.bincount(below, weights=hist, minlength=len(self.grid) + 1)
+        return per_threshold[::-1].cumsum()[::-1][1:] / pixels
+
+    def image(self, codes: np.ndarray, scale, per_image_normalize: bool = False, mask: np.ndarray | None = None) -> dict:
+        flat = codes.reshape(-1)
+        if flat.size == 0:
+            raise GradlensError("A gradient map has no pixels.")
+        hist = np.bincount(flat, minlength=1 << 16)
+        used = np.flatnonzero(hist)
+        raw = _FLOAT16_VALUES[used] * np.float32(scale)  # exactly the float32 values MapStore.read returns
+        values = raw
+        if per_image_normalize:
+            peak = values.max()
+            values = values / peak if peak > 0 else np.zeros_like(values)
+        below = np.searchsorted(self.grid, values, side="left")  # thresholds strictly below each value
+        out = {"area": self._above(below, hist[used], flat.size), "max": float(raw.max())}
+        if mask is not None:
+            inside = np.bincount(flat[mask.reshape(-1)], minlength=1 << 16)[used]
+            out["inside"] = self._above(below, inside, flat.size)
+            out["outside"] = self._above(below, hist[used] - inside, flat.size)
+            magnitude = raw.astype(np.float64)
+            total = float((hist[used] * magnitude).sum())
+            out["box_energy"] = float((inside * magnitude).sum() / total) if total > 0 else float("nan")
+            # distinct codes are distinct float32 values: the largest used code is the maximum
+            out["pointing_game"] = bool(inside[np.argmax(raw)] > 0) if raw.max() > 0 else None
+        return out
 
 
 def area_curve_from_summaries(summaries: Iterable[dict], thresholds, per_image_normalize: bool = False) -> np.ndarray:

@@ -16,15 +16,15 @@ from gradlens.attribution.workdir import ModelMaps, selection_ids, workdir_maps
 from gradlens.data.coco import CocoPaths
 from gradlens.errors import GradlensError
 from gradlens.fileio import write_json, write_table
-from gradlens.progress import track
+from gradlens.regions.comparison import curve_statistics, with_bands
+from gradlens.regions.per_image import ImageCurves, image_curves
+from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
 from gradlens.regions.histogram import pooled_percentile
 from gradlens.regions.area import (
     DEFAULT_LOG_DECADES,
     DEFAULT_SCALE,
     DEFAULT_THRESHOLDS,
-    area_curve,
-    area_curve_from_store,
-    area_curve_from_summaries,
+    mean_of_rows,
     normalise_curves,
     threshold_grid,
 )
@@ -42,6 +42,9 @@ class AreaCurveResult:
     curves: dict[str, np.ndarray]
     models: list[ModelMaps]
     outputs: dict[str, Path] = field(default_factory=dict)
+    per_image: list[ImageCurves] = field(default_factory=list)
+    paired: pd.DataFrame | None = None
+    summary: pd.DataFrame | None = None
 
 
 def curves_table(thresholds: np.ndarray, curves: dict, labels: dict, num_images: int) -> pd.DataFrame:
@@ -93,11 +96,18 @@ def run_area_curve(
     t_max_percentile: float = DEFAULT_T_MAX_PERCENTILE,
     name: str = "area_curve",
     progress: bool | None = None,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+    level: float = DEFAULT_LEVEL,
 ) -> AreaCurveResult:
     """Maps of the selected images for every model (computed or reused), their area curves on one grid,
     ``<name>.csv``/``.parquet``, ``<name>.json`` and Figure A2 (``<name>.png``/``.pdf``) in the work directory.
 
     ``name`` lets a variant (another method, ``per_image_normalize``) sit beside the paper's curves.
+    Beside them: localisation metrics per image and model (``metrics.csv``), their summary with bootstrap
+    intervals (``metrics_summary.csv``), A minus each baseline per threshold and per metric with intervals
+    and Wilcoxon p-values (``<name>_paired.csv``) and the per-image curves (``<name>_per_image.parquet``);
+    ``bootstrap`` resamples of the images (0: no intervals).
     """
     from gradlens.figures.area_curve import save_area_curve_figure
 
@@ -107,33 +117,38 @@ def run_area_curve(
     threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise GradlensError(f"The output name {name!r} must be a plain file stem such as area_curve.")
+    if bootstrap < 0:
+        raise GradlensError(f"--bootstrap must be 0 (no intervals) or a number of resamples; got {bootstrap}.")
+    if not 0 < level < 1:
+        raise GradlensError(f"--level must be in (0, 1); got {level}.")
     if not 0 < t_max_percentile <= 100:
         raise GradlensError(f"--t-max-percentile must be in (0, 100]; got {t_max_percentile}.")
     ids = selection_ids(workdir, top)
     if not ids:
         raise GradlensError("The selection is empty, so there are no images to compute an area curve over.")
     config = config or AttributionConfig()
-    models, _ = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
+    models, gt = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
     grid = shared_grid(models, ids, thresholds, scale, log_decades, per_image_normalize, t_max_percentile)
     device = detector_run.device if detector_run is not None else "auto"
-    curves = {}
-    for m in models:
-        if from_summaries:
-            curves[m.role] = area_curve_from_summaries(m.store.summaries(ids), grid, per_image_normalize)
-        elif m.store.map_dtype == "float16":  # exact, from histograms of the stored 16-bit codes
-            tracked = track(ids, f"area curve {m.role} ({m.label})", progress)
-            curves[m.role] = area_curve_from_store(m.store, tracked, grid, per_image_normalize)
-        else:
-            maps = track(m.store.maps(ids), f"area curve {m.role} ({m.label})", progress, total=len(ids))
-            curves[m.role] = area_curve(maps, grid, per_image_normalize, device=device)
+    per_image = [image_curves(m, ids, grid, scale, gt, per_image_normalize, from_summaries, device, progress) for m in models]
+    curves = {c.role: mean_of_rows(c.areas) for c in per_image}
     labels = {m.role: m.label for m in models}
     table = curves_table(grid, curves, labels, len(ids))
+    stats = curve_statistics(per_image, grid, scale, bootstrap, bootstrap_seed, level)
+    table = with_bands(table, per_image, stats)
+    metrics_name = "metrics" if name == "area_curve" else f"{name}_metrics"
     write_table(table, workdir, name)
-    figures = save_area_curve_figure(table, workdir / name, scale=scale)
+    write_table(stats.paired, workdir, f"{name}_paired")
+    write_table(pd.concat([c.metrics for c in per_image], ignore_index=True), workdir, metrics_name)
+    write_table(stats.summary, workdir, f"{metrics_name}_summary")
+    pd.concat([c.long_table(grid) for c in per_image], ignore_index=True).to_parquet(
+        workdir / f"{name}_per_image.parquet", index=False)
+    figures = save_area_curve_figure(table, workdir / name, scale=scale, paired=stats.paired)
     settings = {
         "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
         "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,
         "attribution": config.to_dict(), "num_images": len(ids), "threshold_max": float(grid[-1]),
+        "bootstrap": bootstrap, "bootstrap_seed": bootstrap_seed, "confidence_level": level,
     }  # fmt: skip
     record = {
         "gradlens_version": __version__,
@@ -143,13 +158,17 @@ def run_area_curve(
                     "maps": str(m.store.folder.relative_to(workdir)) if m.store.folder.is_relative_to(workdir) else str(m.store.folder),
                     "computed": m.run.computed if m.run else 0, "reused": m.run.reused if m.run else len(ids)}
                    for m in models],
-        "outputs": {"table": f"{name}.csv", "table_parquet": f"{name}.parquet",
-                    "figure": [p.name for p in figures]},
+        "outputs": {"table": f"{name}.csv", "table_parquet": f"{name}.parquet", "paired": f"{name}_paired.csv",
+                    "metrics": f"{metrics_name}.csv", "metrics_summary": f"{metrics_name}_summary.csv",
+                    "per_image": f"{name}_per_image.parquet", "figure": [p.name for p in figures]},
+        "summary": stats.summary.to_dict(orient="records"),
     }  # fmt: skip
     write_json(workdir / f"{name}.json", record)
     manifest = load_manifest(workdir)
     manifest.setdefault("outputs", {})[name] = f"{name}.json"
     save_manifest(workdir, manifest)
-    outputs = {"table": workdir / f"{name}.csv", "meta": workdir / f"{name}.json",
+    outputs = {"table": workdir / f"{name}.csv", "meta": workdir / f"{name}.json", "paired": workdir / f"{name}_paired.csv",
+               "metrics": workdir / f"{metrics_name}.csv", "metrics_summary": workdir / f"{metrics_name}_summary.csv",
                **{p.suffix[1:]: p for p in figures}}
-    return AreaCurveResult(table=table, thresholds=grid, curves=curves, models=models, outputs=outputs)
+    return AreaCurveResult(table=table, thresholds=grid, curves=curves, models=models, outputs=outputs,
+                           per_image=per_image, paired=stats.paired, summary=stats.summary)
