@@ -231,3 +231,25 @@ def test_detection_results_are_not_checkpoints(workdir, capsys, tmp_path):
     code, out, err = run(["gradients", "--model", manifest["models"][0]["detections"], "--image-ids", "1",
                           "--out", tmp_path / "m", "--no-progress"], capsys)  # fmt: skip
     assert code == 1 and "is a detection results file" in err
+
+
+def test_figure_of_one_objects_own_map(workdir, capsys, tmp_path):
+    from pycocotools.coco import COCO
+
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    coco = COCO(json.loads((wd / "manifest.json").read_text())["dataset"]["annotations"])
+    image_id = int(pd.read_csv(wd / "selection.csv")["image_id"].iloc[0])
+    ann = next(a["id"] for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1)
+    code, out, err = run(["figure", "--workdir", wd, "--object", ann, "--device", "cpu", "--workers", 0, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (wd / "figures" / f"figure_a1_object_{ann}.png").is_file()
+    object_stores = [p.parent for p in (wd / "maps").glob("*/*/store.json")
+                     if json.loads(p.read_text())["key"]["attribution"].get("target") == "object"]
+    assert len(object_stores) == 2 and all((s / f"{ann}.npz").is_file() for s in object_stores)
+    crowd = [a["id"] for a in coco.anns.values() if a.get("iscrowd", 0)]
+    if crowd:
+        code, out, err = run(["figure", "--workdir", wd, "--object", crowd[0], "--device", "cpu", "--no-progress"], capsys)
+        assert code == 1 and "crowd region" in err
+    code, out, err = run(["figure", "--workdir", wd, "--object", ann, "--top", 2, "--device", "cpu", "--no-progress"], capsys)
+    assert code != 0 and "one of --image-id, --top or --object" in err

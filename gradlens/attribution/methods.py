@@ -49,6 +49,7 @@ from gradlens.models.transform import canvas_groups as _canvas_groups
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 BASELINES = ("black", "white", "mean", "blur")
 CHANNEL_REDUCTIONS = ("max", "l1", "l2")
+TARGETS = ("total", "object")  # the image's total loss, or one map per ground-truth object (its part of that loss)
 BLUR_SIGMA = 8.0  # pixels of the original image, for the 'blur' baseline
 
 
@@ -67,12 +68,15 @@ class AttributionConfig:
     noise: float = 0.15  # smoothgrad: noise standard deviation, in units of the [0, 1] pixel range
     seed: int = 0  # smoothgrad
     precision: str = "fp32"
+    target: str = "total"
 
     def check(self, device: torch.device | None = None) -> "AttributionConfig":
         if self.method not in METHODS:
             raise GradlensError(f"Unknown attribution method {self.method!r}; use one of {', '.join(METHODS)}.")
         if self.channel_reduce not in CHANNEL_REDUCTIONS:
             raise GradlensError(f"Unknown channel reduction {self.channel_reduce!r}; use one of {', '.join(CHANNEL_REDUCTIONS)}.")
+        if self.target not in TARGETS:
+            raise GradlensError(f"Unknown attribution target {self.target!r}; use one of {', '.join(TARGETS)}.")
         if self.baseline not in BASELINES:
             raise GradlensError(f"Unknown baseline {self.baseline!r}; use one of {', '.join(BASELINES)}.")
         if self.steps < 1 or self.samples < 1:
@@ -94,6 +98,8 @@ class AttributionConfig:
             d.pop("steps"), d.pop("baseline")
         if self.method != "smoothgrad":
             d.pop("samples"), d.pop("noise"), d.pop("seed")
+        if self.target == "total":  # the paper's maps: stores made before targets existed keep their key
+            d.pop("target")
         return d
 
 
@@ -262,7 +268,12 @@ def _smoothgrad(forward: TotalLoss, images: list[Tensor], config: AttributionCon
 
 
 def _as_target(t) -> dict:
-    return t.as_dict() if hasattr(t, "as_dict") else {"boxes": t["boxes"], "labels": t["labels"]}
+    if hasattr(t, "as_dict"):
+        return t.as_dict()
+    out = {"boxes": t["boxes"], "labels": t["labels"]}
+    if t.get("object") is not None:  # one object's part of the loss (RetinaNetDetector.object_losses)
+        out["object"] = int(t["object"])
+    return out
 
 
 def input_gradients(

@@ -29,9 +29,14 @@ class ImageTargets:
     boxes: Tensor
     labels: Tensor
     num_too_small: int = 0
+    ann_ids: tuple[int, ...] = ()  # the annotation id of each kept object, in the order of ``boxes``
 
     def as_dict(self) -> dict[str, Tensor]:
         return {"boxes": self.boxes, "labels": self.labels}
+
+    def for_object(self, index: int) -> dict:
+        """The targets of object ``index``'s part of the loss (``-1``: the background's)."""
+        return {**self.as_dict(), "object": int(index)}
 
 
 def label_map(categories: list[dict]) -> dict[int, int]:
@@ -73,4 +78,5 @@ def image_targets(gt: GroundTruth, image_id: int, categories: list[dict]) -> Ima
         boxes=torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         labels=torch.as_tensor([labels_of[int(c)] for c in cats], dtype=torch.int64),
         num_too_small=int((~keep).sum()),
+        ann_ids=tuple(int(a) for a in gt.obj_ann_id[rows][keep]),
     )

@@ -175,7 +175,12 @@ def workdir_maps(
         store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype,
                          remedy="it was changed outside gradlens; delete that folder and its maps are computed again")
         maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store)
-        if compute:
+        if compute and config.target == "object":  # one map per object of these images (gradlens.attribution.objects)
+            from gradlens.attribution.objects import compute_object_maps
+
+            maps.run = compute_object_maps(detector, gt, ids, store, config, batch_size=run.batch_size, progress=progress,
+                                           label=f"{role} ({maps.label})")
+        elif compute:
             maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
                                     progress=progress, label=f"{role} ({maps.label})", plan_ids=plan_ids)
         result.append(maps)

@@ -15,11 +15,11 @@ from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
 
 
-def _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision):
+def _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision, target="total"):
     from gradlens.attribution.methods import AttributionConfig
 
     return AttributionConfig(method=method, channel_reduce=channel_reduce, steps=steps, baseline=baseline,
-                             samples=samples, noise=noise, seed=seed, precision=precision)
+                             samples=samples, noise=noise, seed=seed, precision=precision, target=target)
 
 
 def _role_paths(items: list[str] | None) -> dict[str, Path]:
@@ -78,6 +78,7 @@ def gradients(
         Optional[List[str]], typer.Option("--image-ids", help="Image ids, comma-separated or repeated, instead of --selection.")
     ] = None,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N images of --selection.")] = None,
+    target: opt.Target = "total",
     method: opt.Method = "gradient",
     channel_reduce: opt.ChannelReduce = "max",
     steps: opt.Steps = 32,
@@ -104,7 +105,9 @@ def gradients(
     The gradient of each image's focal + box loss against its non-crowd ground
     truth, w.r.t. the RGB image in [0, 1] at original size, through the
     detector's own resize/normalise/pad, reduced over channels. A rerun
-    computes only the images whose maps are missing.
+    computes only the images whose maps are missing. With --target object,
+    one map per ground-truth object instead: the gradient of that object's
+    part of the loss (its anchors' focal and box terms), named by annotation id.
     """
     precision = resolve_precision(precision, device)
     from gradlens.attribution.compute import compute_maps, map_store_key
@@ -142,7 +145,7 @@ def gradients(
         gt = load_ground_truth(coco or resolve_coco_paths())
     if exif_orientation is not None:
         gt.exif_orientation = exif_orientation
-    config = _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision)
+    config = _config(method, channel_reduce, steps, baseline, samples, noise, seed, precision, target)
     dev = resolve_device(device)
     config.check(dev)
     detector = load_detector(model, arch=arch, trust=trust_checkpoint, device=dev)
@@ -150,8 +153,15 @@ def gradients(
         detector.use_channels_last()
     store = MapStore(out, map_store_key(detector, sha256_file(model), gt, config, batch_size=batch_size), map_dtype=map_dtype,
                      overwrite=overwrite)
-    run = compute_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers, progress=progress)
-    typer.echo(f"{len(ids)} images: {run.computed} maps computed, {run.reused} reused ({config.method}, {config.channel_reduce}).")
+    if target == "object":
+        from gradlens.attribution.objects import compute_object_maps
+
+        run = compute_object_maps(detector, gt, ids, store, config, batch_size=batch_size, progress=progress)
+        typer.echo(f"{len(ids)} images, {run.computed + run.reused} objects: {run.computed} object maps computed, "
+                   f"{run.reused} reused ({config.method}, {config.channel_reduce}; files named by annotation id).")
+    else:
+        run = compute_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers, progress=progress)
+        typer.echo(f"{len(ids)} images: {run.computed} maps computed, {run.reused} reused ({config.method}, {config.channel_reduce}).")
     if run.replaced:
         typer.echo(f"  {run.replaced} stored map(s) were damaged, of another store or of the wrong shape, and were computed again.")
     typer.echo(f"Wrote maps to {out}")
@@ -250,6 +260,10 @@ def figure(
     top: Annotated[
         Optional[int], typer.Option("--top", min=1, help="Gallery: the N best selected images (default: the best one).")
     ] = None,
+    object_id: Annotated[
+        Optional[List[str]],
+        typer.Option("--object", help="Annotation id(s): draw that object's own map (--target object) on its image."),
+    ] = None,
     workdir: opt.Workdir = DEFAULT_WORKDIR,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the figures [default: <workdir>/figures].")] = None,
     map_scale: Annotated[
@@ -283,17 +297,20 @@ def figure(
 
     Draws the named images, or the --top N selected ones as a gallery
     (one PNG/PDF per image plus figure_a1_gallery.pdf). Missing maps are
-    computed for just these images.
+    computed for just these images. --object ANN_ID draws that object's own
+    map (its part of the loss) on its image, with its box drawn thicker.
     """
     precision = resolve_precision(precision, device)
     from gradlens.figures.figure_a1 import render_figures_a1
 
     ids = _parse_ids(image_id)
-    if ids and top is not None:
-        raise GradlensError("Give --image-id or --top, not both.")
+    objects = _parse_ids(object_id)
+    if sum(map(bool, (ids, top is not None, objects))) > 1:
+        raise GradlensError("Give one of --image-id, --top or --object.")
     written = render_figures_a1(
-        workdir, image_ids=ids or None, top=top, out_dir=out,
-        config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision),
+        workdir, image_ids=ids or None, top=top, out_dir=out, object_ids=objects or None,
+        config=_config(method, channel_reduce, steps, baseline, samples, noise, seed, precision,
+                       "object" if objects else "total"),
         detector_run=_workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
         checkpoints=_role_paths(checkpoint), coco=_coco_or_none(coco_root, ann, images), map_scale=map_scale,
         clip_percentile=clip_percentile, map_dtype=map_dtype, progress=progress,

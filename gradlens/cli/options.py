@@ -85,6 +85,11 @@ ChannelReduce = Annotated[
     Literal["max", "l1", "l2"],
     typer.Option("--channel-reduce", help="One value per pixel: max |g| over RGB (the paper's), or the L1 / L2 norm."),
 ]
+Target = Annotated[
+    Literal["total", "object"],
+    typer.Option("--target", help="total: the image's total loss (the paper's); object: one map per ground-truth object, "
+                                  "its own part of that loss (files named by annotation id)."),
+]
 Steps = Annotated[int, typer.Option("--steps", min=1, help="integrated_gradients: points on the path.")]
 Baseline = Annotated[
     Literal["black", "white", "mean", "blur"],

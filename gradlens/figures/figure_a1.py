@@ -35,6 +35,7 @@ class Panel:
     objects: pd.DataFrame  # the image's rows of a scores objects table (gt_*, det_*, iou, confidence, matched)
     quality: float
     gradient: np.ndarray  # [H, W] magnitudes
+    highlight: tuple | None = None  # xywh of the object whose own map this is (--object), drawn thicker
 
 
 def _display_maps(maps: list[np.ndarray], map_scale: str, clip_percentile: float) -> list[np.ndarray]:
@@ -71,6 +72,9 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
         top.imshow(image, interpolation="nearest")
         for row in panel.objects.itertuples(index=False):
             top.add_patch(Rectangle((row.gt_x, row.gt_y), row.gt_w, row.gt_h, fill=False, edgecolor=style.GT_COLOUR, linewidth=1.6))
+        if panel.highlight is not None:
+            x, y, bw, bh = panel.highlight
+            top.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=style.GT_COLOUR, linewidth=4.0))
         for row in panel.objects.itertuples(index=False):
             if not row.matched:
                 continue
@@ -107,12 +111,14 @@ def score_tables(workdir: str | os.PathLike, models) -> dict:
     return {m.role: read_scores(workdir / manifest[m.role]["scores"])[0] for m in models}
 
 
-def panels_for_image(workdir: str | os.PathLike, image_id: int, models, order: str = "paper", scores: dict | None = None) -> list[Panel]:
+def panels_for_image(workdir: str | os.PathLike, image_id: int, models, order: str = "paper", scores: dict | None = None,
+                     object_id: int | None = None, highlight: tuple | None = None) -> list[Panel]:
     """Panels of one image from a work directory: scores of each model and its stored map.
 
     ``models`` are the :class:`~gradlens.attribution.workdir.ModelMaps` of the
     work directory (A first). ``order="paper"`` puts the baselines first and A last.
     ``scores`` (from :func:`score_tables`) saves re-reading the tables for every image.
+    ``object_id`` shows that object's own map (the stores hold per-object maps), its box ``highlight`` (xywh).
     """
     scores = scores if scores is not None else score_tables(workdir, models)
     panels = []
@@ -124,7 +130,8 @@ def panels_for_image(workdir: str | os.PathLike, image_id: int, models, order: s
             label=f"{m.label} ({m.role.upper() if m.role == 'a' else m.role})",
             objects=rows,
             quality=float(quality.iloc[0]) if len(quality) else float("nan"),
-            gradient=m.store.read(image_id),
+            gradient=m.store.read(image_id if object_id is None else object_id),
+            highlight=highlight,
         ))  # fmt: skip
     return panels[1:] + panels[:1] if order == "paper" and len(panels) > 1 else panels
 
@@ -142,6 +149,7 @@ def render_figures_a1(
     clip_percentile: float = DEFAULT_CLIP_PERCENTILE,
     map_dtype: str = "float16",
     progress: bool | None = None,
+    object_ids: list[int] | None = None,
 ) -> list[Path]:
     """Figure A1 for the given images, or a gallery of the ``top`` selected ones, from a work directory.
 
@@ -149,6 +157,8 @@ def render_figures_a1(
     images). Writes ``figure_a1_<image id>.png``/``.pdf`` per image into
     ``out_dir`` (default ``<workdir>/figures``) and, for several images,
     ``figure_a1_gallery.pdf`` with one page each. Returns the PNG paths.
+    ``object_ids`` (annotation ids) draw each object's own map instead (``figure_a1_object_<id>``), computing
+    the per-object maps of their images if missing.
     """
     import matplotlib.pyplot as plt
     from matplotlib.backends.backend_pdf import PdfPages
@@ -161,7 +171,20 @@ def render_figures_a1(
     workdir = Path(workdir)
     if top is not None and top < 1:
         raise GradlensError(f"top must be at least 1 (got {top}).")
-    if image_ids:
+    objects: dict[int, int] = {}
+    if object_ids:
+        from dataclasses import replace as _replace
+
+        from gradlens.attribution.methods import AttributionConfig
+        from gradlens.attribution.objects import object_image
+        from gradlens.attribution.workdir import workdir_ground_truth
+        from gradlens.selection.manifest import load_manifest
+
+        gt_for_ids = workdir_ground_truth(load_manifest(workdir), coco)
+        objects = {int(a): object_image(gt_for_ids, a) for a in object_ids}
+        ids = sorted(set(objects.values()))
+        config = _replace(config or AttributionConfig(), target="object")
+    elif image_ids:
         ids = [int(i) for i in image_ids]
     else:
         ids = selection_ids(workdir, top or 1)
@@ -178,17 +201,22 @@ def render_figures_a1(
     written = []
     with contextlib.ExitStack() as stack:
         gallery = None
-        if len(ids) > 1:  # one multi-page PDF beside the per-image files, renamed into place when complete
+        pages = [(objects[a], a) for a in objects] if objects else [(i, None) for i in ids]
+        if len(pages) > 1:  # one multi-page PDF beside the per-image files, renamed into place when complete
             tmp = stack.enter_context(atomic_path(out_dir / "figure_a1_gallery.pdf"))
             gallery = stack.enter_context(PdfPages(tmp, metadata={"CreationDate": None}))
-        for image_id in track(ids, "figure A1", progress):
+        for image_id, ann in track(pages, "figure A1", progress):
             image = read_image(gt.image_path(image_id), gt.exif_orientation)
-            panels = panels_for_image(workdir, image_id, models, scores=scores)
+            highlight = tuple(gt.coco.anns[ann]["bbox"]) if ann is not None else None
+            if ann is not None and not models[0].store.has(ann):
+                raise GradlensError(f"Object {ann} is not in the loss (a box under one pixel, or zero area), so it has no map.")
+            panels = panels_for_image(workdir, image_id, models, scores=scores, object_id=ann, highlight=highlight)
             name = gt.image_info(image_id).get("file_name", "")
-            fig = draw_figure_a1(image, panels, title=f"image {image_id} ({name})", map_scale=map_scale,
-                                 clip_percentile=clip_percentile)
+            what = f"image {image_id} ({name})" if ann is None else f"object {ann} of image {image_id} ({name}): its own loss"
+            fig = draw_figure_a1(image, panels, title=what, map_scale=map_scale, clip_percentile=clip_percentile)
             try:
-                written.append(style.save(fig, out_dir / f"figure_a1_{image_id}")[0])
+                stem = f"figure_a1_{image_id}" if ann is None else f"figure_a1_object_{ann}"
+                written.append(style.save(fig, out_dir / stem)[0])
                 if gallery is not None:
                     gallery.savefig(fig)
             finally:

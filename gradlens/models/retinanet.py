@@ -188,6 +188,8 @@ class RetinaNetDetector(RetinaNet):
         ``targets[i]["boxes"]`` are xyxy boxes in original pixel coordinates and
         ``targets[i]["labels"]`` contiguous labels. Call it on a model in eval
         mode to get DESIGN's total detection loss; the images may require grad.
+        With ``targets[i]["object"] = j`` the image's entry is object ``j``'s part
+        of that loss instead (``-1``: the background part), see :meth:`object_losses`.
         """
         batch, sizes = self.prepare(images)
         outputs, levels, _ = self.head_outputs(batch)
@@ -195,15 +197,14 @@ class RetinaNetDetector(RetinaNet):
         cls_out, reg_out = outputs["cls_logits"], outputs["bbox_regression"]
         cls_losses, box_losses, num_foreground = [], [], []
         for i, (image, size, target) in enumerate(zip(images, sizes, targets)):
-            gt = self._scaled_targets(target["boxes"], tuple(image.shape[-2:]), size, anchors)
-            matched = self.match(gt, anchors)
-            foreground = matched >= 0
-            num_fg = max(1, int(foreground.sum()))
-            cls_target = torch.zeros_like(cls_out[i])
-            if gt.shape[0]:
-                labels = target["labels"].to(anchors.device)
-                cls_target[foreground, labels[matched[foreground]]] = 1.0
-            valid = matched != self.proposal_matcher.BETWEEN_THRESHOLDS
+            gt, matched, foreground, num_fg, cls_target, valid = self._assign(image, size, target, anchors, cls_out[i])
+            if target.get("object") is not None:  # one object's (or the background's) part of the loss
+                cls_parts, box_parts = self._loss_parts(cls_out[i], reg_out[i], cls_target, matched, valid, gt, anchors)
+                j = int(target["object"]) + 1
+                cls_losses.append(cls_parts[j] / num_fg)
+                box_losses.append(box_parts[j] / num_fg)
+                num_foreground.append(num_fg)
+                continue
             cls_loss = self._focal_loss(cls_out[i][valid], cls_target[valid]) / num_fg
             if gt.shape[0]:
                 fg = foreground.nonzero()[:, 0]
@@ -216,6 +217,57 @@ class RetinaNetDetector(RetinaNet):
             num_foreground.append(num_fg)
         return {"classification": torch.stack(cls_losses), "bbox_regression": torch.stack(box_losses),
                 "num_foreground": torch.tensor(num_foreground, dtype=anchors.dtype, device=anchors.device)}
+
+    def _assign(self, image: Tensor, size, target: dict, anchors: Tensor, cls_out: Tensor):
+        """One image's anchor assignment: its scaled boxes, matched object per anchor, foreground mask,
+        number of positives (at least 1), one-hot classification targets and the anchors in the loss."""
+        gt = self._scaled_targets(target["boxes"], tuple(image.shape[-2:]), size, anchors)
+        matched = self.match(gt, anchors)
+        foreground = matched >= 0
+        num_fg = max(1, int(foreground.sum()))
+        cls_target = torch.zeros_like(cls_out)
+        if gt.shape[0]:
+            labels = target["labels"].to(anchors.device)
+            cls_target[foreground, labels[matched[foreground]]] = 1.0
+        valid = matched != self.proposal_matcher.BETWEEN_THRESHOLDS
+        return gt, matched, foreground, num_fg, cls_target, valid
+
+    def _loss_parts(self, cls_out, reg_out, cls_target, matched, valid, gt, anchors) -> tuple[Tensor, Tensor]:
+        """Focal and L1 sums of one image split by owner: index 0 the background anchors, 1 + j object j's anchors.
+
+        An anchor belongs to the object the assigner matched it to; ignored
+        anchors belong to nobody (they are not in the loss either).
+        """
+        owners = gt.shape[0] + 1
+        per_anchor = self._focal_terms(cls_out[valid], cls_target[valid]).sum(dim=1)
+        cls_parts = torch.zeros(owners, dtype=per_anchor.dtype, device=per_anchor.device)
+        cls_parts = cls_parts.index_add(0, matched[valid] + 1, per_anchor)
+        box_parts = torch.zeros(owners, dtype=reg_out.dtype, device=reg_out.device) + reg_out.sum() * 0.0
+        fg = (matched >= 0).nonzero()[:, 0]
+        if fg.numel():
+            l1 = (reg_out[fg] - self._encode(gt[matched[fg]], anchors[fg])).abs().sum(dim=1)
+            box_parts = box_parts.index_add(0, matched[fg] + 1, l1.to(box_parts.dtype))
+        return cls_parts, box_parts
+
+    def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Each image's total loss split by object: ``classification`` and ``bbox_regression`` of shape ``[1 + K]``.
+
+        Entry 0 is the background (the focal loss of anchors matched to no
+        object, no box term); entry ``1 + j`` the focal and L1 losses of the
+        anchors assigned to object ``j`` (``targets[i]["boxes"][j]``). Normalised
+        like the total, by the image's number of positive anchors, so the entries
+        add up to :meth:`image_losses` (up to summation order).
+        """
+        batch, sizes = self.prepare(images)
+        outputs, levels, _ = self.head_outputs(batch)
+        anchors = torch.cat(levels)
+        out = []
+        for i, (image, size, target) in enumerate(zip(images, sizes, targets)):
+            gt, matched, _, num_fg, cls_target, valid = self._assign(image, size, target, anchors, outputs["cls_logits"][i])
+            cls_parts, box_parts = self._loss_parts(outputs["cls_logits"][i], outputs["bbox_regression"][i], cls_target,
+                                                    matched, valid, gt, anchors)
+            out.append({"classification": cls_parts / num_fg, "bbox_regression": box_parts / num_fg})
+        return out
 
     def _scaled_targets(self, boxes: Tensor, original: tuple[int, int], size: tuple[int, int], anchors: Tensor) -> Tensor:
         """Ground-truth boxes in the resized image, as the framework's own resize moves them."""
@@ -243,13 +295,20 @@ class RetinaNetDetector(RetinaNet):
 
     def _focal_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Summed sigmoid focal loss, in torchvision's or mmdetection's (``py_sigmoid_focal_loss``) arithmetic."""
+        if self.framework == "torchvision":
+            alpha, gamma = self.loss_cfg.alpha, self.loss_cfg.gamma
+            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
+        return self._focal_terms(logits, targets).sum()
+
+    def _focal_terms(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The focal loss of every anchor and class, unsummed (the same arithmetic as :meth:`_focal_loss`)."""
         alpha, gamma = self.loss_cfg.alpha, self.loss_cfg.gamma
         if self.framework == "torchvision":
-            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
+            return sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
         prob = logits.sigmoid()
         pt = (1 - prob) * targets + prob * (1 - targets)
         weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
-        return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """With targets: the batch's training losses; without: :meth:`detect`.

@@ -1,0 +1,125 @@
+"""Per-object attribution: the parts add up to the total loss; each object's map is autograd of its own loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gradlens.attribution.compute import map_store_key
+from gradlens.attribution.methods import AttributionConfig, frozen_inference_mode
+from gradlens.attribution.objects import compute_object_maps, object_losses
+from gradlens.attribution.store import MapStore
+from gradlens.attribution.targets import image_targets
+from gradlens.data.images import read_image, to_tensor
+from gradlens.errors import GradlensError
+from gradlens.models.bundled import bundled_detector_path
+from gradlens.models.checkpoints import load_detector
+from gradlens.models.registry import with_preprocess
+from tests.test_detector_cli import run
+
+
+@pytest.fixture(scope="module")
+def cednet():
+    return load_detector(bundled_detector_path("cednet"))
+
+
+def _crowded(gt, detector, least=3):
+    """Images with several objects (the synthetic scenes have overlapping ones)."""
+    ids = [int(i) for i in gt.image_ids if len(image_targets(gt, int(i), detector.categories).ann_ids) >= least]
+    assert len(ids) >= 2
+    return ids
+
+
+@pytest.mark.parametrize("framework", ["mmdetection", "torchvision"])
+def test_the_objects_and_the_background_add_up_to_the_total_loss(cednet, synthetic_gt, framework):
+    det = cednet if framework == "mmdetection" else with_preprocess(load_detector(bundled_detector_path("cednet")), convention="torchvision")
+    assert det.framework == framework
+    for image_id in _crowded(synthetic_gt, det)[:3] + [int(synthetic_gt.image_ids[0])]:
+        image = to_tensor(read_image(synthetic_gt.image_path(image_id))).double()
+        det64 = det.double()
+        targets = image_targets(synthetic_gt, image_id, det.categories)
+        with torch.no_grad():
+            losses = det64.image_losses([image], [targets.as_dict()])
+            total = float(losses["classification"][0] + losses["bbox_regression"][0])
+            background, objects = object_losses(det64, image, targets)
+            # each part through image_losses' own "object" entry too
+            one = [det64.image_losses([image], [targets.for_object(j)]) for j in range(-1, len(targets.ann_ids))]
+        assert len(objects) == len(targets.ann_ids)
+        assert float(background + objects.sum()) == pytest.approx(total, rel=1e-12)
+        singles = [float(o["classification"][0] + o["bbox_regression"][0]) for o in one]
+        assert np.allclose(singles, [float(background)] + objects.tolist(), rtol=1e-12)
+        assert (objects >= 0).all() and float(background) > 0
+    det.float()
+
+
+def test_an_image_without_objects_is_all_background(cednet, gt_file):
+    from gradlens.data.coco import load_ground_truth
+
+    path = gt_file([{"id": 1, "width": 64, "height": 48, "file_name": "x.jpg"}], [])
+    gt = load_ground_truth(path)
+    targets = image_targets(gt, 1, cednet.categories)
+    image = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        background, objects = object_losses(cednet, image, targets)
+        losses = cednet.image_losses([image], [targets.as_dict()])
+    assert objects.numel() == 0
+    assert float(background) == pytest.approx(float(losses["classification"][0]), rel=1e-5)  # float32, another summation order
+
+
+def test_object_maps_equal_autograd_of_each_objects_loss(cednet, synthetic_gt, tmp_path):
+    ids = _crowded(synthetic_gt, cednet)[:2]
+    config = AttributionConfig(target="object")
+    store = MapStore(tmp_path / "objects", map_store_key(cednet, "sha", synthetic_gt, config), map_dtype="float32")
+    run_ = compute_object_maps(cednet, synthetic_gt, ids, store, config, batch_size=3, progress=False)
+    expected_ids = [a for i in ids for a in image_targets(synthetic_gt, i, cednet.categories).ann_ids]
+    assert run_.computed == len(expected_ids) and sorted(store.image_ids()) == sorted(expected_ids)
+    image_id = ids[0]
+    image = to_tensor(read_image(synthetic_gt.image_path(image_id)))
+    targets = image_targets(synthetic_gt, image_id, cednet.categories)
+    grads = []
+    with frozen_inference_mode(cednet):
+        for j, ann in enumerate(targets.ann_ids):
+            x = image.clone().requires_grad_(True)
+            losses = cednet.image_losses([x], [targets.for_object(j)])
+            (g,) = torch.autograd.grad(losses["classification"].sum() + losses["bbox_regression"].sum(), x)
+            grads.append(g)
+            expected = g.abs().amax(dim=0).numpy()
+            assert np.allclose(store.read(ann), expected, rtol=1e-4, atol=1e-6 * float(expected.max())), ann
+        x = image.clone().requires_grad_(True)
+        losses = cednet.image_losses([x], [targets.for_object(-1)])
+        (background,) = torch.autograd.grad(losses["classification"].sum(), x)
+        x = image.clone().requires_grad_(True)
+        losses = cednet.image_losses([x], [targets.as_dict()])
+        (total,) = torch.autograd.grad(losses["classification"].sum() + losses["bbox_regression"].sum(), x)
+    # the gradient is linear: the objects' and the background's gradients add up to the image's
+    assert torch.allclose(sum(grads) + background, total, rtol=1e-4, atol=1e-6 * float(total.abs().max()))
+    again = compute_object_maps(cednet, synthetic_gt, ids, store, config, batch_size=3, progress=False)
+    assert again.computed == 0 and again.reused == len(expected_ids)
+
+
+def test_object_target_from_the_command_line(synthetic_coco, synthetic_gt, tmp_path, capsys):
+    det = load_detector(bundled_detector_path("cednet"))
+    image_id = _crowded(synthetic_gt, det)[0]
+    anns = image_targets(synthetic_gt, image_id, det.categories).ann_ids
+    out = tmp_path / "objects"
+    args = ["gradients", "--model", bundled_detector_path("cednet"), "--image-ids", image_id, "--target", "object",
+            "--out", out, "--ann", synthetic_coco.ann, "--images", synthetic_coco.images, "--device", "cpu", "--no-progress"]
+    code, text, err = run(args, capsys)
+    assert code == 0, err
+    assert f"{len(anns)} object maps computed" in text
+    assert sorted(int(p.stem) for p in out.glob("*.npz")) == sorted(anns)
+    assert json.loads((out / "store.json").read_text())["key"]["attribution"]["target"] == "object"
+    code, text, err = run(args, capsys)
+    assert code == 0 and f"0 object maps computed, {len(anns)} reused" in text
+    # a folder of image maps is not mixed with object maps
+    code, text, err = run(args[:5] + args[7:], capsys)
+    assert code != 0 and "other settings" in err
+
+
+def test_total_target_keeps_the_store_key_of_earlier_versions():
+    assert "target" not in AttributionConfig().to_dict() and AttributionConfig(target="object").to_dict()["target"] == "object"
+    with pytest.raises(GradlensError):
+        AttributionConfig(target="pixel").check()
