@@ -244,6 +244,7 @@ from gradlens.cli import attribution as _attribution  # noqa: E402  (gradients, 
 app.command(name="gradients")(_attribution.gradients)
 app.command(name="area-curve")(_attribution.area_curve)
 app.command(name="figure")(_attribution.figure)
+app.command(name="report")(_attribution.report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -319,3 +319,46 @@ def figure(
         typer.echo(f"Wrote {path} (+ .pdf)")
     if len(written) > 1:
         typer.echo(f"Wrote {written[0].parent / 'figure_a1_gallery.pdf'}")
+
+
+def report(
+    workdir: opt.Workdir = DEFAULT_WORKDIR,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder of the page and its pictures [default: <workdir>/report].")] = None,
+    thumbnails: Annotated[
+        int, typer.Option("--thumbnails", min=0, help="Figure A1 panels (and thumbnails) of the N best selected images.")
+    ] = 24,
+    name: Annotated[str, typer.Option("--name", help="The area-curve run to show (its --name).")] = "area_curve",
+    checkpoint: opt.Checkpoint = None,
+    coco_root: opt.CocoRoot = None,
+    ann: opt.Ann = None,
+    images: opt.Images = None,
+    arch: opt.Arch = None,
+    trust_checkpoint: opt.TrustCheckpoint = False,
+    batch_size: OptionalBatchSize = None,
+    workers: opt.Workers = 2,
+    precision: opt.Precision = "auto",
+    device: opt.Device = "auto",
+    progress: opt.Progress = None,
+) -> None:
+    """One self-contained HTML page to browse the work directory (no server needed).
+
+    The selection as a sortable, filterable table (quality per model,
+    improvement, box energy, pointing game), Figure A2 with its bands, the
+    paired A-versus-baseline statistics, the metrics summary and Figure A1
+    thumbnails that open the full panels. Run 'gradlens area-curve' first;
+    missing Figure A1 maps are computed with the settings area-curve used.
+    """
+    precision = resolve_precision(precision, device)
+    from gradlens.attribution.methods import AttributionConfig
+    from gradlens.fileio import read_json
+    from gradlens.report import write_report
+
+    meta_path = Path(workdir) / f"{name}.json"
+    recorded = read_json(meta_path, "area-curve record").get("settings", {}).get("attribution", {}) if meta_path.is_file() else {}
+    known = set(AttributionConfig.__dataclass_fields__)
+    config = AttributionConfig(**{**{k: v for k, v in recorded.items() if k in known}, "precision": precision})
+    result = write_report(workdir, out, thumbnails=thumbnails, name=name, progress=progress, figures_kwargs={
+        "config": config, "detector_run": _workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
+        "checkpoints": _role_paths(checkpoint), "coco": _coco_or_none(coco_root, ann, images),
+    })  # fmt: skip
+    typer.echo(f"Report of {result.images} selected images ({result.thumbnails} Figure A1 panels): {result.page}")
