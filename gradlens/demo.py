@@ -34,6 +34,7 @@ class DemoResult:
     selection: SelectionResult
     area_curve: "AreaCurveResult | None" = None
     figures: list[Path] | None = None
+    report: Path | None = None
 
 
 def run_demo(
@@ -64,4 +65,8 @@ def run_demo(
         demo.area_curve = run_area_curve(result.workdir, detector_run=run, progress=progress)
         demo.figures = render_figures_a1(result.workdir, top=min(gallery, len(result.selection)), detector_run=run,
                                          progress=progress)
+        from gradlens.report import write_report
+
+        demo.report = write_report(result.workdir, thumbnails=len(result.selection), progress=progress,
+                                   figures_kwargs={"detector_run": run}).page
     return demo

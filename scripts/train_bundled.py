@@ -35,10 +35,6 @@ from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import build_detector
 
 TRAIN_SEED, HELD_OUT_SEED = 1001, 2002
-# Layer scale starts at 1 for both families (ConvNeXt mini's registry default): CEDNet's reference 1e-6 makes every
-# block start as an identity, which a from-scratch CPU run of minutes cannot recover from (the CEDNet mini then
-# trails the ConvNeXt mini, 4.6 against 16.5 mAP, where the paper's story needs it ahead).
-TRAIN_OPTIONS = {"retinanet_cednet_mini": {"layer_scale_init_value": 1.0}}
 
 
 def load_split(root: Path, split: str, num_images: int, seed: int):
@@ -84,7 +80,7 @@ def train(arch: str, samples, minutes: float, batch_size: int, lr: float, seed: 
     if init is not None:
         detector = load_detector(init)
     else:
-        detector = build_detector(arch, len(CATEGORIES), options=TRAIN_OPTIONS.get(arch))
+        detector = build_detector(arch, len(CATEGORIES))
         detector.categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
         variance_preserving_head(detector)
     detector.train().use_channels_last()  # depthwise-conv backward is far faster in NHWC on CPU

@@ -162,8 +162,10 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     code, out, err = run(["demo", "--out", str(tmp_path / "demo"), "--num-images", "12", "--top", "4", "--device", "cpu"], capsys)
     assert code == 0, err
     assert (tmp_path / "demo/run/selection.csv").is_file() and (tmp_path / "demo/run/manifest.json").is_file()
-    assert len(pd.read_csv(tmp_path / "demo/run/selection.csv")) == 4
-    assert "selection:" in out
+    selection = pd.read_csv(tmp_path / "demo/run/selection.csv")
+    assert len(selection) == 4
+    assert (selection["improvement"] > 0).all()  # the bundled A really beats B: its best images are improvements
+    assert "selection:" in out and (tmp_path / "demo/run/report/index.html").is_file() and "report:" in out
 
 
 def test_unwritable_output_is_one_sentence(capsys, tmp_path, synthetic_coco, results):

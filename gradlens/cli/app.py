@@ -230,6 +230,8 @@ def demo(
     if result.figures:
         typer.echo(f"Figure A1:  {result.figures[0].parent} ({len(result.figures)} images"
                    f"{', figure_a1_gallery.pdf' if len(result.figures) > 1 else ''})")
+    if result.report is not None:
+        typer.echo(f"report:     {result.report} (open it in a browser)")
 
 
 from gradlens.cli import detectors as _detectors  # noqa: E402  (commands about detectors live in their own module)
