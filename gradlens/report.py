@@ -25,7 +25,6 @@ import pandas as pd
 from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path, read_json, read_table
 
-DEFAULT_THUMBNAILS = 24
 THUMBNAIL_WIDTH = 360
 
 
@@ -64,13 +63,12 @@ def _thumbnail(source: Path, target: Path) -> None:
             img.save(tmp, format="PNG", optimize=True)
 
 
-def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None, thumbnails: int = DEFAULT_THUMBNAILS,
+def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None, thumbnails: int | None = None,
                  figures_kwargs: dict | None = None, name: str = "area_curve", progress: bool | None = None) -> Report:
     """Write ``<out_dir>/index.html`` (default ``<workdir>/report``) and the pictures it shows.
 
     Needs ``gradlens area-curve`` to have run (its curves, metrics and figure);
-    Figure A1 panels of the first ``thumbnails`` selected images are drawn if
-    missing (``figures_kwargs`` go to :func:`~gradlens.figures.figure_a1.render_figures_a1`).
+    Figure A1 panels of every selected image (of the first ``thumbnails`` if given) are drawn (``figures_kwargs`` go to :func:`~gradlens.figures.figure_a1.render_figures_a1`).
     """
     from gradlens.selection.manifest import load_manifest
 
@@ -97,7 +95,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
     models = manifest["models"]
     selection = _selection_rows(workdir, models, metrics)
-    shown = [int(i) for i in selection["image_id"].head(max(0, thumbnails))]
+    shown = [int(i) for i in (selection["image_id"] if thumbnails is None else selection["image_id"].head(max(0, thumbnails)))]
     panels = {}
     if shown:
         from gradlens.figures.figure_a1 import render_figures_a1

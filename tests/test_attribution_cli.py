@@ -148,7 +148,7 @@ def test_gradients_command_writes_a_resumable_store(workdir, capsys, tmp_path):
         (["area-curve", "--workdir", "{wd}", "--t-max-percentile", "0"], "must be in (0, 100]"),
 
         (["area-curve", "--workdir", "{wd}", "--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
-        (["figure", "--workdir", "{wd}", "--image-id", "1", "--top", "2"], "not both"),
+        (["figure", "--workdir", "{wd}", "--image-id", "1", "--top", "2"], "one of --image-id, --top or --object"),
         (["figure", "--workdir", "{wd}", "--image-id", "x1"], "must be integers"),
         (["gradients", "--model", "{ckpt}", "--out", "{tmp}/m"], "exactly one of --selection"),
         (["gradients", "--model", "{ckpt}", "--out", "{tmp}/m", "--selection", "{wd}/manifest.json"], "not a selection table"),

@@ -325,8 +325,9 @@ def report(
     workdir: opt.Workdir = DEFAULT_WORKDIR,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder of the page and its pictures [default: <workdir>/report].")] = None,
     thumbnails: Annotated[
-        int, typer.Option("--thumbnails", min=0, help="Figure A1 panels (and thumbnails) of the N best selected images.")
-    ] = 24,
+        Optional[int],
+        typer.Option("--thumbnails", min=0, help="Figure A1 panels (and thumbnails) of only the N best selected images [default: all]."),
+    ] = None,
     name: Annotated[str, typer.Option("--name", help="The area-curve run to show (its --name).")] = "area_curve",
     checkpoint: opt.Checkpoint = None,
     coco_root: opt.CocoRoot = None,

@@ -143,8 +143,7 @@ _register(Architecture(
 _register(Architecture(
     "retinanet_cednet_mini", "cednet", "small CEDNet-style RetinaNet for the demo and tests",
     _cednet(None), preprocess=MINI_PREPROCESS,
-    default_options={"out_chans": 48, "p2_dim": 16, "p2_block": 1, "dims": [32, 48, 64], "blocks": [1, 1, 1], "num_stages": 2,
-                     "layer_scale_init_value": 1.0},  # as the ConvNeXt mini: 1e-6 starts every block as an identity, slow from scratch
+    default_options={"out_chans": 48, "p2_dim": 16, "p2_block": 1, "dims": [32, 48, 64], "blocks": [1, 1, 1], "num_stages": 2},
 ))
 _register(Architecture(
     "retinanet_convnext_mini", "convnext", "small ConvNeXt-style RetinaNet for the demo and tests",
