@@ -63,6 +63,17 @@ def _thumbnail(source: Path, target: Path) -> None:
             img.save(tmp, format="PNG", optimize=True)
 
 
+def recorded_attribution(meta: dict, precision: str | None = None):
+    """The attribution settings an area-curve record names (``precision`` overrides its precision)."""
+    from gradlens.attribution.methods import AttributionConfig
+
+    recorded = meta.get("settings", {}).get("attribution", {})
+    known = {k: v for k, v in recorded.items() if k in AttributionConfig.__dataclass_fields__}
+    if precision is not None:
+        known["precision"] = precision
+    return AttributionConfig(**known)
+
+
 def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None, thumbnails: int | None = None,
                  figures_kwargs: dict | None = None, name: str = "area_curve", progress: bool | None = None) -> Report:
     """Write ``<out_dir>/index.html`` (default ``<workdir>/report``) and the pictures it shows.
@@ -81,10 +92,11 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     outputs = meta.get("outputs", {})
     metrics_file = outputs.get("metrics")
     metrics = read_table(workdir, Path(metrics_file).stem) if metrics_file and (workdir / metrics_file).is_file() else None
-    summary_file = outputs.get("metrics_summary")
-    summary = pd.read_csv(workdir / summary_file) if summary_file and (workdir / summary_file).is_file() else pd.DataFrame()
-    paired_file = outputs.get("paired")
-    paired = pd.read_csv(workdir / paired_file) if paired_file and (workdir / paired_file).is_file() else pd.DataFrame()
+    def table(key: str) -> pd.DataFrame:  # the exact Parquet copy: a label such as "NA" stays a label
+        file = outputs.get(key)
+        return read_table(workdir, Path(file).stem) if file and (workdir / file).is_file() else pd.DataFrame()
+
+    summary, paired = table("metrics_summary"), table("paired")
     figure_a2 = workdir / f"{name}.png"
     if not figure_a2.is_file():
         raise GradlensError(f"{figure_a2} is missing; run 'gradlens area-curve --workdir {workdir}' again.")
@@ -100,7 +112,10 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     if shown:
         from gradlens.figures.figure_a1 import render_figures_a1
 
-        written = render_figures_a1(workdir, image_ids=shown, out_dir=out / "panels", progress=progress, **(figures_kwargs or {}))
+        kwargs = dict(figures_kwargs or {})
+        kwargs.setdefault("config", recorded_attribution(meta))  # the very maps the curves were measured on
+        kwargs.setdefault("map_dtype", meta.get("settings", {}).get("map_dtype", "float16"))
+        written = render_figures_a1(workdir, image_ids=shown, out_dir=out / "panels", progress=progress, **kwargs)
         for image_id, png in zip(shown, written):
             _thumbnail(png, out / "thumbs" / png.name)
             panels[image_id] = png.name
@@ -145,7 +160,8 @@ function renderSelection() {
   const cols = DATA.columns;
   const head = '<tr>' + cols.map(c => `<th data-col="${c}">${c}</th>`).join('') + '</tr>';
   const text = document.getElementById('filter').value.trim().toLowerCase();
-  const rows = DATA.rows.filter(r => !text || cols.some(c => String(r[c] ?? '').toLowerCase().includes(text)));
+  const shown = (r, c) => fmt(r[c], c).replace(/<[^>]*>/g, '').toLowerCase();  // what the cell displays
+  const rows = DATA.rows.filter(r => !text || cols.some(c => shown(r, c).includes(text)));
   const body = rows.map(r => '<tr data-image="' + r.image_id + '">' + cols.map(c => {
     const cls = c === 'improvement' && typeof r[c] === 'number' ? (r[c] > 0 ? 'pos' : (r[c] < 0 ? 'neg' : '')) : '';
     const cell = c === 'image_id' && r.panel ? `<a href="#" class="open" data-panel="${r.panel}">${r[c]}</a>` : fmt(r[c], c);

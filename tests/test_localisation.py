@@ -24,12 +24,11 @@ def _slow_metrics(m: np.ndarray, boxes, thresholds):
     peak = max(float(v) for v in m.reshape(-1))
     inside_counts = [0] * len(thresholds)
     outside_counts = [0] * len(thresholds)
-    pixels_inside = 0
+    pixels_inside = sum(_inside_slow(r, c, boxes) for r in range(h) for c in range(w))
     for r in range(h):
         for c in range(w):
             v = float(m[r, c])
             inside = _inside_slow(r, c, boxes)
-            pixels_inside += inside
             total += v
             if inside:
                 inside_sum += v
@@ -38,8 +37,8 @@ def _slow_metrics(m: np.ndarray, boxes, thresholds):
             for k, t in enumerate(thresholds):
                 if np.float32(v) > np.float32(t):
                     (inside_counts if inside else outside_counts)[k] += 1
-    energy = inside_sum / total if total > 0 else math.nan
-    pointing = any(hits) if peak > 0 else None
+    energy = inside_sum / total if total > 0 and pixels_inside else math.nan
+    pointing = any(hits) if peak > 0 and pixels_inside else None
     n = h * w
     return energy, pointing, pixels_inside / n, np.array(inside_counts) / n, np.array(outside_counts) / n
 
@@ -48,7 +47,8 @@ BOXES = [
     [(0, 0, 5, 4)],  # touching the top-left border
     [(20.3, 10.7, 31.0, 25.0), (25.0, 18.0, 40.0, 30.0)],  # overlapping: the overlap counts once
     [(30.0, -5.0, 60.0, 12.5)],  # past the right and top borders
-    [(10.5, 10.5, 10.5, 20.0), (3.2, 3.2, 3.7, 3.7)],  # degenerate: zero width; a sliver missing every centre
+    [(10.5, 10.5, 10.5, 20.0), (3.2, 3.2, 3.7, 3.7)],  # degenerate: zero width (one column of centres); a tiny box on one centre
+    [(3.6, 3.6, 3.9, 3.9)],  # a sliver covering no pixel centre: an empty box region
     [(0.49, 0.51, 1.5, 1.49)],  # centres exactly on or just off the box edges
     [],  # no ground truth
 ]
@@ -77,7 +77,8 @@ def test_ties_count_any_maximum_and_zero_maps_have_no_answer():
     assert pointing_game(m, [(3, 3, 6, 6)]) is False
     assert box_energy(m, [(7, 7, 10, 10)]) == 0.5
     assert box_energy(m, [(0, 0, 10, 10), (0, 0, 10, 10)]) == 1.0  # the same box twice counts once
-    assert box_energy(m, []) == 0.0
+    assert math.isnan(box_energy(m, [])) and pointing_game(m, []) is None  # no box region: nothing to compare
+    assert math.isnan(box_energy(m, [(3.6, 3.6, 3.9, 3.9)]))  # a sliver that covers no pixel centre
 
 
 def test_a_uniform_map_puts_the_box_fraction_in_the_boxes():

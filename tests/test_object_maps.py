@@ -123,3 +123,20 @@ def test_total_target_keeps_the_store_key_of_earlier_versions():
     assert "target" not in AttributionConfig().to_dict() and AttributionConfig(target="object").to_dict()["target"] == "object"
     with pytest.raises(GradlensError):
         AttributionConfig(target="pixel").check()
+
+
+def test_a_resumed_or_partial_run_gives_the_same_object_maps(cednet, synthetic_gt, tmp_path):
+    ids = _crowded(synthetic_gt, cednet)[:3]
+    config = AttributionConfig(target="object")
+    key = map_store_key(cednet, "sha", synthetic_gt, config, batch_size=2)
+    whole = MapStore(tmp_path / "whole", key, map_dtype="float32")
+    compute_object_maps(cednet, synthetic_gt, ids, whole, config, batch_size=2, progress=False)
+    part = MapStore(tmp_path / "part", key, map_dtype="float32")
+    later = image_targets(synthetic_gt, ids[1], cednet.categories).ann_ids
+    run_ = compute_object_maps(cednet, synthetic_gt, [ids[1]], part, config, batch_size=2, progress=False, plan_ids=ids)
+    assert run_.reused == 0 and all(part.has(a) for a in later)
+    for ann in later:  # one image asked for alone, planned as in the whole run: the very same maps
+        assert np.array_equal(part.read(ann), whole.read(ann)), ann
+    whole.path(later[0]).unlink()  # a run killed before this object's map was written
+    again = compute_object_maps(cednet, synthetic_gt, ids, whole, config, batch_size=2, progress=False)
+    assert again.computed == 1 and np.array_equal(whole.read(later[0]), part.read(later[0]))

@@ -105,6 +105,10 @@ def test_the_page_in_headless_chromium(report_dir):
             one = str(selection["image_id"].iloc[2])
             page.fill("#filter", one)
             assert one in [str(i) for i in order()] and rows.count() < len(selection)
+            page.fill("#filter", "miss")  # the filter matches what the cells show (pointing game: hit / miss)
+            metrics = pd.read_csv(report_dir / "metrics.csv")
+            misses = set(metrics.loc[metrics["pointing_game"] == 0, "image_id"])
+            assert set(order()) == misses
             page.fill("#filter", "")
             assert rows.count() == len(selection)
 

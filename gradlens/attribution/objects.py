@@ -48,46 +48,60 @@ def object_image(gt: GroundTruth, ann_id: int) -> int:
 
 def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids, store: MapStore,
                         config: AttributionConfig | None = None, batch_size: int = 4, progress: bool | None = None,
-                        label: str = "") -> MapRun:
+                        label: str = "", plan_ids=None) -> MapRun:
     """Compute and store the map of every object of ``image_ids`` that ``store`` lacks (resumable per object).
 
     Objects are attributed in groups of ``batch_size`` that share one padded
-    canvas (an object's copy of its image is one batch entry), so a map is the
-    same whichever other objects were computed with it, up to round-off.
+    canvas (an object's copy of its image is one batch entry). The groups
+    follow a plan fixed by ``plan_ids`` (default ``image_ids``): the images in
+    batches of one canvas, each batch's objects in order, cut every
+    ``batch_size``; a group with a missing object is computed whole. So a
+    resumed run, or one image's objects asked for alone, gets bit-identical maps.
     """
     device = next(detector.parameters()).device
     config = (config or AttributionConfig(target="object")).check(device)
+    if config.target != "object":
+        raise GradlensError("compute_object_maps needs an attribution config with target='object'.")
     ids = [int(i) for i in image_ids]
-    targets = {i: image_targets(gt, i, detector.categories) for i in ids}
-    todo, reused, replaced = [], 0, 0
-    for i in ids:
+    wanted = set(ids)
+    plan = [b for b in plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
+            if wanted.intersection(b)]
+    targets = {i: image_targets(gt, i, detector.categories) for batch in plan for i in batch}
+    todo, reused, replaced = set(), 0, 0
+    for i in sorted(targets):
         h, w = int(gt.image_info(i).get("height") or 0), int(gt.image_info(i).get("width") or 0)
-        for j, ann in enumerate(targets[i].ann_ids):
+        for ann in targets[i].ann_ids:
             problem = store.problem(ann, (h, w) if h and w else None)
             if problem is None:
-                reused += 1
+                reused += i in wanted
                 continue
             replaced += problem != "missing"
-            todo.append((i, j, ann))
-    if not todo:
+            todo.add(ann)
+    groups = []  # the fixed plan: each batch's objects in order, cut every batch_size
+    for batch in plan:
+        items = [(i, j, ann) for i in batch for j, ann in enumerate(targets[i].ann_ids)]
+        groups += [(batch, items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
+    groups = [(batch, g) for batch, g in groups if any(ann in todo and i in wanted for i, _, ann in g)]
+    if not groups:
         return MapRun(computed=0, reused=reused, store=store, replaced=replaced)
-    wanted = {i for i, _, _ in todo}
-    bar = track(None, f"object gradients {label} ({len(todo)} objects)".replace("  ", " "), progress, unit="object",
-                total=len(todo))
-    computed = 0
+    missing = sum(ann in todo for _, g in groups for _, _, ann in g)
+    bar = track(None, f"object gradients {label} ({missing} objects)".replace("  ", " "), progress, unit="object", total=missing)
+    computed, images, loaded = 0, {}, None
     try:
         with frozen_inference_mode(detector):
-            for batch in plan_batches(detector, gt, sorted(wanted), batch_size):  # images of one canvas together
-                images = {i: to_tensor(read_image(gt.image_path(i), gt.exif_orientation)).to(device) for i in batch}
-                items = [item for item in todo if item[0] in images]
-                for start in range(0, len(items), batch_size):
-                    chunk = items[start:start + batch_size]
-                    attributions = attribute_frozen(detector, [images[i] for i, _, _ in chunk],
-                                                    [targets[i].for_object(j) for i, j, _ in chunk], config, batch_size)
-                    for (_, _, ann), a in zip(chunk, attributions):
+            for batch, group in groups:
+                if loaded is not batch:  # decode each batch's images once
+                    images = {i: to_tensor(read_image(gt.image_path(i), gt.exif_orientation)).to(device) for i in batch}
+                    loaded = batch
+                attributions = attribute_frozen(detector, [images[i] for i, _, _ in group],
+                                                [targets[i].for_object(j) for i, j, _ in group], config, batch_size)
+                written = 0
+                for (_, _, ann), a in zip(group, attributions):
+                    if ann in todo:
                         store.write(ann, reduce_channels(a, config.channel_reduce))
-                        computed += 1
-                    bar.update(len(chunk))
+                        written += 1
+                computed += written
+                bar.update(written)
     finally:
         bar.close()
     return MapRun(computed=computed, reused=reused, store=store, replaced=replaced)

@@ -349,15 +349,17 @@ def report(
     thumbnails that open the full panels. Run 'gradlens area-curve' first;
     missing Figure A1 maps are computed with the settings area-curve used.
     """
-    precision = resolve_precision(precision, device)
-    from gradlens.attribution.methods import AttributionConfig
     from gradlens.fileio import read_json
-    from gradlens.report import write_report
+    from gradlens.report import recorded_attribution, write_report
 
     meta_path = Path(workdir) / f"{name}.json"
-    recorded = read_json(meta_path, "area-curve record").get("settings", {}).get("attribution", {}) if meta_path.is_file() else {}
-    known = set(AttributionConfig.__dataclass_fields__)
-    config = AttributionConfig(**{**{k: v for k, v in recorded.items() if k in known}, "precision": precision})
+    meta = read_json(meta_path, "area-curve record") if meta_path.is_file() else {}
+    settings = meta.get("settings", {})
+    # area-curve's own maps unless told otherwise: its precision, map dtype and batch size name its map stores
+    recorded_precision = settings.get("attribution", {}).get("precision")
+    precision = recorded_precision if precision == "auto" and recorded_precision else resolve_precision(precision, device)
+    batch_size = batch_size if batch_size is not None else settings.get("batch_size")
+    config = recorded_attribution(meta, precision)
     result = write_report(workdir, out, thumbnails=thumbnails, name=name, progress=progress, figures_kwargs={
         "config": config, "detector_run": _workdir_run(workdir, arch, trust_checkpoint, batch_size, workers, precision, device),
         "checkpoints": _role_paths(checkpoint), "coco": _coco_or_none(coco_root, ann, images),

@@ -59,13 +59,14 @@ def plot_paired_difference(paired: pd.DataFrame, table: pd.DataFrame, scale: str
     peak = float(table["area"].max()) or 1.0
     t_top = float(table["threshold"].max()) or 1.0
     rows_all = paired[paired["quantity"] == "area"]
-    labels = list(dict.fromkeys(table["label"]))
-    for versus, rows in rows_all.groupby("versus_label", sort=False):
-        k = labels.index(versus) if versus in labels else 1
+    roles = list(dict.fromkeys(table["role"]))  # the curves' order, so each baseline keeps its colour
+    for versus, rows in rows_all.groupby("versus", sort=False):
+        k = roles.index(versus) if versus in roles else 1
         colour = style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)]
         rows = rows.sort_values("threshold")
         t = rows["threshold"] / t_top
-        ax.plot(t, rows["difference"] / peak, color=colour, linewidth=1.6, label=f"{rows['label'].iloc[0]} − {versus}")
+        ax.plot(t, rows["difference"] / peak, color=colour, linewidth=1.6,
+                label=f"{rows['label'].iloc[0]} − {rows['versus_label'].iloc[0]}")
         if rows["low"].notna().any():
             ax.fill_between(t, rows["low"] / peak, rows["high"] / peak, color=colour, alpha=0.2, linewidth=0)
     ax.axhline(0.0, color="black", linewidth=0.8)

@@ -184,6 +184,8 @@ def render_figures_a1(
         objects = {int(a): object_image(gt_for_ids, a) for a in object_ids}
         ids = sorted(set(objects.values()))
         config = _replace(config or AttributionConfig(), target="object")
+    elif config is not None and config.target != "total":
+        raise GradlensError("Per-object maps are drawn with --object ANN_ID (an image's figure shows its total-loss maps).")
     elif image_ids:
         ids = [int(i) for i in image_ids]
     else:
@@ -208,7 +210,7 @@ def render_figures_a1(
         for image_id, ann in track(pages, "figure A1", progress):
             image = read_image(gt.image_path(image_id), gt.exif_orientation)
             highlight = tuple(gt.coco.anns[ann]["bbox"]) if ann is not None else None
-            if ann is not None and not models[0].store.has(ann):
+            if ann is not None and not all(m.store.has(ann) for m in models):
                 raise GradlensError(f"Object {ann} is not in the loss (a box under one pixel, or zero area), so it has no map.")
             panels = panels_for_image(workdir, image_id, models, scores=scores, object_id=ann, highlight=highlight)
             name = gt.image_info(image_id).get("file_name", "")

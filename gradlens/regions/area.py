@@ -237,9 +237,10 @@ class CodeCurves:
             out["outside"] = self._above(below, hist[used] - inside, flat.size)
             magnitude = raw.astype(np.float64)
             total = float((hist[used] * magnitude).sum())
-            out["box_energy"] = float((inside * magnitude).sum() / total) if total > 0 else float("nan")
+            defined = raw.max() > 0 and mask.any()  # an all-zero map or an empty box region: nothing to compare
+            out["box_energy"] = float((inside * magnitude).sum() / total) if defined else float("nan")
             # distinct codes are distinct float32 values: the largest used code is the maximum
-            out["pointing_game"] = bool(inside[np.argmax(raw)] > 0) if raw.max() > 0 else None
+            out["pointing_game"] = bool(inside[np.argmax(raw)] > 0) if defined else None
         return out
 
 

@@ -10,10 +10,12 @@ metrics"):
   image is the union over its non-crowd boxes, so overlapping boxes count
   once; boxes reaching past the border are cut by it;
 - **box energy**: the share of the map's total magnitude inside the box
-  region, in [0, 1] (NaN for an all-zero map, which has no magnitude to share);
-  its chance level is the **box fraction**, the share of pixels inside;
+  region, in [0, 1] (NaN for an all-zero map, which has no magnitude to share,
+  and for an empty box region); its chance level is the **box fraction**, the
+  share of pixels inside;
 - **pointing game**: whether the map's maximum lies inside the box region; on
-  ties, a hit if any maximum does (None for an all-zero map: every pixel ties);
+  ties, a hit if any maximum does (None for an all-zero map, where every pixel
+  ties, and for an empty box region);
 - **inside / outside areas**: at every threshold, the fractions of the image's
   pixels with magnitude > t inside and outside the box region (they add up to
   the important-region area).
@@ -56,20 +58,23 @@ def box_mask(shape: tuple[int, int], boxes) -> np.ndarray:
 
 
 def box_energy(map_, boxes) -> float:
-    """Share of the map's total magnitude inside the union of ``boxes``: a float in [0, 1], NaN for an all-zero map."""
+    """Share of the map's total magnitude inside the union of ``boxes``: a float in [0, 1]; NaN for an all-zero
+    map or when the boxes cover no pixel centre (nothing to compare)."""
     values = _as_array(map_)
     total = float(values.sum())
-    if not total > 0:
+    mask = box_mask(values.shape, boxes)
+    if not total > 0 or not mask.any():
         return float("nan")
-    return float(values[box_mask(values.shape, boxes)].sum() / total)
+    return float(values[mask].sum() / total)
 
 
 def pointing_game(map_, boxes) -> bool | None:
-    """Whether the map's maximum lies inside a box (ties: any maximum); None for an all-zero map."""
+    """Whether the map's maximum lies inside a box (ties: any maximum); None for an all-zero map or an empty box region."""
     values = _as_array(map_)
-    if values.size == 0 or not float(values.max()) > 0:
+    mask = box_mask(values.shape, boxes)
+    if values.size == 0 or not float(values.max()) > 0 or not mask.any():
         return None
-    return bool(np.any((values == values.max()) & box_mask(values.shape, boxes)))
+    return bool(np.any((values == values.max()) & mask))
 
 
 def box_fraction(shape: tuple[int, int], boxes) -> float:

@@ -127,6 +127,8 @@ def run_area_curve(
     if not ids:
         raise GradlensError("The selection is empty, so there are no images to compute an area curve over.")
     config = config or AttributionConfig()
+    if config.target != "total":
+        raise GradlensError("Area curves are of whole-image maps (--target total); per-object maps are drawn by 'figure --object'.")
     models, gt = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
     grid = shared_grid(models, ids, thresholds, scale, log_decades, per_image_normalize, t_max_percentile)
     device = detector_run.device if detector_run is not None else "auto"
@@ -147,6 +149,7 @@ def run_area_curve(
     settings = {
         "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
         "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,
+        "batch_size": detector_run.batch_size if detector_run is not None else None,
         "attribution": config.to_dict(), "num_images": len(ids), "threshold_max": float(grid[-1]),
         "bootstrap": bootstrap, "bootstrap_seed": bootstrap_seed, "confidence_level": level,
     }  # fmt: skip
@@ -161,7 +164,8 @@ def run_area_curve(
         "outputs": {"table": f"{name}.csv", "table_parquet": f"{name}.parquet", "paired": f"{name}_paired.csv",
                     "metrics": f"{metrics_name}.csv", "metrics_summary": f"{metrics_name}_summary.csv",
                     "per_image": f"{name}_per_image.parquet", "figure": [p.name for p in figures]},
-        "summary": stats.summary.to_dict(orient="records"),
+        "summary": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}  # NaN is not JSON
+                    for row in stats.summary.to_dict(orient="records")],
     }  # fmt: skip
     write_json(workdir / f"{name}.json", record)
     manifest = load_manifest(workdir)

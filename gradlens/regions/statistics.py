@@ -12,7 +12,8 @@ not count as evidence either way:
 - **paired difference**: mean of ``a_i - b_i`` with its bootstrap interval,
   and the two-sided Wilcoxon signed-rank p-value (scipy, zero differences
   dropped, as scipy's default ``zero_method="wilcox"``); NaN where every
-  difference is zero (nothing to test);
+  difference is zero or there is one image (nothing to test). A metric
+  undefined on some images is resampled over the others;
 - **scalar summary**: the area under the area curve on the grid's own axis
   (``log10 t`` on a log grid, ``t / t_max`` on a linear one), divided by that
   axis' span: the mean area over the grid, in [0, 1].
@@ -69,7 +70,7 @@ def bootstrap_mean(values, num: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: f
         nan = np.full(shape, np.nan)
         return Band(nan, nan.copy(), nan.copy(), 0)
     mean = flat.mean(axis=0)
-    if num <= 0:
+    if num <= 0 or n < 2:  # one image: resampling it says nothing about uncertainty
         return Band(mean.reshape(shape), np.full(shape, np.nan), np.full(shape, np.nan), n)
     weights = resample_counts(n, num, seed) if counts is None else counts
     means = weights @ flat / n  # [num, ...]: each resample's mean
@@ -87,7 +88,7 @@ def wilcoxon_p(differences) -> np.ndarray:
     out = np.full(d.shape[1], np.nan)
     for j in range(d.shape[1]):
         column = d[:, j][~np.isnan(d[:, j])]
-        if np.any(column != 0):
+        if len(column) >= 2 and np.any(column != 0):
             out[j] = float(wilcoxon(column).pvalue)
     return out
 
