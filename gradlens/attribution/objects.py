@@ -31,11 +31,6 @@ from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.progress import track
 
 
-def object_ids(gt: GroundTruth, detector: RetinaNetDetector, image_ids) -> dict[int, list[int]]:
-    """image id -> annotation ids of its objects that are in the loss (non-crowd, not too small), in loss order."""
-    return {int(i): list(image_targets(gt, i, detector.categories).ann_ids) for i in image_ids}
-
-
 def object_image(gt: GroundTruth, ann_id: int) -> int:
     """The image an annotation belongs to, or one sentence if there is no such annotation."""
     ann = gt.coco.anns.get(int(ann_id))

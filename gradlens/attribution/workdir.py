@@ -144,10 +144,12 @@ def workdir_maps(
     map_dtype: str = "float16",
     progress: bool | None = None,
     compute: bool = True,
+    gt: GroundTruth | None = None,
 ) -> tuple[list[ModelMaps], GroundTruth]:
     """Make sure every model of the work directory has a map of every image in ``image_ids``.
 
-    ``image_ids`` defaults to the whole selection. Returns the stores (A
+    ``gt``: the work directory's ground truth if the caller already loaded it (with
+    :func:`workdir_ground_truth`). ``image_ids`` defaults to the whole selection. Returns the stores (A
     first, then the baselines, as in the manifest) and the ground truth.
     """
     from gradlens.models.checkpoints import load_detector
@@ -162,7 +164,7 @@ def workdir_maps(
     # Batches are planned over the whole selection whatever subset is asked for, so an image's map is
     # computed with the same batch mates by 'figure --image-id', 'area-curve --top' and 'area-curve'.
     plan_ids = sorted(set(selected) | set(ids))
-    gt = workdir_ground_truth(manifest, coco)
+    gt = gt if gt is not None else workdir_ground_truth(manifest, coco)
     checkpoints_found = model_checkpoints(manifest, workdir, checkpoints)
     result = []
     for model in manifest["models"]:

@@ -172,6 +172,7 @@ def render_figures_a1(
     if top is not None and top < 1:
         raise GradlensError(f"top must be at least 1 (got {top}).")
     objects: dict[int, int] = {}
+    gt_for_ids = None
     if object_ids:
         from dataclasses import replace as _replace
 
@@ -196,7 +197,7 @@ def render_figures_a1(
         raise GradlensError(f"Unknown map scale {map_scale!r}; use shared or per-map.")
     if not 0 < clip_percentile <= 100:
         raise GradlensError("--clip-percentile must be in (0, 100].")
-    models, gt = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress)
+    models, gt = workdir_maps(workdir, ids, config, detector_run, checkpoints, coco, map_dtype, progress, gt=gt_for_ids)
     out_dir = Path(out_dir) if out_dir is not None else workdir / "figures"
     out_dir.mkdir(parents=True, exist_ok=True)
     scores = score_tables(workdir, models)

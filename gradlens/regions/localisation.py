@@ -61,8 +61,12 @@ def box_energy(map_, boxes) -> float:
     """Share of the map's total magnitude inside the union of ``boxes``: a float in [0, 1]; NaN for an all-zero
     map or when the boxes cover no pixel centre (nothing to compare)."""
     values = _as_array(map_)
+    return masked_energy(values, box_mask(values.shape, boxes))
+
+
+def masked_energy(values: np.ndarray, mask: np.ndarray) -> float:
+    """:func:`box_energy` of magnitudes ``values`` against an already rasterised box region ``mask``."""
     total = float(values.sum())
-    mask = box_mask(values.shape, boxes)
     if not total > 0 or not mask.any():
         return float("nan")
     return float(values[mask].sum() / total)
@@ -71,7 +75,11 @@ def box_energy(map_, boxes) -> float:
 def pointing_game(map_, boxes) -> bool | None:
     """Whether the map's maximum lies inside a box (ties: any maximum); None for an all-zero map or an empty box region."""
     values = _as_array(map_)
-    mask = box_mask(values.shape, boxes)
+    return masked_pointing(values, box_mask(values.shape, boxes))
+
+
+def masked_pointing(values: np.ndarray, mask: np.ndarray) -> bool | None:
+    """:func:`pointing_game` of magnitudes ``values`` against an already rasterised box region ``mask``."""
     if values.size == 0 or not float(values.max()) > 0 or not mask.any():
         return None
     return bool(np.any((values == values.max()) & mask))
@@ -89,8 +97,12 @@ def inside_outside_areas(map_, boxes, thresholds) -> tuple[np.ndarray, np.ndarra
     Compared in float32, the precision maps are stored in (as the area curve).
     """
     values = _as_array(map_).astype(np.float32)
+    return masked_areas(values, box_mask(values.shape, boxes), thresholds)
+
+
+def masked_areas(values: np.ndarray, mask: np.ndarray, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`inside_outside_areas` of float32 magnitudes ``values`` against an already rasterised box region."""
     grid = np.asarray(thresholds, dtype=np.float64).astype(np.float32).reshape(-1)
-    mask = box_mask(values.shape, boxes)
     n = values.size
     if n == 0:
         raise GradlensError("A gradient map has no pixels.")
@@ -105,6 +117,4 @@ def inside_outside_areas(map_, boxes, thresholds) -> tuple[np.ndarray, np.ndarra
 
 def image_boxes(gt, image_id: int) -> np.ndarray:
     """xyxy boxes (original pixels) of the image's non-crowd ground-truth objects, as annotated."""
-    rows = np.flatnonzero(gt.obj_image_id == int(image_id))
-    xywh = gt.obj_xywh[rows].astype(np.float64).reshape(-1, 4)
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return gt.boxes[np.flatnonzero(gt.obj_image_id == int(image_id))].astype(np.float64).reshape(-1, 4)

@@ -16,7 +16,7 @@ import pandas as pd
 from gradlens.errors import GradlensError
 from gradlens.progress import track
 from gradlens.regions.area import CodeCurves, area_curve_from_summaries, region_areas
-from gradlens.regions.localisation import box_energy, box_mask, image_boxes, inside_outside_areas, pointing_game
+from gradlens.regions.localisation import box_mask, image_boxes, masked_areas, masked_energy, masked_pointing
 from gradlens.regions.statistics import area_under_curve
 
 METRIC_COLUMNS = ["role", "label", "rank", "image_id", "num_boxes", "box_fraction", "box_energy", "pointing_game",
@@ -75,8 +75,9 @@ def image_curves(model, image_ids: list[int], thresholds: np.ndarray, scale: str
                     peak = values.max()
                     shown = values / peak if peak > 0 else np.zeros_like(values)
                 one = {"area": region_areas(shown, thresholds, device=device), "max": float(values.max())}
-                one["inside"], one["outside"] = inside_outside_areas(shown, boxes, thresholds)
-                one["box_energy"], one["pointing_game"] = box_energy(values, boxes), pointing_game(values, boxes)
+                one["inside"], one["outside"] = masked_areas(shown.astype(np.float32), mask, thresholds)
+                magnitude = np.abs(values.astype(np.float64))  # as box_energy and pointing_game read a map
+                one["box_energy"], one["pointing_game"] = masked_energy(magnitude, mask), masked_pointing(magnitude, mask)
             areas.append(one["area"])
             inside.append(one["inside"])
             outside.append(one["outside"])
