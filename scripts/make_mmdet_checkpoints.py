@@ -48,6 +48,27 @@ BACKBONE_CONFIGS = {
                   "out_indices=(1, 2, 3)",
     "swin_base": "type='SwinTransformer', embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, "
                  "out_indices=(1, 2, 3)",
+    # HRNet-W32: mmdetection's HRNet with configs/hrnet/*hrnetv2p_w32*'s extra, under an FPN on its last three branches
+    "hrnet_w32": "type='HRNet', extra=dict("
+                 "stage1=dict(num_modules=1, num_branches=1, block='BOTTLENECK', num_blocks=(4, ), num_channels=(64, )), "
+                 "stage2=dict(num_modules=1, num_branches=2, block='BASIC', num_blocks=(4, 4), num_channels=(32, 64)), "
+                 "stage3=dict(num_modules=4, num_branches=3, block='BASIC', num_blocks=(4, 4, 4), num_channels=(32, 64, 128)), "
+                 "stage4=dict(num_modules=3, num_branches=4, block='BASIC', num_blocks=(4, 4, 4, 4), "
+                 "num_channels=(32, 64, 128, 256)))",
+    # FocalNet: the official detection/configs/focalnet/mask_rcnn_focalnet_*_1x_coco_{srf,lrf}.py (T, S: SRF; B: LRF)
+    "focalnet_tiny": "type='FocalNet', embed_dim=96, depths=[2, 2, 6, 2], mlp_ratio=4.0, drop_path_rate=0.1, patch_norm=True, "
+                     "focal_windows=[9, 9, 9, 9], focal_levels=[2, 2, 2, 2], out_indices=(0, 1, 2, 3)",
+    "focalnet_small": "type='FocalNet', embed_dim=96, depths=[2, 2, 18, 2], mlp_ratio=4.0, drop_path_rate=0.2, patch_norm=True, "
+                      "focal_windows=[9, 9, 9, 9], focal_levels=[2, 2, 2, 2], out_indices=(0, 1, 2, 3)",
+    "focalnet_base": "type='FocalNet', embed_dim=128, depths=[2, 2, 18, 2], mlp_ratio=4.0, drop_path_rate=0.3, patch_norm=True, "
+                     "focal_windows=[9, 9, 9, 9], focal_levels=[3, 3, 3, 3], out_indices=(0, 1, 2, 3)",
+    # MSG-Transformer: no official detection config; gradlens' own Swin-style layout (gradlens/models/msg.py)
+    "msg_tiny": "type='MSGTransformer', embed_dim=64, depths=[2, 4, 12, 4], num_heads=[2, 4, 8, 16], window_size=7, "
+                "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
+    "msg_small": "type='MSGTransformer', embed_dim=96, depths=[2, 4, 12, 4], num_heads=[3, 6, 12, 24], window_size=7, "
+                 "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
+    "msg_base": "type='MSGTransformer', embed_dim=96, depths=[2, 4, 28, 4], num_heads=[3, 6, 12, 24], window_size=7, "
+                "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
     "resnet50": "type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='SyncBN', requires_grad=True)",
 }
 NECK = {
@@ -56,11 +77,18 @@ NECK = {
 }
 CHANNELS = {"convnext_tiny": [96, 192, 384, 768], "convnext_small": [96, 192, 384, 768], "convnext_base": [128, 256, 512, 1024],
             "swin_tiny": [96, 192, 384, 768], "swin_small": [96, 192, 384, 768], "swin_base": [128, 256, 512, 1024],
-            "resnet50": [256, 512, 1024, 2048]}
+            "resnet50": [256, 512, 1024, 2048],
+            "hrnet_w32": [32, 64, 128, 256],
+            "focalnet_tiny": [96, 192, 384, 768], "focalnet_small": [96, 192, 384, 768], "focalnet_base": [128, 256, 512, 1024],
+            "msg_tiny": [64, 128, 256, 512], "msg_small": [96, 192, 384, 768], "msg_base": [96, 192, 384, 768]}
 
 
-def config_text(name: str) -> str:
-    """A config as mmcv's ``Config.pretty_text`` would store it in ``meta['config']`` (the parts that matter)."""
+def config_text(name: str, test_scale: tuple[int, int] = (800, 1333), size_divisor: int = 128) -> str:
+    """A config as mmcv's ``Config.pretty_text`` would store it in ``meta['config']`` (the parts that matter).
+
+    ``test_scale`` and ``size_divisor`` are the test pipeline's; tests write smaller ones to run full-size
+    backbones on small images.
+    """
     neck = NECK["cednet"] if name.startswith("cednet") else NECK["convnext"].format(ch=CHANNELS[name])
     return (
         "model = dict(\n    type='RetinaNet',\n"
@@ -74,10 +102,10 @@ def config_text(name: str) -> str:
         "    test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))\n"
         "img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)\n"
         "test_pipeline = [\n    dict(type='LoadImageFromFile'),\n"
-        "    dict(type='MultiScaleFlipAug', img_scale=(800, 1333), flip=False, transforms=[\n"
+        f"    dict(type='MultiScaleFlipAug', img_scale={tuple(test_scale)}, flip=False, transforms=[\n"
         "        dict(type='Resize', keep_ratio=True), dict(type='RandomFlip'),\n"
         "        dict(type='Normalize', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True),\n"
-        "        dict(type='Pad', size_divisor=128), dict(type='ImageToTensor', keys=['img']), dict(type='Collect', keys=['img'])])\n]\n"
+        f"        dict(type='Pad', size_divisor={size_divisor}), dict(type='ImageToTensor', keys=['img']), dict(type='Collect', keys=['img'])])\n]\n"
     )
 
 
@@ -92,7 +120,8 @@ def official_extras(detector, state: dict) -> dict:
     return out
 
 
-def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None) -> tuple[Path, Path]:
+def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, test_scale: tuple[int, int] = (800, 1333),
+         size_divisor: int = 128) -> tuple[Path, Path]:
     """Write ``<name>.pth`` (mmdetection layout) and ``<name>.gradlens.pth`` (same weights, gradlens format)."""
     torch.manual_seed(seed)
     options = {}
@@ -109,7 +138,7 @@ def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None) -> 
         "meta": {
             "mmdet_version": "2.25.0",
             "CLASSES": tuple(c["name"] for c in detector.categories),
-            "config": config_text(name),
+            "config": config_text(name, test_scale, size_divisor),
             "epoch": 36,
             "iter": 263736,
         },

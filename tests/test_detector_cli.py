@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pandas as pd
@@ -104,8 +105,9 @@ def test_profile_reproduces_table_a1_for_cednet_next_tiny(capsys):
     assert round(result.params / 1e6) == 34 and round(result.macs / 1e9, 1) == 5.7
     code, out, err = run(["profile", "--model", "CEDNet-NeXt-T", "--format", "csv"], capsys)
     assert code == 0, err
-    row = out.strip().splitlines()[1].split(",")
-    assert row[0] == "CEDNet-NeXt-T" and row[-2:] == ["34", "5.7"]
+    row = pd.read_csv(io.StringIO(out)).iloc[0]
+    assert row["model"] == "CEDNet-NeXt-T" and (row["paper_params_M"], row["paper_flops_G"]) == (34, 5.7)
+    assert row["reproduced"] and pd.isna(row["note"])
 
 
 def test_flop_counter_counts_multiply_accumulates_and_used_parameters():

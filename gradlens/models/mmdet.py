@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from importlib import import_module
 
 from torch import Tensor
 
@@ -27,6 +28,8 @@ COCO80_IDS = [
     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
 ]
 NUM_ANCHORS = 9
+# Backbone families whose modules recognise their own checkpoints (``is_<family>_checkpoint``, ``recognise``).
+TABLE_A1_FAMILIES = ("hrnet", "focalnet", "msg", "revcol")
 
 
 def coco80_categories(names=None) -> list[dict]:
@@ -129,6 +132,10 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     """Architecture name and options of an mmdetection RetinaNet state dict, from its keys and shapes."""
     if "bbox_head.retina_cls.weight" not in sd:
         raise CheckpointError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
+    for family in TABLE_A1_FAMILIES:  # before Swin: FocalNet and MSG also have a patch_embed.proj
+        module = import_module(f"gradlens.models.{family}")
+        if getattr(module, f"is_{family}_checkpoint")(sd):
+            return module.recognise(sd)
     if "backbone.reduce_convs.0.0.weight" in sd:
         return _recognise_cednet(sd)
     if "backbone.downsample_layers.0.0.weight" in sd:
@@ -157,11 +164,15 @@ _NECK_HEAD_RULES = [
     (re.compile(r"^bbox_head\.retina_reg\.(weight|bias)$"), "head.regression_head.bbox_reg.{0}"),
 ]
 _FPN_OUT = re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$")
-_DROPPED = re.compile(r"(relative_position_index|num_batches_tracked)$")
+_DROPPED = re.compile(r"relative_position_index$")  # recomputed; num_batches_tracked is kept for backbones with live BN
 
 
 def to_gradlens(sd: Mapping[str, Tensor], levels: int = 3) -> dict[str, Tensor]:
-    """mmdetection keys -> gradlens (torchvision RetinaNet) keys; recomputed buffers are dropped.
+    """mmdetection keys -> gradlens (torchvision RetinaNet) keys; Swin-style index tables are dropped (recomputed).
+
+    Batch norm's ``num_batches_tracked`` is renamed like any backbone key:
+    backbones with frozen batch norm do not have it, and the strict loader
+    drops it for them.
 
     ``levels`` is the number of FPN output levels before the two extra convs
     (mmdetection numbers P6/P7's convs after them).

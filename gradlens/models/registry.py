@@ -84,6 +84,22 @@ def _swin(variant: str):
     return build
 
 
+def _table_a1(module: str, variant: str):
+    """HRNet, FocalNet, MSG-Transformer, RevCol: ``gradlens.models.<module>.<variant>_backbone`` under mmdetection's FPN."""
+
+    def build(options: dict) -> nn.Module:
+        from importlib import import_module
+
+        opts = dict(options)
+        out_chans = int(opts.pop("out_chans", 256))
+        if "out_indices" in opts:
+            opts["out_indices"] = tuple(opts["out_indices"])
+        body = getattr(import_module(f"gradlens.models.{module}"), f"{variant}_backbone")(**opts, drop_path_rate=0.0)
+        return _with_fpn(body, out_chans)
+
+    return build
+
+
 def _with_fpn(body: nn.Module, out_chans: int) -> nn.Module:
     """mmdetection's RetinaNet neck: the last three backbone maps (C3..C5), P6 from C5, no ReLU before P7."""
     channels = list(body.out_channels)
@@ -133,6 +149,11 @@ for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_convnext_{_size}", "convnext", f"RetinaNet, ConvNeXt-{_size[0].upper()} + FPN", _convnext(f"convnext_{_size}")))
 for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_swin_{_size}", "swin", f"RetinaNet, Swin-{_size[0].upper()} + FPN", _swin(f"swin_{_size}")))
+_register(Architecture("retinanet_hrnet_w32", "hrnet", "RetinaNet, HRNet-W32 (mmdetection's HRNet) + FPN", _table_a1("hrnet", "hrnet_w32")))
+for _family, _label in (("focalnet", "FocalNet"), ("msg", "MSG-Transformer"), ("revcol", "RevCol")):
+    for _size in ("tiny", "small", "base"):
+        _register(Architecture(f"retinanet_{_family}_{_size}", _family, f"RetinaNet, {_label}-{_size[0].upper()} + FPN",
+                               _table_a1(_family, f"{_family}_{_size}")))
 _register(Architecture("retinanet_resnet50", "resnet", "RetinaNet, ResNet-50 + FPN (mmdetection layout)", _resnet50(False)))
 _register(Architecture(
     "torchvision_retinanet_resnet50_fpn", "resnet",
