@@ -69,6 +69,13 @@ BACKBONE_CONFIGS = {
                  "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
     "msg_base": "type='MSGTransformer', embed_dim=96, depths=[2, 4, 28, 4], num_heads=[3, 6, 12, 24], window_size=7, "
                 "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
+    # RevCol: the official Detection/configs/revcol/cascade_mask_rcnn_revcol_*_3x_in1k.py backbones
+    "revcol_tiny": "type='RevCol', channels=[64, 128, 256, 512], layers=[2, 2, 4, 2], num_subnet=4, drop_path=0.3, "
+                   "save_memory=False, out_indices=[0, 1, 2, 3]",
+    "revcol_small": "type='RevCol', channels=[64, 128, 256, 512], layers=[2, 2, 4, 2], num_subnet=8, drop_path=0.4, "
+                    "save_memory=False, out_indices=[0, 1, 2, 3]",
+    "revcol_base": "type='RevCol', channels=[72, 144, 288, 576], layers=[1, 1, 3, 2], num_subnet=16, drop_path=0.4, "
+                   "save_memory=False, out_indices=[0, 1, 2, 3]",
     "resnet50": "type='ResNet', depth=50, num_stages=4, out_indices=(0, 1, 2, 3), norm_cfg=dict(type='SyncBN', requires_grad=True)",
 }
 NECK = {
@@ -80,6 +87,7 @@ CHANNELS = {"convnext_tiny": [96, 192, 384, 768], "convnext_small": [96, 192, 38
             "resnet50": [256, 512, 1024, 2048],
             "hrnet_w32": [32, 64, 128, 256],
             "focalnet_tiny": [96, 192, 384, 768], "focalnet_small": [96, 192, 384, 768], "focalnet_base": [128, 256, 512, 1024],
+            "revcol_tiny": [64, 128, 256, 512], "revcol_small": [64, 128, 256, 512], "revcol_base": [72, 144, 288, 576],
             "msg_tiny": [64, 128, 256, 512], "msg_small": [96, 192, 384, 768], "msg_base": [96, 192, 384, 768]}
 
 
