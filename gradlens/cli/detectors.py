@@ -82,18 +82,15 @@ def profile(
         typer.echo(table.to_csv(index=False), nl=False)
     elif fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
-    else:  # the notes (why a row differs from Table A1) as footnotes under the table
+    else:  # the notes (why a row differs from Table A1) as numbered footnotes under the table
         notes = [(r["model"], r["note"]) for r in rows if r.get("note")]
+        marks = {name: f" [{i}]" for i, (name, _) in enumerate(notes, 1)}
+        verdict = {True: "yes", False: "no", None: "-"}
         shown = table.drop(columns=["note"]).assign(
-            reproduced=[{True: "yes", False: f"no [{_mark(r, notes)}]" if r.get("note") else "no", None: "-"}[r["reproduced"]]
-                        for r in rows])
+            reproduced=[verdict[r["reproduced"]] + marks.get(r["model"], "") for r in rows])
         typer.echo(shown.to_string(index=False, na_rep="-"))
-        for i, (name, note) in enumerate(notes, 1):
-            typer.echo(f"[{i}] {name}: {note}")
-
-
-def _mark(row: dict, notes: list[tuple[str, str]]) -> int:
-    return 1 + [name for name, _ in notes].index(row["model"])
+        for name, note in notes:
+            typer.echo(f"{marks[name].strip()} {name}: {note}")
 
 
 def evaluate(

@@ -433,6 +433,13 @@ HRNET_VARIANTS: dict[str, dict] = {
         )
     ),
 }
+# Not a detection variant: the classifier whose size Table A1 prints for "HRNet-w32" (experiments/cls_hrnet_w30_*.yaml).
+_HRNET_W30_EXTRA = dict(
+    stage1=_stage(1, 1, "BOTTLENECK", (4,), (64,)),
+    stage2=_stage(1, 2, "BASIC", (4, 4), (30, 60)),
+    stage3=_stage(4, 3, "BASIC", (4, 4, 4), (30, 60, 120)),
+    stage4=_stage(3, 4, "BASIC", (4, 4, 4, 4), (30, 60, 120, 240)),
+)
 
 # A tiny HRNet (same topology, 1 block per branch, narrow branches) for fast pipeline tests:
 # forward + backward at 64x64 in a few milliseconds on CPU; maps of 4/8/12/16 channels.
@@ -459,6 +466,12 @@ def hrnet_w32(**kwargs) -> HighResolutionNet:
     The released ``hrnetv2_w32_imagenet_pretrained.pth`` is a bare state dict that loads with ``strict=True``.
     """
     return HighResolutionNet(**{**_variant("hrnet_w32"), **kwargs})
+
+
+def hrnet_w30(**kwargs) -> HighResolutionNet:
+    """HRNet-W30-C ImageNet classifier (37.71M parameters, 8.11G MACs = the official README's 7.55 in units of 1024**3):
+    the size Table A1 prints for its HRNet-w32 row."""
+    return HighResolutionNet(**{"extra": _HRNET_W30_EXTRA, **kwargs})
 
 
 def hrnet_w32_backbone(**overrides) -> HRNetBackbone:
