@@ -7,7 +7,6 @@ layout. Nothing here needs timm, mmcv or the official code.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from gradlens.models import cednet as C
 from gradlens.models.layers import LayerNorm
+from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "cednet_reference.pt"
 VARIANTS = ["next_tiny", "next_small", "next_base", "next_tiny_fpn", "next_tiny_unet", "next_tiny_hourglass"]
@@ -28,17 +28,6 @@ def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-def decode_keys(blob: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    """The fixture's compressed ``key<TAB>d0,d1,...`` lines as (key, shape) pairs."""
-    out = []
-    for line in zlib.decompress(blob).decode().splitlines():
-        key, shape = line.split("\t")
-        out.append((key, tuple(int(d) for d in shape.split(",")) if shape else ()))
-    return out
-
-
-def key_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def tiny_classifier(cfg: dict) -> C.CEDNet:

@@ -7,7 +7,6 @@ see its docstring for the layout. Nothing here needs timm, mmcv or the official 
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from gradlens.errors import CheckpointError
 from gradlens.models import focalnet as F
 from gradlens.profile import count
+from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "focalnet_reference.pt"
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -29,16 +29,6 @@ def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-def decode_keys(blob: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in zlib.decompress(blob).decode().splitlines():
-        key, shape = line.split("\t")
-        out.append((key, tuple(int(d) for d in shape.split(",")) if shape else ()))
-    return out
-
-
-def key_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def as_lists(d: dict) -> dict:

@@ -7,7 +7,6 @@ fork); see its docstring for the layout. Nothing here needs the official code, m
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from gradlens.errors import CheckpointError
 from gradlens.models import hrnet as H
 from gradlens.profile import count
+from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "hrnet_reference.pt"
 CONFIGS = ["tiny_w32like", "tiny_mixed"]
@@ -33,16 +33,6 @@ def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-def decode_keys(blob: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in zlib.decompress(blob).decode().splitlines():
-        key, shape = line.split("\t")
-        out.append((key, tuple(int(d) for d in shape.split(",")) if shape else ()))
-    return out
-
-
-def key_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def tiny_state_dict(ref: dict, name: str) -> dict[str, torch.Tensor]:

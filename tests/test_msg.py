@@ -8,7 +8,6 @@ the official modules); see its docstring for the layout. Nothing here needs timm
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from gradlens.errors import CheckpointError
 from gradlens.models import msg as M
 from gradlens.profile import count
+from tests.fixture_keys import decode_keys as decode, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "msg_reference.pt"
 VARIANTS = ["msg_tiny", "msg_small", "msg_base"]
@@ -31,16 +31,6 @@ def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-def decode(blob: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for line in zlib.decompress(blob).decode().splitlines():
-        key, shape = line.split("\t")
-        out.append((key, tuple(int(d) for d in shape.split(",")) if shape else ()))
-    return out
-
-
-def key_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def official_state(entry: dict) -> dict[str, torch.Tensor]:

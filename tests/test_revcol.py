@@ -9,7 +9,6 @@ official code.
 from __future__ import annotations
 
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 from gradlens.errors import CheckpointError
 from gradlens.models import revcol as R
 from gradlens.profile import count
+from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "revcol_reference.pt"
 VARIANTS = ["revcol_tiny", "revcol_small", "revcol_base"]
@@ -38,17 +38,6 @@ def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
 
 
-def decode_keys(blob: bytes) -> list[tuple[str, tuple[int, ...]]]:
-    """The fixture's compressed ``key<TAB>d0,d1,...`` lines as (key, shape) pairs."""
-    out = []
-    for line in zlib.decompress(blob).decode().splitlines():
-        key, shape = line.split("\t")
-        out.append((key, tuple(int(d) for d in shape.split(",")) if shape else ()))
-    return out
-
-
-def key_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def official_weights(cfg: dict) -> dict[str, torch.Tensor]:

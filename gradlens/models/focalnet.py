@@ -62,6 +62,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.errors import CheckpointError
+from gradlens.models.layers import Mlp
 
 __all__ = [
     "FOCALNET_CLASSIFIERS",
@@ -98,17 +99,6 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class FocalModulation(nn.Module):

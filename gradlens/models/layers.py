@@ -1,4 +1,4 @@
-"""Layers shared by the backbones that mirror the ConvNeXt / CEDNet reference code.
+"""Layers shared by the backbones that mirror the official reference code (ConvNeXt/CEDNet norms, the transformer MLP).
 
 ConvNeXt, and CEDNet after it, ship their own ``LayerNorm`` instead of using ``nn.LayerNorm``
 because their feature maps are channels-first (N, C, H, W) and normalising over C needs either a
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerNorm", "LayerNorm2d"]
+__all__ = ["LayerNorm", "LayerNorm2d", "Mlp"]
 
 _DATA_FORMATS = ("channels_last", "channels_first")
 
@@ -65,3 +65,16 @@ class LayerNorm2d(LayerNorm):
 
     def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_first") -> None:
         super().__init__(normalized_shape, eps=eps, data_format=data_format)
+
+
+class Mlp(nn.Module):
+    """The transformer MLP of Swin, FocalNet and MSG-Transformer (``fc1``, GELU, ``fc2``: their parameter names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -95,6 +95,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.errors import CheckpointError
+from gradlens.models.layers import Mlp
 from gradlens.models.swin import drop_relative_position_index
 
 __all__ = [
@@ -197,17 +198,6 @@ class MSGAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = (attn + self.position_bias().unsqueeze(0)).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(bn, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class MSGBlock(nn.Module):

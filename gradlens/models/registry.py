@@ -150,9 +150,15 @@ for _size in ("tiny", "small", "base"):
 for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_swin_{_size}", "swin", f"RetinaNet, Swin-{_size[0].upper()} + FPN", _swin(f"swin_{_size}")))
 _register(Architecture("retinanet_hrnet_w32", "hrnet", "RetinaNet, HRNet-W32 (mmdetection's HRNet) + FPN", _table_a1("hrnet", "hrnet_w32")))
-for _family, _label in (("focalnet", "FocalNet"), ("msg", "MSG-Transformer"), ("revcol", "RevCol")):
+_TABLE_A1_LABELS = {
+    "focalnet": ("FocalNet", {"tiny": " (SRF)", "small": " (SRF)", "base": " (LRF)"}),
+    "msg": ("MSG-Transformer", {s: " (gradlens' Swin-style detection layout)" for s in ("tiny", "small", "base")}),
+    "revcol": ("RevCol", {s: " (last column's maps)" for s in ("tiny", "small", "base")}),
+}
+for _family, (_label, _notes) in _TABLE_A1_LABELS.items():
     for _size in ("tiny", "small", "base"):
-        _register(Architecture(f"retinanet_{_family}_{_size}", _family, f"RetinaNet, {_label}-{_size[0].upper()} + FPN",
+        _register(Architecture(f"retinanet_{_family}_{_size}", _family,
+                               f"RetinaNet, {_label}-{_size[0].upper()}{_notes[_size]} + FPN",
                                _table_a1(_family, f"{_family}_{_size}")))
 _register(Architecture("retinanet_resnet50", "resnet", "RetinaNet, ResNet-50 + FPN (mmdetection layout)", _resnet50(False)))
 _register(Architecture(
