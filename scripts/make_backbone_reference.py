@@ -24,14 +24,16 @@ The tests (``tests/test_backbones.py``) only read the fixture; they never run th
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import torch
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import Registry, commit_of, read_file, share_storage, simple_main, stub_module  # noqa: E402
 
 FORK_FILES = {
     "convnext": "ced-mmdet/mmdet/models/backbones/convnext.py",
@@ -62,38 +64,8 @@ TINY_INPUT_SHAPES = [(1, 3, 36, 52), (2, 3, 38, 61)]
 # ----------------------------------------------------------------------------- loading the fork
 
 
-def read_fork_file(repo: Path, relpath: str) -> str:
-    """A file of the fork: from the work tree when there is one, else ``git show HEAD:<path>``."""
-    path = repo / relpath
-    if path.is_file():
-        return path.read_text()
-    out = subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{relpath}"], check=True, capture_output=True, text=True)
-    return out.stdout
-
-
-class _Registry:
-    """The part of ``mmcv.utils.Registry`` the two files use."""
-
-    def __init__(self, modules=None):
-        self.modules = dict(modules or {})
-
-    def register_module(self, name=None, force=False, module=None):
-        if module is not None:
-            self.modules[name or module.__name__] = module
-            return module
-
-        def deco(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-
-        return deco
-
-    def get(self, name):
-        return self.modules[name]
-
-
-def _install_stubs() -> _Registry:
-    norm_layers = _Registry({"LN": nn.LayerNorm})
+def _install_stubs() -> Registry:
+    norm_layers = Registry({"LN": nn.LayerNorm})
 
     def build_norm_layer(cfg, num_features, postfix=""):
         # mmcv 1.x semantics: pop 'type' and 'requires_grad', eps defaults to 1e-5
@@ -106,20 +78,14 @@ def _install_stubs() -> _Registry:
             p.requires_grad = requires_grad
         return "ln" + str(postfix), layer
 
-    def mod(name, **attrs):
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    mod("mmcv")
-    mod("mmcv.cnn", build_norm_layer=build_norm_layer)
-    mod("mmcv.cnn.bricks")
-    mod("mmcv.cnn.bricks.registry", NORM_LAYERS=norm_layers)
-    mod("mmcv_custom", load_checkpoint=lambda *a, **k: None)
-    mod("mmdet")
-    mod("mmdet.utils", get_root_logger=lambda *a, **k: None)
-    mod("_fork_builder", BACKBONES=_Registry())
+    stub_module("mmcv")
+    stub_module("mmcv.cnn", build_norm_layer=build_norm_layer)
+    stub_module("mmcv.cnn.bricks")
+    stub_module("mmcv.cnn.bricks.registry", NORM_LAYERS=norm_layers)
+    stub_module("mmcv_custom", load_checkpoint=lambda *a, **k: None)
+    stub_module("mmdet")
+    stub_module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    stub_module("_fork_builder", BACKBONES=Registry())
     return norm_layers
 
 
@@ -131,7 +97,7 @@ def load_fork(repo: Path) -> dict[str, types.ModuleType]:
     _install_stubs()
     modules = {}
     for key, rel in FORK_FILES.items():
-        src = read_fork_file(repo, rel)
+        src = read_file(repo, rel)
         assert "from ..builder import BACKBONES" in src, rel
         src = src.replace("from ..builder import BACKBONES", "from _fork_builder import BACKBONES")
         m = types.ModuleType(f"_fork_{key}")
@@ -178,21 +144,6 @@ def randomize_(model: nn.Module, seed: int) -> None:
             p.copy_(v.half().float())
 
 
-def share_storage(tensors: dict) -> dict:
-    """The same tensors as views of one storage per dtype: ``torch.save`` writes one zip record per
-    storage, which for ~100 small tensors costs more than their data."""
-    out = {}
-    for dtype in {v.dtype for v in tensors.values()}:
-        keys = [k for k, v in tensors.items() if v.dtype == dtype]
-        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-        start = 0
-        for k in keys:
-            n = tensors[k].numel()
-            out[k] = flat[start : start + n].view(tensors[k].shape)
-            start += n
-    return {k: out[k] for k in tensors}
-
-
 def make_fixture(repo: Path) -> dict:
     fork = load_fork(repo)
     variants = {}
@@ -227,10 +178,9 @@ def make_fixture(repo: Path) -> dict:
         outputs = [[flat_outputs[i, j] for j in range(len(outs))] for i, outs in enumerate(outputs)]
         tiny[name] = {"family": family, "config": dict(cfg), "state_dict": share_storage(state), "outputs": outputs}
 
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "format": 1,
-        "source": f"zhanggang001/CEDNet@{commit or 'unknown'}: " + ", ".join(FORK_FILES.values()),
+        "source": f"zhanggang001/CEDNet@{commit_of(repo)}: " + ", ".join(FORK_FILES.values()),
         "torch_version": str(torch.__version__),
         "variants": variants,
         "inputs": inputs,
@@ -239,14 +189,7 @@ def make_fixture(repo: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="CEDNet checkout or git directory")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/backbone_reference.pt")
-    args = ap.parse_args(argv)
-    fixture = make_fixture(args.official_repo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    simple_main(__doc__, "CEDNet checkout or git directory", "backbone_reference.pt", make_fixture, argv)
 
 
 if __name__ == "__main__":

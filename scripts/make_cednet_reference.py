@@ -31,16 +31,16 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import subprocess
 import sys
-import types
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import Registry, commit_of, key_shapes, parse_args, save_fixture, stub_module  # noqa: E402
 
 CLS_FILE = Path("models/cednet.py")
 DET_FILE = Path("ced-mmdet/mmdet/models/backbones/cednet.py")
@@ -67,25 +67,8 @@ TINY = {
 HEAD_GROUPS = ("final_layers", "norms", "heads")
 
 
-class _Registry:
-    """Just enough of mmcv's ``Registry`` for ``NORM_LAYERS`` / ``BACKBONES``."""
-
-    def __init__(self) -> None:
-        self.modules: dict[str, type] = {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def register(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-
-        return register if module is None else register(module)
-
-    def get(self, name):
-        return self.modules.get(name)
-
-
 def _stub_modules() -> None:
-    norm_layers = _Registry()
+    norm_layers = Registry()
     norm_layers.register_module("LN", module=nn.LayerNorm)  # mmcv's own registration
 
     def build_norm_layer(cfg, num_features, postfix=""):
@@ -104,24 +87,16 @@ def _stub_modules() -> None:
         assert cfg is None
         return nn.Conv2d(*args, **kwargs)
 
-    def module(name, package=False, **attrs):
-        m = types.ModuleType(name)
-        if package:
-            m.__path__ = []
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    module("mmcv", package=True)
-    module("mmcv.cnn", package=True, build_norm_layer=build_norm_layer, build_conv_layer=build_conv_layer)
-    module("mmcv.cnn.bricks", package=True)
-    module("mmcv.cnn.bricks.registry", NORM_LAYERS=norm_layers)
-    module("mmcv_custom", load_checkpoint=lambda *a, **k: None)
-    module("mmdet", package=True)
-    module("mmdet.utils", get_root_logger=lambda *a, **k: None)
-    module("mmdet.models", package=True)
-    module("mmdet.models.builder", BACKBONES=_Registry())
-    module("mmdet.models.backbones", package=True)
+    stub_module("mmcv", package=True)
+    stub_module("mmcv.cnn", package=True, build_norm_layer=build_norm_layer, build_conv_layer=build_conv_layer)
+    stub_module("mmcv.cnn.bricks", package=True)
+    stub_module("mmcv.cnn.bricks.registry", NORM_LAYERS=norm_layers)
+    stub_module("mmcv_custom", load_checkpoint=lambda *a, **k: None)
+    stub_module("mmdet", package=True)
+    stub_module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    stub_module("mmdet.models", package=True)
+    stub_module("mmdet.models.builder", BACKBONES=Registry())
+    stub_module("mmdet.models.backbones", package=True)
 
 
 def _import(name: str, path: Path):
@@ -159,12 +134,6 @@ def official_classifier(cls_mod, **kw):
 
 def official_backbone(det_mod, **kw):
     return det_mod.CEDNetWrapper(**kw)
-
-
-def key_shapes(state_dict) -> bytes:
-    """The state dict's ordered keys and shapes, one ``key<TAB>d0,d1,...`` line each, zlib-compressed."""
-    text = "\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in state_dict.items())
-    return zlib.compress(text.encode(), 9)
 
 
 @torch.no_grad()
@@ -216,17 +185,13 @@ def pack(obj):
     return rebuild(obj)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="checkout of github.com/zhanggang001/CEDNet")
+def add_commit_argument(ap) -> None:
     ap.add_argument("--commit", default=None, help="commit of that checkout, recorded in the fixture (default: git rev-parse)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/cednet_reference.pt")
-    args = ap.parse_args(argv)
 
-    commit = args.commit
-    if commit is None:
-        res = subprocess.run(["git", "-C", str(args.official_repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-        commit = res.stdout.strip() if res.returncode == 0 else "unknown"
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, "checkout of github.com/zhanggang001/CEDNet", "cednet_reference.pt", argv, add_commit_argument)
+    commit = args.commit if args.commit is not None else commit_of(args.official_repo)
 
     cls_mod, det_mod = load_official(args.official_repo)
     torch.manual_seed(0)
@@ -292,9 +257,7 @@ def main(argv=None) -> None:
         variants=variants,
         **pack(dict(input=x, configs=configs)),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    save_fixture(fixture, args.out)
 
 
 if __name__ == "__main__":

@@ -32,16 +32,17 @@ The tests (``tests/test_focalnet.py``) only read the fixture; they never run thi
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 import types
 import warnings
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import Registry, commit_of, key_shapes, read_file, share_storage, simple_main, stub_module  # noqa: E402
 
 CLS_FILE = "classification/focalnet.py"
 DET_FILE = "detection/mmdet/models/backbones/focalnet.py"
@@ -104,27 +105,6 @@ INPUT_SHAPES = [(1, 3, 36, 52), (2, 3, 38, 61)]
 # ----------------------------------------------------------------------------- the official code
 
 
-def read_file(repo: Path, relpath: str) -> str:
-    """A file of the repository: from the work tree when there is one, else ``git show HEAD:<path>``."""
-    path = repo / relpath
-    if path.is_file():
-        return path.read_text()
-    out = subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{relpath}"], check=True, capture_output=True, text=True)
-    return out.stdout
-
-
-class _Registry:
-    def __init__(self):
-        self.modules = {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def deco(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-
-        return deco if module is None else deco(module)
-
-
 def _exec(name: str, relpath: str, src: str) -> types.ModuleType:
     m = types.ModuleType(name)
     m.__file__ = relpath
@@ -136,15 +116,10 @@ def load_official(repo: Path) -> tuple[types.ModuleType, types.ModuleType]:
     """(classification module, detection module) of the official code, executed in memory."""
     warnings.filterwarnings("ignore", category=FutureWarning)  # timm.models.layers / registry deprecations
 
-    def mod(name, **attrs):
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-
-    mod("mmcv_custom", load_checkpoint=lambda *a, **k: None)
-    mod("mmdet")
-    mod("mmdet.utils", get_root_logger=lambda *a, **k: None)
-    mod("_focalnet_builder", BACKBONES=_Registry())
+    stub_module("mmcv_custom", load_checkpoint=lambda *a, **k: None)
+    stub_module("mmdet")
+    stub_module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    stub_module("_focalnet_builder", BACKBONES=Registry())
 
     cls_src = read_file(repo, CLS_FILE)
     line = "from timm.models.registry import register_model"
@@ -186,11 +161,6 @@ def official_classifier(cls_mod, name: str, cfg: dict) -> nn.Module:
 # ----------------------------------------------------------------------------- the fixture
 
 
-def key_shapes(state_dict) -> bytes:
-    text = "\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in state_dict.items())
-    return zlib.compress(text.encode(), 9)
-
-
 def randomize_(model: nn.Module, seed: int) -> None:
     """Random, float16-exact weights (norm weights near 1, everything else ~N(0, 0.25))."""
     g = torch.Generator().manual_seed(seed)
@@ -201,18 +171,6 @@ def randomize_(model: nn.Module, seed: int) -> None:
             if parts[-1] == "weight" and len(parts) > 1 and parts[-2].startswith(("norm", "ln")):  # LayerNorms
                 v = 1.0 + v
             p.copy_(v.half().float())
-
-
-def share_storage(tensors: dict) -> dict:
-    """The same tensors as views of one storage (``torch.save`` writes one record per storage)."""
-    keys = list(tensors)
-    flat = torch.cat([tensors[k].reshape(-1) for k in keys]) if keys else torch.zeros(0)
-    out, start = {}, 0
-    for k in keys:
-        n = tensors[k].numel()
-        out[k] = flat[start : start + n].view(tensors[k].shape)
-        start += n
-    return out
 
 
 def tiny_entry(model: nn.Module, cfg: dict, inputs, seed: int, backbone: bool) -> dict:
@@ -251,10 +209,9 @@ def make_fixture(repo: Path) -> dict:
         for seed, (name, cfg) in enumerate(TINY_BACKBONES.items())
     }
 
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "format": 1,
-        "source": f"microsoft/FocalNet@{commit or 'unknown'}: {CLS_FILE}, {DET_FILE}",
+        "source": f"microsoft/FocalNet@{commit_of(repo)}: {CLS_FILE}, {DET_FILE}",
         "torch_version": str(torch.__version__),
         "classifiers": classifiers,
         "backbones": backbones,
@@ -265,14 +222,7 @@ def make_fixture(repo: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="FocalNet checkout or git directory")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/focalnet_reference.pt")
-    args = ap.parse_args(argv)
-    fixture = make_fixture(args.official_repo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    simple_main(__doc__, "FocalNet checkout or git directory", "focalnet_reference.pt", make_fixture, argv)
 
 
 if __name__ == "__main__":

@@ -42,15 +42,16 @@ replacement is asserted to hit exactly once); the full-size layout comes from th
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 import types
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import Registry, commit_of, key_shapes, parse_args, read_file, save_fixture, stub_module  # noqa: E402
 
 CLS_FILE = "lib/models/cls_hrnet.py"
 CLS_YAML = {"hrnet_w32": "experiments/cls_hrnet_w32_sgd_lr5e-2_wd1e-4_bs32_x100.yaml"}
@@ -105,30 +106,6 @@ REJECTED_SHAPES = [(1, 3, 50, 50), (1, 3, 64, 80)]  # stride-4 maps 13x13 and 16
 # ----------------------------------------------------------------------------- loading the official code
 
 
-def read_file(repo: Path, relpath: str) -> str:
-    path = repo / relpath
-    if path.is_file():
-        return path.read_text()
-    return subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{relpath}"], check=True, capture_output=True, text=True).stdout
-
-
-def commit_of(repo: Path) -> str:
-    res = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return res.stdout.strip() if res.returncode == 0 else "unknown"
-
-
-class _Registry:
-    def __init__(self):
-        self.modules = {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def register(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-
-        return register if module is None else register(module)
-
-
 def _install_mmdet_stubs() -> None:
     def build_norm_layer(cfg, num_features, postfix=""):
         cfg = dict(cfg)
@@ -163,24 +140,16 @@ def _install_mmdet_stubs() -> None:
     def unused(*a, **k):
         raise NotImplementedError("stubbed")
 
-    def module(name, package=False, **attrs):
-        m = types.ModuleType(name)
-        if package:
-            m.__path__ = []
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    module("mmcv", package=True)
-    module("mmcv.cnn", build_norm_layer=build_norm_layer, build_conv_layer=build_conv_layer, build_plugin_layer=unused, ConvModule=unused)
-    module("mmcv.runner", BaseModule=BaseModule, ModuleList=ModuleList, Sequential=Sequential)
-    module("mmcv_custom", load_checkpoint=unused)
-    module("mmdet", package=True)
-    module("mmdet.utils", get_root_logger=lambda *a, **k: None)
-    module("mmdet.models", package=True)
-    module("mmdet.models.builder", BACKBONES=_Registry())
-    module("mmdet.models.utils", ResLayer=unused)
-    module("mmdet.models.backbones", package=True)
+    stub_module("mmcv", package=True)
+    stub_module("mmcv.cnn", build_norm_layer=build_norm_layer, build_conv_layer=build_conv_layer, build_plugin_layer=unused, ConvModule=unused)
+    stub_module("mmcv.runner", BaseModule=BaseModule, ModuleList=ModuleList, Sequential=Sequential)
+    stub_module("mmcv_custom", load_checkpoint=unused)
+    stub_module("mmdet", package=True)
+    stub_module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    stub_module("mmdet.models", package=True)
+    stub_module("mmdet.models.builder", BACKBONES=Registry())
+    stub_module("mmdet.models.utils", ResLayer=unused)
+    stub_module("mmdet.models.backbones", package=True)
 
 
 def _exec_module(name: str, source: str, filename: str, package: str | None = None, **globals_) -> types.ModuleType:
@@ -260,11 +229,6 @@ def official_backbone(det_mod, extra: dict, multiscale_output: bool = True) -> n
 
 
 # ----------------------------------------------------------------------------- the fixture
-
-
-def key_shapes(state_dict) -> bytes:
-    text = "\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in state_dict.items())
-    return zlib.compress(text.encode(), 9)
 
 
 @torch.no_grad()
@@ -362,16 +326,13 @@ def make_fixture(cls_repo: Path, det_repo: Path) -> dict:
     )
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="HRNet-Image-Classification checkout or mirror")
+def add_mmdet_repo_argument(ap) -> None:
     ap.add_argument("--mmdet-repo", type=Path, default=Path("/work/.mirror/zhanggang001+CEDNet/repo"), help="CEDNet (mmdetection fork) checkout or mirror")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/hrnet_reference.pt")
-    args = ap.parse_args(argv)
-    fixture = make_fixture(args.official_repo, args.mmdet_repo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, "HRNet-Image-Classification checkout or mirror", "hrnet_reference.pt", argv, add_mmdet_repo_argument)
+    save_fixture(make_fixture(args.official_repo, args.mmdet_repo), args.out)
 
 
 if __name__ == "__main__":

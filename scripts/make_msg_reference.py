@@ -43,17 +43,18 @@ The tests (``tests/test_msg.py``) only read the fixture; they never run this scr
 
 from __future__ import annotations
 
-import argparse
 import math
-import subprocess
 import sys
 import types
-import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import commit_of, key_shapes, read_file, share_storage, simple_main  # noqa: E402
 
 OFFICIAL_FILE = "models/msg_transformer.py"
 CONFIG_FILES = {
@@ -90,18 +91,11 @@ BACKBONE_INPUTS = {
 # ----------------------------------------------------------------------------- the official code
 
 
-def read_official(repo: Path, relpath: str) -> str:
-    path = repo / relpath
-    if path.is_file():
-        return path.read_text()
-    return subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{relpath}"], check=True, capture_output=True, text=True).stdout
-
-
 def load_official(repo: Path) -> types.ModuleType:
     import warnings
 
     warnings.filterwarnings("ignore")  # timm.models.layers deprecation, meshgrid indexing
-    src = read_official(repo, OFFICIAL_FILE)
+    src = read_file(repo, OFFICIAL_FILE)
     mod = types.ModuleType("msg_official")
     mod.__file__ = OFFICIAL_FILE
     sys.modules[mod.__name__] = mod
@@ -112,7 +106,7 @@ def load_official(repo: Path) -> types.ModuleType:
 def official_config(repo: Path, name: str) -> dict:
     import yaml
 
-    msg = yaml.safe_load(read_official(repo, CONFIG_FILES[name]))["MODEL"]
+    msg = yaml.safe_load(read_file(repo, CONFIG_FILES[name]))["MODEL"]
     cfg = {k: msg["MSG"][k] for k in ("EMBED_DIM", "DEPTHS", "NUM_HEADS", "WINDOW_SIZE", "SHUF_SIZE")}
     cfg["DROP_PATH_RATE"] = msg["DROP_PATH_RATE"]
     return cfg
@@ -224,25 +218,6 @@ def randomize_(model: nn.Module, seed: int) -> None:
             p.copy_(v.half().float())
 
 
-def share_storage(tensors: dict) -> dict:
-    """The same tensors as views of one storage per dtype (``torch.save`` writes one record per storage)."""
-    out = {}
-    for dtype in {v.dtype for v in tensors.values()}:
-        keys = [k for k, v in tensors.items() if v.dtype == dtype]
-        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
-        start = 0
-        for k in keys:
-            n = tensors[k].numel()
-            out[k] = flat[start : start + n].view(tensors[k].shape)
-            start += n
-    return {k: out[k] for k in tensors}
-
-
-def key_shapes(sd) -> bytes:
-    """The state dict's ordered keys and shapes, one ``key<TAB>d0,d1,...`` line each, zlib-compressed."""
-    return zlib.compress("\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in sd.items()).encode(), 9)
-
-
 def make_fixture(repo: Path) -> dict:
     off = load_official(repo)
     torch.manual_seed(0)
@@ -316,10 +291,9 @@ def make_fixture(repo: Path) -> dict:
             entry["logits"] = flat[("l",)]
         tiny[name] = entry
 
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "format": 1,
-        "source": f"hustvl/MSG-Transformer@{commit or 'unknown'}: {OFFICIAL_FILE}, " + ", ".join(CONFIG_FILES.values()),
+        "source": f"hustvl/MSG-Transformer@{commit_of(repo)}: {OFFICIAL_FILE}, " + ", ".join(CONFIG_FILES.values()),
         "torch_version": str(torch.__version__),
         "variants": variants,
         "tiny": tiny,
@@ -327,14 +301,7 @@ def make_fixture(repo: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="MSG-Transformer checkout or git directory")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/msg_reference.pt")
-    args = ap.parse_args(argv)
-    fixture = make_fixture(args.official_repo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    simple_main(__doc__, "MSG-Transformer checkout or git directory", "msg_reference.pt", make_fixture, argv)
 
 
 if __name__ == "__main__":

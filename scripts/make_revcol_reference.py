@@ -45,16 +45,17 @@ The tests (``tests/test_revcol.py``) only read the fixture; they never run this 
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
 import types
 import warnings
-import zlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_source import Registry, commit_of, key_shapes, parse_args, read_file, save_fixture, stub_module  # noqa: E402
 
 CLS_FILES = {  # module name -> path; executed in this order (revcol imports the other two)
     "models.modules": "models/modules.py",
@@ -83,36 +84,6 @@ SMALL_ALPHAS = (2e-4, -3e-4, 0.0, 1e-3, -5e-4)  # below / at the official clamp,
 # ----------------------------------------------------------------------------- loading the official code
 
 
-def read_official_file(repo: Path, relpath: str) -> str:
-    """A file of the official repository: from the work tree when there is one, else ``git show HEAD:<path>``."""
-    path = repo / relpath
-    if path.is_file():
-        return path.read_text()
-    out = subprocess.run(["git", "-C", str(repo), "show", f"HEAD:{relpath}"], check=True, capture_output=True, text=True)
-    return out.stdout
-
-
-def _module(name: str, package: bool = False, **attrs) -> types.ModuleType:
-    m = types.ModuleType(name)
-    if package:
-        m.__path__ = []
-    m.__dict__.update(attrs)
-    sys.modules[name] = m
-    return m
-
-
-class _Registry:
-    def __init__(self) -> None:
-        self.modules: dict[str, type] = {}
-
-    def register_module(self, name=None, force=False, module=None):
-        def register(cls):
-            self.modules[name or cls.__name__] = cls
-            return cls
-
-        return register if module is None else register(module)
-
-
 class _BaseModule(nn.Module):
     """mmcv's ``BaseModule`` as far as the constructor goes (stores ``init_cfg``)."""
 
@@ -122,20 +93,20 @@ class _BaseModule(nn.Module):
 
 
 def _install_stubs() -> None:
-    _module("mmcv", package=True)
-    _module("mmcv.cnn", constant_init=lambda *a, **k: None, trunc_normal_init=lambda *a, **k: None)
-    _module("mmcv.runner", BaseModule=_BaseModule, _load_checkpoint=lambda *a, **k: {})
-    _module("mmdet", package=True)
-    _module("mmdet.utils", get_root_logger=lambda *a, **k: None)
-    _module("mmdet.models", package=True)
-    _module("mmdet.models.builder", BACKBONES=_Registry())
-    _module(DET_PACKAGE, package=True)
-    _module("models", package=True)
+    stub_module("mmcv", package=True)
+    stub_module("mmcv.cnn", constant_init=lambda *a, **k: None, trunc_normal_init=lambda *a, **k: None)
+    stub_module("mmcv.runner", BaseModule=_BaseModule, _load_checkpoint=lambda *a, **k: {})
+    stub_module("mmdet", package=True)
+    stub_module("mmdet.utils", get_root_logger=lambda *a, **k: None)
+    stub_module("mmdet.models", package=True)
+    stub_module("mmdet.models.builder", BACKBONES=Registry())
+    stub_module(DET_PACKAGE, package=True)
+    stub_module("models", package=True)
 
 
 def _exec(name: str, relpath: str, source: str) -> types.ModuleType:
     package = name.rpartition(".")[0]
-    m = _module(name, __package__=package, __file__=relpath)
+    m = stub_module(name, __package__=package, __file__=relpath)
     exec(compile(source, relpath, "exec"), m.__dict__)
     setattr(sys.modules[package], name.rpartition(".")[2], m)
     return m
@@ -147,7 +118,7 @@ def load_official(repo: Path) -> tuple[types.ModuleType, types.ModuleType]:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # modules.py imports 'imp'
     _install_stubs()
     for name, rel in {**CLS_FILES, **DET_FILES}.items():
-        _exec(name, rel, read_official_file(repo, rel))
+        _exec(name, rel, read_file(repo, rel))
     cls_mod, det_mod = sys.modules["models.revcol"], sys.modules[f"{DET_PACKAGE}.revcol"]
     cls_mod.trunc_normal_ = lambda t, *a, **k: t  # layouts only: skip the slow init of the full-size models
     return cls_mod, det_mod
@@ -173,7 +144,7 @@ def classifier_settings(cls_mod, name: str) -> dict:
 def backbone_settings(repo: Path, size: str) -> dict:
     """``model.backbone`` of the official Cascade Mask R-CNN config (a plain Python file of dicts)."""
     scope: dict = {}
-    exec(compile(read_official_file(repo, DET_CONFIG.format(size=size)), DET_CONFIG.format(size=size), "exec"), scope)
+    exec(compile(read_file(repo, DET_CONFIG.format(size=size)), DET_CONFIG.format(size=size), "exec"), scope)
     cfg = dict(scope["model"]["backbone"])
     cfg.pop("init_cfg", None)
     cfg.pop("type", None)
@@ -188,12 +159,6 @@ def official_classifier(cls_mod, **kw) -> nn.Module:
 
 def official_backbone(det_mod, **kw) -> nn.Module:
     return det_mod.RevCol(**{**kw, "save_memory": False})
-
-
-def key_shapes(state_dict) -> bytes:
-    """The state dict's ordered keys and shapes, one ``key<TAB>d0,d1,...`` line each, zlib-compressed."""
-    text = "\n".join(f"{k}\t{','.join(map(str, v.shape))}" for k, v in state_dict.items())
-    return zlib.compress(text.encode(), 9)
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -324,17 +289,13 @@ def make_fixture(repo: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official-repo", type=Path, required=True, help="checkout or bare mirror of github.com/megvii-research/RevCol")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/revcol_reference.pt")
-    args = ap.parse_args(argv)
-
-    res = subprocess.run(["git", "-C", str(args.official_repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    commit = res.stdout.strip() if res.returncode == 0 else "unknown"
-    fixture = dict(source=f"github.com/megvii-research/RevCol@{commit}", torch_version=str(torch.__version__), **make_fixture(args.official_repo))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(fixture, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    args = parse_args(__doc__, "checkout or bare mirror of github.com/megvii-research/RevCol", "revcol_reference.pt", argv)
+    fixture = dict(
+        source=f"github.com/megvii-research/RevCol@{commit_of(args.official_repo)}",
+        torch_version=str(torch.__version__),
+        **make_fixture(args.official_repo),
+    )
+    save_fixture(fixture, args.out)
 
 
 if __name__ == "__main__":
