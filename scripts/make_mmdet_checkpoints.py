@@ -129,8 +129,8 @@ def official_extras(detector, state: dict) -> dict:
 
 
 def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, test_scale: tuple[int, int] = (800, 1333),
-         size_divisor: int = 128) -> tuple[Path, Path]:
-    """Write ``<name>.pth`` (mmdetection layout) and ``<name>.gradlens.pth`` (same weights, gradlens format)."""
+         size_divisor: int = 128, native: bool = True) -> tuple[Path, Path | None]:
+    """Write ``<name>.pth`` (mmdetection layout) and, with ``native``, ``<name>.gradlens.pth`` (same weights, gradlens format)."""
     torch.manual_seed(seed)
     options = {}
     if convnext_out_indices is not None:
@@ -155,7 +155,7 @@ def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, tes
     out_dir.mkdir(parents=True, exist_ok=True)
     mmdet_path = out_dir / f"{name}.pth"
     torch.save(payload, mmdet_path)
-    native_path = save_detector(detector, out_dir / f"{name}.gradlens.pth")
+    native_path = save_detector(detector, out_dir / f"{name}.gradlens.pth") if native else None
     return mmdet_path, native_path
 
 

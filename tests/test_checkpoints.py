@@ -230,3 +230,49 @@ def test_pickle_calling_os_system_is_named_as_needing_code(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "hook": _Shell()}, path)
     with pytest.raises(CheckpointError, match="needs arbitrary code.*--trust-checkpoint"):
         load_detector(path)
+
+
+def test_table_a1_families_refuse_other_necks_and_small_padding():
+    from dataclasses import replace
+
+    from gradlens.models.registry import PAPER_PREPROCESS
+
+    with torch.device("meta"):
+        det = build_detector("retinanet_hrnet_w32", 80)
+    state = mmdet.to_mmdet(det.state_dict())
+    hrfpn = {k: v for k, v in state.items() if not k.startswith("neck.lateral_convs")}
+    hrfpn["neck.reduction_conv.conv.weight"] = torch.empty(256, 480, 1, 1, device="meta")
+    with pytest.raises(CheckpointError, match="HRFPN"):
+        mmdet.recognise(hrfpn)
+    two_levels = {k: v for k, v in state.items() if not k.startswith("neck.lateral_convs.2.")}
+    with pytest.raises(CheckpointError, match="has 2 lateral convs"):
+        mmdet.recognise(two_levels)
+    for arch in ("retinanet_hrnet_w32", "retinanet_revcol_tiny"):
+        with pytest.raises(GradlensError, match="multiple of 32 pixels; this one pads to 16"):
+            build_detector(arch, 80, preprocess=replace(PAPER_PREPROCESS, size_divisor=16))
+
+
+def test_live_batch_norm_counters_may_be_absent(tmp_path):
+    """HRNet keeps nn.BatchNorm2d: a file without num_batches_tracked (torch's loader accepts that) still loads."""
+    torch.manual_seed(0)
+    det = build_detector("retinanet_hrnet_w32", 80)
+    state = {k: v for k, v in mmdet.to_mmdet(det.state_dict()).items() if not k.endswith("num_batches_tracked")}
+    assert any(k.endswith("num_batches_tracked") for k in det.state_dict())
+    back = detector_from_object({"meta": {}, "state_dict": state}, "hrnet.pth")
+    assert back.arch_name == "retinanet_hrnet_w32"
+    x, y = det.state_dict(), back.state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x if not k.endswith("num_batches_tracked"))
+
+
+def test_torchvision_state_dicts_of_the_new_families_carry_their_options(tmp_path):
+    """--arch names the variant; the options (outputs, focal levels) are read from the weights, as for mmdetection files."""
+    torch.manual_seed(0)
+    det = build_detector("retinanet_focalnet_tiny", 80, {"out_indices": [1, 2, 3], "focal_levels": [3, 3, 3, 3]})
+    path = tmp_path / "focalnet.pth"
+    torch.save(det.state_dict(), path)
+    back = load_detector(path, arch="retinanet_focalnet_tiny")
+    assert back.arch_options["out_indices"] == [1, 2, 3] and list(back.arch_options["focal_levels"]) == [3, 3, 3, 3]
+    with pytest.raises(CheckpointError, match="not the retinanet_focalnet_base named by --arch"):
+        load_detector(path, arch="retinanet_focalnet_base")
+    with pytest.raises(CheckpointError, match="not a msg backbone"):
+        load_detector(path, arch="retinanet_msg_tiny")

@@ -11,7 +11,7 @@ import torch
 
 from gradlens.cli.app import main
 from gradlens.models.checkpoints import save_detector
-from gradlens.profile import EXPLAINING, NOT_REPRODUCED, TABLE_A1, count, profile_classifier
+from gradlens.profile import EXPLAINING, NOT_REPRODUCED, TABLE_A1, count, note_of, profile_classifier
 from tests.test_inference import random_detector
 
 
@@ -123,7 +123,7 @@ def test_every_table_a1_row_is_reproduced_or_explained(name):
     """All 22 classifiers (Table A1's 21 rows and gradlens' default CEDNet-NeXt-T), counted on the meta device."""
     result = profile_classifier(name)
     assert result.reproduces_paper == (name not in NOT_REPRODUCED), result.row()
-    assert result.row()["note"] == NOT_REPRODUCED.get(name)
+    assert result.row()["note"] == note_of(name) and (name not in NOT_REPRODUCED or note_of(name) == NOT_REPRODUCED[name])
 
 
 def test_the_hrnet_row_is_hrnet_w30s_size():

@@ -269,7 +269,7 @@ def test_recognise_refuses_unknown_layouts(ref):
         M.recognise(retinanet_sd(layout, drop=("layers.2.blocks.11.",)))  # 11 blocks in stage 2
     with pytest.raises(CheckpointError, match="output norms"):
         M.recognise(retinanet_sd(layout, drop=("norm0.", "norm1.", "norm2.", "norm3.")))
-    with pytest.raises(CheckpointError, match="not an MSG-Transformer"):
+    with pytest.raises(CheckpointError, match="lacks backbone.msg_tokens"):
         M.recognise(retinanet_sd(layout, drop=("msg_tokens",)))
 
 

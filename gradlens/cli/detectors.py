@@ -82,15 +82,16 @@ def profile(
         typer.echo(table.to_csv(index=False), nl=False)
     elif fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
-    else:  # the notes (why a row differs from Table A1) as numbered footnotes under the table
-        notes = [(r["model"], r["note"]) for r in rows if r.get("note")]
-        marks = {name: f" [{i}]" for i, (name, _) in enumerate(notes, 1)}
+    else:  # the notes as numbered footnotes under the table, one number per distinct note
+        texts = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
         verdict = {True: "yes", False: "no", None: "-"}
-        shown = table.drop(columns=["note"]).assign(
-            reproduced=[verdict[r["reproduced"]] + marks.get(r["model"], "") for r in rows])
-        typer.echo(shown.to_string(index=False, na_rep="-"))
-        for name, note in notes:
-            typer.echo(f"{marks[name].strip()} {name}: {note}")
+        shown = table.drop(columns=["note"]).astype(object).where(table.drop(columns=["note"]).notna(), "-")
+        shown["reproduced"] = [verdict[r["reproduced"]] + (f" [{texts.index(r['note']) + 1}]" if r.get("note") else "")
+                               for r in rows]
+        typer.echo(shown.to_string(index=False))
+        for i, text in enumerate(texts, 1):
+            names = ", ".join(r["model"] for r in rows if r.get("note") == text)
+            typer.echo(f"[{i}] {names}: {text}")
 
 
 def evaluate(

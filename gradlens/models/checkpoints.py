@@ -190,7 +190,13 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
     anchors = 9
     num_classes = int(state[key].shape[0]) // anchors
     options = {}
-    if arch.family in ("convnext", "swin"):
+    if arch.family in mmdet.TABLE_A1_FAMILIES:  # the same keys as their mmdetection layout: read the options there
+        try:
+            as_mmdet = mmdet.to_mmdet(state)
+        except KeyError as exc:
+            raise CheckpointError(f"{path} does not fit {arch_name} ({exc.args[0]}).") from None
+        options = mmdet.family_options(arch.family, as_mmdet, path, arch_name)
+    elif arch.family in ("convnext", "swin"):
         options["out_indices"] = [i for i in range(4) if f"backbone.body.norm{i}.weight" in state]
         if not options["out_indices"]:
             raise CheckpointError(f"{path} does not fit {arch_name}: its weights have no {arch.family} stage outputs "
@@ -242,6 +248,8 @@ def load_strict(detector: torch.nn.Module, state: Mapping[str, Tensor], path: Pa
     own = detector.state_dict()
     # buffers some layouts keep and gradlens recomputes or does not track (frozen BN, Swin's index table)
     state = {k: v for k, v in state.items() if k in own or not k.endswith(("num_batches_tracked", "relative_position_index"))}
+    # and the counters a live batch norm keeps but that inference never reads (torch's own loader accepts their absence)
+    state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

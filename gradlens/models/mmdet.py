@@ -135,6 +135,7 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     for family in TABLE_A1_FAMILIES:  # before Swin: FocalNet and MSG also have a patch_embed.proj
         module = import_module(f"gradlens.models.{family}")
         if getattr(module, f"is_{family}_checkpoint")(sd):
+            _check_fpn_neck(sd, family)
             return module.recognise(sd)
     if "backbone.reduce_convs.0.0.weight" in sd:
         return _recognise_cednet(sd)
@@ -146,6 +147,28 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         return "retinanet_resnet50", {}
     sample = ", ".join(sorted({k.split(".")[1] for k in sd if k.startswith("backbone.")})[:5])
     raise CheckpointError(f"The checkpoint's backbone (modules {sample or 'none'}) is not one gradlens knows.")
+
+
+def _check_fpn_neck(sd: Mapping[str, Tensor], family: str) -> None:
+    """gradlens runs these backbones under mmdetection's RetinaNet FPN on C3..C5; say so for any other neck."""
+    if "neck.reduction_conv.conv.weight" in sd:
+        raise CheckpointError(f"The checkpoint's neck is HRFPN (mmdetection's HRNet configs); gradlens runs {family} "
+                              "RetinaNets with mmdetection's FPN on the last three backbone maps only.")
+    laterals = _count(list(sd), "neck.lateral_convs")
+    if laterals != 3:
+        raise CheckpointError(f"The checkpoint's FPN has {laterals} lateral convs; gradlens runs {family} RetinaNets "
+                              "with mmdetection's FPN on the last three backbone maps (start_level=1), which has 3.")
+
+
+def family_options(family: str, sd: Mapping[str, Tensor], path, arch_name: str) -> dict:
+    """The constructor options a Table A1 family's weights imply, checked against the architecture named for them."""
+    module = import_module(f"gradlens.models.{family}")
+    if not getattr(module, f"is_{family}_checkpoint")(sd):
+        raise CheckpointError(f"{path} does not fit {arch_name}: its backbone weights are not a {family} backbone's.")
+    name, options = module.recognise(sd)
+    if name != arch_name:
+        raise CheckpointError(f"{path} holds a {name} backbone, not the {arch_name} named by --arch.")
+    return options
 
 
 def num_classes_of(sd: Mapping[str, Tensor]) -> int:

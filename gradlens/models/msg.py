@@ -574,7 +574,7 @@ def recognise(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
     MSG-Transformer backbone; overrides are ``{"out_indices": [...]}`` when its ``norm{i}`` are not
     those of (0, 1, 2, 3), else ``{}``. Raises :class:`CheckpointError` if no variant matches."""
     if "backbone.msg_tokens" not in sd:
-        raise CheckpointError("The checkpoint has no backbone.msg_tokens, so its backbone is not an MSG-Transformer.")
+        raise CheckpointError("The checkpoint's MSG-Transformer backbone lacks backbone.msg_tokens (its messenger tokens).")
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     tokens = sd["backbone.msg_tokens"]
     embed = int(tokens.shape[-1])

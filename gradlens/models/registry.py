@@ -39,6 +39,8 @@ class Architecture:
     anchors: str = "mmdet"
     test_cfg: TestConfig = field(default_factory=TestConfig)
     default_options: dict = field(default_factory=dict)
+    # the backbone needs input sides that are multiples of this (HRNet's fusions, RevCol's columns: 32)
+    size_multiple: int = 1
 
 
 def _cednet(variant: str | None):
@@ -94,7 +96,7 @@ def _table_a1(module: str, variant: str):
         out_chans = int(opts.pop("out_chans", 256))
         if "out_indices" in opts:
             opts["out_indices"] = tuple(opts["out_indices"])
-        body = getattr(import_module(f"gradlens.models.{module}"), f"{variant}_backbone")(**opts, drop_path_rate=0.0)
+        body = getattr(import_module(f"gradlens.models.{module}"), f"{variant}_backbone")(**{**opts, "drop_path_rate": 0.0})
         return _with_fpn(body, out_chans)
 
     return build
@@ -149,7 +151,8 @@ for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_convnext_{_size}", "convnext", f"RetinaNet, ConvNeXt-{_size[0].upper()} + FPN", _convnext(f"convnext_{_size}")))
 for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_swin_{_size}", "swin", f"RetinaNet, Swin-{_size[0].upper()} + FPN", _swin(f"swin_{_size}")))
-_register(Architecture("retinanet_hrnet_w32", "hrnet", "RetinaNet, HRNet-W32 (mmdetection's HRNet) + FPN", _table_a1("hrnet", "hrnet_w32")))
+_register(Architecture("retinanet_hrnet_w32", "hrnet", "RetinaNet, HRNet-W32 (mmdetection's HRNet) + FPN",
+                       _table_a1("hrnet", "hrnet_w32"), size_multiple=32))
 _TABLE_A1_LABELS = {
     "focalnet": ("FocalNet", {"tiny": " (SRF)", "small": " (SRF)", "base": " (LRF)"}),
     "msg": ("MSG-Transformer", {s: " (gradlens' Swin-style detection layout)" for s in ("tiny", "small", "base")}),
@@ -159,7 +162,7 @@ for _family, (_label, _notes) in _TABLE_A1_LABELS.items():
     for _size in ("tiny", "small", "base"):
         _register(Architecture(f"retinanet_{_family}_{_size}", _family,
                                f"RetinaNet, {_label}-{_size[0].upper()}{_notes[_size]} + FPN",
-                               _table_a1(_family, f"{_family}_{_size}")))
+                               _table_a1(_family, f"{_family}_{_size}"), size_multiple=32 if _family == "revcol" else 1))
 _register(Architecture("retinanet_resnet50", "resnet", "RetinaNet, ResNet-50 + FPN (mmdetection layout)", _resnet50(False)))
 _register(Architecture(
     "torchvision_retinanet_resnet50_fpn", "resnet",
@@ -199,10 +202,14 @@ def build_detector(name: str, num_classes: int, options: dict | None = None, pre
                    test_cfg: TestConfig | None = None) -> RetinaNetDetector:
     """A randomly initialised detector of a registered architecture, in eval mode."""
     arch = architecture(name)
+    preprocess = preprocess or arch.preprocess
+    if preprocess.size_divisor % arch.size_multiple:
+        raise GradlensError(f"{name} needs images padded to a multiple of {arch.size_multiple} pixels; "
+                            f"this one pads to {preprocess.size_divisor} (its config's Pad size_divisor).")
     opts = {**arch.default_options, **(options or {})}
     backbone = arch.build_backbone(opts)
     anchors = _torchvision_anchors() if arch.anchors == "torchvision" else MMDetAnchorGenerator(AnchorConfig())
-    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess or arch.preprocess,
+    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess,
                                  test_cfg=test_cfg or arch.test_cfg, anchor_generator=anchors)
     detector.arch_name = name
     detector.arch_options = opts
