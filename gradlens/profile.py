@@ -1,8 +1,9 @@
 """Parameters and FLOPs of the Table A1 backbones and of the detectors (Table A1's Param/FLOPs columns).
 
 FLOPs are counted with torch's own ``FlopCounterMode`` on a forward pass in
-eval mode (on the meta device by default: shapes only, the same counts) and reported as multiply-accumulates (one fused multiply-add
-counts once), the convention of the paper's tables (fvcore/mmcv counters).
+eval mode (on the meta device by default: shapes only, the same counts) and
+reported as multiply-accumulates (one fused multiply-add counts once), the
+convention of the paper's tables (fvcore/mmcv counters).
 Parameters count only what that forward pass uses: CEDNet's ImageNet model
 carries a classifier per stage for training but infers with the last one only,
 and the paper counts only that one.

@@ -85,7 +85,8 @@ def profile(
     else:  # the notes as numbered footnotes under the table, one number per distinct note
         texts = list(dict.fromkeys(r["note"] for r in rows if r.get("note")))
         verdict = {True: "yes", False: "no", None: "-"}
-        shown = table.drop(columns=["note"]).astype(object).where(table.drop(columns=["note"]).notna(), "-")
+        shown = table.drop(columns=["note"])
+        shown = shown.astype(object).where(shown.notna(), "-")
         shown["reproduced"] = [verdict[r["reproduced"]] + (f" [{texts.index(r['note']) + 1}]" if r.get("note") else "")
                                for r in rows]
         typer.echo(shown.to_string(index=False))

@@ -133,10 +133,9 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     if "bbox_head.retina_cls.weight" not in sd:
         raise CheckpointError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
     for family in TABLE_A1_FAMILIES:  # before Swin: FocalNet and MSG also have a patch_embed.proj
-        module = import_module(f"gradlens.models.{family}")
-        if getattr(module, f"is_{family}_checkpoint")(sd):
+        if _is_family(sd, family):
             _check_fpn_neck(sd, family)
-            return module.recognise(sd)
+            return _family(family).recognise(sd)
     if "backbone.reduce_convs.0.0.weight" in sd:
         return _recognise_cednet(sd)
     if "backbone.downsample_layers.0.0.weight" in sd:
@@ -147,6 +146,14 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         return "retinanet_resnet50", {}
     sample = ", ".join(sorted({k.split(".")[1] for k in sd if k.startswith("backbone.")})[:5])
     raise CheckpointError(f"The checkpoint's backbone (modules {sample or 'none'}) is not one gradlens knows.")
+
+
+def _family(family: str):
+    return import_module(f"gradlens.models.{family}")
+
+
+def _is_family(sd: Mapping[str, Tensor], family: str) -> bool:
+    return getattr(_family(family), f"is_{family}_checkpoint")(sd)
 
 
 def _check_fpn_neck(sd: Mapping[str, Tensor], family: str) -> None:
@@ -162,10 +169,9 @@ def _check_fpn_neck(sd: Mapping[str, Tensor], family: str) -> None:
 
 def family_options(family: str, sd: Mapping[str, Tensor], path, arch_name: str) -> dict:
     """The constructor options a Table A1 family's weights imply, checked against the architecture named for them."""
-    module = import_module(f"gradlens.models.{family}")
-    if not getattr(module, f"is_{family}_checkpoint")(sd):
+    if not _is_family(sd, family):
         raise CheckpointError(f"{path} does not fit {arch_name}: its backbone weights are not a {family} backbone's.")
-    name, options = module.recognise(sd)
+    name, options = _family(family).recognise(sd)
     if name != arch_name:
         raise CheckpointError(f"{path} holds a {name} backbone, not the {arch_name} named by --arch.")
     return options
