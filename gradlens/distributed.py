@@ -235,9 +235,9 @@ class Status:
     def progress(self, batches: int = 1) -> int:
         return int(self.store.add(self._key("progress"), batches))
 
-    def batch_done(self) -> None:
-        """One more batch finished on this rank: counted for rank 0's bar (and for ``GRADLENS_FAULT``)."""
-        self.progress(1)
+    def batch_done(self, items: int = 1) -> None:
+        """One more batch finished on this rank: ``items`` more on rank 0's bar, one more batch for ``GRADLENS_FAULT``."""
+        self.progress(items)
         self.batches_done += 1
         fault_injection(self.batches_done)
 
@@ -277,18 +277,18 @@ def _control_broadcast(obj):
 
 
 def run_job(kind: str, job: dict, batches: list[list[int]], costs: list[float], images: int, own: Callable,
-            bar=None) -> int:
+            bar=None, unit: str = "image") -> int:
     """On rank 0: every rank computes its share of ``batches`` for ``job``; returns the images computed by all.
 
     ``own(batches, status)`` computes rank 0's share. ``images`` is the number
-    of images of the whole step (a world larger than that is refused). The
+    of images (or other ``unit``s) of the whole step (a world larger than that is refused). The
     progress ``bar`` (rank 0's, over all batches) follows every rank.
     """
     import torch.distributed as dist
 
     world = active()
     if images < world.size:
-        raise GradlensError(f"torchrun started {world.size} processes, but this step has only {images} image(s); "
+        raise GradlensError(f"torchrun started {world.size} processes, but this step has only {images} {unit}(s); "
                             f"start at most {images} (--nproc-per-node × --nnodes).")
     _job_counter[0] += 1
     job = {**job, "kind": kind, "id": _job_counter[0], "shards": assign(batches, costs, world.size)}
@@ -337,6 +337,7 @@ def serve(world: World) -> int:
     import torch.distributed as dist
 
     import gradlens.attribution.compute  # noqa: F401  (registers the job handlers)
+    import gradlens.attribution.objects  # noqa: F401
     import gradlens.inference  # noqa: F401
 
     while True:

@@ -122,13 +122,11 @@ def compute_maps(
             computed = compute_batches(detector, gt, todo, store, config, batch_size, workers, threads, threads > 1,
                                        on_batch=lambda written: bar.update())
         else:
-            job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
-                   "store": str(store.folder), "key": store.key, "config": asdict(config), "batch_size": batch_size,
-                   "workers": workers, "single_threaded": threads > 1}
+            job = rank_job(detector, gt, store, config, batch_size, workers, threads > 1)
             computed = distributed.run_job(
                 "maps", job, todo, batch_costs(detector, gt, todo), sum(map(len, full_plan)), bar=bar,
-                own=lambda batches, status: _maps_share(detector, gt, batches, store, config, batch_size, workers,
-                                                        threads > 1, status))
+                own=lambda batches, status: rank_share(detector, gt, batches, store, config, batch_size, workers,
+                                                       threads > 1, status))
     finally:
         bar.close()
     return MapRun(computed=computed, reused=already, store=store, replaced=replaced)
@@ -136,29 +134,34 @@ def compute_maps(
 
 def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], store: MapStore,
                     config: AttributionConfig, batch_size: int, workers: int, threads: int, single_threaded: bool,
-                    on_batch=None, stop=None) -> int:
+                    on_batch=None, stop=None, entries: dict[int, tuple[int, dict]] | None = None) -> int:
     """Compute and store the maps of ``batches`` (each whole, in order); returns the maps written.
 
-    ``threads`` batches run at once (CPU), each on one core when
-    ``single_threaded`` (it changes the last bits of a map, so the caller
-    decides it by the whole plan). ``on_batch(written)`` runs after each batch
-    and ``stop()`` between batches (it may raise to end early); every map
-    already computed is written however the run ends.
+    A batch lists map names. ``entries`` says what each name is: ``name ->
+    (image id, targets of the loss)``; by default a name is an image id and its
+    map is of the image's whole loss (per-object maps name one entry per
+    object, :mod:`gradlens.attribution.objects`). ``threads`` batches run at
+    once (CPU), each on one core when ``single_threaded`` (it changes the last
+    bits of a map, so the caller decides it by the whole plan).
+    ``on_batch(written)`` runs after each batch and ``stop()`` between batches
+    (it may raise to end early); every map already computed is written however
+    the run ends.
     """
     device = next(detector.parameters()).device
     if device.type == "cpu":
         # On the CPU the network already uses every core; decoding workers would only contend with it
         # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
-    paths = {i: gt.image_path(i) for batch in batches for i in batch}
-    targets = {i: image_targets(gt, i, detector.categories) for i in paths}
+    if entries is None:
+        entries = {i: (i, image_targets(gt, i, detector.categories).as_dict()) for batch in batches for i in batch}
+    paths = {name: gt.image_path(entries[name][0]) for batch in batches for name in batch}
     loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
 
-    def work(ids: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    def work(names: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         # regrouped by the decoded size, so a file whose size disagrees with the annotation stays exact
-        attributions = attribute_frozen(detector, images, [targets[i].as_dict() for i in ids], config, batch_size)
-        return [(i, reduce_channels(a, config.channel_reduce).cpu()) for i, a in zip(ids, attributions)]
+        attributions = attribute_frozen(detector, images, [entries[n][1] for n in names], config, batch_size)
+        return [(n, reduce_channels(a, config.channel_reduce).cpu()) for n, a in zip(names, attributions)]
 
     computed = 0
 
@@ -205,25 +208,41 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
     return computed
 
 
-def _maps_share(detector, gt, batches, store, config, batch_size, workers, single_threaded, status) -> int:
-    device = next(detector.parameters()).device
-    threads = batch_threads(device, len(batches)) if single_threaded else 1
-    return compute_batches(detector, gt, batches, store, config, batch_size, workers, threads, single_threaded,
-                           on_batch=lambda written: status.batch_done(), stop=status.stop_if_failed)
+def rank_job(detector, gt, store, config, batch_size, workers, single_threaded) -> dict:
+    """What another torchrun rank needs to compute its share of a map step: the inputs to load and check."""
+    return {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
+            "store": str(store.folder), "key": store.key, "config": asdict(config), "batch_size": batch_size,
+            "workers": workers, "single_threaded": single_threaded}
 
 
-@distributed.handler("maps")
-def _maps_job(job: dict, batches: list[list[int]], status) -> int:
-    """A rank > 0's share of rank 0's gradient step: load the same inputs, check them, write maps to the shared store."""
+def rank_inputs(job: dict, what: str = "gradient maps"):
+    """On a rank > 0: load :func:`rank_job`'s detector, dataset, config and store, checked to be rank 0's."""
     detector = distributed.detector_from_spec(job["detector"])
     gt = distributed.ground_truth_from_spec(job["gt"])
     config = AttributionConfig(**job["config"]).check(next(detector.parameters()).device)
     store = MapStore(job["store"])
     mine = json.loads(json.dumps(map_store_key(detector, sha256_file(job["detector"]["checkpoint"]), gt, config,
                                                batch_size=job["batch_size"])))
-    distributed.check_same_inputs(mine, job["key"], "gradient maps")
+    distributed.check_same_inputs(mine, job["key"], what)
     distributed.check_same_inputs(store.key, job["key"], f"the map store {store.folder}")
-    return _maps_share(detector, gt, batches, store, config, job["batch_size"], job["workers"], job["single_threaded"], status)
+    return detector, gt, config, store
+
+
+def rank_share(detector, gt, batches, store, config, batch_size, workers, single_threaded, status, entries=None) -> int:
+    """One rank's share of a map step. Progress counts batches, or maps written when ``entries`` are given
+    (per-object maps, whose bar counts objects)."""
+    device = next(detector.parameters()).device
+    threads = batch_threads(device, len(batches)) if single_threaded else 1
+    return compute_batches(detector, gt, batches, store, config, batch_size, workers, threads, single_threaded,
+                           on_batch=lambda written: status.batch_done(1 if entries is None else written),
+                           stop=status.stop_if_failed, entries=entries)
+
+
+@distributed.handler("maps")
+def _maps_job(job: dict, batches: list[list[int]], status) -> int:
+    """A rank > 0's share of rank 0's gradient step: load the same inputs, check them, write maps to the shared store."""
+    detector, gt, config, store = rank_inputs(job)
+    return rank_share(detector, gt, batches, store, config, job["batch_size"], job["workers"], job["single_threaded"], status)
 
 
 def _drop_unusable_maps(store: MapStore, gt: GroundTruth, image_ids: list[int]) -> int:

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from gradlens.attribution.compute import MapRun
-from gradlens.attribution.methods import AttributionConfig, attribute_frozen, frozen_inference_mode, reduce_channels
+from gradlens import distributed
+from gradlens.attribution.compute import MapRun, compute_batches, rank_inputs, rank_job, rank_share
+from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.store import MapStore
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
-from gradlens.data.images import read_image, to_tensor
+from gradlens.device import batch_threads
 from gradlens.errors import GradlensError
-from gradlens.inference import plan_batches
+from gradlens.inference import batch_costs, plan_batches
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.progress import track
 
@@ -41,17 +42,41 @@ def object_image(gt: GroundTruth, ann_id: int) -> int:
     return int(ann["image_id"])
 
 
+def object_entries(detector: RetinaNetDetector, gt: GroundTruth, image_ids) -> dict[int, tuple[int, dict]]:
+    """Every object of ``image_ids`` as a map to compute: annotation id -> (image id, that object's targets)."""
+    entries = {}
+    for i in image_ids:
+        targets = image_targets(gt, i, detector.categories)
+        entries.update({ann: (int(i), targets.for_object(j)) for j, ann in enumerate(targets.ann_ids)})
+    return entries
+
+
+def object_groups(plan: list[list[int]], entries: dict[int, tuple[int, dict]], batch_size: int) -> list[list[int]]:
+    """The fixed plan of object maps: each image batch's objects in order, cut every ``batch_size``."""
+    by_image: dict[int, list[int]] = {}
+    for ann, (image_id, _) in entries.items():
+        by_image.setdefault(image_id, []).append(ann)
+    groups = []
+    for batch in plan:
+        objects = [ann for i in batch for ann in by_image.get(i, [])]
+        groups += [objects[k:k + batch_size] for k in range(0, len(objects), batch_size)]
+    return groups
+
+
 def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids, store: MapStore,
                         config: AttributionConfig | None = None, batch_size: int = 4, progress: bool | None = None,
-                        label: str = "", plan_ids=None) -> MapRun:
+                        label: str = "", plan_ids=None, workers: int = 2) -> MapRun:
     """Compute and store the map of every object of ``image_ids`` that ``store`` lacks (resumable per object).
 
     Objects are attributed in groups of ``batch_size`` that share one padded
     canvas (an object's copy of its image is one batch entry). The groups
     follow a plan fixed by ``plan_ids`` (default ``image_ids``): the images in
     batches of one canvas, each batch's objects in order, cut every
-    ``batch_size``; a group with a missing object is computed whole. So a
-    resumed run, or one image's objects asked for alone, gets bit-identical maps.
+    ``batch_size``; a group with a missing object is computed whole, and how
+    groups run (a thread per core on the CPU) is decided by the whole plan.
+    So a resumed run, or one image's objects asked for alone, gets
+    bit-identical maps. Under ``torchrun`` the groups are shared among the
+    ranks like image batches (:mod:`gradlens.distributed`).
     """
     device = next(detector.parameters()).device
     config = (config or AttributionConfig(target="object")).check(device)
@@ -59,47 +84,55 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
         raise GradlensError("compute_object_maps needs an attribution config with target='object'.")
     ids = [int(i) for i in image_ids]
     wanted = set(ids)
-    plan = [b for b in plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
-            if wanted.intersection(b)]
-    targets = {i: image_targets(gt, i, detector.categories) for batch in plan for i in batch}
-    todo, reused, replaced = set(), 0, 0
-    for i in sorted(targets):
+    full_plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
+    everything = object_entries(detector, gt, [i for batch in full_plan for i in batch])
+    # threads or not changes a map's last bits: decided by the whole plan's groups, as compute_maps decides it
+    threads = batch_threads(device, len(object_groups(full_plan, everything, batch_size)))
+    plan = [b for b in full_plan if wanted.intersection(b)]
+    in_plan = {i for batch in plan for i in batch}
+    entries = {ann: entry for ann, entry in everything.items() if entry[0] in in_plan}
+    groups = object_groups(plan, entries, batch_size)
+    reused, replaced = 0, 0
+    for ann, (i, _) in entries.items():
         h, w = int(gt.image_info(i).get("height") or 0), int(gt.image_info(i).get("width") or 0)
-        for ann in targets[i].ann_ids:
-            problem = store.problem(ann, (h, w) if h and w else None)
-            if problem is None:
-                reused += i in wanted
-                continue
-            replaced += problem != "missing"
-            todo.add(ann)
-    groups = []  # the fixed plan: each batch's objects in order, cut every batch_size
-    for batch in plan:
-        items = [(i, j, ann) for i in batch for j, ann in enumerate(targets[i].ann_ids)]
-        groups += [(batch, items[k:k + batch_size]) for k in range(0, len(items), batch_size)]
-    groups = [(batch, g) for batch, g in groups if any(ann in todo and i in wanted for i, _, ann in g)]
-    if not groups:
+        problem = store.problem(ann, (h, w) if h and w else None)
+        if problem is None:
+            reused += i in wanted
+        elif problem != "missing":  # damaged, another store's or of another shape: computed again
+            store.path(ann).unlink(missing_ok=True)
+            replaced += 1
+    todo = [g for g in groups if any(not store.has(ann) and entries[ann][0] in wanted for ann in g)]
+    if not todo:
         return MapRun(computed=0, reused=reused, store=store, replaced=replaced)
-    missing = sum(ann in todo for _, g in groups for _, _, ann in g)
-    bar = track(None, f"object gradients {label} ({missing} objects)".replace("  ", " "), progress, unit="object", total=missing)
-    computed, images, loaded = 0, {}, None
+    missing = sum(not store.has(ann) for g in todo for ann in g)
+    world = distributed.active()
+    where = f" on {world.size} ranks" if world is not None else (f", {threads} threads" if threads > 1 else "")
+    bar = track(None, f"object gradients {label} ({missing} objects{where})".replace("  ", " "), progress, unit="object",
+                total=missing)
     try:
-        with frozen_inference_mode(detector):
-            for batch, group in groups:
-                if loaded is not batch:  # decode each batch's images once
-                    images = {i: to_tensor(read_image(gt.image_path(i), gt.exif_orientation)).to(device) for i in batch}
-                    loaded = batch
-                attributions = attribute_frozen(detector, [images[i] for i, _, _ in group],
-                                                [targets[i].for_object(j) for i, j, _ in group], config, batch_size)
-                written = 0
-                for (_, _, ann), a in zip(group, attributions):
-                    if ann in todo:
-                        store.write(ann, reduce_channels(a, config.channel_reduce))
-                        written += 1
-                computed += written
-                bar.update(written)
+        if world is None:
+            computed = compute_batches(detector, gt, todo, store, config, batch_size, workers, threads, threads > 1,
+                                       on_batch=bar.update, entries=entries)
+        else:
+            job = rank_job(detector, gt, store, config, batch_size, workers, threads > 1)
+            costs = batch_costs(detector, gt, [[entries[ann][0] for ann in g] for g in todo])
+            computed = distributed.run_job(
+                "object_maps", job, todo, costs, len(everything), bar=bar, unit="object",
+                own=lambda shares, status: rank_share(detector, gt, shares, store, config, batch_size, workers,
+                                                      threads > 1, status, entries=entries))
     finally:
         bar.close()
     return MapRun(computed=computed, reused=reused, store=store, replaced=replaced)
+
+
+@distributed.handler("object_maps")
+def _object_maps_job(job: dict, groups: list[list[int]], status) -> int:
+    """A rank > 0's share of rank 0's object maps: the same inputs, checked; maps written to the shared store."""
+    detector, gt, config, store = rank_inputs(job, "per-object gradient maps")
+    images = sorted({object_image(gt, ann) for g in groups for ann in g})
+    entries = object_entries(detector, gt, images)
+    return rank_share(detector, gt, groups, store, config, job["batch_size"], job["workers"], job["single_threaded"],
+                      status, entries=entries)
 
 
 def object_losses(detector: RetinaNetDetector, image: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:

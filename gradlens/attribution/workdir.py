@@ -180,8 +180,8 @@ def workdir_maps(
         if compute and config.target == "object":  # one map per object of these images (gradlens.attribution.objects)
             from gradlens.attribution.objects import compute_object_maps
 
-            maps.run = compute_object_maps(detector, gt, ids, store, config, batch_size=run.batch_size, progress=progress,
-                                           label=f"{role} ({maps.label})", plan_ids=plan_ids)
+            maps.run = compute_object_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
+                                           progress=progress, label=f"{role} ({maps.label})", plan_ids=plan_ids)
         elif compute:
             maps.run = compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
                                     progress=progress, label=f"{role} ({maps.label})", plan_ids=plan_ids)

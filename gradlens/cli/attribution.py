@@ -156,7 +156,8 @@ def gradients(
     if target == "object":
         from gradlens.attribution.objects import compute_object_maps
 
-        run = compute_object_maps(detector, gt, ids, store, config, batch_size=batch_size, progress=progress)
+        run = compute_object_maps(detector, gt, ids, store, config, batch_size=batch_size, workers=workers,
+                                  progress=progress)
         typer.echo(f"{len(ids)} images, {run.computed + run.reused} objects: {run.computed} object maps computed, "
                    f"{run.reused} reused ({config.method}, {config.channel_reduce}; files named by annotation id).")
     else:
