@@ -105,6 +105,8 @@ def single(coco, tmp_path_factory):
     _select(coco, tmp / "w", env)
     gradlens(["area-curve", "--workdir", str(tmp / "w")], env)
     gradlens(["gradients", "--model", A, "--selection", str(tmp / "w" / "selection.csv"), "--out", str(tmp / "g")], env)
+    gradlens(["gradients", "--model", A, "--selection", str(tmp / "w" / "selection.csv"), "--target", "object", "--top", "4",
+              "--out", str(tmp / "o")], env)
     return tmp
 
 
@@ -121,6 +123,20 @@ def test_two_processes_write_byte_identical_outputs(coco, single, tmp_path):
     assert _detections_files(single / "cache") == _detections_files(tmp_path / "cache")
     assert _same_maps(single / "w" / "maps", tmp_path / "w" / "maps") == 16
     assert _same_maps(single / "g", tmp_path / "g") == 8
+
+
+def test_two_processes_share_the_object_maps(coco, single, tmp_path):
+    env = _env(tmp_path, "cache")
+    args = ["gradients", "--model", A, "--selection", str(single / "w" / "selection.csv"), "--target", "object", "--top", "4",
+            "--out", str(tmp_path / "o")]
+    out = gradlens(args, {**env, "GRADLENS_FAULT": "1:1"}, ranks=2, check=False)  # rank 1 dies after one group
+    assert out.returncode != 0
+    kept = len(list((tmp_path / "o").glob("*.npz")))
+    objects = len(list((single / "o").glob("*.npz")))
+    assert 0 < kept < objects  # both ranks' finished groups are on disk
+    again = gradlens(args, env, ranks=2)
+    assert f"{objects - kept} object maps computed, {kept} reused" in again.stdout
+    assert _same_maps(single / "o", tmp_path / "o") == objects > 4
 
 
 def test_a_killed_rank_loses_only_its_unsaved_batches(coco, single, tmp_path):
