@@ -252,6 +252,22 @@ def test_table_a1_families_refuse_other_necks_and_small_padding():
             build_detector(arch, 80, preprocess=replace(PAPER_PREPROCESS, size_divisor=16))
 
 
+@pytest.mark.parametrize("arch", ["retinanet_focalnet_tiny", "retinanet_convnext_tiny"])
+def test_output_stages_that_do_not_fit_the_fpn_are_one_sentence(arch):
+    """A backbone whose out_indices give the FPN other maps than its laterals read, or fewer than three, is refused
+    before any weight is loaded (FocalNet and ConvNeXt return only their out_indices stages)."""
+    with torch.device("meta"):
+        state = mmdet.to_mmdet(build_detector(arch, 80).state_dict())
+    skipped = {k: v for k, v in state.items() if not k.startswith("backbone.norm1.")}  # out_indices (0, 2, 3)
+    with pytest.raises(CheckpointError, match=r"its FPN reads maps of \[192, 384, 768\] channels, but the "
+                                              rf"{arch} backbone it holds gives \[96, 384, 768\]"):
+        detector_from_object({"meta": {}, "state_dict": skipped}, "det.pth")
+    two = {k: v for k, v in skipped.items() if not k.startswith("backbone.norm0.")}  # out_indices (2, 3)
+    with pytest.raises(CheckpointError, match=rf"det.pth holds a {arch} that gradlens cannot run: the backbone returns "
+                                              r"2 map\(s\), but mmdetection's RetinaNet FPN reads the last three"):
+        detector_from_object({"meta": {}, "state_dict": two}, "det.pth")
+
+
 def test_live_batch_norm_counters_may_be_absent(tmp_path):
     """HRNet keeps nn.BatchNorm2d: a file without num_batches_tracked (torch's loader accepts that) still loads."""
     torch.manual_seed(0)

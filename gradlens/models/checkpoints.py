@@ -231,7 +231,12 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDet
         from dataclasses import replace
 
         preprocess = replace(preprocess, **hints)
-    detector = build_detector(name, num_classes, options, preprocess=preprocess)
+    try:
+        detector = build_detector(name, num_classes, options, preprocess=preprocess)
+    except GradlensError as exc:
+        reason = str(exc)
+        raise CheckpointError(f"{path} holds a {name} that gradlens cannot run: {reason[:1].lower()}{reason[1:]}") from None
+    mmdet.check_fpn_inputs(state, detector, path, name)
     load_strict(detector, mmdet.to_gradlens(state), path)
     classes = meta.get("CLASSES")
     if num_classes == 80:

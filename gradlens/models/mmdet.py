@@ -167,6 +167,19 @@ def _check_fpn_neck(sd: Mapping[str, Tensor], family: str) -> None:
                               "with mmdetection's FPN on the last three backbone maps (start_level=1), which has 3.")
 
 
+def check_fpn_inputs(sd: Mapping[str, Tensor], detector, path, name: str) -> None:
+    """The checkpoint's FPN must read maps of the channels the recognised backbone gives (its output stages)."""
+    fpn = getattr(getattr(detector, "backbone", None), "fpn", None)
+    if fpn is None or "neck.lateral_convs.0.conv.weight" not in sd:
+        return
+    wanted = [int(sd[f"neck.lateral_convs.{k}.conv.weight"].shape[1]) for k in range(_count(list(sd), "neck.lateral_convs"))]
+    given = [int(block[0].weight.shape[1]) for block in fpn.inner_blocks]
+    if wanted != given:
+        raise CheckpointError(f"{path}: its FPN reads maps of {wanted} channels, but the {name} backbone it holds gives "
+                              f"{given} to the FPN (the last three of its output stages); the backbone's output stages "
+                              "(out_indices) and the neck's in_channels do not fit together.")
+
+
 def family_options(family: str, sd: Mapping[str, Tensor], path, arch_name: str) -> dict:
     """The constructor options a Table A1 family's weights imply, checked against the architecture named for them."""
     if not _is_family(sd, family):

@@ -105,6 +105,9 @@ def _table_a1(module: str, variant: str):
 def _with_fpn(body: nn.Module, out_chans: int) -> nn.Module:
     """mmdetection's RetinaNet neck: the last three backbone maps (C3..C5), P6 from C5, no ReLU before P7."""
     channels = list(body.out_channels)
+    if len(channels) < 3:
+        raise GradlensError(f"The backbone returns {len(channels)} map(s), but mmdetection's RetinaNet FPN reads the last "
+                            "three (C3..C5): give it at least three output stages (out_indices).")
     start = len(channels) - 3
     return BackboneWithPyramid(body, channels[start:], out_chans, start_level=start)
 
