@@ -43,15 +43,26 @@ def naive(detector, gt, device):
     return results
 
 
+def _timed(run, device) -> float:
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--arch", default=None, help="a paper architecture with random weights instead of the bundled detector")
+    parser.add_argument("--bundled", choices=["cednet", "convnext"], default="cednet", help="which bundled detector (without --arch)")
     parser.add_argument("--min-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved rounds of naive then batched; the medians are reported (a 2-core machine drifts by 20 %%)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -63,25 +74,20 @@ def main(argv=None):
             detector = build_detector(args.arch, len(CATEGORIES))
             detector.categories = [dict(c) for c in CATEGORIES]
         else:
-            detector = load_detector(bundled_detector_path("cednet"))
+            detector = load_detector(bundled_detector_path(args.bundled))
         if args.min_size:
             with_preprocess(detector, min_size=args.min_size, max_size=int(args.min_size * 1333 / 800))
         detector = detector.to(device).eval()
         # warm-up (allocator, kernels)
         detect_images(detector, gt, image_ids=gt.image_ids[:2], settings=InferenceSettings(batch_size=1, workers=0), progress=False)
 
-        start = time.perf_counter()
-        slow = naive(detector, gt, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_naive = time.perf_counter() - start
-
         settings = InferenceSettings(batch_size=args.batch_size, workers=args.workers, precision=args.precision)
-        start = time.perf_counter()
-        fast = detect_images(detector, gt, settings=settings, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_fast = time.perf_counter() - start
+        naive_s, fast_s, out = [], [], {}
+        for _ in range(max(1, args.repeat)):  # interleaved, so a drift of the machine hits both alike
+            naive_s.append(_timed(lambda: out.update(slow=naive(detector, gt, device)), device))
+            fast_s.append(_timed(lambda: out.update(fast=detect_images(detector, gt, settings=settings, progress=False)), device))
+        slow, fast = out["slow"], out["fast"]
+        t_naive, t_fast = float(np.median(naive_s)), float(np.median(fast_s))
 
         same = sum(len(slow[i]["boxes"]) == len(fast[i]) for i in slow)
         n = len(gt.image_ids)
@@ -93,6 +99,8 @@ def main(argv=None):
             "naive_images_per_s": round(n / t_naive, 2),
             "batched_images_per_s": round(n / t_fast, 2),
             "speedup": round(t_naive / t_fast, 2),
+            "rounds": len(naive_s),
+            "speedup_per_round": [round(a / b, 2) for a, b in zip(naive_s, fast_s)],
             "batch_size": args.batch_size,
             "workers": args.workers,
             "precision": args.precision,
