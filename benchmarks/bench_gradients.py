@@ -7,6 +7,8 @@ gradlens: ``compute_maps`` — JPEG decoding in DataLoader workers, parameters
 frozen, images batched by padded canvas, channels-last convolutions on the
 CPU, each map reduced, compressed and written to the store as it is done.
 Both must give the same maps (checked before the ratio is printed).
+``--target object``: one map per ground-truth object instead, against captum
+on one object's loss at a time. ``--repeat`` interleaved rounds, medians shown.
 
 Also measured: the error of bf16 autocast maps against fp32 (``--precision``
 of ``gradients``/``area-curve``), as relative L2 error and as the IoU of the

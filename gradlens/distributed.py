@@ -206,7 +206,8 @@ def assign(batches: list[list[int]], costs: list[float], ranks: int) -> list[lis
 
 
 class Status:
-    """One job's shared state: which rank failed (and why), and how many batches are done over all ranks."""
+    """One job's shared state: which rank failed (and why), and how much is done over all ranks (batches, or
+    the maps a per-object step counts)."""
 
     def __init__(self, job_id: int):
         import torch.distributed as dist
@@ -278,7 +279,7 @@ def _control_broadcast(obj):
 
 def run_job(kind: str, job: dict, batches: list[list[int]], costs: list[float], images: int, own: Callable,
             bar=None, unit: str = "image") -> int:
-    """On rank 0: every rank computes its share of ``batches`` for ``job``; returns the images computed by all.
+    """On rank 0: every rank computes its share of ``batches`` for ``job``; returns what all computed (images, maps).
 
     ``own(batches, status)`` computes rank 0's share. ``images`` is the number
     of images (or other ``unit``s) of the whole step (a world larger than that is refused). The

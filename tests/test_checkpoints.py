@@ -263,9 +263,19 @@ def test_output_stages_that_do_not_fit_the_fpn_are_one_sentence(arch):
                                               rf"{arch} backbone it holds gives \[96, 384, 768\]"):
         detector_from_object({"meta": {}, "state_dict": skipped}, "det.pth")
     two = {k: v for k, v in skipped.items() if not k.startswith("backbone.norm0.")}  # out_indices (2, 3)
-    with pytest.raises(CheckpointError, match=rf"det.pth holds a {arch} that gradlens cannot run: the backbone returns "
-                                              r"2 map\(s\), but mmdetection's RetinaNet FPN reads the last three"):
+    with pytest.raises(CheckpointError, match=rf"det.pth: its {arch} backbone has 2 output stage\(s\) \[2, 3\], but "
+                                              r"gradlens runs these RetinaNets with mmdetection's FPN on the last three"):
         detector_from_object({"meta": {}, "state_dict": two}, "det.pth")
+    four = dict(state)  # an FPN from C2 (start_level 0): four laterals
+    four["neck.lateral_convs.3.conv.weight"] = torch.empty(256, 768, 1, 1, device="meta")
+    if arch == "retinanet_convnext_tiny":  # (the Table A1 families already refuse it while being recognised)
+        with pytest.raises(CheckpointError, match="det.pth: its FPN has 4 lateral convs; gradlens runs"):
+            detector_from_object({"meta": {}, "state_dict": four}, "det.pth")
+    with torch.device("meta"):
+        native = build_detector(arch, 80).state_dict()  # the torchvision layout (--arch)
+    native = {k: v for k, v in native.items() if not k.startswith(("backbone.body.norm0.", "backbone.body.norm1."))}
+    with pytest.raises(CheckpointError, match=rf"det.pth: its {arch} backbone has 2 output stage\(s\) \[2, 3\]"):
+        detector_from_object(native, "det.pth", arch=arch)
 
 
 def test_live_batch_norm_counters_may_be_absent(tmp_path):

@@ -140,3 +140,29 @@ def test_a_resumed_or_partial_run_gives_the_same_object_maps(cednet, synthetic_g
     whole.path(later[0]).unlink()  # a run killed before this object's map was written
     again = compute_object_maps(cednet, synthetic_gt, ids, whole, config, batch_size=2, progress=False)
     assert again.computed == 1 and np.array_equal(whole.read(later[0]), part.read(later[0]))
+
+
+def test_stored_object_maps_are_judged_by_the_decoded_image_and_damaged_ones_replaced(cednet, synthetic_coco,
+                                                                                     synthetic_gt, tmp_path):
+    from gradlens.data.coco import load_ground_truth
+
+    ids = _crowded(synthetic_gt, cednet)[:2]
+    data = json.loads(open(synthetic_coco.ann).read())
+    for image in data["images"]:
+        if image["id"] == ids[0]:
+            image["width"] += 7  # the annotation file disagrees with the JPEG: maps have the decoded size
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    gt = load_ground_truth(ann, synthetic_coco.images)
+    config = AttributionConfig(target="object")
+    store = MapStore(tmp_path / "maps", map_store_key(cednet, "sha", gt, config, batch_size=2), map_dtype="float32")
+    done = compute_object_maps(cednet, gt, ids, store, config, batch_size=2, progress=False)
+    objects = sum(len(image_targets(gt, i, cednet.categories).ann_ids) for i in ids)
+    assert done.computed == objects > 0
+    again = compute_object_maps(cednet, gt, ids, store, config, batch_size=2, progress=False)
+    assert (again.computed, again.reused, again.replaced) == (0, objects, 0)
+    victim = image_targets(gt, ids[-1], cednet.categories).ann_ids[0]
+    before = store.read(victim)
+    store.path(victim).write_bytes(b"not a map")
+    fixed = compute_object_maps(cednet, gt, ids, store, config, batch_size=2, progress=False)
+    assert fixed.replaced == 1 and fixed.computed >= 1 and np.array_equal(store.read(victim), before)

@@ -41,6 +41,9 @@ from gradlens.progress import track
 MAP_FORMAT = 1
 
 
+OBJECT_MAP_FORMAT = 2  # 2: object groups run as image batches do (a thread per core on the CPU): other last bits
+
+
 def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
                   batch_size: int | None = None) -> dict:
     """Everything that changes a map: the store's identity.
@@ -48,7 +51,7 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
     The batch size is part of it: batch mates change a map only in the last
     bits of float arithmetic, but a store promises bit-identical maps on resume.
     """
-    return {
+    key = {
         "batch_size": batch_size,
         "map_format": MAP_FORMAT,
         "checkpoint_sha256": checkpoint_sha256,
@@ -60,6 +63,9 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
         "categories": [c.get("id") for c in getattr(detector, "categories", [])],
         "attribution": config.to_dict(),
     }
+    if config.target == "object":  # an older object store's maps differ in their last bits: not mixed in
+        key["object_map_format"] = OBJECT_MAP_FORMAT
+    return key
 
 
 @dataclass
@@ -154,8 +160,10 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
     if entries is None:
         entries = {i: (i, image_targets(gt, i, detector.categories).as_dict()) for batch in batches for i in batch}
-    paths = {name: gt.image_path(entries[name][0]) for batch in batches for name in batch}
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers, collate_fn=list,
+    # each image decoded once per batch, however many of the batch's maps are of it (per-object maps)
+    decoded = [list(dict.fromkeys(entries[name][0] for name in batch)) for batch in batches]
+    paths = {i: gt.image_path(i) for batch in decoded for i in batch}
+    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=decoded, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
 
     def work(names: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
@@ -185,12 +193,15 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
         pending: deque[Future] = deque()
         with executor as pool:
             try:
-                for batch in loader:
-                    ids, images = loaded_images(batch, device)
+                for names, batch in zip(batches, loader):
+                    ids, pixels = loaded_images(batch, device)
+                    of_image = dict(zip(ids, pixels))
+                    images = [of_image[entries[name][0]] for name in names]
+                    del of_image, pixels
                     if threads > 1:
-                        pending.append(pool.submit(lambda i=ids, x=images: _write_missing(store, work(i, x))))
+                        pending.append(pool.submit(lambda i=names, x=images: _write_missing(store, work(i, x))))
                     else:
-                        pending.append(pool.submit(_write_missing, store, work(ids, images)))
+                        pending.append(pool.submit(_write_missing, store, work(names, images)))
                     del images
                     while len(pending) > max(2, 2 * threads):  # bounded: memory does not grow with the run
                         collect(pending.popleft())

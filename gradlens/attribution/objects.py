@@ -73,9 +73,9 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     follow a plan fixed by ``plan_ids`` (default ``image_ids``): the images in
     batches of one canvas, each batch's objects in order, cut every
     ``batch_size``; a group with a missing object is computed whole, and how
-    groups run (a thread per core on the CPU) is decided by the whole plan.
-    So a resumed run, or one image's objects asked for alone, gets
-    bit-identical maps. Under ``torchrun`` the groups are shared among the
+    groups run (a thread per core on the CPU) is decided by the machine, not
+    by the call. So a resumed run, or one image's objects asked for alone,
+    gets bit-identical maps. Under ``torchrun`` the groups are shared among the
     ranks like image batches (:mod:`gradlens.distributed`).
     """
     device = next(detector.parameters()).device
@@ -84,26 +84,24 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
         raise GradlensError("compute_object_maps needs an attribution config with target='object'.")
     ids = [int(i) for i in image_ids]
     wanted = set(ids)
-    full_plan = plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
-    everything = object_entries(detector, gt, [i for batch in full_plan for i in batch])
-    # threads or not changes a map's last bits: decided by the whole plan's groups, as compute_maps decides it
-    threads = batch_threads(device, len(object_groups(full_plan, everything, batch_size)))
-    plan = [b for b in full_plan if wanted.intersection(b)]
-    in_plan = {i for batch in plan for i in batch}
-    entries = {ann: entry for ann, entry in everything.items() if entry[0] in in_plan}
+    plan = [b for b in plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
+            if wanted.intersection(b)]
+    entries = object_entries(detector, gt, [i for batch in plan for i in batch])
     groups = object_groups(plan, entries, batch_size)
-    reused, replaced = 0, 0
-    for ann, (i, _) in entries.items():
-        h, w = int(gt.image_info(i).get("height") or 0), int(gt.image_info(i).get("width") or 0)
-        problem = store.problem(ann, (h, w) if h and w else None)
-        if problem is None:
-            reused += i in wanted
-        elif problem != "missing":  # damaged, another store's or of another shape: computed again
+    # On the CPU groups run one per core with single-threaded operators whenever the machine has several cores:
+    # decided by the machine, not by how many groups this call has, so any subset gets the whole run's bits.
+    single_threaded = batch_threads(device, 2) > 1
+    problems = _stored_problems(store, gt, entries)
+    reused = sum(1 for ann, (i, _) in entries.items() if i in wanted and problems[ann] is None)
+    todo = [g for g in groups if any(problems[ann] is not None and entries[ann][0] in wanted for ann in g)]
+    replaced = 0
+    for ann in (ann for g in todo for ann in g):  # damaged, another store's or of another shape: computed again
+        if problems[ann] not in (None, "missing"):
             store.path(ann).unlink(missing_ok=True)
             replaced += 1
-    todo = [g for g in groups if any(not store.has(ann) and entries[ann][0] in wanted for ann in g)]
     if not todo:
         return MapRun(computed=0, reused=reused, store=store, replaced=replaced)
+    threads = batch_threads(device, len(todo)) if single_threaded else 1
     missing = sum(not store.has(ann) for g in todo for ann in g)
     world = distributed.active()
     where = f" on {world.size} ranks" if world is not None else (f", {threads} threads" if threads > 1 else "")
@@ -111,18 +109,37 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
                 total=missing)
     try:
         if world is None:
-            computed = compute_batches(detector, gt, todo, store, config, batch_size, workers, threads, threads > 1,
+            computed = compute_batches(detector, gt, todo, store, config, batch_size, workers, threads, single_threaded,
                                        on_batch=bar.update, entries=entries)
         else:
-            job = rank_job(detector, gt, store, config, batch_size, workers, threads > 1)
+            job = rank_job(detector, gt, store, config, batch_size, workers, single_threaded)
             costs = batch_costs(detector, gt, [[entries[ann][0] for ann in g] for g in todo])
             computed = distributed.run_job(
-                "object_maps", job, todo, costs, len(everything), bar=bar, unit="object",
+                "object_maps", job, todo, costs, len(entries), bar=bar, unit="object",
                 own=lambda shares, status: rank_share(detector, gt, shares, store, config, batch_size, workers,
-                                                      threads > 1, status, entries=entries))
+                                                      single_threaded, status, entries=entries))
     finally:
         bar.close()
     return MapRun(computed=computed, reused=reused, store=store, replaced=replaced)
+
+
+def _stored_problems(store: MapStore, gt: GroundTruth, entries: dict[int, tuple[int, dict]]) -> dict[int, str | None]:
+    """Why each object's stored map cannot be used (None: it can), judged against its image's decoded size."""
+    from gradlens.data.images import image_size
+
+    shapes: dict[int, tuple[int, int] | None] = {}
+    problems = {}
+    for ann, (i, _) in entries.items():
+        if not store.has(ann):
+            problems[ann] = "missing"
+            continue
+        if i not in shapes:
+            try:
+                shapes[i] = image_size(gt.image_path(i), gt.exif_orientation)
+            except GradlensError:
+                shapes[i] = None  # an unreadable image is reported when it is decoded
+        problems[ann] = store.problem(ann, shapes[i])
+    return problems
 
 
 @distributed.handler("object_maps")

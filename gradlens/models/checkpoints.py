@@ -22,7 +22,7 @@ from gradlens._version import __version__
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models import mmdet
-from gradlens.models.registry import ARCHITECTURES, architecture, build_detector
+from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
 from gradlens.models.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.transform import PreprocessConfig
 
@@ -203,6 +203,8 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
                                   "(backbone.body.norm<i>); is it a state dict of another architecture?")
     try:
         detector = build_detector(arch_name, num_classes, options)
+    except TooFewBackboneMaps:
+        raise _too_few_maps(path, arch_name, options) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path} does not fit {arch_name} ({exc}).") from None
     load_strict(detector, state, path)
@@ -215,6 +217,12 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
     else:
         detector.categories = default_categories(num_classes)
     return detector
+
+
+def _too_few_maps(path, name: str, options: Mapping) -> CheckpointError:
+    stages = list(options.get("out_indices", []))
+    return CheckpointError(f"{path}: its {name} backbone has {len(stages)} output stage(s) {stages}, but gradlens runs "
+                           "these RetinaNets with mmdetection's FPN on the last three backbone maps, so it needs three.")
 
 
 def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDetector:
@@ -233,9 +241,8 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDet
         preprocess = replace(preprocess, **hints)
     try:
         detector = build_detector(name, num_classes, options, preprocess=preprocess)
-    except GradlensError as exc:
-        reason = str(exc)
-        raise CheckpointError(f"{path} holds a {name} that gradlens cannot run: {reason[:1].lower()}{reason[1:]}") from None
+    except TooFewBackboneMaps:
+        raise _too_few_maps(path, name, options) from None
     mmdet.check_fpn_inputs(state, detector, path, name)
     load_strict(detector, mmdet.to_gradlens(state), path)
     classes = meta.get("CLASSES")

@@ -172,8 +172,15 @@ def check_fpn_inputs(sd: Mapping[str, Tensor], detector, path, name: str) -> Non
     fpn = getattr(getattr(detector, "backbone", None), "fpn", None)
     if fpn is None or "neck.lateral_convs.0.conv.weight" not in sd:
         return
-    wanted = [int(sd[f"neck.lateral_convs.{k}.conv.weight"].shape[1]) for k in range(_count(list(sd), "neck.lateral_convs"))]
     given = [int(block[0].weight.shape[1]) for block in fpn.inner_blocks]
+    laterals = _count(list(sd), "neck.lateral_convs")
+    if laterals != len(given):
+        raise CheckpointError(f"{path}: its FPN has {laterals} lateral convs; gradlens runs {name} with mmdetection's FPN "
+                              f"on the last {len(given)} backbone maps, which has {len(given)}.")
+    weights = [sd.get(f"neck.lateral_convs.{k}.conv.weight") for k in range(laterals)]
+    if any(w is None or w.ndim != 4 for w in weights):
+        raise CheckpointError(f"{path}: its FPN's lateral convs are not numbered 0..{laterals - 1} with 4-d weights.")
+    wanted = [int(w.shape[1]) for w in weights]
     if wanted != given:
         raise CheckpointError(f"{path}: its FPN reads maps of {wanted} channels, but the {name} backbone it holds gives "
                               f"{given} to the FPN (the last three of its output stages); the backbone's output stages "

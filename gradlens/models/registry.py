@@ -102,12 +102,16 @@ def _table_a1(module: str, variant: str):
     return build
 
 
+class TooFewBackboneMaps(GradlensError):
+    """A backbone built with fewer than the three output maps the RetinaNet FPN reads."""
+
+
 def _with_fpn(body: nn.Module, out_chans: int) -> nn.Module:
     """mmdetection's RetinaNet neck: the last three backbone maps (C3..C5), P6 from C5, no ReLU before P7."""
     channels = list(body.out_channels)
     if len(channels) < 3:
-        raise GradlensError(f"The backbone returns {len(channels)} map(s), but mmdetection's RetinaNet FPN reads the last "
-                            "three (C3..C5): give it at least three output stages (out_indices).")
+        raise TooFewBackboneMaps(f"The backbone returns {len(channels)} map(s), but mmdetection's RetinaNet FPN reads the "
+                                 "last three (C3..C5): build it with at least three output stages (out_indices).")
     start = len(channels) - 3
     return BackboneWithPyramid(body, channels[start:], out_chans, start_level=start)
 
