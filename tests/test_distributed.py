@@ -58,6 +58,10 @@ def coco(tmp_path_factory):
     return make_synthetic_coco(tmp_path_factory.mktemp("dist") / "coco", num_images=20, seed=5, progress=False)
 
 
+# per-object maps in groups of two image copies (plain gradients would group by image: fewer, uneven groups)
+OBJECT_MAPS = ["--target", "object", "--method", "input_x_gradient", "--top", "6", "--batch-size", "2"]
+
+
 def _coco_args(paths):
     return ["--ann", str(paths.ann), "--images", str(paths.images)]
 
@@ -105,8 +109,8 @@ def single(coco, tmp_path_factory):
     _select(coco, tmp / "w", env)
     gradlens(["area-curve", "--workdir", str(tmp / "w")], env)
     gradlens(["gradients", "--model", A, "--selection", str(tmp / "w" / "selection.csv"), "--out", str(tmp / "g")], env)
-    gradlens(["gradients", "--model", A, "--selection", str(tmp / "w" / "selection.csv"), "--target", "object", "--top", "4",
-              "--batch-size", "2", "--out", str(tmp / "o")], env)
+    gradlens(["gradients", "--model", A, "--selection", str(tmp / "w" / "selection.csv"), *OBJECT_MAPS,
+              "--out", str(tmp / "o")], env)
     return tmp
 
 
@@ -127,10 +131,10 @@ def test_two_processes_write_byte_identical_outputs(coco, single, tmp_path):
 
 def test_two_processes_share_the_object_maps(coco, single, tmp_path):
     env = _env(tmp_path, "cache")
-    args = ["gradients", "--model", A, "--selection", str(single / "w" / "selection.csv"), "--target", "object", "--top", "4",
-            "--batch-size", "2", "--out", str(tmp_path / "o")]
+    args = ["gradients", "--model", A, "--selection", str(single / "w" / "selection.csv"), *OBJECT_MAPS,
+            "--out", str(tmp_path / "o")]
     objects = len(list((single / "o").glob("*.npz")))
-    assert objects >= 8  # groups of 2: each rank has at least two of them
+    assert objects >= 12  # groups of 2 objects: each rank has several of them
     out = gradlens(args, {**env, "GRADLENS_FAULT": "1:1"}, ranks=2, check=False)  # rank 1 dies after its first group
     assert out.returncode != 0
     kept = len(list((tmp_path / "o").glob("*.npz")))

@@ -166,3 +166,30 @@ def test_stored_object_maps_are_judged_by_the_decoded_image_and_damaged_ones_rep
     store.path(victim).write_bytes(b"not a map")
     fixed = compute_object_maps(cednet, gt, ids, store, config, batch_size=2, progress=False)
     assert fixed.replaced == 1 and fixed.computed >= 1 and np.array_equal(store.read(victim), before)
+
+
+def test_plain_object_gradients_share_one_forward_pass_per_image(cednet, synthetic_gt):
+    from gradlens.attribution.methods import input_gradients
+
+    ids = _crowded(synthetic_gt, cednet)[:2]
+    images = {i: to_tensor(read_image(synthetic_gt.image_path(i))) for i in ids}
+    targets = {i: image_targets(synthetic_gt, i, cednet.categories) for i in ids}
+    entries = [(i, j) for j in range(len(targets[ids[0]].ann_ids)) for i in ids if j < len(targets[i].ann_ids)]
+    entries.append((ids[1], -1))  # the background's part too
+    passes = []
+    hook = cednet.backbone.register_forward_hook(lambda module, args, out: passes.append(args[0].shape[0]))
+    try:
+        shared = input_gradients(cednet, [images[i] for i, _ in entries], [targets[i].for_object(j) for i, j in entries])
+        assert passes == [1, 1]  # one forward pass per image, its objects interleaved with the other image's
+        passes.clear()
+        input_gradients(cednet, [images[i] for i, _ in entries], [targets[i].for_object(j) for i, j in entries],
+                        method="input_x_gradient", batch_size=len(entries))
+        assert sum(passes) == len(entries)  # the other methods run a copy of the image per object
+    finally:
+        hook.remove()
+    with frozen_inference_mode(cednet):
+        for (i, j), got in zip(entries, shared):
+            x = images[i].clone().requires_grad_(True)
+            losses = cednet.image_losses([x], [targets[i].for_object(j)])
+            (expected,) = torch.autograd.grad(losses["classification"].sum() + losses["bbox_regression"].sum(), x)
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), (i, j)

@@ -314,13 +314,52 @@ def attribute_frozen(detector: RetinaNetDetector, images: Sequence[Tensor], targ
                      batch_size: int) -> list[Tensor]:
     """:func:`input_gradients` for a detector already inside :func:`frozen_inference_mode` (safe to call from threads)."""
     results: list[Tensor | None] = [None] * len(images)
+    targets = [_as_target(t) for t in targets]
+    if config.method == "gradient" and targets and all("object" in t for t in targets):
+        with torch.enable_grad():
+            return shared_forward_gradients(detector, images, targets, config.precision)
     with torch.enable_grad():  # grad mode is per thread
         for group in _canvas_groups([tuple(im.shape[-2:]) for im in images], detector.preprocess, batch_size):
             attributions = _attribute_group(
-                detector, [images[i] for i in group], [_as_target(targets[i]) for i in group], config, batch_size
+                detector, [images[i] for i in group], [targets[i] for i in group], config, batch_size
             )
             for i, a in zip(group, attributions):
                 results[i] = a
+    return results  # type: ignore[return-value]
+
+
+def shared_forward_gradients(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence[dict],
+                             precision: str = "fp32") -> list[Tensor]:
+    """Plain gradients of objects' parts of the loss (``target["object"]``), one forward pass per image.
+
+    An image with K objects asked for costs one forward pass and K backward
+    passes through the retained graph, instead of K forward and backward
+    passes of copies: about 3K / (1 + 2K) less work (1.4x at COCO's 7 objects
+    per image). Entries that pass the same image tensor with the same target
+    boxes and labels share the pass; each result is exactly the autograd
+    gradient of that object's loss (:meth:`RetinaNetDetector.object_losses`).
+    """
+    device = next(detector.parameters()).device
+    shared: dict[tuple[int, int, int], list[int]] = {}
+    for k, (im, t) in enumerate(zip(images, targets)):
+        shared.setdefault((id(im), id(t["boxes"]), id(t["labels"])), []).append(k)
+    results: list[Tensor | None] = [None] * len(images)
+    for entries in shared.values():
+        x = images[entries[0]].detach().requires_grad_(True)
+        target = {"boxes": targets[entries[0]]["boxes"], "labels": targets[entries[0]]["labels"]}
+        with _PrecisionScope(precision, device):
+            parts = detector.object_losses([x], [target])[0]
+        owners = parts["classification"].float() + parts["bbox_regression"].float()  # [1 + K]: background, objects
+        wanted = [int(targets[k]["object"]) + 1 for k in entries]
+        if not bool(torch.isfinite(owners[wanted]).all()):
+            raise GradlensError(
+                "The loss of an object is not finite: its box has no area inside the image as decoded (with "
+                "--exif-orientation apply, the annotations must describe the turned images), or the loss overflowed "
+                "(with --precision fp16, use fp32, tf32 or bf16)."
+            )
+        for n, (k, j) in enumerate(zip(entries, wanted)):
+            (grad,) = torch.autograd.grad(owners[j], x, retain_graph=n < len(entries) - 1)
+            results[k] = grad
     return results  # type: ignore[return-value]
 
 

@@ -51,13 +51,18 @@ def object_entries(detector: RetinaNetDetector, gt: GroundTruth, image_ids) -> d
     return entries
 
 
-def object_groups(plan: list[list[int]], entries: dict[int, tuple[int, dict]], batch_size: int) -> list[list[int]]:
-    """The fixed plan of object maps: each image batch's objects in order, cut every ``batch_size``."""
+def object_groups(plan: list[list[int]], entries: dict[int, tuple[int, dict]], batch_size: int,
+                  per_image: bool = False) -> list[list[int]]:
+    """The fixed plan of object maps: each image batch's objects in order, cut every ``batch_size``; or, with
+    ``per_image`` (plain gradients, which share one forward pass per image), each image's objects as one group."""
     by_image: dict[int, list[int]] = {}
     for ann, (image_id, _) in entries.items():
         by_image.setdefault(image_id, []).append(ann)
     groups = []
     for batch in plan:
+        if per_image:
+            groups += [by_image[i] for i in batch if by_image.get(i)]
+            continue
         objects = [ann for i in batch for ann in by_image.get(i, [])]
         groups += [objects[k:k + batch_size] for k in range(0, len(objects), batch_size)]
     return groups
@@ -69,10 +74,12 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     """Compute and store the map of every object of ``image_ids`` that ``store`` lacks (resumable per object).
 
     Objects are attributed in groups of ``batch_size`` that share one padded
-    canvas (an object's copy of its image is one batch entry). The groups
-    follow a plan fixed by ``plan_ids`` (default ``image_ids``): the images in
-    batches of one canvas, each batch's objects in order, cut every
-    ``batch_size``; a group with a missing object is computed whole, and how
+    canvas (an object's copy of its image is one batch entry); plain
+    gradients instead in groups of one image's objects, which share one
+    forward pass (:func:`~gradlens.attribution.methods.shared_forward_gradients`).
+    The groups follow a plan fixed by ``plan_ids`` (default ``image_ids``): the
+    images in batches of one canvas, each batch's objects in order, cut every
+    ``batch_size`` (or by image); a group with a missing object is computed whole, and how
     groups run (a thread per core on the CPU) is decided by the machine, not
     by the call. So a resumed run, or one image's objects asked for alone,
     gets bit-identical maps. Under ``torchrun`` the groups are shared among the
@@ -87,7 +94,7 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     plan = [b for b in plan_batches(detector, gt, sorted(wanted | {int(i) for i in (plan_ids or [])}), batch_size)
             if wanted.intersection(b)]
     entries = object_entries(detector, gt, [i for batch in plan for i in batch])
-    groups = object_groups(plan, entries, batch_size)
+    groups = object_groups(plan, entries, batch_size, per_image=config.method == "gradient")
     # On the CPU groups run one per core with single-threaded operators whenever the machine has several cores:
     # decided by the machine, not by how many groups this call has, so any subset gets the whole run's bits.
     single_threaded = batch_threads(device, 2) > 1
