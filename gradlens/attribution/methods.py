@@ -294,7 +294,9 @@ def input_gradients(
     ``method`` is one of :data:`METHODS`; ``options`` set the other fields of
     :class:`AttributionConfig` (``steps``, ``baseline``, ``samples``, ``noise``,
     ``seed``, ``precision``). Images are grouped by padded canvas internally, so
-    each result is the image's own, whatever else was passed with it.
+    each result is the image's own, whatever else was passed with it. Plain
+    gradients of objects' parts (``target["object"]``) passed with the same
+    image tensor share one forward pass (:func:`shared_forward_gradients`).
     """
     if len(images) != len(targets):
         raise GradlensError(f"{len(images)} images but {len(targets)} targets were given.")
