@@ -61,7 +61,7 @@ def default_cache_dir() -> Path:
 
 
 class _Images(Dataset):
-    """Decodes one image per item in a worker: (its key in ``paths``, an image id; uint8 CHW tensor)."""
+    """Decodes one image per item in a worker: (image id, uint8 CHW tensor)."""
 
     def __init__(self, paths: dict[int, Path], exif_orientation: str = "ignore"):
         self.paths = paths

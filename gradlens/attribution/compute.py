@@ -256,22 +256,33 @@ def _maps_job(job: dict, batches: list[list[int]], status) -> int:
     return rank_share(detector, gt, batches, store, config, job["batch_size"], job["workers"], job["single_threaded"], status)
 
 
+def stored_problems(store: MapStore, gt: GroundTruth, image_of: dict[int, int]) -> dict[int, str | None]:
+    """Why the stored map of each name cannot be used (None: it can): missing, damaged, another store's file,
+    or of another shape than its image as decoded. ``image_of`` maps each name to its image id (itself for
+    image maps, the object's image for per-object maps); each image's header is read once."""
+    from gradlens.data.images import image_size
+
+    shapes: dict[int, tuple[int, int] | None] = {}
+    problems: dict[int, str | None] = {}
+    for name, image_id in image_of.items():
+        if not store.has(name):
+            problems[name] = "missing"
+            continue
+        if image_id not in shapes:
+            try:
+                shapes[image_id] = image_size(gt.image_path(image_id), gt.exif_orientation)
+            except GradlensError:
+                shapes[image_id] = None  # an unreadable image is reported when it is decoded
+        problems[name] = store.problem(name, shapes[image_id])
+    return problems
+
+
 def _drop_unusable_maps(store: MapStore, gt: GroundTruth, image_ids: list[int]) -> int:
     """Delete stored maps that cannot be this store's map of their image (damaged, another store's file,
     another shape than the image) so they are computed again; returns how many."""
-    from gradlens.data.images import image_size
-
     dropped = 0
-    for image_id in image_ids:
-        if not store.has(image_id):
-            continue
-        try:
-            shape = image_size(gt.image_path(image_id), gt.exif_orientation)
-        except GradlensError:
-            shape = None  # an unreadable image is reported when it is decoded
-        if store.problem(image_id, shape) is not None:
+    for image_id, problem in stored_problems(store, gt, {i: i for i in image_ids}).items():
+        if problem not in (None, "missing"):
             store.path(image_id).unlink(missing_ok=True)
             dropped += 1
     return dropped
-
-

@@ -118,6 +118,16 @@ def reduce_channels(attribution: Tensor, how: str = "max") -> Tensor:
 # the forward function captum differentiates
 
 
+def _require_finite(losses: Tensor, what: str, box: str) -> None:
+    """A silent inf would still give a finite, meaningless map: one sentence instead."""
+    if not bool(torch.isfinite(losses).all()):
+        raise GradlensError(
+            f"{what} is not finite: {box} has no area inside the image as decoded (with --exif-orientation apply, the "
+            "annotations must describe the turned images), or the loss overflowed (with --precision fp16, use fp32, "
+            "tf32 or bf16)."
+        )
+
+
 class TotalLoss:
     """captum forward function over a group of images that share one padded canvas.
 
@@ -139,12 +149,7 @@ class TotalLoss:
         with _PrecisionScope(self.precision, self.device):
             losses = self.detector.image_losses(images, self.targets * copies)
         total = losses["classification"].float() + losses["bbox_regression"].float()
-        if not bool(torch.isfinite(total).all()):  # a silent inf would still give a finite, meaningless map
-            raise GradlensError(
-                "The total detection loss of an image is not finite: a ground-truth box has no area inside the image "
-                "as decoded (with --exif-orientation apply, the annotations must describe the turned images), or the "
-                "loss overflowed (with --precision fp16, use fp32, tf32 or bf16)."
-            )
+        _require_finite(total, "The total detection loss of an image", "a ground-truth box")
         return total.view(copies, len(inputs)).sum(dim=1)
 
 
@@ -315,12 +320,11 @@ def input_gradients(
 def attribute_frozen(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence, config: AttributionConfig,
                      batch_size: int) -> list[Tensor]:
     """:func:`input_gradients` for a detector already inside :func:`frozen_inference_mode` (safe to call from threads)."""
-    results: list[Tensor | None] = [None] * len(images)
     targets = [_as_target(t) for t in targets]
-    if config.method == "gradient" and targets and all("object" in t for t in targets):
-        with torch.enable_grad():
-            return shared_forward_gradients(detector, images, targets, config.precision)
+    results: list[Tensor | None] = [None] * len(images)
     with torch.enable_grad():  # grad mode is per thread
+        if config.method == "gradient" and targets and all("object" in t for t in targets):
+            return shared_forward_gradients(detector, images, targets, config.precision)
         for group in _canvas_groups([tuple(im.shape[-2:]) for im in images], detector.preprocess, batch_size):
             attributions = _attribute_group(
                 detector, [images[i] for i in group], [targets[i] for i in group], config, batch_size
@@ -353,12 +357,7 @@ def shared_forward_gradients(detector: RetinaNetDetector, images: Sequence[Tenso
             parts = detector.object_losses([x], [target])[0]
         owners = parts["classification"].float() + parts["bbox_regression"].float()  # [1 + K]: background, objects
         wanted = [int(targets[k]["object"]) + 1 for k in entries]
-        if not bool(torch.isfinite(owners[wanted]).all()):
-            raise GradlensError(
-                "The loss of an object is not finite: its box has no area inside the image as decoded (with "
-                "--exif-orientation apply, the annotations must describe the turned images), or the loss overflowed "
-                "(with --precision fp16, use fp32, tf32 or bf16)."
-            )
+        _require_finite(owners[wanted], "The loss of an object", "its box")
         for n, (k, j) in enumerate(zip(entries, wanted)):
             (grad,) = torch.autograd.grad(owners[j], x, retain_graph=n < len(entries) - 1)
             results[k] = grad

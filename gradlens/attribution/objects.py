@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from gradlens import distributed
-from gradlens.attribution.compute import MapRun, compute_batches, rank_inputs, rank_job, rank_share
+from gradlens.attribution.compute import MapRun, compute_batches, rank_inputs, rank_job, rank_share, stored_problems
 from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.store import MapStore
 from gradlens.attribution.targets import image_targets
@@ -98,7 +98,7 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     # On the CPU groups run one per core with single-threaded operators whenever the machine has several cores:
     # decided by the machine, not by how many groups this call has, so any subset gets the whole run's bits.
     single_threaded = batch_threads(device, 2) > 1
-    problems = _stored_problems(store, gt, entries)
+    problems = stored_problems(store, gt, {ann: image_id for ann, (image_id, _) in entries.items()})
     reused = sum(1 for ann, (i, _) in entries.items() if i in wanted and problems[ann] is None)
     todo = [g for g in groups if any(problems[ann] is not None and entries[ann][0] in wanted for ann in g)]
     replaced = 0
@@ -109,7 +109,7 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     if not todo:
         return MapRun(computed=0, reused=reused, store=store, replaced=replaced)
     threads = batch_threads(device, len(todo)) if single_threaded else 1
-    missing = sum(not store.has(ann) for g in todo for ann in g)
+    missing = sum(problems[ann] is not None for g in todo for ann in g)
     world = distributed.active()
     where = f" on {world.size} ranks" if world is not None else (f", {threads} threads" if threads > 1 else "")
     bar = track(None, f"object gradients {label} ({missing} objects{where})".replace("  ", " "), progress, unit="object",
@@ -128,25 +128,6 @@ def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids,
     finally:
         bar.close()
     return MapRun(computed=computed, reused=reused, store=store, replaced=replaced)
-
-
-def _stored_problems(store: MapStore, gt: GroundTruth, entries: dict[int, tuple[int, dict]]) -> dict[int, str | None]:
-    """Why each object's stored map cannot be used (None: it can), judged against its image's decoded size."""
-    from gradlens.data.images import image_size
-
-    shapes: dict[int, tuple[int, int] | None] = {}
-    problems = {}
-    for ann, (i, _) in entries.items():
-        if not store.has(ann):
-            problems[ann] = "missing"
-            continue
-        if i not in shapes:
-            try:
-                shapes[i] = image_size(gt.image_path(i), gt.exif_orientation)
-            except GradlensError:
-                shapes[i] = None  # an unreadable image is reported when it is decoded
-        problems[ann] = store.problem(ann, shapes[i])
-    return problems
 
 
 @distributed.handler("object_maps")
