@@ -11,13 +11,21 @@ The fixture (plain tensors, lists and dicts; ``torch.load(..., weights_only=True
 
 * ``variants[name]``: ``config`` and the fork's ordered state-dict ``keys`` and ``shapes`` for
   ConvNeXt-T/S/B with ``out_indices`` (1, 2, 3) and (0, 1, 2, 3), and Swin-T/S/B;
-* ``inputs``: two float16 inputs (cast to float32 before use), shared by the tiny models: one
+* ``inputs``: two float16 inputs (cast to float64 before use), shared by the tiny models: one
   where the late Swin maps are smaller than the 7x7 window, one with batch 2 and a size that is
   not a multiple of the patch size;
 * ``tiny[name]`` for one tiny ConvNeXt and one tiny Swin: ``config``, the fork's full
-  ``state_dict`` (random weights made float16-exact and stored as float16: cast floats to float32;
+  ``state_dict`` (random weights made float16-exact and stored as float16: cast floats to float64;
   the ``relative_position_index`` buffers are stored as uint8: cast to int64) and the fork's
-  float32 eval ``outputs``, one list of maps per input.
+  float64 eval ``outputs`` (one float64 storage per model), one list of maps per input.
+
+The outputs are computed in float64 (the fork's model ``.double()``, inputs ``.double()``): a
+float32 result depends on how the CPU orders its float32 sums (vector width, blocking), which
+moves values by ~1e-5 between machines; in float64 that ordering moves them by ~1e-15, so the
+tests can compare the same function with a tight tolerance on any CPU. The fork's code runs in
+float64 unchanged: its only float32 tensor, Swin's shift mask (``torch.zeros`` in
+``BasicLayer.forward``, values 0 and -100, both exact), is promoted to float64 when added to the
+float64 attention logits.
 
 The tests (``tests/test_backbones.py``) only read the fixture; they never run this script.
 """
@@ -165,8 +173,6 @@ def make_fixture(repo: Path) -> dict:
         model = build_fork(fork, family, dict(cfg))
         model.eval()  # not chained: the fork's SwinTransformer.train() returns None
         randomize_(model, seed)
-        with torch.no_grad():
-            outputs = [[o.contiguous() for o in model(x.float())] for x in inputs]
         state = {}
         for k, v in model.state_dict().items():
             if v.is_floating_point():
@@ -174,6 +180,11 @@ def make_fixture(repo: Path) -> dict:
             else:  # relative_position_index: values < 256 (window <= 8)
                 assert int(v.max()) < 256
                 state[k] = v.to(torch.uint8)
+        # float64 outputs: independent of the CPU's float32 summation order (see the docstring)
+        model.double()
+        with torch.no_grad():
+            outputs = [[o.contiguous() for o in model(x.double())] for x in inputs]
+        assert all(o.dtype == torch.float64 for outs in outputs for o in outs)
         flat_outputs = share_storage({(i, j): o for i, outs in enumerate(outputs) for j, o in enumerate(outs)})
         outputs = [[flat_outputs[i, j] for j in range(len(outs))] for i, outs in enumerate(outputs)]
         tiny[name] = {"family": family, "config": dict(cfg), "state_dict": share_storage(state), "outputs": outputs}

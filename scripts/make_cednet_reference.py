@@ -2,6 +2,8 @@
 
 Needs a checkout of https://github.com/zhanggang001/CEDNet (only ``models/cednet.py`` and
 ``ced-mmdet/mmdet/models/backbones/cednet.py`` are read) and ``timm``, which those files import.
+``--official-repo`` may also be a bare mirror: the two files are then read at the commit recorded in
+the fixture's ``source`` (``--commit``, default the mirror's ``HEAD``), ``git show <commit>:<path>``.
 mmcv, mmdet and mmcv_custom are *not* needed: the few names the files import from them are stubbed
 here, reproducing what they do for these files (mmcv's ``build_norm_layer`` instantiates the
 class registered under the config's ``type`` with the remaining keys, defaulting ``eps`` to 1e-5;
@@ -15,14 +17,23 @@ without timm or the official code (``torch.load(path, weights_only=True)`` reads
   ``CEDNetWrapper`` with the same settings (``out_chans=256, num_add_blocks=2``), as zlib-compressed
   text, one ``key<TAB>d0,d1,...`` line per entry (uncompressed, these lists alone exceed 300 KB);
 * ``configs[name]``: two tiny configurations (``classifier_kwargs``, ``backbone_kwargs``) with
-  the official weights (float32) and official outputs on ``input``: ``logits`` (eval),
-  ``train_logits`` (training mode, one per stage, ``drop_path_rate=0``) and ``backbone_outputs``.
+  the official weights (float32) and the official outputs (float64, see below) on ``input``
+  (float32): ``logits`` (eval), ``train_logits`` (training mode, one per stage,
+  ``drop_path_rate=0``) and ``backbone_outputs``.
   The detection wrapper's weights are ``classifier_state_dict``'s ``stem.*``/``stages.*`` plus
   ``backbone_extra_state_dict``; ``backbone_keys`` lists its keys in order (compressed as above).
 
+The outputs are float64: the official modules run in float64 (``.double()`` copies of the float32
+weights, which float64 holds exactly) on ``input.double()``. In float32 the same function gives
+answers that differ between CPUs by ~1e-5 (summation order depends on the SIMD kernels), as much as
+the tests could allow; float64 rounding is ~1e-16 per operation, so gradlens' tests can compare
+in float64 with a tolerance far below any real defect and still be independent of the CPU. The
+official code runs in float64 unchanged (nothing in the path used here fixes a dtype).
+
 Size (< 300 KB) shapes the tiny configurations: the classifier's heads are 2048 wide whatever
 ``dims`` are, so the heads of all stages, and of both configurations, are tied (identical values,
-stored once) before the official outputs are computed; all tensors are views into one buffer.
+stored once) before the official outputs are computed; all tensors are views into two buffers, one
+float32 (input and weights) and one float64 (outputs).
 
 Usage::
 
@@ -31,8 +42,10 @@ Usage::
 
 from __future__ import annotations
 
-import importlib.util
+import copy
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -99,20 +112,34 @@ def _stub_modules() -> None:
     stub_module("mmdet.models.backbones", package=True)
 
 
-def _import(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
+def official_text(repo: Path, relpath: Path, commit: str) -> str:
+    """A file of the official repository: from the work tree when there is one, else from a bare
+    mirror at ``commit`` (``git show <commit>:<path>``), the commit recorded in the fixture; not
+    ``official_source.read_file``, which reads a mirror's ``HEAD`` whatever ``--commit`` says."""
+    path = Path(repo) / relpath
+    if path.is_file():
+        return path.read_text()
+    res = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:{relpath.as_posix()}"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"cannot read {relpath} at {commit} from {repo}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def _import(name: str, relpath: Path, source: str) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__file__ = str(relpath)
+    mod.__package__ = name.rpartition(".")[0]
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    exec(compile(source, str(relpath), "exec"), mod.__dict__)
     return mod
 
 
-def load_official(repo: Path):
-    """(classification module, detection module) of the official code, imported with stubs."""
+def load_official(repo: Path, commit: str):
+    """(classification module, detection module) of the official code at ``commit``, imported with stubs."""
     _stub_modules()
-    cls_mod = _import("cednet_official_cls", repo / CLS_FILE)
+    cls_mod = _import("cednet_official_cls", CLS_FILE, official_text(repo, CLS_FILE, commit))
     # Imported under its package name so that ``from ..builder import BACKBONES`` resolves to the stub.
-    det_mod = _import("mmdet.models.backbones.cednet", repo / DET_FILE)
+    det_mod = _import("mmdet.models.backbones.cednet", DET_FILE, official_text(repo, DET_FILE, commit))
     return cls_mod, det_mod
 
 
@@ -151,16 +178,18 @@ def randomize(model: nn.Module) -> None:
 
 
 def pack(obj):
-    """Replace every tensor in ``obj`` by a view into one flat float32 buffer (one stored blob, not hundreds;
-    tensors that are the same object stay shared)."""
+    """Replace every tensor in ``obj`` by a view into one flat buffer of its dtype (one stored blob per
+    dtype, float32 and float64 here, not hundreds; tensors that are the same object stay shared)."""
     offsets: dict[int, int] = {}
-    chunks = []
+    chunks: dict[torch.dtype, list] = {}
 
     def collect(o):
         if isinstance(o, torch.Tensor):
             if id(o) not in offsets:
-                offsets[id(o)] = sum(c.numel() for c in chunks)
-                chunks.append(o.detach().to(torch.float32).reshape(-1))
+                assert o.dtype in (torch.float32, torch.float64), o.dtype
+                same = chunks.setdefault(o.dtype, [])
+                offsets[id(o)] = sum(c.numel() for c in same)
+                same.append(o.detach().reshape(-1))
         elif isinstance(o, dict):
             for v in o.values():
                 collect(v)
@@ -169,11 +198,11 @@ def pack(obj):
                 collect(v)
 
     collect(obj)
-    buf = torch.cat(chunks)
+    bufs = {dtype: torch.cat(same) for dtype, same in chunks.items()}
 
     def rebuild(o):
         if isinstance(o, torch.Tensor):
-            return buf[offsets[id(o)] : offsets[id(o)] + o.numel()].view(o.shape)
+            return bufs[o.dtype][offsets[id(o)] : offsets[id(o)] + o.numel()].view(o.shape)
         if isinstance(o, dict):
             return {k: rebuild(v) for k, v in o.items()}
         if isinstance(o, list):
@@ -186,14 +215,16 @@ def pack(obj):
 
 
 def add_commit_argument(ap) -> None:
-    ap.add_argument("--commit", default=None, help="commit of that checkout, recorded in the fixture (default: git rev-parse)")
+    ap.add_argument(
+        "--commit", default=None, help="commit recorded in the fixture; a bare mirror is read at it (default: git rev-parse HEAD)"
+    )
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, "checkout of github.com/zhanggang001/CEDNet", "cednet_reference.pt", argv, add_commit_argument)
     commit = args.commit if args.commit is not None else commit_of(args.official_repo)
 
-    cls_mod, det_mod = load_official(args.official_repo)
+    cls_mod, det_mod = load_official(args.official_repo, commit)
     torch.manual_seed(0)
 
     variants = {}
@@ -225,13 +256,13 @@ def main(argv=None) -> None:
                     value.copy_(shared_heads[shared_key])  # every stage's head = the shared one
             det.load_state_dict(net.state_dict(), strict=False)  # same stem and stages as the classifier
 
-            net.eval()
-            det.eval()
-            logits = net(x)
-            feats = det(x)
-            net.train()
-            train_logits = net(x)
-            net.eval()
+            # The answers in float64 (module docstring): float64 copies of the float32 weights (exact)
+            # run on the input in float64; the float32 models stay as they are and give the stored weights.
+            net64, det64, x64 = copy.deepcopy(net).double().eval(), copy.deepcopy(det).double().eval(), x.double()
+            logits = net64(x64)
+            feats = det64(x64)
+            net64.train()
+            train_logits = net64(x64)
 
         net_sd, det_sd = net.state_dict(), det.state_dict()
         cls_sd = {}

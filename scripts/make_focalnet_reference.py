@@ -23,9 +23,14 @@ The fixture (plain tensors, lists, dicts and bytes; ``torch.load(..., weights_on
   of T/S/B);
 * ``tiny_classifiers[name]`` / ``tiny_backbones[name]`` for two tiny configurations each:
   ``config``, the official random weights (``state_dict``, float16-exact and stored as float16:
-  cast to float32) and the official float32 eval ``outputs`` (logits; for a backbone, one list of
-  maps) for every input of ``inputs``: 1x3x36x52 and 2x3x38x61, float16 (cast to float32), not
-  multiples of 32 (the second not of 4): the backbone pads them, the classifier floors odd sizes.
+  cast to float64) and the official float64 eval ``outputs`` (logits; for a backbone, one list of
+  maps; one float64 storage per model) for every input of ``inputs``: 1x3x36x52 and
+  2x3x38x61, float16 (cast to float64), not multiples of 32 (the second not of 4): the backbone
+  pads them, the classifier floors odd sizes. The official modules run in float64
+  (``model.double()`` after the float16-exact weights are set, inputs ``.double()``): float32
+  results depend on the order a CPU's kernels add in (AVX2 vs AVX-512, thread count) by ~1e-5,
+  float64 ones only by ~1e-15, so the tests can compare tightly on any machine. The official
+  code needs no change for this (it creates no float32 tensors of its own in ``forward``).
 
 The tests (``tests/test_focalnet.py``) only read the fixture; they never run this script.
 """
@@ -176,8 +181,10 @@ def randomize_(model: nn.Module, seed: int) -> None:
 def tiny_entry(model: nn.Module, cfg: dict, inputs, seed: int, backbone: bool) -> dict:
     model.eval()
     randomize_(model, seed)
+    model.double()  # the float16-exact weights, exactly; float64 outputs do not depend on the CPU's float32 ordering
     with torch.no_grad():
-        outs = [model(x.float()) for x in inputs]
+        outs = [model(x.double()) for x in inputs]
+    assert all(o.dtype == torch.float64 for out in outs for o in (out if backbone else [out]))
     if backbone:
         flat = share_storage({(i, j): o.contiguous() for i, maps in enumerate(outs) for j, o in enumerate(maps)})
         outputs = [[flat[i, j] for j in range(len(maps))] for i, maps in enumerate(outs)]

@@ -5,11 +5,14 @@ Needs the official classification code (github.com/HRNet/HRNet-Image-Classificat
 read) and mmdetection 2.x's HRNet backbone as the CEDNet fork ships it (github.com/zhanggang001/CEDNet:
 ``ced-mmdet/mmdet/models/backbones/hrnet.py`` and the ``BasicBlock``/``Bottleneck`` of ``resnet.py``
 next to it). Either may be a work tree or a bare/mirror git directory (files are then read with
-``git show HEAD:<path>``). PyYAML reads the experiment file (``PYTHONPATH=/work/refpkgs`` provides
-it here). mmcv and mmdet are *not* needed: the names the two mmdet files import are stubbed here with
-what they do for these files (mmcv's ``build_norm_layer`` for ``type='BN'`` returns
-``("bn" + postfix, nn.BatchNorm2d(c, eps=1e-5))``, ``build_conv_layer(None, ...)`` is ``nn.Conv2d``,
-``BaseModule``/``ModuleList``/``Sequential`` are the torch classes with an ignored ``init_cfg``).
+``git show HEAD:<path>``: ``official_source.read_file`` reads the mirror's ``HEAD``, the commit that
+``commit_of`` records in ``source``; a mirror whose ``HEAD`` has moved must be reset to the recorded
+commit first, or a work tree of that commit given). PyYAML reads the experiment file
+(``PYTHONPATH=/work/refpkgs`` provides it here). mmcv and mmdet are *not* needed: the names the two
+mmdet files import are stubbed here with what they do for these files (mmcv's ``build_norm_layer``
+for ``type='BN'`` returns ``("bn" + postfix, nn.BatchNorm2d(c, eps=1e-5))``,
+``build_conv_layer(None, ...)`` is ``nn.Conv2d``, ``BaseModule``/``ModuleList``/``Sequential`` are
+the torch classes with an ignored ``init_cfg``).
 
     PYTHONPATH=/work/refpkgs python scripts/make_hrnet_reference.py \\
         --official-repo /path/to/HRNet-Image-Classification --mmdet-repo /path/to/CEDNet
@@ -20,8 +23,9 @@ The fixture (``torch.load(path, weights_only=True)``; plain tensors, lists, dict
   mmdetection's ``extra``), and the ordered state-dict keys and shapes of the official classifier
   (``classifier``) and of mmdetection's ``HRNet`` with that ``extra`` (``backbone``), each as
   zlib-compressed text, one ``key<TAB>d0,d1,...`` line per entry;
-* ``inputs``: float16 inputs (cast to float32): 0 is 2x3x32x32; 1 is 1x3x29x61, whose sides are not
-  multiples of 32 but whose stride-4 map (8x16) still is a multiple of 8, so the official code runs;
+* ``inputs``: float16 inputs (cast to float64 before use): 0 is 2x3x32x32; 1 is 1x3x29x61, whose
+  sides are not multiples of 32 but whose stride-4 map (8x16) still is a multiple of 8, so the
+  official code runs;
 * ``official_rejects``: input shapes the official detection backbone fails on (stride-4 maps not
   multiples of 8; the second only at stage 4);
 * ``tiny[name]`` for two tiny configurations: ``extra``, ``classifier_kwargs`` (head widths),
@@ -31,8 +35,19 @@ The fixture (``torch.load(path, weights_only=True)``; plain tensors, lists, dict
   configurations, in ``tiny_stem`` (float16), every other floating entry concatenated in key order in
   ``weights`` (float16), and every ``num_batches_tracked`` equal to ``num_batches_tracked``;
   ``backbone_keys`` (mmdetection's ordered keys and shapes, compressed; its weights are the
-  classifier's entries of the same names, which is checked here), ``logits`` (official float32 eval
-  logits on input 0) and ``backbone_outputs`` (official float32 eval maps, one list per input).
+  classifier's entries of the same names, which is checked here), ``logits`` (official float64 eval
+  logits on input 0) and ``backbone_outputs`` (official float64 eval maps, one list per input).
+
+The outputs are float64: the official modules run in float64 (``.double()`` after loading the
+float16-exact weights, which float64 holds exactly; the weights above are recorded before the cast, so
+they are as before) on the inputs cast to float64. In float32 the same function gives answers that
+differ between CPUs by ~1e-5 (the order of float32 sums depends on the SIMD kernels: AVX2, AVX-512,
+...), as much as the tests could allow; float64 rounding is ~1e-16 per operation, so the tests compare
+gradlens in float64 with a tolerance far below any real defect, independent of the CPU's float32
+ordering. The official code runs in float64 unchanged (neither file fixes a dtype anywhere: convs, BN,
+nearest ``nn.Upsample``, ReLU, pooling and the linear head all follow the input's). All outputs are
+views of one float64 storage (``torch.save`` writes a record per storage; the inputs and weights are
+stored as before).
 
 The official classifier head's widths are literals in ``cls_hrnet.py`` (bottleneck planes
 32/64/128/256, 2048 final channels, 1000 classes), far too large for a fixture; for the tiny
@@ -51,7 +66,7 @@ from torch import nn
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_source import Registry, commit_of, key_shapes, parse_args, read_file, save_fixture, stub_module  # noqa: E402
+from official_source import Registry, commit_of, key_shapes, parse_args, read_file, save_fixture, share_storage, stub_module  # noqa: E402
 
 CLS_FILE = "lib/models/cls_hrnet.py"
 CLS_YAML = {"hrnet_w32": "experiments/cls_hrnet_w32_sgd_lr5e-2_wd1e-4_bs32_x100.yaml"}
@@ -281,16 +296,18 @@ def make_fixture(cls_repo: Path, det_repo: Path) -> dict:
         missing, unexpected = det.load_state_dict(net.state_dict(), strict=False)
         assert not missing, missing  # the detection backbone's weights are the classifier's namesakes
         assert all(k.startswith(("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.", "stage4.")) for k in unexpected)
-        net.eval()
-        det.eval()
-        with torch.no_grad():
-            logits = net(inputs[0].float())
-            outputs = [[t.clone() for t in det(x.float())] for x in inputs]
-        for t in (logits, *[t for o in outputs for t in o]):
-            assert torch.isfinite(t).all() and 0.01 < t.abs().max() < 1e3
-        sd = net.state_dict()
+        sd = {k: v.clone() for k, v in net.state_dict().items()}  # the float16-exact weights, before the cast
         assert all(int(v) == NUM_BATCHES_TRACKED for k, v in sd.items() if k.endswith("num_batches_tracked"))
         rest = [v.reshape(-1) for k, v in sd.items() if v.is_floating_point() and not k.startswith(STEM_KEYS)]
+        # The answers in float64 (module docstring): weights and inputs cast exactly to float64.
+        net.double().eval()
+        det.double()
+        det.eval()  # mmdet's HRNet.train() returns None, so no chaining
+        with torch.no_grad():
+            logits = net(inputs[0].double())
+            outputs = [[t.clone() for t in det(x.double())] for x in inputs]
+        for t in (logits, *[t for o in outputs for t in o]):
+            assert t.dtype == torch.float64 and torch.isfinite(t).all() and 0.01 < t.abs().max() < 1e3
         tiny[name] = dict(
             extra=spec["extra"],
             classifier_kwargs=spec["classifier_kwargs"],
@@ -302,13 +319,22 @@ def make_fixture(cls_repo: Path, det_repo: Path) -> dict:
             backbone_outputs=outputs,
         )
 
-    det = official_backbone(det_mod, TINY["tiny_w32like"]["extra"])
+    # Storage: all outputs as views of one float64 buffer.
+    outs = [t for cfg in tiny.values() for t in (cfg["logits"], *[m for maps in cfg["backbone_outputs"] for m in maps])]
+    assert {t.dtype for t in outs} == {torch.float64}
+    it = iter(share_storage(dict(enumerate(outs))).values())
+    for cfg in tiny.values():
+        cfg["logits"] = next(it)
+        cfg["backbone_outputs"] = [[next(it) for _ in maps] for maps in cfg["backbone_outputs"]]
+    assert next(it, None) is None
+
+    det = official_backbone(det_mod, TINY["tiny_w32like"]["extra"]).double()  # as the outputs above
     det.eval()  # mmdet's HRNet.train() returns None, so no chaining
     rejects = []
     for shape in REJECTED_SHAPES:
         try:
             with torch.no_grad():
-                det(torch.zeros(shape))
+                det(torch.zeros(shape, dtype=torch.float64))
         except RuntimeError:
             rejects.append(list(shape))
     assert len(rejects) == len(REJECTED_SHAPES), rejects

@@ -18,6 +18,14 @@ padding the script asserts that its stage maps equal the official classifier's o
 (captured with hooks) and that its last MSG token gives the official logits, so the adaptation adds
 padding and nothing else. gradlens' implementation shares no code with it.
 
+Every output is computed in float64: the official modules (with their float16-exact weights) are
+cast with ``.double()`` and run on the float16 inputs cast to float64, and the outputs are stored
+in float64. The tests run gradlens in float64 too, so that their comparison is of the same
+function and independent of how a CPU orders float32 arithmetic (differences are then ~1e-15,
+orders of magnitude below the tests' tolerance, which a real defect exceeds by as much). The
+official file needed no change for this: it builds no float32-only tensors (no attention masks;
+its constants are parameters and integer buffers, which ``.double()`` casts or keeps).
+
 The fixture (plain tensors, bytes, lists and dicts; ``torch.load(..., weights_only=True)``) holds:
 
 * ``variants[name]`` for ``msg_tiny``/``msg_small``/``msg_base``: the official yaml ``config``
@@ -29,14 +37,15 @@ The fixture (plain tensors, bytes, lists and dicts; ``torch.load(..., weights_on
 * ``tiny[name]`` for two tiny configurations (``TINY`` below): ``classifier_config`` (official
   ``MSGTransformer`` keyword arguments), ``backbone_config`` (``gradlens.models.msg.MSGBackbone``
   keyword arguments), ``state_dict`` (the official classifier's, random float16-exact weights
-  stored as float16, ``relative_position_index`` as uint8: cast to float32 / int64), ``norms``
+  stored as float16, ``relative_position_index`` as uint8: cast to float64 / int64), ``norms``
   (the detection ``norm{i}`` weights, float16), ``classifier_input`` (float16; a size that needs no
   padding) with the official classifier's per-stage patch tokens ``classifier_stage_maps``
-  (``(N, C, H, W)``, float32, before any detection norm; the detection backbone's outputs on this
+  (``(N, C, H, W)``, float64, before any detection norm; the detection backbone's outputs on this
   input are ``norm{i}`` of them, which the script asserts) and, for ``tiny_a`` only (whose last
-  stage has one MSG token), the official eval ``logits``; ``backbone_inputs`` (float16; sizes that
-  need padding, the first not a multiple of 32 nor of 4) with the float32 ``backbone_outputs`` (one
-  list of maps per input).
+  stage has one MSG token), the official eval ``logits`` (float64); ``backbone_inputs`` (float16;
+  sizes that need padding, the first not a multiple of 32 nor of 4) with the float64
+  ``backbone_outputs`` (one list of maps per input). All float64 outputs of one configuration are
+  views of one shared float64 storage.
 
 The tests (``tests/test_msg.py``) only read the fixture; they never run this script.
 """
@@ -63,7 +72,7 @@ CONFIG_FILES = {
     "msg_base": "configs/msg_base_p4_win7_224.yaml",
 }
 
-# Two tiny configurations (weights stay float16 and the fixture under 300 KB):
+# Two tiny configurations (weights stay float16 and the fixture under 320 KiB):
 # * tiny_a (= gradlens.models.msg.TINY_MSG): four stages, 2x2 windows, shuffle [2, 2, 2, 1];
 #   its 64x64 classifier input needs no padding (window grids 8, 4, 2, 1) and ends in one MSG token;
 # * tiny_b: two stages, 3x3 windows, shuffle [4, 1] (16 channel groups, as the released models'
@@ -246,19 +255,25 @@ def make_fixture(repo: Path) -> dict:
         cls_input = torch.randn(1, 3, img, img, generator=g).half()
         det_inputs = [torch.randn(shape, generator=g).half() for shape in BACKBONE_INPUTS[name]]
         assert all(h % 32 and h % 4 for h in BACKBONE_INPUTS[name][0][2:])
+        # outputs in float64 (see the docstring); the weights are float16-exact, so casting them
+        # loses nothing, and the stored weights below are those same values (as float16)
+        model.double()
+        det.double()  # shares the trunk with model; also casts the detection norms
         with torch.no_grad():
-            logits, stage_maps = classifier_stage_maps(off, model, cls_input.float())
+            logits, stage_maps = classifier_stage_maps(off, model, cls_input.double())
             # the adaptation adds padding and nothing else: equal to the classifier where none is needed
-            trunk = list(det.trunk(cls_input.float()))
+            # (the same float64 operations in another grouping: float64 rounding, ~1e-15)
+            trunk = list(det.trunk(cls_input.double()))
             for (i, x, msg), want in zip(trunk, stage_maps):
-                torch.testing.assert_close(x.permute(0, 3, 1, 2), want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(x.permute(0, 3, 1, 2), want, rtol=1e-12, atol=1e-12)
             single_token = trunk[-1][2].shape[1:3] == (1, 1)
             if single_token:
-                torch.testing.assert_close(model.head(model.norm(trunk[-1][2][:, 0, 0])), logits, rtol=1e-5, atol=1e-5)
-            for i, (got, want) in enumerate(zip(det(cls_input.float()), stage_maps)):
+                torch.testing.assert_close(model.head(model.norm(trunk[-1][2][:, 0, 0])), logits, rtol=1e-12, atol=1e-12)
+            for i, (got, want) in enumerate(zip(det(cls_input.double()), stage_maps)):
                 want = getattr(det, f"norm{i}")(want.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            outputs = [[o.contiguous() for o in det(x.float())] for x in det_inputs]
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            outputs = [[o.contiguous() for o in det(x.double())] for x in det_inputs]
+        assert all(o.dtype == torch.float64 for outs in outputs for o in outs) and logits.dtype == torch.float64
         state = {}
         for k, v in model.state_dict().items():
             if v.is_floating_point():

@@ -21,7 +21,7 @@ The fixture (plain tensors, lists, dicts and bytes; ``torch.load(path, weights_o
   total parameter count, every head and decoder included) and the ordered keys and shapes of the
   state dicts of the official classifier (``inter_supv=True``, 1000 classes: the released checkpoints'
   layout) and detection backbone, as zlib-compressed text, one ``key<TAB>d0,d1,...`` line per entry;
-* ``inputs``: float16-exact inputs (stored as float16; cast to float32 before use): ``classifier``
+* ``inputs``: float16-exact inputs (stored as float16; cast to float64 before use): ``classifier``
   (2x3x32x32), ``classifier_train`` (1x3x32x32, for the training-mode outputs, which include
   full-size reconstructions), ``backbone`` (a list: 1x3x64x32 and 1x3x33x67, whose sides are not
   multiples of 32 but give stride-4 maps divisible by 8, which the official code accepts) and
@@ -31,14 +31,27 @@ The fixture (plain tensors, lists, dicts and bytes; ``torch.load(path, weights_o
   official constructors' arguments); the official classifier's random weights, float16-exact, as
   one flat float16 tensor ``weights`` holding the state dict's tensors in the order and shapes of
   ``classifier_keys`` (compressed as above; the detection backbone holds the same ``stem.*``/``subnet*``
-  tensors, its keys in order in ``backbone_keys``); and the official float32 outputs: ``logits``
+  tensors, its keys in order in ``backbone_keys``); and the official float64 outputs: ``logits``
   (eval), ``train_logits`` and ``train_images`` (training mode; drop path 0) and
   ``backbone_outputs`` (one list of four maps per backbone input). A few ``alpha`` entries are
   below the official code's clamp (``|alpha| >= 1e-3``, applied in place at every forward) or zero;
   ``weights`` holds them unclamped, as they were before the official forward.
 
-All inputs and weights are views of one float16 storage and all outputs of one float32 storage
+The outputs are float64: the official modules run in float64 (``.double()`` after loading the
+float16-exact weights, which float64 holds exactly) on the inputs cast to float64. In float32 the same
+function gives answers that differ between CPUs by ~1e-5 (the order of float32 sums depends on the
+SIMD kernels: AVX2, AVX-512, ...), as much as the tests could allow; float64 rounding is ~1e-16 per
+operation, so the tests compare gradlens in float64 with a tolerance far below any real defect, and
+the comparison is independent of the CPU's float32 ordering. The official code runs in float64
+unchanged (nothing on the path used here fixes a dtype; the alpha clamp works in place in the
+parameters' dtype). The weights are recorded before the models are cast, so they are as before.
+
+All inputs and weights are views of one float16 storage and all outputs of one float64 storage
 (``torch.save`` writes a record per storage; hundreds of small ones would cost more than the data).
+
+The official files are read at the mirror's ``HEAD`` (``official_source.read_file``), the commit
+``commit_of`` records in ``source``; a bare mirror whose ``HEAD`` has moved must be reset to the
+recorded commit first (or a work tree of that commit given).
 
 The tests (``tests/test_revcol.py``) only read the fixture; they never run this script.
 """
@@ -208,18 +221,23 @@ def tiny_config(cls_mod, det_mod, name: str, kw: dict, inputs: dict, seed: int) 
     randomize_(net, seed)
     state = {k: v.clone() for k, v in net.state_dict().items()}  # before the forward clamps the alphas
     det.load_state_dict({k: v for k, v in state.items() if k.startswith(("stem.", "subnet"))}, strict=True)
+    # The answers in float64 (module docstring): the float16-exact weights cast exactly to float64, the
+    # inputs likewise; ``state`` above keeps the weights as loaded (float32, unclamped).
+    net.double()
+    det.double()
+    x64 = {k: [t.double() for t in v] if isinstance(v, list) else v.double() for k, v in inputs.items()}
     with torch.no_grad():
         net.eval()
         det.eval()
-        logits = net(inputs["classifier"])[0][-1]  # the official evaluation reads outputs[-1]
-        feats = [[t.clone() for t in det(x)] for x in inputs["backbone"]]
+        logits = net(x64["classifier"])[0][-1]  # the official evaluation reads outputs[-1]
+        feats = [[t.clone() for t in det(x)] for x in x64["backbone"]]
         try:
-            det(inputs["backbone_bad"])
+            det(x64["backbone_bad"])
             bad_error = ""
         except Exception as err:  # the official code fails inside a broadcasting add
             bad_error = type(err).__name__
         net.train()
-        train_logits, train_images = net(inputs["classifier_train"])
+        train_logits, train_images = net(x64["classifier_train"])
         net.eval()
     return dict(
         classifier_kwargs=cls_kw,
@@ -264,7 +282,7 @@ def make_fixture(repo: Path) -> dict:
     inputs = {k: [rand(s) for s in v] if isinstance(v, list) else rand(v) for k, v in INPUT_SHAPES.items()}
     configs = {name: tiny_config(cls_mod, det_mod, name, kw, inputs, seed) for seed, (name, kw) in enumerate(TINY.items())}
 
-    # Storage: one float16 buffer for the inputs and all weights, one float32 buffer for all outputs.
+    # Storage: one float16 buffer for the inputs and all weights, one float64 buffer for all outputs.
     flat_inputs = [inputs["classifier"], inputs["classifier_train"], *inputs["backbone"], inputs["backbone_bad"]]
     for cfg in configs.values():
         state = cfg.pop("state_dict")
@@ -278,7 +296,8 @@ def make_fixture(repo: Path) -> dict:
     outs = []
     for cfg in configs.values():
         outs += [cfg["logits"], *cfg["train_logits"], *cfg["train_images"], *[m for maps in cfg["backbone_outputs"] for m in maps]]
-    it = iter(share_storage(outs, torch.float32))
+    assert all(t.dtype == torch.float64 for t in outs)
+    it = iter(share_storage(outs, torch.float64))
     for cfg in configs.values():
         cfg["logits"] = next(it)
         cfg["train_logits"] = [next(it) for _ in cfg["train_logits"]]

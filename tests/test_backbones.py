@@ -3,7 +3,8 @@
 ``tests/data/backbone_reference.pt`` was produced from the fork's ``convnext.py`` and
 ``swin_transformer.py`` by ``scripts/make_backbone_reference.py``: the fork's ordered state-dict
 keys and shapes for every variant, and for two tiny configurations the fork's weights, two inputs
-and the fork's outputs.
+and the fork's outputs, computed in float64. The value comparisons run here in float64 as well, so
+that they do not depend on how a CPU orders its float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from gradlens.models.swin import (
 
 REFERENCE = Path(__file__).parent / "data" / "backbone_reference.pt"
 RPI = "relative_position_index"
+# Tolerance (atol and rtol) of the float64 comparisons: the fork's outputs and batch-vs-single.
+# Machine independent: float64 rounds ~1e-16 per operation, so a different CPU's summation order
+# (vector width, blocking) moves these tiny models' outputs by ~1e-15 (measured: at most 3.1e-15
+# absolute against the fork with ATEN_CPU_CAPABILITY=default/avx2/avx512), orders of magnitude
+# below 1e-10. Real defects move them by far more (measured: one weight off by 1e-3, 2e-5 to 1e-4;
+# a 1e-6 leak of the batch mean into each item, 2e-6; a transposed kernel, 4), some of which the
+# former float32 tolerance of 1e-5 let through.
+TOL64 = 1e-10
 
 CONSTRUCTORS = {
     "convnext_tiny": convnext_tiny_backbone,
@@ -59,10 +68,11 @@ def _constructor(variant: str):
 
 
 def _tiny_model(ref, name: str) -> torch.nn.Module:
+    """The tiny model with the fork's weights, in float64 (the weights are float16-exact)."""
     entry = ref["tiny"][name]
     cls = ConvNeXtBackbone if entry["family"] == "convnext" else SwinBackbone
-    model = cls(**entry["config"]).eval()
-    state = {k: (v.float() if v.is_floating_point() else v.long()) for k, v in entry["state_dict"].items()}
+    model = cls(**entry["config"]).double().eval()
+    state = {k: (v.double() if v.is_floating_point() else v.long()) for k, v in entry["state_dict"].items()}
     model.load_state_dict(drop_relative_position_index(state), strict=True)
     return model
 
@@ -122,10 +132,11 @@ def test_tiny_reproduces_the_fork_outputs(ref, name):
             assert torch.equal(model.get_buffer(k), v.long()), k
     for x, expected in zip(ref["inputs"], entry["outputs"]):
         with torch.no_grad():
-            got = model(x.float())
+            got = model(x.double())
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+            assert g.dtype == e.dtype == torch.float64
+            torch.testing.assert_close(g, e, atol=TOL64, rtol=TOL64)
 
 
 def test_tiny_swin_late_maps_are_within_one_window(ref):
@@ -139,14 +150,14 @@ def test_tiny_swin_late_maps_are_within_one_window(ref):
 @pytest.mark.parametrize("name", ["tiny_convnext", "tiny_swin"])
 def test_batch_independence(ref, name):
     model = _tiny_model(ref, name)
-    x = ref["inputs"][1].float()
+    x = ref["inputs"][1].double()
     assert x.shape[0] == 2
     with torch.no_grad():
         both = model(x)
         singles = [model(x[i : i + 1]) for i in range(2)]
     for level, out in enumerate(both):
         for i in range(2):
-            torch.testing.assert_close(out[i : i + 1], singles[i][level], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[i : i + 1], singles[i][level], atol=TOL64, rtol=TOL64)
 
 
 @pytest.mark.parametrize("name", ["tiny_convnext", "tiny_swin"])

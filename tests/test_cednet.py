@@ -3,6 +3,9 @@
 ``tests/data/cednet_reference.pt`` comes from ``scripts/make_cednet_reference.py``, which runs the
 official ``models/cednet.py`` and ``ced-mmdet/.../backbones/cednet.py``; see its docstring for the
 layout. Nothing here needs timm, mmcv or the official code.
+
+Comparisons of numbers run in float64 (the fixture's outputs are float64 answers of the official
+code): float32 results of the same function differ between CPUs by ~1e-5, float64 ones by ~1e-14.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from tests.fixture_keys import decode_keys, key_shapes
 FIXTURE = Path(__file__).parent / "data" / "cednet_reference.pt"
 VARIANTS = ["next_tiny", "next_small", "next_base", "next_tiny_fpn", "next_tiny_unet", "next_tiny_hourglass"]
 CONFIGS = ["tiny_decoder", "tiny_hourglass"]
-TOL = dict(rtol=1e-5, atol=1e-5)
+# Machine independent: float64 rounding is ~1e-16 per operation, so through these small networks
+# (values of order 1) CPUs that order float32/float64 sums differently still agree to ~1e-14 (measured,
+# ATEN_CPU_CAPABILITY default/avx2/avx512: gradlens vs official <= 1.2e-14, batched vs single <= 2e-14),
+# four orders of magnitude below 1e-10, while a real defect is far above it (one weight off by 1e-3:
+# >= 2.7e-4; even a 1e-9 leak in one norm: ~1e-8).
+TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
 def ref() -> dict:
     return torch.load(FIXTURE, weights_only=True)
-
-
 
 
 def tiny_classifier(cfg: dict) -> C.CEDNet:
@@ -74,14 +80,14 @@ def test_backbone_state_dict_layout_matches_official(ref, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_classifier_reproduces_official_logits(ref, name):
     cfg = ref["configs"][name]
-    model = tiny_classifier(cfg)
+    model, x = tiny_classifier(cfg).double(), ref["input"].double()
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["input"]), cfg["logits"], **TOL)
+        torch.testing.assert_close(model(x), cfg["logits"], **TOL64)
         model.train()  # deep supervision: one logit tensor per stage
-        train = model(ref["input"])
+        train = model(x)
     assert isinstance(train, list) and len(train) == cfg["classifier_kwargs"]["num_stages"] == len(cfg["train_logits"])
     for got, want in zip(train, cfg["train_logits"]):
-        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got, want, **TOL64)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -89,12 +95,13 @@ def test_backbone_reproduces_official_features(ref, name):
     cfg = ref["configs"][name]
     model = tiny_backbone(cfg)
     assert key_shapes(model) == decode_keys(cfg["backbone_keys"])
+    model.double()
     with torch.no_grad():
-        feats = model(ref["input"])
+        feats = model(ref["input"].double())
     assert isinstance(feats, tuple) and len(feats) == len(cfg["backbone_outputs"]) == 3 + cfg["backbone_kwargs"]["num_add_blocks"]
     for got, want in zip(feats, cfg["backbone_outputs"]):
         assert got.shape[1] == model.out_channels
-        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got, want, **TOL64)
 
 
 def test_eval_output_is_deterministic(ref):
@@ -108,14 +115,14 @@ def test_eval_output_is_deterministic(ref):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batch_items_are_independent(ref, name):
     cfg = ref["configs"][name]
-    model, backbone = tiny_classifier(cfg), tiny_backbone(cfg)
-    x = torch.cat([ref["input"], torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))])
+    model, backbone = tiny_classifier(cfg).double(), tiny_backbone(cfg).double()
+    x = torch.cat([ref["input"], torch.randn(2, 3, 32, 64, generator=torch.Generator().manual_seed(0))]).double()
     with torch.no_grad():
         logits, feats = model(x), backbone(x)
         for i in range(len(x)):
-            torch.testing.assert_close(logits[i : i + 1], model(x[i : i + 1]), **TOL)
+            torch.testing.assert_close(logits[i : i + 1], model(x[i : i + 1]), **TOL64)
             for f_batch, f_alone in zip(feats, backbone(x[i : i + 1])):
-                torch.testing.assert_close(f_batch[i : i + 1], f_alone, **TOL)
+                torch.testing.assert_close(f_batch[i : i + 1], f_alone, **TOL64)
 
 
 def test_features_and_training_outputs_have_expected_shapes():
@@ -173,16 +180,16 @@ def test_unknown_variant_and_misaligned_input_raise_value_error(ref):
 
 def test_layer_norm_formats():
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 3, 4)
-    ln = LayerNorm(5, eps=1e-6, data_format="channels_first")
+    x = torch.randn(2, 5, 3, 4).double()  # the same function computed two ways: float64 (TOL64)
+    ln = LayerNorm(5, eps=1e-6, data_format="channels_first").double()
     with torch.no_grad():
         ln.weight.uniform_(0.5, 1.5)
         ln.bias.uniform_(-0.5, 0.5)
     want = F.layer_norm(x.permute(0, 2, 3, 1), (5,), ln.weight, ln.bias, 1e-6).permute(0, 3, 1, 2)
-    torch.testing.assert_close(ln(x), want, **TOL)
-    last = LayerNorm(4)
+    torch.testing.assert_close(ln(x), want, **TOL64)
+    last = LayerNorm(4).double()
     assert last.data_format == "channels_last" and last.eps == 1e-6
-    torch.testing.assert_close(last(x), F.layer_norm(x, (4,), eps=1e-6))
+    torch.testing.assert_close(last(x), F.layer_norm(x, (4,), eps=1e-6), **TOL64)
     assert list(dict(ln.named_parameters())) == ["weight", "bias"]
     with pytest.raises(ValueError):
         LayerNorm(5, data_format="channels_first_v3")

@@ -19,7 +19,13 @@ from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "hrnet_reference.pt"
 CONFIGS = ["tiny_w32like", "tiny_mixed"]
-TOL = dict(rtol=1e-5, atol=1e-5)
+# gradlens against the official answers, both in float64. float64 rounds at ~1e-16 per operation, so the
+# same function computed in another order (another CPU's SIMD kernels) differs by ~1e-15: measured here
+# 1.8e-15 at most (ATEN_CPU_CAPABILITY=default against the AVX-512 recording; 0 on avx2 and avx512),
+# five orders of magnitude below this tolerance, while a real defect moves the outputs far above it (one
+# weight or BN statistic off by 1e-3: 5e-6 to 3e-4 measured; a transposed 3x3 kernel: 1e-2 and more).
+# In float32 the CPU's ordering alone moved them by ~1e-5, as much as the smallest of those defects.
+TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 # Measured with gradlens.profile.count at 224x224. The official README's HRNet-W32-C row is 41.2M / 8.31
 # "GFLOPs": the official counter (lib/utils/modelsummary.py) sums conv/linear multiply-adds and divides
@@ -111,23 +117,26 @@ def test_tiny_layouts_match_official(ref, name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_classifier_reproduces_official_logits(ref, name):
-    model = tiny_classifier(ref, name)
+    model = tiny_classifier(ref, name).double()
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["inputs"][0].float()), ref["tiny"][name]["logits"], **TOL)
+        got = model(ref["inputs"][0].double())
+    assert got.dtype == ref["tiny"][name]["logits"].dtype == torch.float64
+    torch.testing.assert_close(got, ref["tiny"][name]["logits"], **TOL64)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_backbone_reproduces_official_maps(ref, name):
     cfg = ref["tiny"][name]
-    model = tiny_backbone(ref, name)
+    model = tiny_backbone(ref, name).double()
     assert len(ref["inputs"][1].shape) == 4 and ref["inputs"][1].shape[-1] % 32  # not a multiple of 32
     for x, want in zip(ref["inputs"], cfg["backbone_outputs"], strict=True):
         with torch.no_grad():
-            got = model(x.float())
+            got = model(x.double())
         assert isinstance(got, tuple) and len(got) == len(want)
         assert [t.shape[1] for t in got] == model.out_channels
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, **TOL)
+            assert g.dtype == w.dtype == torch.float64
+            torch.testing.assert_close(g, w, **TOL64)
 
 
 def test_out_indices_select_branches(ref):

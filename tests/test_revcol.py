@@ -4,6 +4,10 @@
 official ``models/revcol.py`` (ImageNet ``FullNet``) and ``Detection/mmdet/models/backbones/revcol.py``
 (detection ``RevCol``); see its docstring for the layout. Nothing here needs timm, mmcv or the
 official code.
+
+Comparisons of numbers run in float64 (the fixture's outputs are float64 answers of the official
+code): float32 results of the same function differ between CPUs by ~1e-5 (up to 3e-5 in the
+decoders' images), float64 ones by ~1e-13 at most.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from tests.fixture_keys import decode_keys, key_shapes
 FIXTURE = Path(__file__).parent / "data" / "revcol_reference.pt"
 VARIANTS = ["revcol_tiny", "revcol_small", "revcol_base"]
 CONFIGS = ["tiny_supv", "tiny_k5"]
-TOL = dict(rtol=1e-5, atol=1e-5)
+# Machine independent: float64 rounding is ~1e-16 per operation, so however a CPU orders its sums the
+# answers of the same function through these tiny networks (values of order 1, at most ~8) agree to
+# ~1e-13. Measured, gradlens vs the official float64 answers: bit-identical on the recording CPU
+# (AVX-512, and with ATEN_CPU_CAPABILITY=avx2), at most 1.0e-13 (decoder images; logits 2e-15, maps
+# 2e-14) with ATEN_CPU_CAPABILITY=default; batched vs single at most 1.4e-14. A real defect is far above: one
+# weight off by 1e-3 moves the outputs by 2e-5..6e-4 (off by 1e-6: 2e-8..6e-7). 1e-10 leaves three
+# orders of magnitude below and more than two above even the 1e-6 defect.
+TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 # gradlens.profile.count at 224x224 (eval forward: parameters it reaches, MACs). Table A1 / the
 # official README: RevCol-T 30M / 4.5G, RevCol-S 60M / 9.0G, RevCol-B 138M / 16.6G.
@@ -41,7 +52,7 @@ def ref() -> dict:
 
 
 def official_weights(cfg: dict) -> dict[str, torch.Tensor]:
-    """The official classifier's state dict, rebuilt from the flat float16 buffer."""
+    """The official classifier's state dict, rebuilt from the flat float16 buffer (float32; exact)."""
     sd, start = {}, 0
     for key, shape in decode_keys(cfg["classifier_keys"]):
         n = int(torch.Size(shape).numel())
@@ -125,16 +136,16 @@ def test_fixture_exercises_the_alpha_clamp(ref):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_classifier_reproduces_official_logits(ref, name):
     cfg = ref["configs"][name]
-    model = tiny_classifier(cfg)
+    model = tiny_classifier(cfg).double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["inputs"]["classifier"].float()), cfg["logits"], **TOL)
+        torch.testing.assert_close(model(ref["inputs"]["classifier"].double()), cfg["logits"], **TOL64)
         model.train()  # the official training outputs: one logit tensor per head, one image per decoder
-        logits, images = model(ref["inputs"]["classifier_train"].float())
+        logits, images = model(ref["inputs"]["classifier_train"].double())
     assert len(logits) == len(cfg["train_logits"]) == (4 if cfg["classifier_kwargs"]["inter_supv"] else 1)
     assert len(images) == len(cfg["train_images"])
     for got, want in zip(logits + images, cfg["train_logits"] + cfg["train_images"]):
-        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got, want, **TOL64)
     # the clamp applies to the values used; unlike the official code it leaves the parameters as loaded
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -144,13 +155,14 @@ def test_backbone_reproduces_official_features(ref, name):
     cfg = ref["configs"][name]
     model = tiny_backbone(cfg)
     assert key_shapes(model) == decode_keys(cfg["backbone_keys"])
+    model.double()
     for x, wants in zip(ref["inputs"]["backbone"], cfg["backbone_outputs"]):
         with torch.no_grad():
-            feats = model(x.float())
+            feats = model(x.double())
         assert isinstance(feats, tuple) and len(feats) == len(wants) == 4
         for got, want, c in zip(feats, wants, model.out_channels):
             assert got.shape[1] == c
-            torch.testing.assert_close(got, want, **TOL)
+            torch.testing.assert_close(got, want, **TOL64)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -163,14 +175,14 @@ def test_misaligned_input_raises_where_official_fails(ref, name):
 
 def test_batch_items_are_independent(ref):
     cfg = ref["configs"]["tiny_supv"]
-    model, backbone = tiny_classifier(cfg), tiny_backbone(cfg)
-    x = torch.cat([ref["inputs"]["backbone"][0].float(), torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))])
+    model, backbone = tiny_classifier(cfg).double(), tiny_backbone(cfg).double()
+    x = torch.cat([ref["inputs"]["backbone"][0].float(), torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))]).double()
     with torch.no_grad():
         logits, feats = model(x), backbone(x)
         for i in range(len(x)):
-            torch.testing.assert_close(logits[i : i + 1], model(x[i : i + 1]), **TOL)
+            torch.testing.assert_close(logits[i : i + 1], model(x[i : i + 1]), **TOL64)
             for f_batch, f_alone in zip(feats, backbone(x[i : i + 1])):
-                torch.testing.assert_close(f_batch[i : i + 1], f_alone, **TOL)
+                torch.testing.assert_close(f_batch[i : i + 1], f_alone, **TOL64)
 
 
 def test_tiny_backbone_input_gradient_flows_fast():
