@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gradlens.models.checkpoints import save_detector
 from gradlens.models.mmdet import coco80_categories, to_mmdet
@@ -128,6 +129,36 @@ def official_extras(detector, state: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def calibrate_batch_norms(detector, seed: int = 0, size: int = 256) -> int:
+    """Set every backbone BatchNorm's running statistics to those of its input on a random image, in the order
+    the forward pass reaches them, so each normalises its input to zero mean and unit variance.
+
+    Kaiming-initialised convolutions with identity statistics (mean 0, variance 1) grow the activations
+    branch after branch: a random full-size HRNet's input gradient reached 1e10, where float32 round-off
+    alone exceeds any useful tolerance. Calibrated statistics keep the network well-conditioned (a
+    variance-preserving initialisation, as a trained network is). Returns the number of layers calibrated.
+    """
+    norms = [m for m in detector.backbone.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+
+    def calibrate(module, inputs):
+        x = inputs[0].double()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6))
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in norms]
+    training = detector.training
+    detector.eval()
+    try:
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+        detector.backbone(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        detector.train(training)
+    return len(norms)
+
+
 def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, test_scale: tuple[int, int] = (800, 1333),
          size_divisor: int = 128, native: bool = True) -> tuple[Path, Path | None]:
     """Write ``<name>.pth`` (mmdetection layout) and, with ``native``, ``<name>.gradlens.pth`` (same weights, gradlens format)."""
@@ -140,6 +171,7 @@ def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, tes
         for param in detector.parameters():  # LayerNorm/BN weights of 1 and biases of 0 would hide key mix-ups
             param.add_(torch.randn_like(param) * 0.02)
         detector.head.classification_head.cls_logits.bias.fill_(-1.0)
+    calibrate_batch_norms(detector, seed)
     detector.categories = coco80_categories()
     state = official_extras(detector, to_mmdet(detector.state_dict()))
     payload = {

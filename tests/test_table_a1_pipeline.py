@@ -91,13 +91,60 @@ def test_whole_pipeline_from_an_mmdet_checkpoint(arch, tiny_coco, tmp_path, caps
     assert (detector.preprocess.min_size, detector.preprocess.max_size, detector.preprocess.size_divisor) == (128, 192, 32)
     models, gt = gradlens.workdir_maps(wd)
     image_id = int(selection["image_id"].iloc[0])
-    stored = models[0].store.read(image_id)
-    image = gradlens.to_tensor(gradlens.read_image(gt.image_path(image_id))).requires_grad_(True)
+    stored = models[0].store.read(image_id).astype(np.float64)
+    pixels = gradlens.to_tensor(gradlens.read_image(gt.image_path(image_id)))
     target = gradlens.image_targets(gt, image_id, detector.categories)
-    losses = detector.image_losses([image], [target.as_dict()])
-    loss = losses["classification"][0] + losses["bbox_regression"][0]
-    (grad,) = torch.autograd.grad(loss, image)
-    expected = grad.abs().amax(dim=0).numpy()
-    assert stored.shape == expected.shape and np.isfinite(stored).all() and stored.max() > 0
-    assert np.abs(stored - expected).max() <= 2e-3 * expected.max()  # float16 store, float32 arithmetic
+    exact = plain_map(load_detector(mmdet_path).double(), pixels.double(), target)
+    paths = float32_paths(mmdet_path, pixels, target)
+    assert stored.shape == exact.shape and np.isfinite(stored).all() and stored.max() > 0
+    for path in paths:  # each float32 path is the float64 gradient up to float32 round-off and its ReLU flips
+        assert relative_l2(path, exact) <= 2e-2, relative_l2(path, exact)
+    assert relative_l2(stored, exact) <= 2e-2
+    assert stored_map_matches(stored, paths)
     mmdet_path.unlink()  # up to 600 MB each; pytest keeps the folders of passed tests otherwise
+
+
+def plain_map(detector, pixels: torch.Tensor, target, channels_last: bool = False, threads: int | None = None) -> np.ndarray:
+    """|d loss / d pixel|, max over channels, of one autograd call (float64 where the detector is)."""
+    if channels_last:
+        detector.use_channels_last()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or saved)
+    try:
+        image = pixels.clone().requires_grad_(True)
+        losses = detector.image_losses([image], [target.as_dict()])
+        (grad,) = torch.autograd.grad(losses["classification"][0] + losses["bbox_regression"][0], image)
+    finally:
+        torch.set_num_threads(saved)
+    return grad.abs().amax(dim=0).double().numpy()
+
+
+def float32_paths(mmdet_path, pixels: torch.Tensor, target) -> list[np.ndarray]:
+    """The map along the float32 arithmetic paths gradlens takes: contiguous on every core (the Python API)
+    and channels-last on one core per batch (the CLI on a CPU, several batches at once).
+
+    Most pixels differ from the float64 map by ~1e-6 of the maximum. But where a ReLU's input lies within
+    float32 round-off of zero, one path opens the unit and another closes it, and the gradient changes by a
+    finite amount over that unit's receptive field, which for the coarse levels is the whole image
+    (measured on an AMD EPYC: up to 0.4 % of the maximum for MSG-S, 0.09 % at the 90th percentile of a
+    random HRNet-W32). Which units flip depends on the CPU's order of additions, so the stored map is
+    compared pixel by pixel with the plain call that takes the pipeline's own path, on the machine that
+    runs the test, and every path with float64 as a whole."""
+    return [plain_map(load_detector(mmdet_path), pixels, target, channels_last, threads)
+            for channels_last, threads in ((False, None), (True, 1))]
+
+
+def relative_l2(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def stored_map_matches(stored: np.ndarray, paths: list[np.ndarray]) -> bool:
+    """Pixel by pixel, the stored map equals one float32 path up to the float16 store's rounding (values / max
+    to 11 significant bits: 2**-11 relative, 2**-25 of the max below float16's normal range) and float32
+    round-off between two arrangements of the same kernels (1e-5 of the max; measured <= 3e-6)."""
+    misses = []
+    for path in paths:
+        peak = path.max()
+        allowed = 2.0**-11 * np.abs(path) + 2.0**-25 * peak + 1e-5 * peak
+        misses.append(int(np.sum(np.abs(stored - path) > allowed)))
+    return min(misses) == 0

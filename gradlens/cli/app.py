@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -257,23 +258,38 @@ def main(argv: list[str] | None = None) -> None:
     """
     from gradlens import distributed
 
+    launched = distributed.launched_world() is not None
     try:
         with distributed.session() as world:
             if world is not None and not world.main:
-                sys.exit(distributed.serve(world))
+                _leave(distributed.serve(world))
             code = 1
             try:
                 _run(argv)
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                raise
+                if world is None:
+                    raise
             finally:
                 if code != 143:  # stopped by torchrun (another rank died): the others are being stopped too
                     distributed.release(code)
+            if world is not None:
+                _leave(code)
     except GradlensError as exc:  # a failure while joining or leaving torchrun's process group
         typer.echo(f"gradlens: error: {exc}", err=True)
+        if launched:
+            _leave(1)
         sys.exit(1)
+
+
+def _leave(code: int) -> None:
+    """End a torchrun rank at once, with everything it wrote flushed: interpreter teardown destroys gloo's
+    threads while a peer closes its side, which aborted a rank now and then ("terminate called without an
+    active exception", SIGABRT after its results were written)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
 
 
 def _run(argv: list[str] | None) -> None:
