@@ -64,6 +64,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_output_name(name: str) -> str:
+    """An area-curve run's name (``--name``) is a plain file stem inside the work directory: the same rule for
+    the command that writes ``<name>.json`` and its tables and for every command that reads them back."""
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name) or ".." in name:
+        from gradlens.errors import GradlensError
+
+        raise GradlensError(f"The output name {short_repr(name)} must be a plain file stem such as area_curve "
+                            "(letters, digits, '_', '-', '.'; no folder).")
+    return name
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

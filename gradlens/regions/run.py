@@ -15,7 +15,7 @@ from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.workdir import ModelMaps, selection_ids, workdir_maps
 from gradlens.data.coco import CocoPaths
 from gradlens.errors import GradlensError
-from gradlens.fileio import write_json, write_table
+from gradlens.fileio import check_output_name, write_json, write_table
 from gradlens.regions.comparison import curve_statistics, with_bands
 from gradlens.regions.per_image import ImageCurves, image_curves
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
@@ -115,8 +115,7 @@ def run_area_curve(
     if scale not in ("linear", "log"):
         raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
     threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise GradlensError(f"The output name {name!r} must be a plain file stem such as area_curve.")
+    check_output_name(name)
     if bootstrap < 0:
         raise GradlensError(f"--bootstrap must be 0 (no intervals) or a number of resamples; got {bootstrap}.")
     if not 0 < level < 1:
