@@ -8,13 +8,26 @@ quality, the improvement, each model's box energy and pointing-game hit),
 Figure A2 with its bootstrap bands and the paired difference, the metrics
 summary with intervals, A minus each baseline with Wilcoxon p-values, and
 the Figure A1 thumbnails, each opening its full panel.
+
+Everything the page shows comes from files anyone can edit or send (a work
+directory received from someone else), so no value from disk is ever trusted
+as markup: HTML text and attributes are escaped with :func:`escape_html`, the
+embedded tables with :func:`json_for_script` (``<``, ``>``, ``&``, U+2028 and
+U+2029 as ``\\uXXXX``), the page's script builds the table and the viewer with
+DOM methods and ``textContent`` only (no ``innerHTML``, no inline handlers),
+and a Content-Security-Policy lets run only the page's own inline script and
+style (by their SHA-256 hashes) and load only images (``img-src 'self'``:
+the pictures beside the page, also when it is opened as a ``file:`` URL).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradlens.errors import GradlensError
-from gradlens.fileio import atomic_path, read_json, read_table
+from gradlens.errors import GradlensError, InputFileError
+from gradlens.fileio import atomic_path, check_output_name, image_id_column, read_json, read_table, short_repr
 
 THUMBNAIL_WIDTH = 360
+PANEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.png")  # a plain file name in panels/ (no folder, no URL)
 
 
 @dataclass
@@ -35,21 +49,67 @@ class Report:
     thumbnails: int
 
 
+def escape_html(value) -> str:
+    """Any value from disk as HTML text or a quoted attribute value (``& < > " '`` escaped).
+
+    Not only strings: a number in a hostile file may be a string, so every value goes through here;
+    a lone surrogate (text no UTF-8 page can hold) becomes ``?``.
+    """
+    text = value if isinstance(value, str) else str(value)
+    return html.escape(text.encode("utf-8", "replace").decode("utf-8"), quote=True)
+
+
+_JSON_IN_SCRIPT = {"&": "\\u0026", "<": "\\u003c", ">": "\\u003e", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def json_for_script(obj) -> str:
+    """``obj`` as JSON that can stand inside ``<script type="application/json">`` whatever its strings hold.
+
+    ``<``, ``>`` and ``&`` (so no ``</script>``, ``<!--`` or ``<script`` can change how the HTML parser
+    ends the element) and U+2028/U+2029 are written as ``\\uXXXX`` escapes; outside strings JSON has
+    none of these characters, so the text parses back to the very same value.
+    """
+    text = json.dumps(obj, ensure_ascii=True, allow_nan=False)
+    return re.sub("[&<>\u2028\u2029]", lambda m: _JSON_IN_SCRIPT[m.group(0)], text)
+
+
+def _require_columns(table: pd.DataFrame, columns: tuple[str, ...], what: str, again: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputFileError(f"{what} has no column {missing[0]!r}; {again}.")
+
+
 def _selection_rows(workdir: Path, models: list[dict], metrics: pd.DataFrame | None) -> pd.DataFrame:
     selection = read_table(workdir, "selection").copy()
+    what, again = f"The selection table in {workdir}", "run 'gradlens select' again"
+    selection.columns = [str(c) for c in selection.columns]
+    twice = selection.columns[selection.columns.duplicated()]
+    if len(twice):
+        raise InputFileError(f"{what} has the column {short_repr(twice[0])} twice; {again}.")
+    _require_columns(selection, ("image_id",), what, again)
+    selection["image_id"] = image_id_column(selection, what)
+    selection = selection.drop(columns=["panel"], errors="ignore")  # the page's own column, never one from disk
     if "rank" not in selection:
         selection.insert(0, "rank", np.arange(1, len(selection) + 1))
     if metrics is not None and len(metrics):
+        what, again = f"The metrics table in {workdir}", "run 'gradlens area-curve' again"
+        _require_columns(metrics, ("role", "image_id"), what, again)
         for role in [m["role"] for m in models]:
             mine = metrics[metrics["role"] == role].set_index("image_id")
+            if mine.index.duplicated().any():
+                raise InputFileError(f"{what} lists image {short_repr(mine.index[mine.index.duplicated()][0])} "
+                                     f"twice for model {role}; {again}.")
             for column in ("box_energy", "pointing_game"):
                 selection[f"{column}_{role}"] = selection["image_id"].map(mine[column]) if column in mine else np.nan
     return selection
 
 
-def _records(table: pd.DataFrame) -> list[dict]:
-    """Rows as JSON-ready dicts (NaN -> null, numpy scalars -> Python)."""
-    return json.loads(table.to_json(orient="records", double_precision=6))
+def _records(table: pd.DataFrame, what: str) -> list[dict]:
+    """Rows as JSON-ready dicts (NaN and infinities -> null, numpy scalars -> Python)."""
+    try:
+        return json.loads(table.to_json(orient="records", double_precision=6, date_format="iso"))
+    except (ValueError, TypeError, OverflowError, UnicodeError) as exc:
+        raise InputFileError(f"{what} holds a value the report cannot show ({type(exc).__name__}).") from None
 
 
 def _thumbnail(source: Path, target: Path) -> None:
@@ -80,9 +140,11 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
     Needs ``gradlens area-curve`` to have run (its curves, metrics and figure);
     Figure A1 panels of every selected image (of the first ``thumbnails`` if given) are drawn (``figures_kwargs`` go to :func:`~gradlens.figures.figure_a1.render_figures_a1`).
+    ``name`` is the area-curve run's ``--name``: a plain file stem (:func:`~gradlens.fileio.check_output_name`).
     """
     from gradlens.selection.manifest import load_manifest
 
+    check_output_name(name)  # before any file is read: the record and its tables stay inside the work directory
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     meta_path = workdir / f"{name}.json"
@@ -97,16 +159,23 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
         return read_table(workdir, Path(file).stem) if file and (workdir / file).is_file() else pd.DataFrame()
 
     summary, paired = table("metrics_summary"), table("paired")
+    again = "run 'gradlens area-curve' again"
+    if len(summary):
+        _require_columns(summary, ("role", "label", "metric", "mean", "low", "high", "num_images"),
+                         f"The metrics summary in {workdir}", again)
+    if len(paired):
+        _require_columns(paired, ("role", "versus", "quantity", "difference", "low", "high", "p_value", "num_images"),
+                         f"The paired statistics in {workdir}", again)
     figure_a2 = workdir / f"{name}.png"
     if not figure_a2.is_file():
         raise GradlensError(f"{figure_a2} is missing; run 'gradlens area-curve --workdir {workdir}' again.")
+    models = manifest["models"]
+    selection = _selection_rows(workdir, models, metrics)
     out = Path(out_dir) if out_dir is not None else workdir / "report"
     (out / "panels").mkdir(parents=True, exist_ok=True)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(figure_a2, out / "figure_a2.png")
 
-    models = manifest["models"]
-    selection = _selection_rows(workdir, models, metrics)
     shown = [int(i) for i in (selection["image_id"] if thumbnails is None else selection["image_id"].head(max(0, thumbnails)))]
     panels = {}
     if shown:
@@ -117,10 +186,11 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
         kwargs.setdefault("map_dtype", meta.get("settings", {}).get("map_dtype", "float16"))
         written = render_figures_a1(workdir, image_ids=shown, out_dir=out / "panels", progress=progress, **kwargs)
         for image_id, png in zip(shown, written):
-            _thumbnail(png, out / "thumbs" / png.name)
-            panels[image_id] = png.name
+            if PANEL_NAME.fullmatch(png.name) and ".." not in png.name:  # the page links plain file names only
+                _thumbnail(png, out / "thumbs" / png.name)
+                panels[image_id] = png.name
     selection["panel"] = selection["image_id"].map(lambda i: panels.get(int(i)))
-    page = _page(manifest, meta, selection, summary, paired, panels)
+    page = _page(manifest, meta, selection, summary, paired, panels, what=f"The selection table in {workdir}")
     with atomic_path(out / "index.html") as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return Report(page=out / "index.html", images=len(selection), thumbnails=len(panels))
@@ -135,6 +205,7 @@ th { background: #f5f5f5; } #selection th { cursor: pointer; position: sticky; t
 th.sorted-asc::after { content: " \\25B2"; } th.sorted-desc::after { content: " \\25BC"; }
 td:first-child, th:first-child { text-align: left; }
 .muted { color: #777; } .pos { color: #1a7f37; } .neg { color: #c62828; }
+#figure-a2 { max-width: 100%; }
 #filter { margin: 6px 0 10px; padding: 4px 8px; width: 320px; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 12px; }
 .thumbs figure { margin: 0; width: 240px; } .thumbs img { width: 240px; border: 1px solid #ccc; cursor: zoom-in; }
@@ -146,34 +217,70 @@ td:first-child, th:first-child { text-align: left; }
 .scroll { max-height: 560px; overflow: auto; border: 1px solid #ddd; display: inline-block; }
 """
 
+# Every value in DATA came from files on disk: it reaches the page as text (textContent, dataset,
+# setAttribute) and never as markup; a panel name is used only if it is a plain file name.
 _SCRIPT = """
+'use strict';
 const DATA = JSON.parse(document.getElementById('data').textContent);
-function fmt(v, col) {
-  if (v === null || v === undefined) return '<span class="muted">-</span>';
+const PANEL = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}[.]png$/;
+function plainPanel(name) {
+  return typeof name === 'string' && PANEL.test(name) && !name.includes('..') ? name : null;
+}
+function shownText(v, col) {  // what a cell displays, and what the filter matches
+  if (v === null || v === undefined) return '-';
   if (col.startsWith('pointing_game')) return v ? 'hit' : 'miss';
-  if (typeof v !== 'number') return String(v).replace(/[&<>]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;'}[c]));
-  if (Number.isInteger(v) && (col === 'rank' || col === 'image_id')) return String(v);
-  return v.toFixed(4);
+  if (typeof v === 'number') return Number.isInteger(v) && (col === 'rank' || col === 'image_id') ? String(v) : v.toFixed(4);
+  if (typeof v === 'object') return JSON.stringify(v);
+  return String(v);
+}
+function headerRow(cols) {
+  const tr = document.createElement('tr');
+  for (const c of cols) {
+    const th = document.createElement('th');
+    th.dataset.col = c;
+    th.textContent = c;
+    if (c === DATA.sort.col) th.classList.add(DATA.sort.asc ? 'sorted-asc' : 'sorted-desc');
+    tr.append(th);
+  }
+  return tr;
+}
+function bodyRow(r, cols) {
+  const tr = document.createElement('tr');
+  tr.dataset.image = String(r.image_id);
+  for (const c of cols) {
+    const td = document.createElement('td');
+    const v = r[c];
+    if (c === 'improvement' && typeof v === 'number' && v !== 0) td.className = v > 0 ? 'pos' : 'neg';
+    const panel = c === 'image_id' ? plainPanel(r.panel) : null;
+    if (v === null || v === undefined) {
+      const dash = document.createElement('span');
+      dash.className = 'muted';
+      dash.textContent = '-';
+      td.append(dash);
+    } else if (panel) {
+      const link = document.createElement('a');
+      link.setAttribute('href', '#');
+      link.className = 'open';
+      link.dataset.panel = panel;
+      link.textContent = shownText(v, c);
+      td.append(link);
+    } else {
+      td.textContent = shownText(v, c);
+    }
+    tr.append(td);
+  }
+  return tr;
 }
 function renderSelection() {
-  const table = document.getElementById('selection');
   const cols = DATA.columns;
-  const head = '<tr>' + cols.map(c => `<th data-col="${c}">${c}</th>`).join('') + '</tr>';
   const text = document.getElementById('filter').value.trim().toLowerCase();
-  const shown = (r, c) => fmt(r[c], c).replace(/<[^>]*>/g, '').toLowerCase();  // what the cell displays
-  const rows = DATA.rows.filter(r => !text || cols.some(c => shown(r, c).includes(text)));
-  const body = rows.map(r => '<tr data-image="' + r.image_id + '">' + cols.map(c => {
-    const cls = c === 'improvement' && typeof r[c] === 'number' ? (r[c] > 0 ? 'pos' : (r[c] < 0 ? 'neg' : '')) : '';
-    const cell = c === 'image_id' && r.panel ? `<a href="#" class="open" data-panel="${r.panel}">${r[c]}</a>` : fmt(r[c], c);
-    return `<td class="${cls}">${cell}</td>`;
-  }).join('') + '</tr>').join('');
-  table.innerHTML = '<thead>' + head + '</thead><tbody>' + body + '</tbody>';
-  table.querySelectorAll('th').forEach(th => {
-    if (th.dataset.col === DATA.sort.col) th.classList.add(DATA.sort.asc ? 'sorted-asc' : 'sorted-desc');
-    th.addEventListener('click', () => sortBy(th.dataset.col));
-  });
+  const rows = DATA.rows.filter(r => !text || cols.some(c => shownText(r[c], c).toLowerCase().includes(text)));
+  const head = document.createElement('thead');
+  head.append(headerRow(cols));
+  const body = document.createElement('tbody');
+  for (const r of rows) body.append(bodyRow(r, cols));
+  document.getElementById('selection').replaceChildren(head, body);
   document.getElementById('shown').textContent = rows.length + ' of ' + DATA.rows.length + ' images';
-  bindViewer(table);
 }
 function sortBy(col) {
   const asc = DATA.sort.col === col ? !DATA.sort.asc : true;
@@ -188,69 +295,108 @@ function sortBy(col) {
   renderSelection();
 }
 function openPanel(name) {
-  const viewer = document.getElementById('viewer');
-  document.getElementById('viewer-img').src = 'panels/' + name;
-  document.getElementById('viewer-caption').textContent = name;
-  viewer.classList.add('open');
+  const panel = plainPanel(name);
+  if (panel === null) return;
+  document.getElementById('viewer-img').setAttribute('src', 'panels/' + panel);
+  document.getElementById('viewer-caption').textContent = panel;
+  document.getElementById('viewer').classList.add('open');
 }
-function bindViewer(root) {
-  root.querySelectorAll('.open').forEach(el => el.addEventListener('click', ev => {
-    ev.preventDefault(); openPanel(el.dataset.panel);
-  }));
+function closeViewer() {
+  document.getElementById('viewer').classList.remove('open');
 }
-document.getElementById('viewer').addEventListener('click', () => document.getElementById('viewer').classList.remove('open'));
-document.addEventListener('keydown', ev => { if (ev.key === 'Escape') document.getElementById('viewer').classList.remove('open'); });
+document.getElementById('selection').addEventListener('click', ev => {
+  const link = ev.target.closest('a.open');
+  if (link) {
+    ev.preventDefault();
+    openPanel(link.dataset.panel);
+    return;
+  }
+  const th = ev.target.closest('th');
+  if (th) sortBy(th.dataset.col);
+});
+document.getElementById('thumbs').addEventListener('click', ev => {
+  const thumb = ev.target.closest('.open');
+  if (thumb) {
+    ev.preventDefault();
+    openPanel(thumb.dataset.panel);
+  }
+});
+document.getElementById('viewer').addEventListener('click', closeViewer);
+document.addEventListener('keydown', ev => { if (ev.key === 'Escape') closeViewer(); });
 document.getElementById('filter').addEventListener('input', renderSelection);
-bindViewer(document.getElementById('thumbs'));
 renderSelection();
 """
+
+
+def _csp_source(text: str) -> str:
+    """The CSP source that allows exactly this inline script or style text (its SHA-256, base64)."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+# Only the page's own inline script and style run, by their hashes (an injected one would not); only images
+# load, and only from the page's own origin: 'self' of a page opened as a file: URL matches file: URLs in
+# Chromium (the pictures beside it), and the folder's own file: URL would break when the folder moves.
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; script-src {_csp_source(_SCRIPT)}; style-src {_csp_source(_STYLE)}; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'"
+)
+
+
+def _missing(value) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # a list or array in a hostile table is a value, not a missing one
+        return False
 
 
 def _table_html(table: pd.DataFrame, numeric: tuple[str, ...]) -> str:
     if table is None or not len(table):
         return '<p class="muted">(none)</p>'
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    head = "".join(f"<th>{escape_html(c)}</th>" for c in table.columns)
     rows = []
-    for _, row in table.iterrows():
+    for row in table.itertuples(index=False, name=None):
         cells = []
-        for c in table.columns:
-            v = row[c]
-            if c in numeric and isinstance(v, (int, float, np.floating, np.integer)) and not pd.isna(v):
+        for c, v in zip(table.columns, row):
+            if c in numeric and isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and not _missing(v):
                 cells.append(f"<td>{v:.3g}</td>" if c == "p_value" else f"<td>{v:.4f}</td>")
             else:
-                cells.append(f"<td>{'' if pd.isna(v) else html.escape(str(v))}</td>")
+                cells.append(f"<td>{'' if _missing(v) else escape_html(v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _page(manifest: dict, meta: dict, selection: pd.DataFrame, summary: pd.DataFrame, paired: pd.DataFrame,
-          panels: dict[int, str]) -> str:
+          panels: dict[int, str], what: str = "The selection table") -> str:
+    e = escape_html
     models = manifest["models"]
-    labels = ", ".join(f"{m['role']}: {html.escape(str(m.get('label', m['role'])))}" for m in models)
+    labels = ", ".join(f"{e(m['role'])}: {e(m.get('label') or m['role'])}" for m in models)
     columns = [c for c in selection.columns if c != "panel"]
-    data = {"columns": columns, "rows": _records(selection), "sort": {"col": "rank", "asc": True}}
-    payload = json.dumps(data).replace("</", "<\\/")  # no early end of the script element
-    settings = meta.get("settings", {})
+    data = {"columns": columns, "rows": _records(selection, what), "sort": {"col": "rank", "asc": True}}
+    payload = json_for_script(data)
+    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
     scalar = paired[paired["quantity"] != "area"] if len(paired) else paired
     if len(scalar):
         scalar = scalar[["role", "versus", "quantity", "difference", "low", "high", "p_value", "num_images"]]
-    summary_view = summary.pivot_table(index=["role", "label"], columns="metric", values="mean").reset_index() if len(summary) else summary
+    summary_view = (summary.pivot_table(index=["role", "label"], columns="metric", values="mean", aggfunc="first").reset_index()
+                    if len(summary) else summary)
     intervals = summary[["role", "metric", "mean", "low", "high", "num_images"]] if len(summary) else summary
     thumbs = "".join(
-        f'<figure><img class="open" src="thumbs/{html.escape(name)}" data-panel="{html.escape(name)}" alt="Figure A1, image {i}">'
-        f"<figcaption>#{k + 1}: image {i}</figcaption></figure>"
+        f'<figure><img class="open" src="thumbs/{e(name)}" data-panel="{e(name)}" alt="Figure A1, image {e(i)}">'
+        f"<figcaption>#{k + 1}: image {e(i)}</figcaption></figure>"
         for k, (i, name) in enumerate(panels.items())
     )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>gradlens report: {html.escape(str(manifest.get('name', 'selection')))}</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">
+<title>gradlens report: {e(manifest.get('name', 'selection'))}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>
 <body>
 <h1>gradlens report</h1>
-<p>Models: {labels}. {len(selection)} selected images; area curves over {settings.get('num_images', '?')} images,
-{settings.get('thresholds', '?')} thresholds ({html.escape(str(settings.get('scale', '?')))} grid), bands: {settings.get('bootstrap', 0)}
-bootstrap resamples at level {settings.get('confidence_level', '?')}. Created by gradlens {html.escape(str(meta.get('gradlens_version', '')))}.</p>
+<p>Models: {labels}. {len(selection)} selected images; area curves over {e(settings.get('num_images', '?'))} images,
+{e(settings.get('thresholds', '?'))} thresholds ({e(settings.get('scale', '?'))} grid), bands: {e(settings.get('bootstrap', 0))}
+bootstrap resamples at level {e(settings.get('confidence_level', '?'))}. Created by gradlens {e(meta.get('gradlens_version', ''))}.</p>
 <h2>Figure A2: important-region area against the threshold</h2>
-<img src="figure_a2.png" alt="Figure A2" style="max-width: 100%">
+<img id="figure-a2" src="figure_a2.png" alt="Figure A2">
 <h2>A against each baseline (paired per image)</h2>
 {_table_html(scalar, ("difference", "low", "high", "p_value"))}
 <h2>Localisation metrics</h2>

@@ -350,9 +350,10 @@ def report(
     thumbnails that open the full panels. Run 'gradlens area-curve' first;
     missing Figure A1 maps are computed with the settings area-curve used.
     """
-    from gradlens.fileio import read_json
+    from gradlens.fileio import check_output_name, read_json
     from gradlens.report import recorded_attribution, write_report
 
+    check_output_name(name)  # the rule area-curve writes by, before any file is read: no record from outside the work directory
     meta_path = Path(workdir) / f"{name}.json"
     meta = read_json(meta_path, "area-curve record") if meta_path.is_file() else {}
     settings = meta.get("settings", {})
