@@ -31,6 +31,7 @@ from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
+from gradlens.regions.concentration import effective_area, gini, mass_area
 from gradlens.regions.localisation import box_energy, box_fraction, box_mask, inside_outside_areas, pointing_game
 from gradlens.regions.per_image import image_curves
 from gradlens.regions.run import run_area_curve
@@ -50,6 +51,9 @@ __all__ = [
     "area_curve",
     "area_curve_from_store",
     "area_under_curve",
+    "effective_area",
+    "gini",
+    "mass_area",
     "bootstrap_mean",
     "box_energy",
     "box_fraction",
