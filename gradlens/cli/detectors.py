@@ -39,7 +39,9 @@ def profile(
         Optional[List[str]], typer.Option("--model", help="Only these (a Table A1 name like CEDNet-NeXt-T, or an architecture).")
     ] = None,
     fmt: Format = "table",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the table to this file (.csv or .json).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Also write the table to this file (.csv, .json or .parquet, by its suffix).")
+    ] = None,
     progress: opt.Progress = None,
 ) -> None:
     """Parameters and FLOPs (multiply-accumulates) of the supported backbones and detectors.
@@ -54,6 +56,12 @@ def profile(
     from gradlens.profile import CLASSIFIERS, profile_classifier, profile_detector
     from gradlens.progress import track
 
+    if not classifiers and not detectors:
+        raise GradlensError("Nothing to profile: --no-classifiers and --no-detectors together switch off both tables; "
+                            "keep at least one.")
+    writers = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
+    if out is not None and out.suffix.lower() not in writers:  # refused before minutes of profiling, not after
+        raise GradlensError(f"--out {out} has no known table suffix; name a .csv, .json or .parquet file.")
     jobs = []
     if classifiers:
         jobs += [("classifier", n) for n in CLASSIFIERS]
@@ -74,8 +82,11 @@ def profile(
         from gradlens.fileio import atomic_path
 
         with atomic_path(out) as tmp:
-            if out.suffix.lower() == ".json":
+            kind = writers[out.suffix.lower()]
+            if kind == "json":
                 tmp.write_text(json.dumps(rows, indent=2))
+            elif kind == "parquet":
+                table.to_parquet(tmp, index=False)
             else:
                 table.to_csv(tmp, index=False)
     if fmt == "csv":

@@ -3,7 +3,9 @@
 COCO boxes refer to the pixels as stored in the file, so the EXIF orientation
 tag is *not* applied by default (Pillow leaves it alone unless asked); with
 ``exif_orientation="apply"`` the image is turned as the tag says, as OpenCV's
-``IMREAD_COLOR`` in mmdetection's loader does. Pillow and OpenCV decode
+``IMREAD_COLOR`` in mmdetection's loader does. The tag is read by one function,
+:func:`orientation_value`, for decoding, for image sizes and for the count
+``score`` reports, so every step sees the same orientation. Pillow and OpenCV decode
 JPEGs to the same pixels (both libjpeg-turbo, tested). And
 every colour model — grayscale, palette, CMYK, with or without alpha — is
 converted to 8-bit RGB so that every detector sees three channels.
@@ -12,19 +14,27 @@ converted to 8-bit RGB so that every detector sees three channels.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from gradlens.errors import InputFileError
 
 
 EXIF_ORIENTATIONS = ("ignore", "apply")
 ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transposition that shows the image upright (Pillow's ImageOps.exif_transpose table).
+_TRANSPOSITIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 DEFAULT_MAX_PIXELS = 100_000_000  # 10000 x 10000; COCO's largest image has 0.4 million
 ENV_MAX_PIXELS = "GRADLENS_MAX_IMAGE_PIXELS"
 
@@ -59,6 +69,32 @@ def _check_size(img: Image.Image, path: Path) -> None:
         )
 
 
+def orientation_value(value) -> int:
+    """The EXIF orientation (1 to 8) that a stored orientation tag value means; 1, the identity, for any other.
+
+    The standard stores the tag as one whole number (SHORT). A file may store it otherwise; gradlens reads
+    every kind the same way in every step (decoding, image sizes, the count ``score`` reports): a whole
+    number from 1 to 8 is that orientation however it is stored (6, 6.0, the rational 12/2); anything
+    else (6.5, 0, 9, NaN, a division by zero, text, several values) is 1, and the image is used as stored.
+    """
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        return 1  # IFDRational is a numbers.Rational; text and tuples are not orientations
+    try:
+        number = float(value)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return 1
+    return int(number) if number.is_integer() and 1 <= number <= 8 else 1
+
+
+def _orientation(img: Image.Image) -> int:
+    """The orientation an opened image's EXIF tag means (1 when it has none or its EXIF cannot be read)."""
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError, struct.error):
+        return 1
+    return orientation_value(value)
+
+
 @contextlib.contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """The image file opened (header only) and checked against the pixel limit; every failure one sentence."""
@@ -82,8 +118,9 @@ def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.
     path = Path(path)
     with _opened(path) as img:
         img.load()
-        if exif_orientation == "apply":
-            img = ImageOps.exif_transpose(img)
+        turn = _TRANSPOSITIONS.get(_orientation(img)) if exif_orientation == "apply" else None
+        if turn is not None:
+            img = img.transpose(turn)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # Composite on black rather than letting convert() drop alpha inconsistently per mode.
             img = img.convert("RGBA")
@@ -99,13 +136,13 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def exif_orientation_of(path: str | os.PathLike) -> int:
-    """The EXIF orientation tag of an image file (1, the identity, when it has none or cannot be read)."""
+    """The EXIF orientation of an image file, read by :func:`orientation_value` (1, the identity, when it has
+    none, an unusable value, or cannot be read)."""
     try:
         with Image.open(path) as img:
-            value = img.getexif().get(ORIENTATION_TAG, 1)
+            return _orientation(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1
-    return int(value) if isinstance(value, int) else 1
 
 
 def count_exif_turned(paths, progress: bool | None = None) -> int:
@@ -122,5 +159,5 @@ def image_size(path: str | os.PathLike, exif_orientation: str = "ignore") -> tup
     path = Path(path)
     with _opened(path) as img:
         width, height = img.size
-        turned = exif_orientation == "apply" and img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+        turned = exif_orientation == "apply" and _orientation(img) in (5, 6, 7, 8)
     return (width, height) if turned else (height, width)

@@ -20,6 +20,11 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
     threshold, the area divided by the largest mean area among the curves.
     Returns the figure.
     """
+    with style.plain_text():  # labels are drawn as written, never as math text or LaTeX
+        return _plot_area_curve(table, scale, title, ax)
+
+
+def _plot_area_curve(table, scale, title, ax):
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -29,7 +34,7 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
     for k, (label, rows) in enumerate(table.groupby("label", sort=False)):
         rows = rows.sort_values("threshold")
         colour = style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)]
-        ax.plot(rows["threshold_normalized"], rows["area_normalized"], label=label, color=colour, linewidth=1.8)
+        ax.plot(rows["threshold_normalized"], rows["area_normalized"], label=style.literal(label), color=colour, linewidth=1.8)
         if "area_low_normalized" in rows and rows["area_low_normalized"].notna().any():
             ax.fill_between(rows["threshold_normalized"], rows["area_low_normalized"], rows["area_high_normalized"],
                             color=colour, alpha=0.2, linewidth=0)
@@ -41,7 +46,7 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
     ax.set_xlabel("gradient threshold t (normalised)")
     ax.set_ylabel("mean important-region area (normalised)")
     n = int(table["num_images"].iloc[0]) if len(table) else 0
-    ax.set_title(title or f"Important-region area vs threshold ({n} images)", fontsize=10)
+    ax.set_title(style.literal(title) if title else f"Important-region area vs threshold ({n} images)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
@@ -50,6 +55,11 @@ def plot_area_curve(table: pd.DataFrame, scale: str = "linear", title: str | Non
 
 def plot_paired_difference(paired: pd.DataFrame, table: pd.DataFrame, scale: str = "linear", ax=None):
     """A minus each baseline per threshold, in the same normalisation as the curves, with its interval."""
+    with style.plain_text():
+        return _plot_paired_difference(paired, table, scale, ax)
+
+
+def _plot_paired_difference(paired, table, scale, ax):
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -66,7 +76,7 @@ def plot_paired_difference(paired: pd.DataFrame, table: pd.DataFrame, scale: str
         rows = rows.sort_values("threshold")
         t = rows["threshold"] / t_top
         ax.plot(t, rows["difference"] / peak, color=colour, linewidth=1.6,
-                label=f"{rows['label'].iloc[0]} − {rows['versus_label'].iloc[0]}")
+                label=style.literal(f"{rows['label'].iloc[0]} − {rows['versus_label'].iloc[0]}"))
         if rows["low"].notna().any():
             ax.fill_between(t, rows["low"] / peak, rows["high"] / peak, color=colour, alpha=0.2, linewidth=0)
     ax.axhline(0.0, color="black", linewidth=0.8)
@@ -89,7 +99,8 @@ def save_area_curve_figure(table: pd.DataFrame, stem: str | os.PathLike, scale: 
     import matplotlib.pyplot as plt
 
     if paired is not None and len(paired) and (paired["quantity"] == "area").any():
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9))
+        with style.plain_text():
+            fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 3.9))
         plot_area_curve(table, scale=scale, title=title, ax=left)
         plot_paired_difference(paired, table, scale=scale, ax=right)
     else:

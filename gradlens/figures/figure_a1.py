@@ -59,6 +59,11 @@ def _display_maps(maps: list[np.ndarray], map_scale: str, clip_percentile: float
 def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = None, map_scale: str = "shared",
                    clip_percentile: float = DEFAULT_CLIP_PERCENTILE, panel_width: float = 4.0):
     """Draw the figure for one image (``[H, W, 3]`` uint8) and one :class:`Panel` per detector."""
+    with style.plain_text():  # labels and file names are drawn as written, never as math text or LaTeX
+        return _draw_figure_a1(image, panels, title, map_scale, clip_percentile, panel_width)
+
+
+def _draw_figure_a1(image, panels, title, map_scale, clip_percentile, panel_width):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -86,7 +91,7 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
         quality = "no objects" if panel.quality != panel.quality else f"{panel.quality:.3f}"  # NaN: no quality
         top.text(3, 3, quality, color="black", fontsize=font + 2, va="top", ha="left", fontweight="bold",
                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5, "alpha": 0.9})
-        top.set_title(panel.label, fontsize=10)
+        top.set_title(style.literal(panel.label), fontsize=10)
         bottom.imshow(display, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         peak = float(panel.gradient.max()) if panel.gradient.size else 0.0
         bottom.set_title(f"gradient magnitude (max {peak:.2e})", fontsize=8)
@@ -96,7 +101,7 @@ def draw_figure_a1(image: np.ndarray, panels: list[Panel], title: str | None = N
             ax.set_xticks([])
             ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(style.literal(title), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -221,7 +226,8 @@ def render_figures_a1(
                 stem = f"figure_a1_{image_id}" if ann is None else f"figure_a1_object_{ann}"
                 written.append(style.save(fig, out_dir / stem)[0])
                 if gallery is not None:
-                    gallery.savefig(fig)
+                    with style.plain_text():
+                        gallery.savefig(fig)
             finally:
                 plt.close(fig)
     return written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -22,6 +23,22 @@ DET_COLOUR = "#1f5bff"  # blue: each object's matched detection
 CURVE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
+def literal(text) -> str:
+    """``text`` (a label, a file name: anything read from a file) for matplotlib, drawn exactly as written.
+
+    Matplotlib reads text between two ``$`` as math (``A $x^2$ \\frac`` would be parsed, and fail), so
+    every ``$`` is escaped; an escaped ``$`` never starts math text, and a ``\\`` outside math is plain.
+    """
+    return str(text).replace("$", r"\$")
+
+
+@contextlib.contextmanager
+def plain_text():
+    """Draw and save with matplotlib's own text engine: a user's ``text.usetex`` would hand labels to LaTeX."""
+    with matplotlib.rc_context({"text.usetex": False}):
+        yield
+
+
 def save(fig, stem, formats=("png", "pdf"), dpi: int = 150) -> list:
     """Save ``fig`` as ``stem.<fmt>`` for each format, atomically; returns the paths."""
     from pathlib import Path
@@ -32,7 +49,7 @@ def save(fig, stem, formats=("png", "pdf"), dpi: int = 150) -> list:
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, plain_text():
             # no creation date in the file: the same inputs give byte-identical figures
             metadata = {"CreationDate": None} if fmt == "pdf" else None
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)

@@ -9,6 +9,8 @@ differ, never silently half-loaded.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import pickle
 import zipfile
@@ -155,6 +157,46 @@ def detector_from_object(obj, path: str | os.PathLike, arch: str | None = None) 
     return detector.eval()
 
 
+# The only entries of a checkpoint that hold integers (batch norm's counter, Swin's index table); every
+# parameter and every other buffer holds real numbers.
+INTEGER_BUFFERS = ("num_batches_tracked", "relative_position_index")
+
+
+def _a(name: str) -> str:
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
+def check_tensors(state, path) -> Mapping[str, Tensor]:
+    """A checkpoint's state dict, checked before any of its keys or shapes is read: parameter names (text) to
+    dense tensors of real numbers (integers only in :data:`INTEGER_BUFFERS`), all finite.
+
+    ``load_state_dict`` would cast integer, boolean or complex tensors silently and fail with a page of text on
+    a number or a list; each of these is refused here in one sentence naming the key as the file spells it.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: its state dict is {_a(type(state).__name__)}, not a mapping of parameter "
+                              "names to tensors.")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: its state dict has the key {key!r}, which is not a parameter name (text).")
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{path}: {key} holds {_a(type(value).__name__)} where a tensor belongs.")
+        if value.layout != torch.strided or value.is_quantized:
+            kind = "quantized" if value.is_quantized else str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{path}: {key} is {_a(kind)} tensor, not a dense tensor of numbers.")
+        if key.endswith(INTEGER_BUFFERS):
+            continue
+        if not value.is_floating_point():
+            raise CheckpointError(f"{path}: {key} holds {str(value.dtype).removeprefix('torch.')} values where a "
+                                  "floating-point tensor belongs.")
+        if value.device.type == "meta":  # shapes only (no values to check): refused by load_strict, which needs values
+            continue
+        # a sum is one fast pass and is NaN or infinite when any value is; only then is each value looked at
+        if not math.isfinite(float(value.sum(dtype=torch.float64))) and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: {key} holds NaN or infinite values.")
+    return state
+
+
 def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
     try:
         name, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
@@ -163,6 +205,10 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         cats = list(obj["categories"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is a gradlens checkpoint with a damaged header ({exc}).") from None
+    p = preprocess
+    if problem := mmdet.check_preprocess(p.min_size, p.max_size, p.size_divisor, p.mean, p.std):
+        raise CheckpointError(f"{path} is a gradlens checkpoint whose preprocessing setting {problem}.")
+    check_tensors(state, path)
     detector = build_detector(name, num_classes, obj.get("options") or {}, preprocess=preprocess, test_cfg=test_cfg)
     load_strict(detector, state, path)
     detector.categories = checked_categories(cats, num_classes, path)
@@ -184,10 +230,14 @@ def checked_categories(cats, num_classes: int, path) -> list[dict]:
 
 def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -> RetinaNetDetector:
     arch = architecture(arch_name)
+    check_tensors(state, path)
     key = "head.classification_head.cls_logits.weight"
     if key not in state:
         raise CheckpointError(f"{path} is not a RetinaNet state dict (it has no {key}).")
     anchors = 9
+    if state[key].ndim != 4 or state[key].shape[0] < anchors or state[key].shape[0] % anchors:
+        raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, not a convolution's with {anchors} "
+                              "anchors per class (classes x 9, channels, 3, 3).")
     num_classes = int(state[key].shape[0]) // anchors
     options = {}
     if arch.family in mmdet.TABLE_A1_FAMILIES:  # the same keys as their mmdetection layout: read the options there
@@ -195,7 +245,8 @@ def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -
             as_mmdet = mmdet.to_mmdet(state)
         except KeyError as exc:
             raise CheckpointError(f"{path} does not fit {arch_name} ({exc.args[0]}).") from None
-        options = mmdet.family_options(arch.family, as_mmdet, path, arch_name)
+        with _naming(path):
+            options = mmdet.family_options(arch.family, as_mmdet, path, arch_name)
     elif arch.family in ("convnext", "swin"):
         options["out_indices"] = [i for i in range(4) if f"backbone.body.norm{i}.weight" in state]
         if not options["out_indices"]:
@@ -225,16 +276,31 @@ def _too_few_maps(path, name: str, options: Mapping) -> CheckpointError:
                            "these RetinaNets with mmdetection's FPN on the last three backbone maps, so it needs three.")
 
 
+@contextlib.contextmanager
+def _naming(path):
+    """Say which file a sentence about "the checkpoint" is about (``select`` reads two or more)."""
+    try:
+        yield
+    except CheckpointError as exc:
+        text = str(exc)
+        if text.startswith(str(path)):
+            raise
+        text = "its " + text[len("The checkpoint's "):] if text.startswith("The checkpoint's ") else text[:1].lower() + text[1:]
+        raise CheckpointError(f"{path}: {text}") from None
+
+
 def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDetector:
-    state = obj.get("state_dict", obj)
+    state = check_tensors(obj.get("state_dict", obj), path)
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
-    name, options = mmdet.recognise(state)
+    with _naming(path):
+        name, options = mmdet.recognise(state)
     if arch_hint is not None and arch_hint != name:
         raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
     num_classes = mmdet.num_classes_of(state)
     config = meta.get("config") if isinstance(meta.get("config"), str) else None
     preprocess = architecture(name).preprocess
-    hints = mmdet.preprocess_hints(config)
+    with _naming(path):
+        hints = mmdet.preprocess_hints(config)
     if hints:
         from dataclasses import replace
 
@@ -275,4 +341,6 @@ def load_strict(detector: torch.nn.Module, state: Mapping[str, Tensor], path: Pa
         problems.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:3])})")
     if problems:
         raise CheckpointError(f"{path} does not fit {detector.arch_name}: {'; '.join(problems)}.")
+    if shapes_only := next((k for k, v in state.items() if isinstance(v, Tensor) and v.device.type == "meta"), None):
+        raise CheckpointError(f"{path}: {shapes_only} is a tensor of the meta device (a shape without values).")
     detector.load_state_dict(state, strict=True)

@@ -541,8 +541,8 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         raise CheckpointError("The checkpoint's backbone has no HRNet transition1/stage2 weights, so it is not an HRNet.")
     try:
         layout = _layout(sd)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise CheckpointError(f"The checkpoint's HRNet backbone is incomplete (missing or malformed {exc}).") from None
+    except KeyError as exc:  # a tensor of another shape is named by the caller (mmdet.recognise)
+        raise CheckpointError(f"The checkpoint's HRNet backbone is incomplete (missing {exc}).") from None
     if not layout["multiscale_output"]:
         raise CheckpointError("The checkpoint's HRNet backbone was built with multiscale_output=False (one output map), "
                               "which cannot feed a RetinaNet FPN.")

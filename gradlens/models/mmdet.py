@@ -13,6 +13,8 @@ contiguous labels are mapped to COCO category ids.
 
 from __future__ import annotations
 
+import ast
+import math
 import re
 from collections.abc import Mapping
 from importlib import import_module
@@ -128,10 +130,87 @@ def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     raise CheckpointError(f"The checkpoint's Swin backbone (embed {embed}, depths {depths}, heads {heads}, window {window}) matches none of Swin-T/S/B.")
 
 
+class _Reading(Mapping):
+    """A state dict that remembers the last tensor read from it, so a tensor of a shape no architecture has
+    (a 1-d weight where a convolution's belongs) is named when reading its dimensions fails."""
+
+    def __init__(self, sd: Mapping[str, Tensor]):
+        self._sd = sd
+        self.last: str | None = None
+
+    def __getitem__(self, key):
+        value = self._sd[key]
+        self.last = key
+        return value
+
+    def __contains__(self, key) -> bool:
+        return key in self._sd
+
+    def __iter__(self):
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+
+def _read_layout(read, sd: Mapping[str, Tensor]):
+    """``read(sd)`` (a recogniser), with a failure to read a tensor's dimensions said in one sentence naming it."""
+    reading = _Reading(sd)
+    try:
+        return read(reading)
+    except KeyError as exc:
+        key = exc.args[0] if exc.args else None
+        if not (isinstance(key, str) and key.startswith(("backbone.", "neck.", "bbox_head.")) and key not in sd):
+            raise
+        raise CheckpointError(f"The checkpoint lacks the tensor {key}, which its backbone's layout needs.") from None
+    except (IndexError, ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError):
+        key = reading.last
+        if key is None or key not in sd:
+            raise
+        value = sd[key]
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise CheckpointError(f"The checkpoint's tensor {key} has shape {shape}, which that weight has in no "
+                              "architecture gradlens knows.") from None
+
+
+# Tensors whose number of dimensions every architecture agrees on: the stem convolution of each backbone family,
+# the neck's and head's convolutions and biases. Checked before any shape is read, so that a 1-d stem weight is
+# named as such rather than read as a backbone of another width.
+_DIMENSIONS = [
+    (re.compile(r"^backbone\.(conv1|conv2|patch_embed\.proj|stem\.0|downsample_layers\.0\.0)\.weight$"), 4,
+     "a convolution's weight"),
+    (re.compile(r"^(neck|bbox_head)\..*\.conv\.weight$"), 4, "a convolution's weight"),
+    (re.compile(r"^bbox_head\.retina_(cls|reg)\.weight$"), 4, "a convolution's weight"),
+    (re.compile(r"^(neck|bbox_head)\..*\.bias$"), 1, "a bias"),
+]
+
+
+def _check_dimensions(sd: Mapping[str, Tensor]) -> None:
+    """Refuse, naming it, a tensor of :data:`_DIMENSIONS` with another number of dimensions, and a classifier
+    whose output channels are not 9 anchors per class."""
+    for key, value in sd.items():
+        for pattern, ndim, what in _DIMENSIONS:
+            if isinstance(key, str) and pattern.match(key):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else None
+                if shape is None or len(shape) != ndim:
+                    raise CheckpointError(f"The checkpoint's {key} has shape {shape}, but {what} has {ndim} "
+                                          f"dimension{'s' if ndim > 1 else ''}.")
+                break
+    key = "bbox_head.retina_cls.weight"  # its rows give the classes: 9 anchors each
+    rows = int(sd[key].shape[0])
+    if rows < NUM_ANCHORS or rows % NUM_ANCHORS:
+        raise CheckpointError(f"The checkpoint's {key} has {rows} output channels, not {NUM_ANCHORS} anchors per class.")
+
+
 def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     """Architecture name and options of an mmdetection RetinaNet state dict, from its keys and shapes."""
     if "bbox_head.retina_cls.weight" not in sd:
         raise CheckpointError("The mmdetection checkpoint is not a RetinaNet (it has no bbox_head.retina_cls weights).")
+    _check_dimensions(sd)
+    return _read_layout(_recognise, sd)
+
+
+def _recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     for family in TABLE_A1_FAMILIES:  # before Swin: FocalNet and MSG also have a patch_embed.proj
         if _is_family(sd, family):
             _check_fpn_neck(sd, family)
@@ -191,7 +270,8 @@ def family_options(family: str, sd: Mapping[str, Tensor], path, arch_name: str) 
     """The constructor options a Table A1 family's weights imply, checked against the architecture named for them."""
     if not _is_family(sd, family):
         raise CheckpointError(f"{path} does not fit {arch_name}: its backbone weights are not a {family} backbone's.")
-    name, options = _family(family).recognise(sd)
+    _check_dimensions(sd)
+    name, options = _read_layout(_family(family).recognise, sd)
     if name != arch_name:
         raise CheckpointError(f"{path} holds a {name} backbone, not the {arch_name} named by --arch.")
     return options
@@ -278,27 +358,134 @@ def to_mmdet(sd: Mapping[str, Tensor], levels: int = 3) -> dict[str, Tensor]:
 # config text hints
 
 
+MAX_TEST_SIDE = 8192  # pixels: the paper tests at 1333 x 800; a side beyond 8192 is a mistake
+MAX_SIZE_DIVISOR = 8192
+_MAX_LITERAL = 400  # characters: a setting's value longer than this is no number or list of numbers
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _value_text(text: str, start: int) -> str:
+    """The value written at ``text[start:]``: a bracketed expression up to its matching bracket, else up to the
+    next comma, closing parenthesis or line end."""
+    rest = text[start:].lstrip()
+    bracketed, depth = rest[:1] in "([", 0
+    for k, ch in enumerate(rest[: _MAX_LITERAL * 4]):
+        if depth == 0 and ch in ",)]}\n":
+            return rest[:k].strip()
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0 and bracketed and ch in ")]}":
+            return rest[: k + 1]
+    return rest[: _MAX_LITERAL + 1]  # unbalanced or too long: refused as no literal
+
+
+def _setting(text: str, name: str, label: str | None = None):
+    """``(value, written)`` of the first ``name=...`` in ``text``, the value read with ``ast.literal_eval``
+    (a literal only: the config text is data, never run), or ``(None, None)`` when the text does not set it."""
+    m = re.search(r"(?<![A-Za-z0-9])" + re.escape(name) + r"\s*=\s*", text)
+    if not m:
+        return None, None
+    written = _value_text(text, m.end())
+    label = label or name
+    try:
+        if len(written) > _MAX_LITERAL:
+            raise ValueError
+        return ast.literal_eval(written), written
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise CheckpointError(f"The checkpoint's config sets {label}={_short(written)}, which is not a literal value; "
+                              "gradlens reads config text as data and never evaluates it.") from None
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int when it is a whole number (6 or 6.0, not True), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
+def check_preprocess(min_size, max_size, size_divisor, mean, std) -> str | None:
+    """What is wrong with test-time settings read from a checkpoint (None: nothing), as the end of a sentence."""
+    for name, value, top in (("min_size", min_size, MAX_TEST_SIDE), ("max_size", max_size, MAX_TEST_SIDE),
+                             ("size_divisor", size_divisor, MAX_SIZE_DIVISOR)):
+        if _whole(value) is None or not 1 <= value <= top:
+            return f"{name} is {value!r}; it must be a whole number from 1 to {top}"
+    for name, values in (("mean", mean), ("std", std)):
+        numbers = list(values) if isinstance(values, (list, tuple)) else []
+        if (len(numbers) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers)
+                or not all(math.isfinite(v) for v in numbers) or (name == "std" and min(numbers) <= 0)):
+            return f"{name} is {values!r}; it must be three {'positive' if name == 'std' else 'finite'} numbers"
+    return None
+
+
+def _dict_body(text: str, name: str) -> str | None:
+    """The text inside ``name = dict(...)``, up to its matching parenthesis."""
+    m = re.search(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"\s*=\s*dict\(", text)
+    if not m:
+        return None
+    depth = 1
+    for k in range(m.end(), len(text)):
+        depth += text[k] == "("
+        depth -= text[k] == ")"
+        if depth == 0:
+            return text[m.end():k]
+    return text[m.end():]
+
+
 def preprocess_hints(config_text: str | None) -> dict:
-    """Test-time resize scale and padding divisor from the config text stored in ``meta``, if it says."""
+    """Test-time resize scale, padding divisor and normalisation from the config text stored in ``meta``.
+
+    The text is never executed: each setting's value is read with ``ast.literal_eval`` (numbers, lists and
+    tuples only), and a value that is no literal (``mean=[123.675*1, ...]``), or out of range (a test side
+    outside 1..8192, a size divisor outside 1..8192, a standard deviation of zero or less, not three
+    numbers) is refused in one sentence naming the setting.
+    """
     if not config_text:
         return {}
     hints: dict = {}
     test = config_text[config_text.find("test_pipeline"):] if "test_pipeline" in config_text else config_text
-    if m := re.search(r"size_divisor\s*=\s*(\d+)", test):
-        hints["size_divisor"] = int(m.group(1))
-    if m := re.search(r"img_scale\s*=\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", test):
-        a, b = int(m.group(1)), int(m.group(2))
-        hints["min_size"], hints["max_size"] = min(a, b), max(a, b)
-    norm = re.search(r"img_norm_cfg\s*=\s*dict\((.*?)\)", config_text, re.S)
-    if norm and re.search(r"to_rgb\s*=\s*False", norm.group(1)):
-        # caffe-style models see BGR images; gradlens feeds RGB, so their detections would be silently wrong
-        raise CheckpointError("The checkpoint's config normalises BGR images (img_norm_cfg to_rgb=False); "
-                              "gradlens runs RGB models only.")
-    for name in ("mean", "std"):
-        if norm and (m := re.search(name + r"\s*=\s*\[([^\]]*)\]", norm.group(1))):
-            values = [float(v) for v in m.group(1).split(",") if v.strip()]
-            if len(values) == 3:  # in 0..255 units, as mmdetection writes them; gradlens keeps [0, 1] units
-                hints[name] = tuple(v / 255 for v in values)
+    divisor, written = _setting(test, "size_divisor")
+    if written is not None and divisor is not None:
+        d = _whole(divisor)
+        if d is None or not 1 <= d <= MAX_SIZE_DIVISOR:
+            raise CheckpointError(f"The checkpoint's config sets size_divisor={_short(written)}; it must be a whole number "
+                                  f"from 1 to {MAX_SIZE_DIVISOR}.")
+        hints["size_divisor"] = d
+    scale, written = _setting(test, "img_scale")
+    several = isinstance(scale, (list, tuple)) and bool(scale) and all(isinstance(v, (list, tuple)) for v in scale)
+    if written is not None and several and "test_pipeline" in config_text:
+        raise CheckpointError(f"The checkpoint's config sets img_scale={_short(written)}, several test scales "
+                              "(test-time augmentation); gradlens runs one scale, written as (long side, short side).")
+    if written is not None and not several:  # (several scales without a test pipeline: the training ones, no hint)
+        sides = [_whole(v) for v in scale] if isinstance(scale, (list, tuple)) else []
+        if len(sides) != 2 or any(v is None or not 1 <= v <= MAX_TEST_SIDE for v in sides):
+            raise CheckpointError(f"The checkpoint's config sets the test scale img_scale={_short(written)}; it must be two "
+                                  f"whole numbers of pixels from 1 to {MAX_TEST_SIDE}.")
+        hints["min_size"], hints["max_size"] = min(sides), max(sides)
+    norm = _dict_body(config_text, "img_norm_cfg")
+    if norm is not None:
+        to_rgb, _ = _setting(norm, "to_rgb", "img_norm_cfg to_rgb")
+        if to_rgb is False:
+            # caffe-style models see BGR images; gradlens feeds RGB, so their detections would be silently wrong
+            raise CheckpointError("The checkpoint's config normalises BGR images (img_norm_cfg to_rgb=False); "
+                                  "gradlens runs RGB models only.")
+        for name in ("mean", "std"):
+            value, written = _setting(norm, name, f"img_norm_cfg {name}")
+            if written is None:
+                continue
+            numbers = list(value) if isinstance(value, (list, tuple)) else []
+            if (len(numbers) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers)
+                    or not all(math.isfinite(v) for v in numbers) or (name == "std" and min(numbers) <= 0)):
+                rule = "three positive numbers" if name == "std" else "three finite numbers"
+                raise CheckpointError(f"The checkpoint's config sets img_norm_cfg {name}={_short(written)}; it must be "
+                                      f"{rule} (in 0..255 units).")
+            # in 0..255 units, as mmdetection writes them; gradlens keeps [0, 1] units
+            hints[name] = tuple(float(v) / 255 for v in numbers)
     return hints
 
 

@@ -563,8 +563,8 @@ def recognise(sd: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
     try:
         channels = [int(sd[f"{_PREFIX}subnet0.alpha{i}"].shape[1]) for i in range(_LEVELS)]
         kernel = int(sd[_SIGNATURE].shape[-1])
-    except (KeyError, IndexError) as err:
-        raise CheckpointError(f"The checkpoint's RevCol backbone is incomplete (missing or malformed {err}).") from None
+    except KeyError as err:  # a tensor of another shape is named by the caller (mmdet.recognise)
+        raise CheckpointError(f"The checkpoint's RevCol backbone is incomplete (missing {err}).") from None
     layers = [_count(keys, rf"subnet0\.level{i}\.blocks\.(\d+)\.") for i in range(_LEVELS)]
     columns = _count(keys, r"subnet(\d+)\.")
     layout = dict(channels=channels, layers=layers, num_subnet=columns, kernel_size=kernel)
