@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.errors import GradlensError, InputFileError
-from gradlens.fileio import atomic_path, check_output_name, image_id_column, read_json, read_table, short_repr
+from gradlens.fileio import atomic_path, check_output_name, image_id_column, read_table, short_repr
 
 THUMBNAIL_WIDTH = 360
 PANEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.png")  # a plain file name in panels/ (no folder, no URL)
@@ -150,7 +150,9 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     meta_path = workdir / f"{name}.json"
     if not meta_path.is_file():
         raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens area-curve --workdir {workdir}' first.")
-    meta = read_json(meta_path, "area-curve record")
+    from gradlens.regions.record import load_area_curve_record  # typed field by field, its files checked by hash
+
+    meta = load_area_curve_record(workdir, name)
     outputs = meta.get("outputs", {})
     metrics_file = outputs.get("metrics")
     metrics = read_table(workdir, Path(metrics_file).stem) if metrics_file and (workdir / metrics_file).is_file() else None

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from gradlens._version import __version__
 from gradlens.errors import GradlensError, InputFileError
-from gradlens.fileio import atomic_path, write_json
-from gradlens.regions.histogram import value_histogram
+from gradlens.fileio import atomic_path, short_repr, write_json
+from gradlens.regions.histogram import NUM_BINS, SHIFT, value_histogram
 
 STORE_FORMAT = 1
 STORE_FILE = "store.json"
@@ -64,6 +64,96 @@ class MapSummary:
 
     def __getitem__(self, name):  # so a summary can be used where a dict is expected
         return getattr(self, name)
+
+
+# -- checks of stored values -------------------------------------------------------------------------
+#
+# A map is stored as ``map / max`` (values in [0, 1]) and a scale. Seen as unsigned integers, the stored
+# values of a magnitude map are at most the code of 1.0: infinities, NaNs and anything with the sign bit
+# (negative numbers, -0.0, which no map written here holds) are all above it. So one ``max`` over the
+# codes checks a whole map; only a map that fails it is looked at again, to say why.
+_CODES = {np.dtype(np.float16): (np.uint16, 0x3C00, 0x7C00, 0x8000), np.dtype(np.float32): (np.uint32, 0x3F800000, 0x7F800000, 0x80000000)}
+# every float16 code as the float32 value it stands for (what MapStore.read computes before scaling)
+_FLOAT16_VALUES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _values_problem(scaled: np.ndarray) -> str | None:
+    """Why stored ``map / max`` values cannot be a magnitude map (None: they can)."""
+    if scaled.dtype not in _CODES:
+        return "damaged (values of another type)"
+    if scaled.size == 0:
+        return None
+    unsigned, one, infinity, sign = _CODES[scaled.dtype]
+    codes = scaled.view(unsigned)
+    if codes.max() <= one:  # the usual case: one reduction
+        return None
+    odd = codes[codes > one]
+    if np.any((odd & (sign - 1)) >= infinity):
+        return "damaged (NaN or infinite values)"
+    if np.any(odd >= sign):
+        return "damaged (negative values)"
+    return "damaged (values above its scale)"
+
+
+def _scalar(data, name: str) -> np.float64:
+    """One number of a map file (a ValueError, reported as damage, for anything else)."""
+    value = data[name]
+    if value.shape != () or value.dtype.kind not in "iuf":
+        raise ValueError(f"its {name} is not one number")
+    return np.float64(value)
+
+
+def _scale_problem(scale) -> str | None:
+    """The scale is the map's max, a positive float32 (an all-zero map's is 1), or the map is damaged."""
+    if not (0 < scale <= np.finfo(np.float32).max and float(np.float32(scale)) == scale):
+        return "damaged (its scale is not a positive float32 number)"
+    return None
+
+
+def _summary_problem(shape, maximum, scale, bins, counts) -> str | None:
+    """Why a map's recorded shape, max and histogram cannot describe one map (without reading the map)."""
+    shape = np.asarray(shape)
+    if shape.shape != (2,) or shape.dtype.kind not in "iu" or np.any(shape < 0):
+        return "damaged (its shape is not two sizes)"
+    if not (np.isfinite(maximum) and 0 <= maximum <= scale):
+        return "damaged (its maximum is not a finite number between 0 and its scale)"
+    bins, counts = np.asarray(bins), np.asarray(counts)
+    if (bins.ndim != 1 or counts.shape != bins.shape or bins.dtype.kind not in "iu" or counts.dtype.kind not in "iu"):
+        return "damaged (a histogram that is not bins and their counts)"
+    if len(bins) and (bins.min() < 0 or bins.max() >= NUM_BINS or np.any(np.diff(bins.astype(np.int64)) <= 0)):
+        return "damaged (histogram bins out of order or range)"
+    if len(counts) and counts.min() <= 0:
+        return "damaged (a histogram with counts that are not positive)"
+    if int(counts.sum(dtype=np.int64)) != int(shape[0]) * int(shape[1]):
+        return "damaged (a histogram that does not count its pixels)"
+    if maximum > 0 and int(np.float32(maximum).view(np.int32)) >> SHIFT != int(bins[-1]):
+        return "damaged (a histogram that does not end at its maximum)"
+    return None
+
+
+def _histogram_problem(scaled: np.ndarray, scale, maximum, bins, counts) -> str | None:
+    """Whether the recorded max and histogram are exactly those of the stored values (as :meth:`MapStore.write`
+    made them: of ``scaled * float32(scale)`` in float32)."""
+    if scaled.size == 0:
+        return None if len(bins) == 0 and maximum == 0 else "damaged (a summary of pixels it does not have)"
+    if scaled.dtype == np.float16:  # from the histogram of the codes: the stored values are sorted by code
+        per_code = np.bincount(scaled.view(np.uint16).reshape(-1))  # codes <= 1.0's (checked before)
+        used = np.flatnonzero(per_code)
+        values = _FLOAT16_VALUES[used] * np.float32(scale)  # ascending: the codes of [0, 1] are
+        value_bins = values.view(np.int32) >> SHIFT
+        starts = np.flatnonzero(np.diff(value_bins, prepend=-1))
+        mine_bins, mine_counts = value_bins[starts], np.add.reduceat(per_code[used], starts)
+        top = values[-1]
+    else:
+        values = scaled.astype(np.float32) * np.float32(scale)
+        per_bin = np.bincount((values.view(np.int32) >> SHIFT).reshape(-1), minlength=NUM_BINS)
+        mine_bins = np.flatnonzero(per_bin)
+        mine_counts, top = per_bin[mine_bins], values.max()
+    if float(top) != float(maximum):
+        return "damaged (its recorded maximum is not its values')"
+    if not (np.array_equal(mine_bins, np.asarray(bins, dtype=np.int64)) and np.array_equal(mine_counts, counts)):
+        return "damaged (a histogram that does not match its values)"
+    return None
 
 
 class MapStore:
@@ -93,6 +183,11 @@ class MapStore:
         if key is None:
             if existing is None:
                 raise InputFileError(f"{self.folder} is not a gradlens map store (no readable {STORE_FILE}).")
+            if not isinstance(existing.get("key"), dict):
+                raise InputFileError(f"{meta_path} records no settings key (an object); it is not a gradlens map store.")
+            if existing.get("map_dtype", map_dtype) not in MAP_DTYPES:
+                raise InputFileError(f"{meta_path} records the map dtype {short_repr(existing.get('map_dtype'))}, "
+                                     "not float16 or float32.")
             self.key = existing["key"]
             self.map_dtype = existing.get("map_dtype", map_dtype)
             return
@@ -166,6 +261,11 @@ class MapStore:
         return summary
 
     # -- reading ---------------------------------------------------------------------------------
+    #
+    # A map file is data anyone can edit or send: every read checks that it is this store's (its key)
+    # and that its values can be a magnitude map (finite, non-negative, at most its scale), in one
+    # reduction over the stored codes; ``problem`` (run on every stored map before a command uses it)
+    # also checks the max and the histogram against the values, exactly.
 
     def _open(self, image_id: int):
         path = self.path(image_id)
@@ -176,12 +276,34 @@ class MapStore:
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise InputFileError(f"The map file {path} is damaged ({exc}); delete it to have it computed again.") from None
 
+    def _key_problem(self, data) -> str | None:
+        if "key" not in data.files:
+            return "without a store key (a map of unknown origin)"
+        if str(data["key"]) != key_digest(self.key):
+            return "made with other settings"
+        return None
+
+    def _refuse(self, image_id: int, problem: str) -> None:
+        raise InputFileError(f"The map file {self.path(image_id)} is {problem}; delete it to have it computed again.")
+
+    def _checked_scaled(self, image_id: int, data) -> tuple[np.ndarray, np.float32]:
+        """The stored ``map / max`` values and their scale, or one sentence naming the file."""
+        problem = self._key_problem(data)
+        scaled, scale = data["scaled"], _scalar(data, "scale")
+        if problem is None and (scaled.ndim != 2 or scaled.dtype != np.dtype(self.map_dtype)):
+            problem = "damaged (not a 2-D map of this store's dtype)"
+        problem = problem or _scale_problem(scale) or _values_problem(scaled)
+        if problem is not None:
+            self._refuse(image_id, problem)
+        return scaled, np.float32(scale)
+
     def read(self, image_id: int) -> np.ndarray:
         """The map as float32 ``[H, W]`` (as stored: float16 maps carry <= 2**-11 relative error)."""
         with self._open(image_id) as data:
             try:
-                return data["scaled"].astype(np.float32) * np.float32(data["scale"])
-            except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+                scaled, scale = self._checked_scaled(image_id, data)
+                return scaled.astype(np.float32) * scale
+            except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
     def read_codes(self, image_id: int) -> tuple[np.ndarray, np.float32]:
@@ -194,17 +316,24 @@ class MapStore:
             raise GradlensError("Only float16 map stores have 16-bit codes.")
         with self._open(image_id) as data:
             try:
-                return data["scaled"].view(np.uint16), np.float32(data["scale"])
-            except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+                scaled, scale = self._checked_scaled(image_id, data)
+                return scaled.view(np.uint16), scale
+            except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
     def summary(self, image_id: int) -> MapSummary:
-        """Max, shape and histogram of one map, without inflating the map itself."""
+        """Max, shape and histogram of one map, without inflating the map itself (checked against each other)."""
         with self._open(image_id) as data:
             try:
-                h, w = (int(v) for v in data["shape"])
-                return MapSummary(int(image_id), h, w, float(data["max"]), data["hist_bins"], data["hist_counts"])
-            except (KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+                problem = self._key_problem(data)
+                shape, bins, counts = data["shape"], data["hist_bins"], data["hist_counts"]
+                maximum, scale = _scalar(data, "max"), _scalar(data, "scale")
+                problem = problem or _scale_problem(scale) or _summary_problem(shape, maximum, scale, bins, counts)
+                if problem is not None:
+                    self._refuse(image_id, problem)
+                h, w = (int(v) for v in shape)
+                return MapSummary(int(image_id), h, w, float(maximum), bins, counts)
+            except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
     def maps(self, image_ids) -> Iterator[np.ndarray]:
@@ -217,21 +346,28 @@ class MapStore:
             yield self.summary(i)
 
     def problem(self, image_id: int, shape: tuple[int, int] | None = None) -> str | None:
-        """Why the stored map of ``image_id`` cannot be used (None if it can): damaged, made with other
-        settings (another store's file), or of another shape than its image (``shape`` = (h, w))."""
+        """Why the stored map of ``image_id`` cannot be used (None if it can): missing, damaged (unreadable, NaN,
+        infinite or negative values, a max or histogram that does not match them), made with other settings (another
+        store's file, or one without a store key), or of another shape than its image (``shape`` = (h, w))."""
         try:
             with np.load(self.path(image_id), allow_pickle=False) as data:
+                problem = self._key_problem(data)
+                if problem is not None:
+                    return problem
                 stored = tuple(int(v) for v in data["shape"])
                 scaled = data["scaled"]
                 if tuple(scaled.shape) != stored or scaled.dtype != np.dtype(self.map_dtype):
                     return "damaged"
-                if "key" in data.files and str(data["key"]) != key_digest(self.key):
-                    return "made with other settings"
-                float(data["scale"]), float(data["max"])
+                scale, maximum = _scalar(data, "scale"), _scalar(data, "max")
+                bins, counts = data["hist_bins"], data["hist_counts"]
         except FileNotFoundError:
             return "missing"
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
             return "damaged"
+        problem = (_scale_problem(scale) or _summary_problem(stored, maximum, scale, bins, counts)
+                   or _values_problem(scaled) or _histogram_problem(scaled, scale, maximum, bins, counts))
+        if problem is not None:
+            return problem
         if shape is not None and stored != tuple(shape):
             return f"of shape {stored[0]}x{stored[1]}, not its image's {shape[0]}x{shape[1]}"
         return None

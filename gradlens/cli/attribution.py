@@ -350,12 +350,13 @@ def report(
     thumbnails that open the full panels. Run 'gradlens area-curve' first;
     missing Figure A1 maps are computed with the settings area-curve used.
     """
-    from gradlens.fileio import check_output_name, read_json
+    from gradlens.fileio import check_output_name
     from gradlens.report import recorded_attribution, write_report
 
     check_output_name(name)  # the rule area-curve writes by, before any file is read: no record from outside the work directory
-    meta_path = Path(workdir) / f"{name}.json"
-    meta = read_json(meta_path, "area-curve record") if meta_path.is_file() else {}
+    from gradlens.regions.record import load_area_curve_record  # typed field by field, its files checked by hash
+
+    meta = load_area_curve_record(workdir, name, missing_ok=True)
     settings = meta.get("settings", {})
     # area-curve's own maps unless told otherwise: its precision, map dtype and batch size name its map stores
     recorded_precision = settings.get("attribution", {}).get("precision")

@@ -15,10 +15,11 @@ from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.workdir import ModelMaps, selection_ids, workdir_maps
 from gradlens.data.coco import CocoPaths
 from gradlens.errors import GradlensError
-from gradlens.fileio import check_output_name, write_json, write_table
+from gradlens.fileio import atomic_path, check_output_name, write_json, write_table
 from gradlens.regions.comparison import curve_statistics, with_bands
 from gradlens.regions.per_image import ImageCurves, image_curves
-from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL
+from gradlens.regions.record import move_into_place, staging_folder
+from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
 from gradlens.regions.histogram import pooled_percentile
 from gradlens.regions.area import (
     DEFAULT_LOG_DECADES,
@@ -116,15 +117,13 @@ def run_area_curve(
         raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
     threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
     check_output_name(name)
-    if bootstrap < 0:
-        raise GradlensError(f"--bootstrap must be 0 (no intervals) or a number of resamples; got {bootstrap}.")
-    if not 0 < level < 1:
-        raise GradlensError(f"--level must be in (0, 1); got {level}.")
+    check_bootstrap(bootstrap, bootstrap_seed, check_level(level))  # before any long work, as the grid options
     if not 0 < t_max_percentile <= 100:
         raise GradlensError(f"--t-max-percentile must be in (0, 100]; got {t_max_percentile}.")
     ids = selection_ids(workdir, top)
     if not ids:
         raise GradlensError("The selection is empty, so there are no images to compute an area curve over.")
+    check_bootstrap(bootstrap, bootstrap_seed, level, images=len(ids), columns=thresholds)  # its memory, now known
     config = config or AttributionConfig()
     if config.target != "total":
         raise GradlensError("Area curves are of whole-image maps (--target total); per-object maps are drawn by 'figure --object'.")
@@ -138,19 +137,24 @@ def run_area_curve(
     stats = curve_statistics(per_image, grid, scale, bootstrap, bootstrap_seed, level)
     table = with_bands(table, per_image, stats)
     metrics_name = "metrics" if name == "area_curve" else f"{name}_metrics"
-    write_table(table, workdir, name)
-    write_table(stats.paired, workdir, f"{name}_paired")
-    write_table(pd.concat([c.metrics for c in per_image], ignore_index=True), workdir, metrics_name)
-    write_table(stats.summary, workdir, f"{metrics_name}_summary")
-    pd.concat([c.long_table(grid) for c in per_image], ignore_index=True).to_parquet(
-        workdir / f"{name}_per_image.parquet", index=False)
-    figures = save_area_curve_figure(table, workdir / name, scale=scale, paired=stats.paired)
+    # One unit (gradlens.regions.record): everything is written into a staging folder, the figures first (a
+    # figure that cannot be drawn leaves the previous run's files as they were), then moved into place, and
+    # the record, written last, lists the SHA-256 of each file: a run killed in between is caught on reading.
+    with staging_folder(workdir, name) as staged:
+        figures = [workdir / p.name for p in save_area_curve_figure(table, staged / name, scale=scale, paired=stats.paired)]
+        write_table(table, staged, name)
+        write_table(stats.paired, staged, f"{name}_paired")
+        write_table(pd.concat([c.metrics for c in per_image], ignore_index=True), staged, metrics_name)
+        write_table(stats.summary, staged, f"{metrics_name}_summary")
+        with atomic_path(staged / f"{name}_per_image.parquet") as tmp:
+            pd.concat([c.long_table(grid) for c in per_image], ignore_index=True).to_parquet(tmp, index=False)
+        digests = move_into_place(staged, workdir)
     settings = {
         "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
         "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,
         "batch_size": detector_run.batch_size if detector_run is not None else None,
         "attribution": config.to_dict(), "num_images": len(ids), "threshold_max": float(grid[-1]),
-        "bootstrap": bootstrap, "bootstrap_seed": bootstrap_seed, "confidence_level": level,
+        "bootstrap": int(bootstrap), "bootstrap_seed": int(bootstrap_seed), "confidence_level": float(level),
     }  # fmt: skip
     record = {
         "gradlens_version": __version__,
@@ -165,6 +169,7 @@ def run_area_curve(
                     "per_image": f"{name}_per_image.parquet", "figure": [p.name for p in figures]},
         "summary": [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}  # NaN is not JSON
                     for row in stats.summary.to_dict(orient="records")],
+        "sha256": digests,  # the files this record describes, as written (checked by load_area_curve_record)
     }  # fmt: skip
     write_json(workdir / f"{name}.json", record)
     manifest = load_manifest(workdir)

@@ -21,7 +21,9 @@ not count as evidence either way:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -29,13 +31,65 @@ from gradlens.errors import GradlensError
 
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_LEVEL = 0.95
+MAX_SEED = 2**63 - 1  # what every table and record holds as an integer (int64)
+# Memory a bootstrap may take: the resample counts [num, images] (drawn as int64, kept as float64) and the
+# resample means [num, columns] with np.percentile's working copy. A bootstrap asking for more is refused
+# with the largest count that fits, rather than left to exhaust the machine.
+BOOTSTRAP_MEMORY = 2 * 1024**3
+
+
+def check_level(level) -> float:
+    """The confidence level: a number strictly between 0 and 1."""
+    if isinstance(level, bool) or not isinstance(level, Real) or not (0 < float(level) < 1):
+        raise GradlensError(f"The confidence level (--level) must be a number in (0, 1); got {_shown(level)}.")
+    return float(level)
+
+
+def min_resamples(level: float) -> int:
+    """The fewest resamples that give a ``level`` percentile interval: each tail, ``(1 - level) / 2`` of the
+    resamples, must hold at least one of them, or the interval's ends are the extreme resamples (with 1
+    resample both ends are that resample's mean, and the interval need not contain the estimate)."""
+    return max(2, math.ceil(2 / (1 - check_level(level)) - 1e-9))
+
+
+def bootstrap_bytes(num: int, images: int, columns: int = 1) -> int:
+    """Peak memory of a bootstrap of ``num`` resamples of ``images`` rows of ``columns`` values each."""
+    return 8 * int(num) * (2 * int(images) + 2 * int(columns))
+
+
+def check_bootstrap(num, seed=0, level: float | None = None, images: int | None = None, columns: int = 1) -> int:
+    """The bootstrap options, each bounded by what it can mean, or one sentence: ``num`` is 0 (no interval) or,
+    with ``level`` given, at least :func:`min_resamples`; with ``images`` given, it fits :data:`BOOTSTRAP_MEMORY`;
+    ``seed`` is an integer in [0, 2**63). Returns ``num``."""
+    if isinstance(num, bool) or not isinstance(num, Integral) or num < 0:
+        raise GradlensError(f"--bootstrap must be 0 (no intervals) or a number of resamples; got {_shown(num)}.")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED:
+        raise GradlensError(f"--bootstrap-seed must be an integer from 0 to 2**63 - 1; got {_shown(seed)}.")
+    least = min_resamples(level) if level is not None else 1
+    if 0 < num < least:
+        raise GradlensError(f"--bootstrap {num} is too few resamples for a {float(level):g} interval: each tail needs at "
+                            f"least one resample, so use 0 (no intervals) or at least {least}.")
+    if num and images is not None:
+        need = bootstrap_bytes(num, images, columns)
+        if need > BOOTSTRAP_MEMORY:
+            most = BOOTSTRAP_MEMORY // bootstrap_bytes(1, images, columns)
+            raise GradlensError(f"--bootstrap {num} would need {need / 1024**3:.1f} GiB for {images} images and {columns} "
+                                f"values each (at most {BOOTSTRAP_MEMORY // 1024**3} GiB); use at most {most:,} resamples.")
+    return int(num)
+
+
+def _shown(value) -> str:
+    from gradlens.fileio import short_repr
+
+    return short_repr(value)
 
 
 def resample_counts(n: int, num: int, seed: int) -> np.ndarray:
     """``[num, n]`` multiplicities of a bootstrap: row k says how often each image is drawn in resample k."""
     if n < 1:
         raise GradlensError("A bootstrap needs at least one image.")
-    rng = np.random.default_rng(seed)
+    check_bootstrap(num, seed, images=n)  # the floor set by a level is the caller's (bootstrap_mean)
+    rng = np.random.default_rng(int(seed))
     return rng.multinomial(n, np.full(n, 1.0 / n), size=num).astype(np.float64)
 
 
@@ -56,8 +110,8 @@ def bootstrap_mean(values, num: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: f
     Rows that are NaN anywhere are left out (an undefined metric, such as the box
     energy of an all-zero map); ``counts`` reuses resamples drawn for ``n`` rows.
     """
-    if not 0 < level < 1:
-        raise GradlensError(f"The confidence level must be in (0, 1); got {level}.")
+    check_level(level)
+    check_bootstrap(num, seed)  # types and ranges here; the floor on the count where an interval is drawn
     x = np.asarray(values, dtype=np.float64)
     shape = x.shape[1:]
     flat = x.reshape(x.shape[0], -1)
@@ -72,6 +126,8 @@ def bootstrap_mean(values, num: int = DEFAULT_BOOTSTRAP, seed: int = 0, level: f
     mean = flat.mean(axis=0)
     if num <= 0 or n < 2:  # one image: resampling it says nothing about uncertainty
         return Band(mean.reshape(shape), np.full(shape, np.nan), np.full(shape, np.nan), n)
+    # an interval is drawn: enough resamples for the level, and (drawn here) few enough for memory
+    check_bootstrap(num, seed, level, images=n if counts is None else None, columns=flat.shape[1])
     weights = resample_counts(n, num, seed) if counts is None else counts
     means = weights @ flat / n  # [num, ...]: each resample's mean
     tail = (1 - level) / 2 * 100

@@ -1,0 +1,242 @@
+"""An area-curve run's outputs as one unit: written together, recorded last, checked when read back.
+
+``gradlens area-curve --name N`` writes Figure A2 (``N.png``, ``N.pdf``), its
+tables (``N.csv``/``.parquet``, ``N_paired``, the metrics and their summary,
+``N_per_image.parquet``) and the record ``N.json`` that says which settings
+made them. Everything is first written into a private staging folder inside
+the work directory — the figures first, so a figure that cannot be drawn
+leaves every file of the previous run as it was — then moved into place, and
+the record is written last, atomically, listing the SHA-256 of every file it
+describes. A run killed while moving leaves the previous record beside some
+new files: :func:`load_area_curve_record` sees that the files are not the ones
+the record lists and refuses in one sentence, so the report never describes
+new tables with old settings.
+
+A record is a file anyone can edit or send, so it is type-checked like a
+manifest (:mod:`gradlens.selection.manifest`): a list where an object belongs,
+a string where a number belongs, a file name that leaves the work directory,
+each gives one sentence naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import tempfile
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Iterator
+
+from gradlens.errors import GradlensError, InputFileError, OutputError
+from gradlens.fileio import check_output_name, read_json, sha256_file, short_repr
+
+RECORD_WHAT = "area-curve record"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ROLE = re.compile(r"a|b\d*")
+
+
+def again(name: str) -> str:
+    return "run 'gradlens area-curve" + ("" if name == "area_curve" else f" --name {name}") + "' again"
+
+
+# -- writing as one unit -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staging_folder(workdir: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A private folder inside ``workdir`` (same file system: moving out of it is a rename), removed afterwards."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=workdir))
+    except OSError as exc:
+        raise OutputError(f"Cannot write into {workdir}: {exc.strerror or exc}.") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def move_into_place(staged: Path, workdir: str | os.PathLike) -> dict[str, str]:
+    """Move every file of ``staged`` into ``workdir`` (each an atomic rename); returns name -> SHA-256 of each,
+    for the record written after them."""
+    workdir = Path(workdir)
+    files = sorted(p for p in staged.iterdir() if p.is_file() and not p.name.startswith("."))
+    digests = {p.name: sha256_file(p) for p in files}
+    for p in files:
+        try:
+            os.replace(p, workdir / p.name)
+        except OSError as exc:
+            raise OutputError(f"Cannot write {workdir / p.name}: {exc.strerror or exc}.") from None
+    return digests
+
+
+# -- reading back ----------------------------------------------------------------------------------------
+
+
+def load_area_curve_record(workdir: str | os.PathLike, name: str = "area_curve", missing_ok: bool = False) -> dict:
+    """``<workdir>/<name>.json`` checked field by field, and the files it lists checked to be the ones it was
+    written with; one sentence otherwise. With ``missing_ok`` a work directory without the record gives ``{}``."""
+    check_output_name(name)  # the rule area-curve writes by: the record and its tables stay inside the work directory
+    workdir = Path(workdir)
+    path = workdir / f"{name}.json"
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens area-curve --workdir {workdir}' first.")
+    record = read_json(path, RECORD_WHAT)
+    check_area_curve_record(record, path, name)
+    check_record_files(record, workdir, path, name)
+    return record
+
+
+def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve") -> None:
+    """The files the record lists are the ones it was written with (by SHA-256); records written before
+    gradlens listed hashes carry none and are taken as they are."""
+    digests = record.get("sha256")
+    if digests is None:
+        return
+    for file, digest in digests.items():
+        target = workdir / file
+        if not target.is_file():
+            raise InputFileError(f"The outputs of {path} are incomplete ({file} is missing); {again(name)}.")
+        try:
+            mine = sha256_file(target)
+        except OSError as exc:
+            raise InputFileError(f"Cannot read {target}: {exc.strerror or exc}.") from None
+        if mine != digest:
+            raise InputFileError(f"The tables and figures beside {path} do not match it ({file} was written by "
+                                 f"another run or changed since); {again(name)}.")
+
+
+def check_area_curve_record(record, path: Path, name: str = "area_curve") -> None:
+    """Every field a reader uses, type-checked once (the style of the manifest's checks)."""
+    redo = again(name)
+
+    def refuse(field: str, value, expected: str):
+        raise InputFileError(f"{path} records {field} {short_repr(value)}, which is not {expected}; {redo}.")
+
+    if not isinstance(record, dict):
+        raise InputFileError(f"{path} is not an area-curve record (not a JSON object); {redo}.")
+    for field in ("gradlens_version", "created"):
+        if record.get(field) is not None and not isinstance(record[field], str):
+            refuse(field, record[field], "text")
+    for field in ("settings", "outputs"):
+        if not isinstance(record.get(field), dict):
+            refuse(field, record.get(field), "an object")
+    _check_settings(record["settings"], refuse)
+    _check_outputs(record["outputs"], refuse)
+    models = record.get("models", [])
+    if not isinstance(models, list):
+        refuse("models", models, "a list")
+    for k, model in enumerate(models):
+        if not isinstance(model, dict):
+            refuse(f"models[{k}]", model, "an object")
+        if not (isinstance(model.get("role"), str) and _ROLE.fullmatch(model["role"])):
+            refuse(f"models[{k}].role", model.get("role"), "a role (a, b, b1, b2...)")
+        for field in ("label", "checkpoint", "maps"):
+            if model.get(field) is not None and not isinstance(model[field], str):
+                refuse(f"models[{k}].{field}", model[field], "text")
+        for field in ("computed", "reused"):
+            if model.get(field) is not None and not _integer(model[field], 0):
+                refuse(f"models[{k}].{field}", model[field], "a non-negative integer")
+    summary = record.get("summary", [])
+    if not isinstance(summary, list):
+        refuse("summary", summary, "a list")
+    for k, row in enumerate(summary):
+        if not isinstance(row, dict):
+            refuse(f"summary[{k}]", row, "an object")
+        for field, value in row.items():
+            if value is not None and not isinstance(value, (str, int, float)):
+                refuse(f"summary[{k}].{field}", value, "text or a number")
+    digests = record.get("sha256")
+    if digests is not None:
+        if not isinstance(digests, dict):
+            refuse("sha256", digests, "an object")
+        for file, digest in digests.items():
+            if not _plain_name(file):
+                refuse("sha256", file, "a file name inside the work directory")
+            if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+                refuse(f"sha256.{file}", digest, "a SHA-256 digest")
+        listed = [f for key, f in record["outputs"].items() if key != "figure"] + list(record["outputs"].get("figure", []))
+        unhashed = [f for f in listed if f not in digests]
+        if unhashed:
+            refuse("outputs", unhashed[0], "a file listed under sha256")
+
+
+def _integer(value, least: int | None = None, most: int | None = None) -> bool:
+    return (isinstance(value, Integral) and not isinstance(value, bool)
+            and (least is None or value >= least) and (most is None or value <= most))
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain_name(value) -> bool:
+    return isinstance(value, str) and bool(_PLAIN_NAME.fullmatch(value)) and ".." not in value
+
+
+def _check_settings(settings: dict, refuse) -> None:
+    from gradlens.attribution.store import MAP_DTYPES
+    from gradlens.regions.area import MAX_THRESHOLDS
+    from gradlens.regions.statistics import MAX_SEED
+
+    rules = {  # field: (test of a present value, what it must be); None is allowed only where said
+        "thresholds": (lambda v: _integer(v, 2, MAX_THRESHOLDS), f"an integer from 2 to {MAX_THRESHOLDS:,}"),
+        "scale": (lambda v: v in ("linear", "log"), "linear or log"),
+        "log_decades": (lambda v: v is None or (_number(v) and v > 0), "a positive number"),
+        "per_image_normalize": (lambda v: isinstance(v, bool), "true or false"),
+        "from_summaries": (lambda v: isinstance(v, bool), "true or false"),
+        "t_max_percentile": (lambda v: _number(v) and 0 < v <= 100, "a percentile in (0, 100]"),
+        "map_dtype": (lambda v: v in MAP_DTYPES, "float16 or float32"),
+        "batch_size": (lambda v: v is None or _integer(v, 1), "a positive integer"),
+        "num_images": (lambda v: _integer(v, 1), "a positive integer"),
+        "threshold_max": (lambda v: _number(v) and v > 0, "a positive number"),
+        "bootstrap": (lambda v: _integer(v, 0), "a non-negative integer"),
+        "bootstrap_seed": (lambda v: _integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
+        "confidence_level": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    }
+    for field, (test, expected) in rules.items():
+        if field in settings and not test(settings[field]):
+            refuse(f"settings.{field}", settings[field], expected)
+    attribution = settings.get("attribution", {})
+    if not isinstance(attribution, dict):
+        refuse("settings.attribution", attribution, "an object")
+    _check_attribution(attribution, refuse)
+
+
+def _check_attribution(attribution: dict, refuse) -> None:
+    from gradlens.attribution.methods import AttributionConfig
+
+    kinds = {"method": str, "channel_reduce": str, "baseline": str, "precision": str, "target": str,
+             "steps": int, "samples": int, "seed": int, "noise": float}
+    known = {}
+    for field, value in attribution.items():
+        kind = kinds.get(field)
+        if kind is None:
+            continue  # a setting of another gradlens version: not read
+        fits = isinstance(value, str) if kind is str else _integer(value) if kind is int else _number(value)
+        if not fits:
+            refuse(f"settings.attribution.{field}", value, {str: "text", int: "an integer", float: "a finite number"}[kind])
+        known[field] = value
+    try:
+        AttributionConfig(**known).check()
+    except GradlensError as exc:
+        refuse("settings.attribution", attribution, f"settings gradlens accepts ({str(exc).rstrip('.')})")
+
+
+def _check_outputs(outputs: dict, refuse) -> None:
+    for key, value in outputs.items():
+        if key == "figure":
+            if not isinstance(value, list):
+                refuse("outputs.figure", value, "a list of file names")
+            for k, file in enumerate(value):
+                if not _plain_name(file):
+                    refuse(f"outputs.figure[{k}]", file, "a file name inside the work directory")
+        elif not _plain_name(value):
+            refuse(f"outputs.{key}", value, "a file name inside the work directory")
