@@ -444,7 +444,7 @@ def _detect_across_ranks(detector, gt, settings, key, chunks, results, progress)
     single_threaded = batch_threads(device, len(plan), "GRADLENS_INFERENCE_THREADS") > 1
     job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt), "key": key,
            "settings": asdict(settings), "single_threaded": single_threaded, "partial": str(chunks.folder),
-           "save_every_s": chunks.every}
+           "save_every_s": chunks.every, "shared": {"cache directory": str(chunks.folder.parent)}}
     world = distributed.active()
     bar = track(None, f"detecting {sum(map(len, todo))} images on {world.size} ranks", progress, unit="batch", total=len(todo))
     try:
@@ -454,6 +454,11 @@ def _detect_across_ranks(detector, gt, settings, key, chunks, results, progress)
     finally:
         bar.close()
     results.update(chunks.load())  # every rank's chunks
+    missing = [i for batch in todo for i in batch if i not in results]
+    if missing:  # the marker check makes this unlikely; a merge with holes would be a silent wrong result
+        raise GradlensError(f"the detections of {len(missing)} image(s) computed by the other ranks (e.g. image "
+                            f"{missing[0]}) are not in {chunks.folder}: torchrun's ranks need the cache directory on one "
+                            f"shared file system; run the same command again to compute them.")
 
 
 def _detect_share(detector, gt, batches, settings, single_threaded, chunks, results, status) -> int:
@@ -481,6 +486,7 @@ def _detect_job(job: dict, batches: list[list[int]], status) -> int:
     settings = InferenceSettings(**job["settings"])
     mine = cache_key(sha256_file(job["detector"]["checkpoint"]), gt, detector, settings)
     distributed.check_same_inputs(mine, job["key"], "detections")
+    distributed.check_same_images(status, [gt.image_path(i) for batch in batches for i in batch])
     chunks = PartialResults(Path(job["partial"]), job["key"], tag=str(distributed.active().rank), every=job["save_every_s"])
     return _detect_share(detector, gt, batches, settings, job["single_threaded"], chunks, {}, status)
 

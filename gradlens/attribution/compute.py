@@ -223,7 +223,7 @@ def rank_job(detector, gt, store, config, batch_size, workers, single_threaded) 
     """What another torchrun rank needs to compute its share of a map step: the inputs to load and check."""
     return {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
             "store": str(store.folder), "key": store.key, "config": asdict(config), "batch_size": batch_size,
-            "workers": workers, "single_threaded": single_threaded}
+            "workers": workers, "single_threaded": single_threaded, "shared": {"map store": str(store.folder)}}
 
 
 def rank_inputs(job: dict, what: str = "gradient maps"):
@@ -242,6 +242,9 @@ def rank_inputs(job: dict, what: str = "gradient maps"):
 def rank_share(detector, gt, batches, store, config, batch_size, workers, single_threaded, status, entries=None) -> int:
     """One rank's share of a map step. Progress counts batches, or maps written when ``entries`` are given
     (per-object maps, whose bar counts objects)."""
+    if not distributed.active().main:  # rank 0 is the reference: the others must decode the bytes it decodes
+        images = dict.fromkeys(entries[name][0] if entries is not None else name for batch in batches for name in batch)
+        distributed.check_same_images(status, [gt.image_path(i) for i in images])
     device = next(detector.parameters()).device
     threads = batch_threads(device, len(batches)) if single_threaded else 1
     return compute_batches(detector, gt, batches, store, config, batch_size, workers, threads, single_threaded,

@@ -254,15 +254,24 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; a user mistake becomes one line on stderr and exit code 1.
 
     Under torchrun, rank 0 runs the command and the other ranks compute their
-    share of its long steps (:mod:`gradlens.distributed`).
+    share of its long steps (:mod:`gradlens.distributed`). A rank that loses
+    its peers or is stopped by torchrun says so in one sentence.
     """
     from gradlens import distributed
 
-    launched = distributed.launched_world() is not None
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        distributed.check_environment()
+    except GradlensError as exc:  # every process of a node reads the same environment: its first one says it
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            typer.echo(f"gradlens: error: {exc}", err=True)
+        if launched:
+            _leave(1)
+        sys.exit(1)
     try:
         with distributed.session() as world:
             if world is not None and not world.main:
-                _leave(distributed.serve(world))
+                _leave(_serve(distributed, world))
             code = 1
             try:
                 _run(argv)
@@ -272,15 +281,30 @@ def main(argv: list[str] | None = None) -> None:
                 if world is None:
                     raise
             finally:
-                if code != 143:  # stopped by torchrun (another rank died): the others are being stopped too
+                if code != distributed.STOPPED:  # stopped by torchrun (another rank died): the others are being stopped too
                     distributed.release(code)
             if world is not None:
+                if code == distributed.STOPPED:
+                    typer.echo(f"gradlens: error: {distributed.stopped_sentence(world.rank)}", err=True)
                 _leave(code)
-    except GradlensError as exc:  # a failure while joining or leaving torchrun's process group
+    except GradlensError as exc:  # a failure while joining or leaving torchrun's process group, or a lost peer
         typer.echo(f"gradlens: error: {exc}", err=True)
         if launched:
             _leave(1)
         sys.exit(1)
+
+
+def _serve(distributed, world) -> int:
+    """A rank > 0: compute rank 0's jobs until it says exit; stopped by torchrun (SIGTERM), one sentence."""
+    try:
+        return distributed.serve(world)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+        if code == distributed.STOPPED:
+            typer.echo(f"gradlens: error: {distributed.stopped_sentence(world.rank)}", err=True)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: rank 0 says it
+        return 130
 
 
 def _leave(code: int) -> None:
