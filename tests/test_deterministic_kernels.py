@@ -15,7 +15,7 @@ from gradlens.models import upsample
 from gradlens.models.registry import build_detector
 from gradlens.models.upsample import Upsample2x, _Upsample2x, upsample2x_backward
 from tests.test_gradients import scene, tiny_detector
-from tests.test_inference import _arrays, random_detector
+from tests.test_inference import _arrays, float64_detector, random_detector
 
 SHAPES = [(2, 8, 5, 7), (1, 3, 1, 1), (1, 4, 2, 9), (3, 16, 33, 17), (1, 2, 1, 6), (2, 5, 7, 1)]
 
@@ -51,12 +51,12 @@ def test_upsampling_backward_is_the_adjoint_of_the_written_out_map(shape):
     rows, cols = _dense_upsampling_matrix(h), _dense_upsampling_matrix(w)
     expected = np.einsum("jh,ncjk,kw->nchw", rows, grad.numpy(), cols)
     np.testing.assert_allclose(upsample2x_backward(grad).numpy(), expected, rtol=1e-13, atol=1e-13)
-    # and it is what PyTorch's own backward computes (float32: up to summation order)
-    x = torch.randn(shape, generator=g, requires_grad=True)
-    g32 = grad.float()
-    ours = torch.autograd.grad(_Upsample2x.apply(x), x, g32)[0]
-    theirs = torch.autograd.grad(_interpolate(x), x, g32)[0]
-    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-6
+    # and it is what PyTorch's own backward computes: in float64, since the two add up to 16 weighted terms per element
+    # in different orders, and in float32 that rounding is bounded only by ~16 * 2**-24 * 4 = 4e-6 of the largest gradient
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = torch.autograd.grad(_Upsample2x.apply(x), x, grad)[0]
+    theirs = torch.autograd.grad(_interpolate(x), x, grad)[0]
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-13
 
 
 def test_upsampling_backward_is_bit_identical_twice_and_batch_independent():
@@ -75,8 +75,8 @@ def test_cednet_uses_it_without_changing_its_keys():
 
 
 def test_a_cednet_map_through_the_deterministic_backward_equals_the_native_one(monkeypatch):
-    det = tiny_detector()
-    images, targets = zip(*[scene(70, 90, 5), scene(64, 100, 6)])
+    det = tiny_detector(dtype=torch.float64)  # float64: the same function; float32's last bits differ per CPU
+    images, targets = zip(*[scene(70, 90, 5, dtype=torch.float64), scene(64, 100, 6, dtype=torch.float64)])
     native = gradient_maps(det, list(images), list(targets), batch_size=2)
     monkeypatch.setattr(upsample, "_native_backward_is_deterministic", lambda x: False)  # the GPU's path, on the CPU
     calls = []
@@ -85,7 +85,7 @@ def test_a_cednet_map_through_the_deterministic_backward_equals_the_native_one(m
     ours = gradient_maps(det, list(images), list(targets), batch_size=2)
     assert calls  # the deterministic backward really ran
     for a, b in zip(native, ours):
-        assert float((a - b).abs().max() / a.max()) < 1e-5
+        assert float((a - b).abs().max() / a.max()) < 1e-10
 
 
 def test_cudnn_policy_is_set_and_restored(monkeypatch):
@@ -109,7 +109,9 @@ def gt(synthetic_coco):
 
 
 def test_inference_in_batch_threads_equals_one_thread(gt, monkeypatch):
-    det = random_detector()
+    # float64 network: single-threaded operators reorder sums, and in float32 that can swap two near-equal detections
+    # (at the top-100 cut or in NMS) or change how many there are, as often as the CPU's kernels make it
+    det = float64_detector(random_detector())
     settings = InferenceSettings(batch_size=3, workers=0)
     monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "1")
     one = detect_images(det, gt, settings=settings, progress=False)
@@ -121,12 +123,11 @@ def test_inference_in_batch_threads_equals_one_thread(gt, monkeypatch):
     for image_id in one:
         a, b = _arrays(one[image_id]), _arrays(threaded[image_id])
         assert a.shape == b.shape
-        # single-threaded operators change the last bits of the scores, which can swap two near-equal
-        # detections in the output order (or at the top-100 cut): compare the detections as sets
+        # as sets: an ulp of the float32 post-processing may still swap two equal-looking scores in the output order
         close = (np.abs(a[:, None, :] - b[None, :, :]) <= 1e-3).all(axis=2)
         matched += int(close.any(axis=1).sum())
         total += len(a)
-    assert matched >= 0.98 * total, (matched, total)
+    assert matched == total, (matched, total)
     monkeypatch.setenv("GRADLENS_INFERENCE_THREADS", "many")
     with pytest.raises(GradlensError, match="GRADLENS_INFERENCE_THREADS is 'many'"):
         detect_images(det, gt, settings=settings, progress=False)
