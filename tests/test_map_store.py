@@ -81,9 +81,10 @@ def _key(det, gt, config=None):
 
 
 def test_stored_maps_equal_the_api_one_image_at_a_time(tmp_path, cednet, synthetic_gt):
-    # The network in float64 (images and maps stay float32, as the loader and the store have them): the run's batch
-    # threads and batch mates only reorder sums, which in float32 move the last bits, and tip near-zero ReLU inputs,
-    # differently on every CPU. In float64 the gradients agree to ~1e-15, so the float32 maps to an ulp (2**-23).
+    # The network in float64: the run's batch threads and batch mates only reorder sums, which in float32 move the last
+    # bits, and tip near-zero ReLU inputs, differently on every CPU. The run still gets float32 pixels from its loader and
+    # stores float32 maps: three float32 roundings (the gradient at the pixels, map / max, times max on reading), so a
+    # stored value is within 3 * 2**-24 of the float64 API's (rtol 2**-21; atol for float64's own last bits).
     det = copy.deepcopy(cednet).double()
     prepare = det.prepare
     det.prepare = lambda images: prepare([im.double() for im in images])  # differentiable: gradients reach the float32 pixels
@@ -94,12 +95,12 @@ def test_stored_maps_equal_the_api_one_image_at_a_time(tmp_path, cednet, synthet
     images = {i: to_tensor(read_image(synthetic_gt.image_path(i))) for i in ids}
     targets = {i: image_targets(synthetic_gt, i, det.categories) for i in ids}
     for batch in plan_batches(det, synthetic_gt, ids, 3):  # the API on the same batches
-        expected = gradient_maps(det, [images[i] for i in batch], [targets[i] for i in batch])
+        expected = gradient_maps(det, [images[i].double() for i in batch], [targets[i] for i in batch])
         for i, e in zip(batch, expected):
-            assert np.allclose(store.read(i), e.numpy(), rtol=2**-22, atol=1e-10 * float(e.max())), i
+            assert np.allclose(store.read(i), e.numpy(), rtol=2**-21, atol=1e-10 * float(e.max())), i
     for i in ids:  # and one image at a time
-        alone = gradient_maps(det, [images[i]], [targets[i]])[0].numpy()
-        assert np.allclose(store.read(i), alone, rtol=2**-22, atol=1e-10 * float(alone.max())), i
+        alone = gradient_maps(det, [images[i].double()], [targets[i]])[0].numpy()
+        assert np.allclose(store.read(i), alone, rtol=2**-21, atol=1e-10 * float(alone.max())), i
     again = compute_maps(det, synthetic_gt, ids, store, batch_size=3, workers=0, progress=False)
     assert again.computed == 0 and again.reused == len(ids)
 

@@ -85,7 +85,9 @@ def test_an_image_without_objects_is_all_background(cednet, gt_file):
 
 
 def test_object_maps_equal_autograd_of_each_objects_loss(cednet, synthetic_gt, tmp_path):
-    det = _float64(cednet)  # the stored maps are float32: the float64 gradient rounded once (2**-24 relative)
+    # the run gets float32 pixels and stores float32 maps: three roundings (the gradient at the pixels, map / max, times
+    # max on reading), so a stored value is within 3 * 2**-24 of the float64 gradient's (rtol 2**-21)
+    det = _float64(cednet)
     ids = _crowded(synthetic_gt, det)[:2]
     config = AttributionConfig(target="object")
     store = MapStore(tmp_path / "objects", map_store_key(det, "sha", synthetic_gt, config), map_dtype="float32")
@@ -103,7 +105,7 @@ def test_object_maps_equal_autograd_of_each_objects_loss(cednet, synthetic_gt, t
             (g,) = torch.autograd.grad(losses["classification"].sum() + losses["bbox_regression"].sum(), x)
             grads.append(g)
             expected = g.abs().amax(dim=0).numpy()
-            assert np.allclose(store.read(ann), expected, rtol=2**-22, atol=1e-10 * float(expected.max())), ann
+            assert np.allclose(store.read(ann), expected, rtol=2**-21, atol=1e-10 * float(expected.max())), ann
         x = image.clone().requires_grad_(True)
         losses = det.image_losses([x], [targets.for_object(-1)])
         (background,) = torch.autograd.grad(losses["classification"].sum(), x)
