@@ -82,13 +82,9 @@ def test_convnext_output_norms_are_read_from_the_keys():
 @pytest.fixture(scope="module")
 def mmdet_cednet(tmp_path_factory):
     """A full-size CEDNet-NeXt-T RetinaNet written by the repository's script, in both layouts."""
-    from importlib import util
-    from pathlib import Path
+    from tests.scripts import make_mmdet_checkpoints
 
-    spec = util.spec_from_file_location("make_mmdet", Path(__file__).parents[1] / "scripts" / "make_mmdet_checkpoints.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make("cednet_next_tiny", tmp_path_factory.mktemp("mmdet"))
+    return make_mmdet_checkpoints().make("cednet_next_tiny", tmp_path_factory.mktemp("mmdet"))
 
 
 def test_mmdet_checkpoint_detects_like_the_native_one(mmdet_cednet):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from importlib import util
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from gradlens.models.bundled import bundled_detector_path
 from gradlens.models.checkpoints import detector_from_object
 from gradlens.models.mmdet import to_mmdet
 from gradlens.models.registry import build_detector
+from tests.scripts import make_mmdet_checkpoints
 from tests.test_cli import run
 from tests.test_hostile import demo, one_sentence  # noqa: F401  (demo: the module's small work directory)
 
@@ -105,19 +105,12 @@ def test_figures_with_math_text_labels_are_written(command, labelled, capsys):
 # Table A1 checkpoints: malformed tensors and config text
 
 
-def _make_script():
-    spec = util.spec_from_file_location("make_mmdet", Path(__file__).parents[1] / "scripts" / "make_mmdet_checkpoints.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def hrnet_payload():
     """An mmdetection RetinaNet HRNet-W32 checkpoint (Table A1's first row) as unpickled, with a small test scale."""
     torch.manual_seed(0)
     state = to_mmdet(build_detector("retinanet_hrnet_w32", 80).state_dict())
-    return {"meta": {"config": _make_script().config_text("hrnet_w32", (128, 192), 32), "CLASSES": None}, "state_dict": state}
+    return {"meta": {"config": make_mmdet_checkpoints().config_text("hrnet_w32", (128, 192), 32), "CLASSES": None}, "state_dict": state}
 
 
 def _with(payload: dict, change) -> dict:

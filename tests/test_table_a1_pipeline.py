@@ -10,7 +10,6 @@ the checkpoint loaded through the Python API.
 from __future__ import annotations
 
 import json
-from importlib import util
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from gradlens.data.synthetic import make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
 from gradlens.models.checkpoints import load_detector
 from gradlens.models.mmdet import coco80_categories
+from tests.scripts import make_mmdet_checkpoints
 from tests.test_detector_cli import run
 
 NEW_ARCHITECTURES = [
@@ -29,13 +29,6 @@ NEW_ARCHITECTURES = [
     *(f"retinanet_{family}_{size}" for family in ("focalnet", "msg", "revcol") for size in ("tiny", "small", "base")),
 ]
 TEST_SCALE = (128, 192)
-
-
-def _make_checkpoints():
-    spec = util.spec_from_file_location("make_mmdet", Path(__file__).parents[1] / "scripts" / "make_mmdet_checkpoints.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def tiny_coco(tmp_path_factory):
 def test_whole_pipeline_from_an_mmdet_checkpoint(arch, tiny_coco, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("GRADLENS_CACHE_DIR", str(tmp_path / "cache"))
     name = arch.removeprefix("retinanet_")
-    mmdet_path, _ = _make_checkpoints().make(name, tmp_path / "ckpt", test_scale=TEST_SCALE, size_divisor=32, native=False)
+    mmdet_path, _ = make_mmdet_checkpoints().make(name, tmp_path / "ckpt", test_scale=TEST_SCALE, size_divisor=32, native=False)
     raw = torch.load(mmdet_path, weights_only=True)
     assert all(k.split(".")[0] in {"backbone", "neck", "bbox_head"} for k in raw["state_dict"])
 
