@@ -113,6 +113,16 @@ def check_record_files(record: dict, workdir: Path, path: Path, name: str = "are
                                  f"another run or changed since); {again(name)}.")
 
 
+def _objects(record: dict, field: str, refuse) -> list[dict]:
+    """``record[field]``: a list (empty when absent) whose every item is an object, or ``refuse``'s sentence."""
+    items = record.get(field, [])
+    if not isinstance(items, list):
+        refuse(field, items, "a list")
+    for k, item in enumerate(items):
+        if not isinstance(item, dict):
+            refuse(f"{field}[{k}]", item, "an object")
+    return items
+
 def check_area_curve_record(record, path: Path, name: str = "area_curve") -> None:
     """Every field a reader uses, type-checked once (the style of the manifest's checks)."""
     redo = again(name)
@@ -130,12 +140,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
             refuse(field, record.get(field), "an object")
     _check_settings(record["settings"], refuse)
     _check_outputs(record["outputs"], refuse)
-    models = record.get("models", [])
-    if not isinstance(models, list):
-        refuse("models", models, "a list")
-    for k, model in enumerate(models):
-        if not isinstance(model, dict):
-            refuse(f"models[{k}]", model, "an object")
+    for k, model in enumerate(_objects(record, "models", refuse)):
         if not (isinstance(model.get("role"), str) and _ROLE.fullmatch(model["role"])):
             refuse(f"models[{k}].role", model.get("role"), "a role (a, b, b1, b2...)")
         for field in ("label", "checkpoint", "maps"):
@@ -144,12 +149,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
         for field in ("computed", "reused"):
             if model.get(field) is not None and not _integer(model[field], 0):
                 refuse(f"models[{k}].{field}", model[field], "a non-negative integer")
-    summary = record.get("summary", [])
-    if not isinstance(summary, list):
-        refuse("summary", summary, "a list")
-    for k, row in enumerate(summary):
-        if not isinstance(row, dict):
-            refuse(f"summary[{k}]", row, "an object")
+    for k, row in enumerate(_objects(record, "summary", refuse)):
         for field, value in row.items():
             if value is not None and not isinstance(value, (str, int, float)):
                 refuse(f"summary[{k}].{field}", value, "text or a number")
