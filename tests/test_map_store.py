@@ -115,11 +115,11 @@ def test_killed_run_resumes_with_identical_maps_without_recomputing(tmp_path, ce
     real_write = MapStore.write
     written = []
 
-    def dying_write(self, image_id, magnitude):
+    def dying_write(self, image_id, magnitude, **kwargs):
         if len(written) == 5:
             raise KeyboardInterrupt  # the run is killed while writing the sixth map
         written.append(image_id)
-        return real_write(self, image_id, magnitude)
+        return real_write(self, image_id, magnitude, **kwargs)
 
     monkeypatch.setattr(MapStore, "write", dying_write)
     with pytest.raises(KeyboardInterrupt):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from gradlens.attribution.methods import (
     AttributionConfig,
-    attribute_frozen,
+    attribute_with_losses,
     frozen_inference_mode,
     reduce_channels,
 )
@@ -78,9 +78,9 @@ class MapRun:
 
 def _write_missing(store: MapStore, maps) -> int:
     written = 0
-    for image_id, magnitude in maps:
+    for image_id, magnitude, loss in maps:
         if not store.has(image_id):
-            store.write(image_id, magnitude)
+            store.write(image_id, magnitude, loss=loss)
             written += 1
     return written
 
@@ -166,10 +166,10 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
     loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=decoded, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
 
-    def work(names: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    def work(names: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor, float]]:
         # regrouped by the decoded size, so a file whose size disagrees with the annotation stays exact
-        attributions = attribute_frozen(detector, images, [entries[n][1] for n in names], config, batch_size)
-        return [(n, reduce_channels(a, config.channel_reduce).cpu()) for n, a in zip(names, attributions)]
+        attributions, losses = attribute_with_losses(detector, images, [entries[n][1] for n in names], config, batch_size)
+        return [(n, reduce_channels(a, config.channel_reduce).cpu(), loss) for n, a, loss in zip(names, attributions, losses)]
 
     computed = 0
 

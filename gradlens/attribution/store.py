@@ -57,10 +57,11 @@ class MapSummary:
     max: float
     hist_bins: np.ndarray
     hist_counts: np.ndarray
+    loss: float = float("nan")  # the loss the map is the gradient of (NaN: not recorded, as in older stores)
 
     def as_dict(self) -> dict:
         return {"image_id": self.image_id, "height": self.height, "width": self.width, "max": self.max,
-                "hist_bins": self.hist_bins, "hist_counts": self.hist_counts}
+                "hist_bins": self.hist_bins, "hist_counts": self.hist_counts, "loss": self.loss}
 
     def __getitem__(self, name):  # so a summary can be used where a dict is expected
         return getattr(self, name)
@@ -101,6 +102,16 @@ def _scalar(data, name: str) -> np.float64:
     if value.shape != () or value.dtype.kind not in "iuf":
         raise ValueError(f"its {name} is not one number")
     return np.float64(value)
+
+
+def _loss(data) -> float:
+    """The recorded loss of a map file: NaN when absent (stores written before gradlens recorded it)."""
+    if "loss" not in data.files:
+        return float("nan")
+    loss = float(_scalar(data, "loss"))
+    if not (np.isnan(loss) or (np.isfinite(loss) and loss >= 0)):
+        raise ValueError("its loss is not a non-negative number")
+    return loss
 
 
 def _scale_problem(scale) -> str | None:
@@ -230,8 +241,10 @@ class MapStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def write(self, image_id: int, magnitude: Tensor | np.ndarray) -> MapSummary:
-        """Store one ``[H, W]`` non-negative map atomically; returns its summary (of the stored values)."""
+    def write(self, image_id: int, magnitude: Tensor | np.ndarray, loss: float = float("nan")) -> MapSummary:
+        """Store one ``[H, W]`` non-negative map atomically, with the loss it is the gradient of (NaN: unknown);
+        returns its summary (of the stored values). The loss is the map's scale's cause: the selection picks
+        images where A's loss is lower, and with it A's gradients."""
         m = torch.as_tensor(magnitude).detach().to("cpu", torch.float32)
         if m.ndim != 2:
             raise GradlensError(f"A gradient map must be 2-D; got shape {tuple(m.shape)}.")
@@ -246,10 +259,13 @@ class MapStore:
         scaled = scaled_t.numpy()
         stored = scaled_t.float() * torch.tensor(peak if peak > 0 else 1.0, dtype=torch.float32)
         bins, counts = value_histogram(stored)
+        loss = float(loss)
+        if not (np.isnan(loss) or (np.isfinite(loss) and loss >= 0)):
+            raise GradlensError(f"The loss of image {image_id}'s map is {loss}; a total detection loss is a non-negative number.")
         summary = MapSummary(int(image_id), int(m.shape[0]), int(m.shape[1]), float(stored.max()) if m.numel() else 0.0,
-                             bins, counts)
+                             bins, counts, loss)
         arrays = {"scaled": scaled, "scale": np.float64(peak if peak > 0 else 1.0), "max": np.float64(summary.max),
-                  "shape": np.array(m.shape, dtype=np.int64), "hist_bins": bins, "hist_counts": counts,
+                  "shape": np.array(m.shape, dtype=np.int64), "hist_bins": bins, "hist_counts": counts, "loss": np.float64(loss),
                   "key": np.array(key_digest(self.key))}  # so a map file moved in from another store is recognised
         with atomic_path(self.path(image_id)) as tmp:
             # an .npz (NumPy reads it with np.load) deflated at level 1: 3-4x faster to write than
@@ -321,6 +337,17 @@ class MapStore:
             except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
+    def loss(self, image_id: int) -> float:
+        """The loss the stored map is the gradient of (NaN where it was not recorded), without inflating the map."""
+        with self._open(image_id) as data:
+            try:
+                problem = self._key_problem(data)
+                if problem is not None:
+                    self._refuse(image_id, problem)
+                return _loss(data)
+            except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
+
     def summary(self, image_id: int) -> MapSummary:
         """Max, shape and histogram of one map, without inflating the map itself (checked against each other)."""
         with self._open(image_id) as data:
@@ -332,7 +359,7 @@ class MapStore:
                 if problem is not None:
                     self._refuse(image_id, problem)
                 h, w = (int(v) for v in shape)
-                return MapSummary(int(image_id), h, w, float(maximum), bins, counts)
+                return MapSummary(int(image_id), h, w, float(maximum), bins, counts, _loss(data))
             except (KeyError, ValueError, TypeError, zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise InputFileError(f"The map file {self.path(image_id)} is damaged ({exc}).") from None
 
@@ -360,6 +387,7 @@ class MapStore:
                     return "damaged"
                 scale, maximum = _scalar(data, "scale"), _scalar(data, "max")
                 bins, counts = data["hist_bins"], data["hist_counts"]
+                _loss(data)
         except FileNotFoundError:
             return "missing"
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):

@@ -228,6 +228,9 @@ def demo(
         curve = result.area_curve
         typer.echo(f"maps:       {', '.join(str(m.store.folder) for m in curve.models)}")
         typer.echo(f"Figure A2:  {curve.outputs['png']} (+ .pdf; table {curve.outputs['table']})")
+        typer.echo(f"companion:  {curve.outputs['mass_area_png']} (mass-area; decomposition {curve.outputs['decomposition']})")
+        for sentence in curve.verdicts:
+            typer.echo(f"verdict:    {sentence}")
     if result.figures:
         typer.echo(f"Figure A1:  {result.figures[0].parent} ({len(result.figures)} images"
                    f"{', figure_a1_gallery.pdf' if len(result.figures) > 1 else ''})")

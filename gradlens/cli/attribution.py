@@ -219,6 +219,14 @@ def area_curve(
     metric, interval, Wilcoxon p), metrics.csv (box energy, pointing game,
     areas per image and model), metrics_summary.csv, area_curve.json and
     area_curve.png/.pdf.
+
+    Shared thresholds mix gradient scale with focus, so it also splits A's
+    difference from each baseline into a scale term and a focus term, with
+    scale-free concentration measures (Gini, effective area, mass-area), and
+    prints a verdict saying which of the two drives it:
+    area_curve_concentration.csv (per image and model),
+    area_curve_decomposition.csv, area_curve_mass_area.csv and
+    area_curve_mass_area.png/.pdf (Figure A2's companion).
     """
     precision = resolve_precision(precision, device)
     from gradlens.regions.run import run_area_curve
@@ -250,8 +258,27 @@ def area_curve(
     for _, row in paired.iterrows():
         typer.echo(f"  {row['role']} - {row['versus']}: area under the curve {row['difference']:+.4f} "
                    f"[{row['low']:+.4f}, {row['high']:+.4f}], Wilcoxon p = {row['p_value']:.3g} ({row['num_images']} images)")
-    for key in ("table", "paired", "metrics", "metrics_summary", "png", "pdf", "meta"):
+    _echo_scale_focus(result)
+    for key in ("table", "paired", "metrics", "metrics_summary", "concentration", "decomposition", "mass_area", "png",
+                "pdf", "mass_area_png", "meta"):
         typer.echo(f"Wrote {result.outputs[key]}")
+
+
+def _echo_scale_focus(result) -> None:
+    """The decomposition in one line per part, then the verdict, for A against each baseline."""
+    split = result.scale_focus
+    if split is None:
+        return
+    for verdict in split.verdicts:
+        rows = split.decomposition[split.decomposition["versus"] == verdict["versus"]].set_index("quantity")
+        parts = []
+        for quantity, name in (("paper_auc", "ΔAUC"), ("scale_term", "scale"), ("focus_term", "focus"),
+                               ("outside_grid", "outside the grid")):
+            row = rows.loc[quantity]
+            share = f", {row['share_of_paper']:.0%} of ΔAUC" if quantity != "paper_auc" and row["share_of_paper"] == row["share_of_paper"] else ""
+            parts.append(f"{name} {row['estimate']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]{share}")
+        typer.echo(f"  {verdict['role']} - {verdict['versus']}, scale and focus: " + "; ".join(parts))
+        typer.echo(f"  Verdict: {verdict['sentence']}")
 
 
 def figure(

@@ -230,7 +230,10 @@ class CodeCurves:
             peak = values.max()
             values = values / peak if peak > 0 else np.zeros_like(values)
         below = np.searchsorted(self.grid, values, side="left")  # thresholds strictly below each value
-        out = {"area": self._above(below, hist[used], flat.size), "max": float(raw.max())}
+        # the map's distinct values (ascending: non-negative float16 codes sort as their values) and their
+        # pixel counts, for measures that need the whole distribution (gradlens.regions.concentration)
+        out = {"area": self._above(below, hist[used], flat.size), "max": float(raw.max()), "values": raw,
+               "counts": hist[used]}
         if mask is not None:
             inside = np.bincount(flat[mask.reshape(-1)], minlength=1 << 16)[used]
             out["inside"] = self._above(below, inside, flat.size)

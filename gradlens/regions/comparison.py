@@ -1,4 +1,5 @@
-"""A against each baseline on the same images: bands on every curve, paired differences, metric summaries.
+"""A against each baseline on the same images: bands on every curve, paired differences, metric summaries,
+and the split of the paper's difference into scale and focus with its verdict.
 
 Built on :mod:`gradlens.regions.statistics`: one set of image resamples is
 drawn from the seed and shared by every model, curve and metric, so the
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from gradlens.regions.decomposition import DECOMPOSITION_COLUMNS, MASS_FRACTIONS, decompose, pair_terms, table_verdict
 from gradlens.regions.per_image import SUMMARY_METRICS, ImageCurves
 from gradlens.regions.statistics import bootstrap_mean, paired_difference, resample_counts
 
@@ -83,3 +85,34 @@ def with_bands(table: pd.DataFrame, per_image: list[ImageCurves], stats: CurveSt
         table[f"{column}_normalized"] = table[column] / peak if peak > 0 else table[column]
     return table
 
+
+
+@dataclass
+class ScaleFocus:
+    """Scale against focus, A against each baseline (:mod:`gradlens.regions.decomposition`)."""
+
+    concentration: pd.DataFrame  # per image and model: scale, concentration, log-grid areas
+    mass_area: pd.DataFrame  # per model and mass fraction: mean mass-area with its band
+    decomposition: pd.DataFrame  # per baseline and quantity: estimate, interval, p-value, share of the paper's difference
+    verdicts: list[dict]  # per baseline: {"role", "versus", "label", "versus_label", "sentence"}
+
+
+def scale_focus(per_image: list[ImageCurves], width: float, bootstrap: int, seed: int, level: float) -> ScaleFocus:
+    """The decomposition and its verdict for A (the first) against each other model, and the mass-area bands."""
+    n = per_image[0].areas.shape[0]
+    counts = resample_counts(n, bootstrap, seed) if bootstrap > 0 else None
+    bands = []
+    for c in per_image:
+        band = bootstrap_mean(c.mass_area, bootstrap, seed, level, counts=counts)
+        bands.append(pd.DataFrame({"role": c.role, "label": c.label, "fraction": MASS_FRACTIONS, "mass_area": band.mean,
+                                   "low": band.low, "high": band.high, "num_images": band.num_images}))
+    a = per_image[0]
+    tables, verdicts = [], []
+    for b in per_image[1:]:
+        base = {"role": a.role, "label": a.label, "versus": b.role, "versus_label": b.label}
+        table = decompose(pair_terms(a.concentration, b.concentration, width), bootstrap, seed, level, base)
+        tables.append(table)
+        verdicts.append({**base, "sentence": table_verdict(table, a.label, b.label, level)})
+    decomposition = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DECOMPOSITION_COLUMNS)
+    return ScaleFocus(pd.concat([c.concentration for c in per_image], ignore_index=True),
+                      pd.concat(bands, ignore_index=True), decomposition, verdicts)

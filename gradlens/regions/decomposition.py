@@ -25,8 +25,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from gradlens.regions.concentration import distribution, effective_area, gini
+from gradlens.regions.concentration import Distribution, distribution, effective_area, gini, mass_area, mass_area_auc
+from gradlens.regions.statistics import paired_difference
+
+MASS_FRACTIONS = np.linspace(0.0, 1.0, 101)  # the mass-area curve's grid (figure and table)
+CONCENTRATION_COLUMNS = ["role", "label", "rank", "image_id", "scale_mean", "map_max", "loss", "gini", "effective_area",
+                         "mass_area_50", "mass_area_90", "mass_area_auc", "log_auc", "log_auc_scale_free", "outside_grid",
+                         "outside_grid_scale_free"]
+# A minus a baseline, per image: the paper's difference, its two parts and what the grid leaves out, then the
+# scale itself and the scale-free measures (each A's minus B's)
+TERMS = ["paper_auc", "scale_term", "focus_term", "outside_grid", "log_scale_ratio", "gini", "effective_area",
+         "mass_area_50", "mass_area_90", "mass_area_auc"]
+DECOMPOSITION_COLUMNS = ["role", "label", "versus", "versus_label", "quantity", "estimate", "low", "high", "p_value",
+                         "share_of_paper", "num_images"]
 
 
 def log_area_under_curve(magnitudes, log_low: float, log_high: float) -> float:
@@ -38,6 +51,123 @@ def log_area_under_curve(magnitudes, log_low: float, log_high: float) -> float:
     with np.errstate(divide="ignore"):
         logs = np.log(m)
     return float(np.clip(logs - log_low, 0.0, width).mean() / width)
+
+
+@dataclass(frozen=True)
+class LogGrid:
+    """The decomposition's threshold range: natural-log thresholds from ``log_low`` to ``log_low + width``.
+
+    It is the paper's default grid (log, ending at the pooled 99.9th percentile of the raw maps, 4 decades)
+    whatever grid the curves were drawn on, so the decomposition reads the same on every run.
+    """
+
+    log_low: float
+    width: float
+
+    @classmethod
+    def ending_at(cls, top: float, decades: float) -> "LogGrid":
+        width = float(decades) * float(np.log(10.0))
+        if not (np.isfinite(top) and top > 0 and np.isfinite(width) and width > 0):
+            raise ValueError("A log grid needs a positive top threshold and a positive number of decades.")
+        return cls(float(np.log(top)) - width, width)
+
+    def auc(self, d: Distribution, shift: float = 0.0) -> float:
+        """Exact area under the area curve of ``d``'s map multiplied by ``exp(shift)``, divided by the width."""
+        with np.errstate(divide="ignore"):
+            logs = np.log(d.values)
+        steps = np.clip(logs + shift - self.log_low, 0.0, self.width)  # zeros: -inf, clipped to 0
+        return float(np.dot(steps, d.counts) / (d.pixels * self.width))
+
+    def outside(self, d: Distribution, shift: float = 0.0) -> float:
+        """Share of the pixels the grid does not cover (zero, below its first or above its last threshold)."""
+        with np.errstate(divide="ignore"):
+            logs = np.log(d.values) + shift
+        out = (logs <= self.log_low) | (logs >= self.log_low + self.width)
+        return float(d.counts[out].sum() / d.pixels)
+
+
+def image_measures(d: Distribution, grid: LogGrid, log_reference: float) -> tuple[dict, np.ndarray]:
+    """One map's scale, its scale-free measures and its log-grid areas, and its mass-area curve on
+    :data:`MASS_FRACTIONS`.
+
+    ``log_reference`` places the scale-free map ``u = m / s`` on the grid: ``u`` is moved to the image's
+    reference scale (shared by every model of the image), so the scale-free areas of two models differ
+    exactly by the focus term. Any shared reference gives the same difference; one near the maps' own
+    scales keeps their pixels inside the grid.
+    """
+    pixels, mass = d.pixels, d.mass
+    nan = float("nan")
+    scale = mass / pixels
+    row = {"scale_mean": scale, "map_max": float(d.values[-1])}
+    if not mass > 0:
+        row.update(gini=nan, effective_area=nan, mass_area_50=nan, mass_area_90=nan, mass_area_auc=nan,
+                   log_auc=grid.auc(d), log_auc_scale_free=nan, outside_grid=grid.outside(d), outside_grid_scale_free=nan)
+        return row, np.full(len(MASS_FRACTIONS), nan)
+    curve = mass_area(d, MASS_FRACTIONS)
+    shift = float(log_reference) - float(np.log(scale))
+    row.update(gini=gini(d), effective_area=effective_area(d), mass_area_50=float(curve[50]), mass_area_90=float(curve[90]),
+               mass_area_auc=mass_area_auc(d), log_auc=grid.auc(d), log_auc_scale_free=grid.auc(d, shift),
+               outside_grid=grid.outside(d), outside_grid_scale_free=grid.outside(d, shift))
+    return row, curve
+
+
+def pair_terms(a: pd.DataFrame, b: pd.DataFrame, width: float) -> pd.DataFrame:
+    """Per image, A's measures minus B's (:data:`TERMS`), from two concentration tables in the same image order.
+
+    ``paper_auc`` = ``scale_term`` + ``focus_term`` + ``outside_grid``; the last is exactly 0 where the grid
+    covers every pixel of both maps (it is what zero pixels and pixels beyond the grid's ends leave out).
+    """
+    if list(a["image_id"]) != list(b["image_id"]):
+        raise ValueError("Paired measures need the same images in the same order.")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.log(a["scale_mean"].to_numpy(np.float64)) - np.log(b["scale_mean"].to_numpy(np.float64))
+    log_ratio = np.where(np.isfinite(log_ratio), log_ratio, np.nan)  # a zero map has no scale
+    paper = a["log_auc"].to_numpy(np.float64) - b["log_auc"].to_numpy(np.float64)
+    focus = a["log_auc_scale_free"].to_numpy(np.float64) - b["log_auc_scale_free"].to_numpy(np.float64)
+    scale = log_ratio / width
+    terms = {"image_id": a["image_id"].to_numpy(), "paper_auc": np.where(np.isnan(log_ratio), np.nan, paper),
+             "scale_term": scale, "focus_term": focus, "outside_grid": paper - scale - focus, "log_scale_ratio": log_ratio}
+    for measure in ("gini", "effective_area", "mass_area_50", "mass_area_90", "mass_area_auc"):
+        terms[measure] = a[measure].to_numpy(np.float64) - b[measure].to_numpy(np.float64)
+    return pd.DataFrame(terms)
+
+
+def decompose(terms: pd.DataFrame, bootstrap: int, seed: int, level: float, base: dict) -> pd.DataFrame:
+    """Each column of :func:`pair_terms` over images: mean, bootstrap interval, Wilcoxon p-value, and for the
+    three parts their share of the paper's difference. ``log_scale_ratio`` is also given as ``scale_ratio``
+    (its exponential: the geometric mean ratio A / B and its interval). Images where a term is undefined (a
+    zero map) are left out of that term."""
+    rows = []
+    paper_mean = float(np.nanmean(terms["paper_auc"])) if terms["paper_auc"].notna().any() else float("nan")
+    for quantity in TERMS:
+        values = terms[quantity].to_numpy(np.float64)
+        keep = ~np.isnan(values)
+        if not keep.any():
+            rows.append({**base, "quantity": quantity, "estimate": np.nan, "low": np.nan, "high": np.nan,
+                         "p_value": np.nan, "share_of_paper": np.nan, "num_images": 0})
+            continue
+        d = paired_difference(values[keep], np.zeros(int(keep.sum())), bootstrap, seed, level)
+        share = float(d.band.mean) / paper_mean if quantity in ("scale_term", "focus_term", "outside_grid") \
+            and paper_mean != 0 and np.isfinite(paper_mean) else np.nan
+        rows.append({**base, "quantity": quantity, "estimate": float(d.band.mean), "low": float(d.band.low),
+                     "high": float(d.band.high), "p_value": float(d.p_value), "share_of_paper": share,
+                     "num_images": d.band.num_images})
+        if quantity == "log_scale_ratio":
+            rows.append({**rows[-1], "quantity": "scale_ratio", "estimate": float(np.exp(d.band.mean)),
+                         "low": float(np.exp(d.band.low)), "high": float(np.exp(d.band.high))})
+    return pd.DataFrame(rows, columns=DECOMPOSITION_COLUMNS)
+
+
+def finding(table: pd.DataFrame, quantity: str, level: float = 0.95) -> Finding:
+    """One row of :func:`decompose`'s table as a :class:`Finding`."""
+    row = table[table["quantity"] == quantity].iloc[0]
+    return Finding(float(row["estimate"]), float(row["low"]), float(row["high"]), float(row["p_value"]), 1 - level)
+
+
+def table_verdict(table: pd.DataFrame, a: str = "A", b: str = "B", level: float = 0.95) -> str:
+    """:func:`verdict` on one pair's rows of :func:`decompose`'s table."""
+    return verdict(finding(table, "paper_auc", level), finding(table, "log_scale_ratio", level),
+                   finding(table, "gini", level), a, b)
 
 
 @dataclass(frozen=True)
@@ -82,10 +212,14 @@ class Finding:
     low: float
     high: float
     p_value: float
+    alpha: float = 0.05  # without an interval (--bootstrap 0): shown when the Wilcoxon p-value is below it
 
     @property
     def shown(self) -> bool:
-        """Significant at the interval's level: the interval excludes 0 (the p-value is reported beside it)."""
+        """Significant at the interval's level: the interval excludes 0 (the p-value is reported beside it);
+        without an interval, the Wilcoxon p-value is below ``alpha``."""
+        if np.isnan(self.low) or np.isnan(self.high):
+            return bool(self.p_value < self.alpha)
         return bool(self.low > 0 or self.high < 0)
 
 

@@ -3,7 +3,9 @@
 The mean curve of Figure A2 is the mean of these rows; the bootstrap bands
 and the paired tests need the rows themselves. One pass over the maps gives
 everything: each map is read once (its float16 codes, or the float32 map),
-and the image's box region is rasterised once.
+and the image's box region is rasterised once. The same pass gives each
+map's scale and scale-free concentration (:mod:`gradlens.regions.decomposition`)
+from the distribution of its values, which the code histogram already holds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import pandas as pd
 from gradlens.errors import GradlensError
 from gradlens.progress import track
 from gradlens.regions.area import CodeCurves, area_curve_from_summaries, region_areas
+from gradlens.regions.concentration import Distribution, distribution
+from gradlens.regions.decomposition import CONCENTRATION_COLUMNS, LogGrid, image_measures
+from gradlens.regions.histogram import bin_values
 from gradlens.regions.localisation import box_mask, image_boxes, masked_areas, masked_energy, masked_pointing
 from gradlens.regions.statistics import area_under_curve
 
@@ -35,6 +40,8 @@ class ImageCurves:
     inside: np.ndarray | None  # None when computed from summaries (no map read)
     outside: np.ndarray | None
     metrics: pd.DataFrame
+    concentration: pd.DataFrame | None = None  # CONCENTRATION_COLUMNS, one row per image (with a decomposition grid)
+    mass_area: np.ndarray | None = None  # [images, MASS_FRACTIONS]
 
     def long_table(self, thresholds: np.ndarray) -> pd.DataFrame:
         """One row per (image, threshold): the per-image curves, for notebooks and other statistics."""
@@ -51,24 +58,44 @@ class ImageCurves:
 
 
 def image_curves(model, image_ids: list[int], thresholds: np.ndarray, scale: str, gt, per_image_normalize: bool = False,
-                 from_summaries: bool = False, device="cpu", progress: bool | None = None) -> ImageCurves:
-    """Area curve, inside/outside curves and localisation metrics of every image of ``model`` (a ``ModelMaps``)."""
+                 from_summaries: bool = False, device="cpu", progress: bool | None = None,
+                 log_grid: LogGrid | None = None, log_references=None) -> ImageCurves:
+    """Area curve, inside/outside curves and localisation metrics of every image of ``model`` (a ``ModelMaps``).
+
+    With ``log_grid`` (and ``log_references``: each image's reference log scale, in image order) also each
+    map's scale and concentration (:func:`~gradlens.regions.decomposition.image_measures`), from the
+    same read of the map (from the histogram of its summary with ``from_summaries``: within one 0.8 % bin).
+    """
     store = model.store
     rows, areas, inside, outside = [], [], [], []
+    measures, mass_curves = [], []
+
+    def measure(k: int, image_id: int, d: Distribution, loss: float) -> None:
+        if log_grid is None:
+            return
+        row, curve = image_measures(d, log_grid, float(log_references[k]))
+        measures.append({"image_id": int(image_id), "loss": loss, **row})
+        mass_curves.append(curve)
+
     if from_summaries:  # no map is read: areas within one histogram bin, no localisation metrics
-        for s in store.summaries(image_ids):
+        for k, s in enumerate(store.summaries(image_ids)):
             areas.append(area_curve_from_summaries([s], thresholds, per_image_normalize))
             rows.append({"image_id": int(s.image_id), "map_max": float(s.max)})
+            measure(k, s.image_id, Distribution(*bin_values(s)), float(s.loss))
     else:
         codes_curves = CodeCurves(thresholds) if store.map_dtype == "float16" else None
-        for image_id in track(image_ids, f"area curve {model.role} ({model.label})", progress):
+        for k, image_id in enumerate(track(image_ids, f"area curve {model.role} ({model.label})", progress)):
             boxes = image_boxes(gt, image_id)
             if codes_curves is not None:  # exact, from histograms of the stored 16-bit codes
                 codes, code_scale = store.read_codes(image_id)
                 mask = box_mask(codes.shape, boxes)
                 one = codes_curves.image(codes, code_scale, per_image_normalize, mask)
+                if log_grid is not None:  # the code histogram is the distribution: no sort, no second read
+                    measure(k, image_id, Distribution(one["values"].astype(np.float64), one["counts"]), store.loss(image_id))
             else:
                 values = store.read(image_id)
+                if log_grid is not None:
+                    measure(k, image_id, distribution(values), store.loss(image_id))
                 mask = box_mask(values.shape, boxes)
                 shown = values
                 if per_image_normalize:
@@ -97,4 +124,13 @@ def image_curves(model, image_ids: list[int], thresholds: np.ndarray, scale: str
     metrics["inside_auc"] = area_under_curve(inside_a, thresholds, scale) if inside_a is not None else np.nan
     metrics["outside_auc"] = area_under_curve(outside_a, thresholds, scale) if outside_a is not None else np.nan
     metrics = metrics.reindex(columns=METRIC_COLUMNS)
-    return ImageCurves(model.role, model.label, [int(i) for i in image_ids], areas_a, inside_a, outside_a, metrics)
+    concentration = mass = None
+    if log_grid is not None:
+        concentration = pd.DataFrame(measures)
+        concentration.insert(0, "rank", np.arange(1, len(measures) + 1))
+        concentration.insert(0, "label", model.label)
+        concentration.insert(0, "role", model.role)
+        concentration = concentration.reindex(columns=CONCENTRATION_COLUMNS)
+        mass = np.stack(mass_curves)
+    return ImageCurves(model.role, model.label, [int(i) for i in image_ids], areas_a, inside_a, outside_a, metrics,
+                       concentration, mass)
