@@ -3,11 +3,15 @@
 The page needs no server and no network: styles and script are inline, the
 tables are embedded as JSON, and the pictures sit beside it in ``report/``
 (Figure A2, and per selected image a thumbnail and the full Figure A1 panel).
-What it shows: the selection as a sortable, filterable table (each model's
-quality, the improvement, each model's box energy and pointing-game hit),
-Figure A2 with its bootstrap bands and the paired difference, the metrics
-summary with intervals, A minus each baseline with Wilcoxon p-values, and
-the Figure A1 thumbnails, each opening its full panel.
+What it shows: first the verdict (is A's difference from each baseline one
+of gradient scale or of focus), then Figure A2 with its bootstrap bands and
+the paired difference, its companion (mass-area curves and the split of the
+difference into scale and focus), each image's scale ratio against its
+quality improvement, the decomposition with intervals, the per-image scale
+and concentration table, the metrics summary with intervals, A minus each
+baseline with Wilcoxon p-values, the selection as a sortable, filterable
+table (each model's quality, the improvement, each model's box energy and
+pointing-game hit) and the Figure A1 thumbnails, each opening its full panel.
 
 Everything the page shows comes from files anyone can edit or send (a work
 directory received from someone else), so no value from disk is ever trusted
@@ -104,6 +108,50 @@ def _selection_rows(workdir: Path, models: list[dict], metrics: pd.DataFrame | N
     return selection
 
 
+def _per_image_scale(concentration: pd.DataFrame, selection: pd.DataFrame, models: list[dict]) -> pd.DataFrame:
+    """Per image and baseline: A's mean magnitude over the baseline's, and A's quality improvement."""
+    if not len(concentration) or "improvement" not in selection or not models:
+        return pd.DataFrame()
+    scales = {role: rows.drop_duplicates("image_id").set_index("image_id")["scale_mean"]
+              for role, rows in concentration.groupby("role", sort=False)}
+    a = models[0]["role"]
+    if a not in scales:
+        return pd.DataFrame()
+    improvement = pd.to_numeric(selection.set_index("image_id")["improvement"], errors="coerce")
+    frames = []
+    for m in models[1:]:
+        if m["role"] not in scales:
+            continue
+        ids = improvement.index
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = pd.to_numeric(scales[a].reindex(ids), errors="coerce") / pd.to_numeric(scales[m["role"]].reindex(ids), errors="coerce")
+        frames.append(pd.DataFrame({"image_id": ids, "improvement": improvement.to_numpy(dtype=np.float64),
+                                    "scale_ratio": ratio.to_numpy(dtype=np.float64),
+                                    "versus_label": str(m.get("label") or m["role"])}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _concentration_view(concentration: pd.DataFrame, models: list[dict]) -> pd.DataFrame:
+    """One row per image: each model's scale (mean, max, loss) and concentration, side by side."""
+    if not len(concentration):
+        return concentration
+    columns = ["scale_mean", "map_max", "loss", "gini", "effective_area", "mass_area_50", "mass_area_90"]
+    view = None
+    for m in models:
+        rows = concentration[concentration["role"] == m["role"]].drop_duplicates("image_id")
+        mine = rows[["image_id"] + columns].rename(columns={c: f"{c}_{m['role']}" for c in columns})
+        view = mine if view is None else view.merge(mine, on="image_id", how="outer", sort=False)
+    if view is None:
+        return pd.DataFrame()
+    a = models[0]["role"]
+    for m in models[1:]:
+        if f"scale_mean_{m['role']}" in view:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                view[f"scale_ratio_{a}/{m['role']}"] = (pd.to_numeric(view[f"scale_mean_{a}"], errors="coerce")
+                                                        / pd.to_numeric(view[f"scale_mean_{m['role']}"], errors="coerce"))
+    return view
+
+
 def _records(table: pd.DataFrame, what: str) -> list[dict]:
     """Rows as JSON-ready dicts (NaN and infinities -> null, numpy scalars -> Python)."""
     try:
@@ -168,6 +216,14 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     if len(paired):
         _require_columns(paired, ("role", "versus", "quantity", "difference", "low", "high", "p_value", "num_images"),
                          f"The paired statistics in {workdir}", again)
+    concentration, decomposition = table("concentration"), table("decomposition")
+    if len(concentration):
+        _require_columns(concentration, ("role", "image_id", "scale_mean", "map_max", "loss", "gini", "effective_area",
+                                         "mass_area_50", "mass_area_90"), f"The concentration table in {workdir}", again)
+        concentration = concentration.assign(image_id=image_id_column(concentration, f"The concentration table in {workdir}"))
+    if len(decomposition):
+        _require_columns(decomposition, ("role", "versus", "quantity", "estimate", "low", "high", "p_value",
+                                         "share_of_paper", "num_images"), f"The decomposition table in {workdir}", again)
     figure_a2 = workdir / f"{name}.png"
     if not figure_a2.is_file():
         raise GradlensError(f"{figure_a2} is missing; run 'gradlens area-curve --workdir {workdir}' again.")
@@ -177,6 +233,16 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     (out / "panels").mkdir(parents=True, exist_ok=True)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(figure_a2, out / "figure_a2.png")
+    companion = workdir / f"{name}_mass_area.png"
+    pictures = {"companion": companion.is_file() and f"{name}_mass_area.png" in meta.get("outputs", {}).get("figure", [])}
+    if pictures["companion"]:
+        shutil.copyfile(companion, out / "mass_area.png")
+    per_image = _per_image_scale(concentration, selection, models)
+    pictures["scatter"] = bool(len(per_image))
+    if pictures["scatter"]:
+        from gradlens.figures.scale_focus import save_scale_against_improvement
+
+        save_scale_against_improvement(per_image, out / "scale_vs_improvement")
 
     shown = [int(i) for i in (selection["image_id"] if thumbnails is None else selection["image_id"].head(max(0, thumbnails)))]
     panels = {}
@@ -192,7 +258,8 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
                 _thumbnail(png, out / "thumbs" / png.name)
                 panels[image_id] = png.name
     selection["panel"] = selection["image_id"].map(lambda i: panels.get(int(i)))
-    page = _page(manifest, meta, selection, summary, paired, panels, what=f"The selection table in {workdir}")
+    page = _page(manifest, meta, selection, summary, paired, panels, what=f"The selection table in {workdir}",
+                 decomposition=decomposition, concentration=_concentration_view(concentration, models), pictures=pictures)
     with atomic_path(out / "index.html") as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return Report(page=out / "index.html", images=len(selection), thumbnails=len(panels))
@@ -207,7 +274,8 @@ th { background: #f5f5f5; } #selection th { cursor: pointer; position: sticky; t
 th.sorted-asc::after { content: " \\25B2"; } th.sorted-desc::after { content: " \\25BC"; }
 td:first-child, th:first-child { text-align: left; }
 .muted { color: #777; } .pos { color: #1a7f37; } .neg { color: #c62828; }
-#figure-a2 { max-width: 100%; }
+#figure-a2, .figure { max-width: 100%; display: block; margin: 8px 0; }
+.verdict { font-size: 15px; background: #f6f8fa; border-left: 4px solid #1f77b4; padding: 8px 12px; }
 #filter { margin: 6px 0 10px; padding: 4px 8px; width: 320px; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 12px; }
 .thumbs figure { margin: 0; width: 240px; } .thumbs img { width: 240px; border: 1px solid #ccc; cursor: zoom-in; }
@@ -351,7 +419,9 @@ def _missing(value) -> bool:
         return False
 
 
-def _table_html(table: pd.DataFrame, numeric: tuple[str, ...]) -> str:
+def _table_html(table: pd.DataFrame, numeric: tuple[str, ...], general: tuple[str, ...] = ()) -> str:
+    """An escaped HTML table: ``numeric`` columns with 4 decimals (p-values with 3 significant digits),
+    ``general`` ones with 4 significant digits (gradient magnitudes are far below 1e-4)."""
     if table is None or not len(table):
         return '<p class="muted">(none)</p>'
     head = "".join(f"<th>{escape_html(c)}</th>" for c in table.columns)
@@ -360,16 +430,30 @@ def _table_html(table: pd.DataFrame, numeric: tuple[str, ...]) -> str:
         cells = []
         for c, v in zip(table.columns, row):
             if c in numeric and isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool) and not _missing(v):
-                cells.append(f"<td>{v:.3g}</td>" if c == "p_value" else f"<td>{v:.4f}</td>")
+                cells.append(f"<td>{v:.3g}</td>" if c == "p_value" else f"<td>{v:.4g}</td>" if c in general else f"<td>{v:.4f}</td>")
             else:
                 cells.append(f"<td>{'' if _missing(v) else escape_html(v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _verdicts_html(meta: dict) -> str:
+    entry = meta.get("decomposition") if isinstance(meta.get("decomposition"), dict) else {}
+    verdicts = [v for v in entry.get("verdicts", []) if isinstance(v, dict) and isinstance(v.get("sentence"), str)]
+    if not verdicts:
+        return ('<p class="muted">No verdict on scale and focus: this area-curve run predates it or has one model; '
+                "run 'gradlens area-curve' again.</p>")
+    return "".join(f'<p class="verdict">{escape_html(v["sentence"])}</p>' for v in verdicts)
+
+
 def _page(manifest: dict, meta: dict, selection: pd.DataFrame, summary: pd.DataFrame, paired: pd.DataFrame,
-          panels: dict[int, str], what: str = "The selection table") -> str:
+          panels: dict[int, str], what: str = "The selection table", decomposition: pd.DataFrame | None = None,
+          concentration: pd.DataFrame | None = None, pictures: dict | None = None) -> str:
     e = escape_html
+    pictures = pictures or {}
+    if decomposition is not None and len(decomposition):
+        decomposition = decomposition[[c for c in ("role", "versus", "quantity", "estimate", "low", "high", "p_value",
+                                                   "share_of_paper", "num_images") if c in decomposition]]
     models = manifest["models"]
     labels = ", ".join(f"{e(m['role'])}: {e(m.get('label') or m['role'])}" for m in models)
     columns = [c for c in selection.columns if c != "panel"]
@@ -397,8 +481,20 @@ def _page(manifest: dict, meta: dict, selection: pd.DataFrame, summary: pd.DataF
 <p>Models: {labels}. {len(selection)} selected images; area curves over {e(settings.get('num_images', '?'))} images,
 {e(settings.get('thresholds', '?'))} thresholds ({e(settings.get('scale', '?'))} grid), bands: {e(settings.get('bootstrap', 0))}
 bootstrap resamples at level {e(settings.get('confidence_level', '?'))}. Created by gradlens {e(meta.get('gradlens_version', ''))}.</p>
+<h2>Verdict: scale or focus?</h2>
+{_verdicts_html(meta)}
+<p class="muted">At shared thresholds the area mixes gradient scale (if B's map is c times A's, B's area at t is A's
+at t/c) with focus. The difference in area under the log curve splits exactly into a scale term (log ratio of mean
+magnitudes) and a focus term (the same maps divided by their mean), plus what the grid leaves out; focus is judged
+by the Gini index. A finding counts when its interval excludes 0.</p>
 <h2>Figure A2: important-region area against the threshold</h2>
 <img id="figure-a2" src="figure_a2.png" alt="Figure A2">
+{'<h2>Companion: concentration without scale, and the split of the difference</h2><img class="figure" src="mass_area.png" alt="mass-area curves and decomposition">' if pictures.get("companion") else ''}
+<h2>Scale and focus, A against each baseline</h2>
+{_table_html(decomposition, ("estimate", "low", "high", "p_value", "share_of_paper"))}
+{'<img class="figure" src="scale_vs_improvement.png" alt="scale ratio against quality improvement">' if pictures.get("scatter") else ''}
+<details><summary>per image: scale and concentration of each model</summary><div class="scroll">
+{_table_html(concentration, (), tuple(c for c in concentration.columns if c != "image_id") if concentration is not None else ())}</div></details>
 <h2>A against each baseline (paired per image)</h2>
 {_table_html(scalar, ("difference", "low", "high", "p_value"))}
 <h2>Localisation metrics</h2>

@@ -1,9 +1,10 @@
 """An area-curve run's outputs as one unit: written together, recorded last, checked when read back.
 
-``gradlens area-curve --name N`` writes Figure A2 (``N.png``, ``N.pdf``), its
-tables (``N.csv``/``.parquet``, ``N_paired``, the metrics and their summary,
-``N_per_image.parquet``) and the record ``N.json`` that says which settings
-made them. Everything is first written into a private staging folder inside
+``gradlens area-curve --name N`` writes Figure A2 (``N.png``, ``N.pdf``) and its
+companion (``N_mass_area.png``/``.pdf``), their tables (``N.csv``/``.parquet``,
+``N_paired``, the metrics and their summary, ``N_per_image.parquet``,
+``N_concentration``, ``N_decomposition``, ``N_mass_area``) and the record
+``N.json`` that says which settings made them and what the verdicts are. Everything is first written into a private staging folder inside
 the work directory — the figures first, so a figure that cannot be drawn
 leaves every file of the previous run as it was — then moved into place, and
 the record is written last, atomically, listing the SHA-256 of every file it
@@ -153,6 +154,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
         for field, value in row.items():
             if value is not None and not isinstance(value, (str, int, float)):
                 refuse(f"summary[{k}].{field}", value, "text or a number")
+    _check_decomposition(record, refuse)
     digests = record.get("sha256")
     if digests is not None:
         if not isinstance(digests, dict):
@@ -166,6 +168,29 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
         unhashed = [f for f in listed if f not in digests]
         if unhashed:
             refuse("outputs", unhashed[0], "a file listed under sha256")
+
+
+def _check_decomposition(record: dict, refuse) -> None:
+    """The scale/focus entry (absent in records written before gradlens made one): its grid and verdicts."""
+    entry = record.get("decomposition")
+    if entry is None:
+        return
+    if not isinstance(entry, dict):
+        refuse("decomposition", entry, "an object")
+    if "log_threshold_low" in entry and not _number(entry["log_threshold_low"]):
+        refuse("decomposition.log_threshold_low", entry["log_threshold_low"], "a finite number")
+    if "log_threshold_width" in entry and not (_number(entry["log_threshold_width"]) and entry["log_threshold_width"] > 0):
+        refuse("decomposition.log_threshold_width", entry["log_threshold_width"], "a positive number")
+    if "scale" in entry and not isinstance(entry["scale"], str):
+        refuse("decomposition.scale", entry["scale"], "text")
+    for k, verdict in enumerate(_objects(entry, "verdicts", lambda f, v, e: refuse(f"decomposition.{f}", v, e))):
+        if not (isinstance(verdict.get("role"), str) and _ROLE.fullmatch(verdict["role"])):
+            refuse(f"decomposition.verdicts[{k}].role", verdict.get("role"), "a role (a, b, b1, b2...)")
+        if not (isinstance(verdict.get("versus"), str) and _ROLE.fullmatch(verdict["versus"])):
+            refuse(f"decomposition.verdicts[{k}].versus", verdict.get("versus"), "a role (a, b, b1, b2...)")
+        for field in ("label", "versus_label", "sentence"):
+            if not isinstance(verdict.get(field), str):
+                refuse(f"decomposition.verdicts[{k}].{field}", verdict.get(field), "text")
 
 
 def _integer(value, least: int | None = None, most: int | None = None) -> bool:

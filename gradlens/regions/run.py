@@ -140,7 +140,7 @@ def run_area_curve(
     ``bootstrap`` resamples of the images (0: no intervals).
     """
     from gradlens.figures.area_curve import save_area_curve_figure
-    from gradlens.figures.mass_area import save_mass_area_figure
+    from gradlens.figures.scale_focus import save_mass_area_figure
 
     workdir = Path(workdir)
     if scale not in ("linear", "log"):

@@ -1,7 +1,7 @@
-"""Figure A2's companion: how concentrated each detector's maps are, whatever their scale, and what the
-paper's area difference is made of.
+"""Scale and focus in pictures: Figure A2's companion (how concentrated each detector's maps are, whatever their
+scale, and what the paper's area difference is made of) and the report's scale-against-improvement scatter.
 
-Left: the mean mass-area curve of each detector (the fraction of pixels, largest first, that holds a
+The companion, left: the mean mass-area curve of each detector (the fraction of pixels, largest first, that holds a
 fraction p of a map's gradient mass) with its bootstrap band; a lower curve is a more concentrated map,
 and multiplying a map by any constant leaves it unchanged. Right: A minus each baseline, the paper's
 difference in area under the curve and its scale, focus and outside-the-grid parts with their intervals.
@@ -100,5 +100,55 @@ def save_mass_area_figure(table: pd.DataFrame, stem: str | os.PathLike, decompos
         fig = plot_mass_area(table)
     try:
         return style.save(fig, stem)
+    finally:
+        plt.close(fig)
+
+
+def plot_scale_against_improvement(points: pd.DataFrame, ax=None):
+    """Each image's scale ratio A / baseline (mean magnitudes, log axis) against its quality improvement.
+
+    ``points`` has ``improvement``, ``scale_ratio`` and ``versus_label`` (one colour per baseline). The
+    selection picks images where A's detections are better, so A's loss, and with it its gradients, tend
+    to be smaller there: points below 1 on the right are that effect.
+    """
+    with style.plain_text():
+        return _plot_scale_against_improvement(points, ax)
+
+
+def _plot_scale_against_improvement(points, ax):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.9))
+    else:
+        fig = ax.figure
+    for k, (label, rows) in enumerate(points.groupby("versus_label", sort=False)):
+        rows = rows[np.isfinite(rows["scale_ratio"]) & (rows["scale_ratio"] > 0) & np.isfinite(rows["improvement"])]
+        ax.scatter(rows["improvement"], rows["scale_ratio"], s=18, alpha=0.8,
+                   color=style.CURVE_COLOURS[(k + 1) % len(style.CURVE_COLOURS)], label=style.literal(f"A / {label}"))
+    from matplotlib.ticker import FuncFormatter
+
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, not 5x10^-1: a ratio reads as a number
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("quality improvement of A (selection)")
+    ax.set_ylabel("scale ratio: A's mean |gradient| / baseline's")
+    ax.set_title("Gradient scale against improvement, per image", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if len(points):
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def save_scale_against_improvement(points: pd.DataFrame, stem: str | os.PathLike) -> list:
+    """Write ``stem.png``: :func:`plot_scale_against_improvement`."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_scale_against_improvement(points)
+    try:
+        return style.save(fig, stem, formats=("png",))
     finally:
         plt.close(fig)
