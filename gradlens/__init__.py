@@ -31,7 +31,8 @@ from gradlens.models.checkpoints import load_detector, save_detector
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
-from gradlens.regions.concentration import effective_area, gini, mass_area
+from gradlens.regions.concentration import effective_area, gini, mass_area, mass_area_auc
+from gradlens.regions.decomposition import image_terms, log_area_under_curve, verdict
 from gradlens.regions.localisation import box_energy, box_fraction, box_mask, inside_outside_areas, pointing_game
 from gradlens.regions.per_image import image_curves
 from gradlens.regions.run import run_area_curve
@@ -54,6 +55,10 @@ __all__ = [
     "effective_area",
     "gini",
     "mass_area",
+    "mass_area_auc",
+    "image_terms",
+    "log_area_under_curve",
+    "verdict",
     "bootstrap_mean",
     "box_energy",
     "box_fraction",

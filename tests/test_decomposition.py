@@ -119,3 +119,40 @@ def test_the_verdict_sentence_reads_like_the_issue_example():
     assert sentence == ("At shared thresholds A's important region is smaller (ΔAUC -0.077, p = 2e-05). A's gradients are "
                         "0.56× B's [0.49, 0.64]; without scale, A is not more concentrated (ΔGini +0.004 [-0.020, +0.030], "
                         "p = 0.6): the difference is one of scale, not of focus.")
+
+
+def test_a_certain_but_negligible_difference_is_no_difference():
+    speck = Finding(2e-6, 1e-6, 3e-6, 1e-4, negligible=1e-3)  # float16 storage moves a Gini index this much
+    assert not speck.shown and Finding(2e-6, 1e-6, 3e-6, 1e-4).shown
+    sentence = verdict(Finding(-0.05, -0.07, -0.03, 1e-4), Finding(np.log(0.5), np.log(0.45), np.log(0.55), 1e-4), speck)
+    assert "one of scale, not of focus" in sentence
+
+
+def test_without_intervals_the_p_value_decides():
+    nan = float("nan")
+    assert Finding(-0.05, nan, nan, 0.01).shown and not Finding(-0.05, nan, nan, 0.2).shown
+    assert not Finding(-0.05, nan, nan, nan).shown  # one image: nothing to test
+
+
+def test_the_table_verdict_reads_the_decomposition(tmp_path):
+    import pandas as pd
+
+    from gradlens.regions.decomposition import decompose, pair_terms, table_verdict
+
+    rng = np.random.default_rng(5)
+    rows_a, rows_b = [], []
+    for k in range(12):  # B = 2 A on every image: a scale difference only
+        a = field(rng, 1.0)
+        for rows, m in ((rows_a, a), (rows_b, 2.0 * a)):
+            rows.append({"image_id": k, "scale_mean": m.mean(), "log_auc": log_area_under_curve(m, LOW, HIGH),
+                         "log_auc_scale_free": log_area_under_curve(m / m.mean(), LOW - 0.5, HIGH - 0.5),
+                         "gini": image_terms(m, m, LOW, HIGH).gini_a, "effective_area": 0.5, "mass_area_50": 0.1,
+                         "mass_area_90": 0.5, "mass_area_auc": 0.2})
+    terms = pair_terms(pd.DataFrame(rows_a), pd.DataFrame(rows_b), HIGH - LOW)
+    assert np.allclose(terms["outside_grid"], 0.0, atol=1e-12)
+    table = decompose(terms, 500, 0, 0.95, {"role": "a", "label": "A", "versus": "b", "versus_label": "B"})
+    shares = table.set_index("quantity")["share_of_paper"]
+    assert shares["scale_term"] == pytest.approx(1.0, abs=1e-9) and shares["focus_term"] == pytest.approx(0.0, abs=1e-9)
+    ratio = table.set_index("quantity").loc["scale_ratio"]
+    assert ratio["estimate"] == pytest.approx(0.5, rel=1e-12) and ratio["low"] == pytest.approx(0.5, rel=1e-12)
+    assert "one of scale, not of focus" in table_verdict(table, "A", "B")

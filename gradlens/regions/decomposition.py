@@ -158,10 +158,18 @@ def decompose(terms: pd.DataFrame, bootstrap: int, seed: int, level: float, base
     return pd.DataFrame(rows, columns=DECOMPOSITION_COLUMNS)
 
 
+# Differences too small to mean anything, whatever their interval: storing a map as float16 moves its Gini
+# index by ~1e-6 and its mean by ~1e-4 relative, so B = c * A stored is not bit-for-bit A's shape, and a
+# thousand consistent such specks would otherwise count as "focus". A thousandth of the Gini index's and
+# of the area's [0, 1] range, and a 1 % ratio of scales, are far below any difference worth a sentence.
+NEGLIGIBLE = {"paper_auc": 1e-3, "log_scale_ratio": float(np.log(1.01)), "gini": 1e-3}
+
+
 def finding(table: pd.DataFrame, quantity: str, level: float = 0.95) -> Finding:
-    """One row of :func:`decompose`'s table as a :class:`Finding`."""
+    """One row of :func:`decompose`'s table as a :class:`Finding` (with its :data:`NEGLIGIBLE` floor)."""
     row = table[table["quantity"] == quantity].iloc[0]
-    return Finding(float(row["estimate"]), float(row["low"]), float(row["high"]), float(row["p_value"]), 1 - level)
+    return Finding(float(row["estimate"]), float(row["low"]), float(row["high"]), float(row["p_value"]), 1 - level,
+                   NEGLIGIBLE.get(quantity, 0.0))
 
 
 def table_verdict(table: pd.DataFrame, a: str = "A", b: str = "B", level: float = 0.95) -> str:
@@ -213,11 +221,14 @@ class Finding:
     high: float
     p_value: float
     alpha: float = 0.05  # without an interval (--bootstrap 0): shown when the Wilcoxon p-value is below it
+    negligible: float = 0.0  # an estimate this small or smaller is no difference, however certain
 
     @property
     def shown(self) -> bool:
-        """Significant at the interval's level: the interval excludes 0 (the p-value is reported beside it);
-        without an interval, the Wilcoxon p-value is below ``alpha``."""
+        """A difference: larger than ``negligible`` and significant at the interval's level (the interval
+        excludes 0; without an interval, the Wilcoxon p-value is below ``alpha``)."""
+        if not abs(self.estimate) > self.negligible:
+            return False
         if np.isnan(self.low) or np.isnan(self.high):
             return bool(self.p_value < self.alpha)
         return bool(self.low > 0 or self.high < 0)
@@ -227,8 +238,11 @@ def verdict(paper: Finding, log_scale_ratio: Finding, focus: Finding, a: str = "
     """The sentence that says which of scale and focus drives the paper's difference.
 
     Rule: each of the three findings counts when its bootstrap interval excludes
-    zero. Focus is judged on the Gini index (higher: more concentrated), scale on
-    the log ratio of mean magnitudes.
+    zero (without intervals: its Wilcoxon p-value is below 1 - level) and its
+    estimate is not negligible (:data:`NEGLIGIBLE`). Focus is judged on the Gini
+    index (higher: more concentrated), scale on the log ratio of mean magnitudes.
+    Then: scale only, focus only, both, or neither, as the sentence's ending says
+    (with a paper's difference that is not shown, "the two cancel" or nothing).
     """
     ratio = np.exp([log_scale_ratio.estimate, log_scale_ratio.low, log_scale_ratio.high])
     if paper.shown:
