@@ -106,9 +106,13 @@ def test_figure_a2_notebook(notebook_demo, kernel_dir, tmp_path):
     table = pd.read_csv(workdir / "area_curve.csv")
     assert sorted(table["role"].unique()) == ["a", "b"]
     assert len(table) == 2 * 200 and set(table["num_images"]) == {len(selection_ids(workdir))}
-    json.loads((workdir / "area_curve.json").read_text())
-    figures = pngs(nb)  # Figure A2 and its per-image-normalised variant, shown inline
-    assert len(figures) == 2 and all(f.startswith(b"\x89PNG") for f in figures)
+    verdicts = json.loads((workdir / "area_curve.json").read_text())["decomposition"]["verdicts"]
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert verdicts and verdicts[0]["sentence"] in printed  # the notebook shows the run's own verdict
+    assert "ΔAUC" in printed and "2 × the map: Gini" in printed
+    # Figure A2, its companion (mass-area curves and the decomposition), the per-image-normalised variant
+    figures = pngs(nb)
+    assert len(figures) == 3 and all(f.startswith(b"\x89PNG") for f in figures)
 
 
 def test_figure_a1_notebook(notebook_demo, kernel_dir, tmp_path):

@@ -110,7 +110,7 @@ def scale_focus(per_image: list[ImageCurves], width: float, bootstrap: int, seed
     tables, verdicts = [], []
     for b in per_image[1:]:
         base = {"role": a.role, "label": a.label, "versus": b.role, "versus_label": b.label}
-        table = decompose(pair_terms(a.concentration, b.concentration, width), bootstrap, seed, level, base)
+        table = decompose(pair_terms(a.concentration, b.concentration, width), bootstrap, seed, level, base, counts)
         tables.append(table)
         verdicts.append({**base, "sentence": table_verdict(table, a.label, b.label, level)})
     decomposition = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DECOMPOSITION_COLUMNS)

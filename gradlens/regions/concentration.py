@@ -25,6 +25,7 @@ has no shape: every measure is NaN (:data:`ZERO_MAP`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -39,13 +40,26 @@ class Distribution:
     values: np.ndarray
     counts: np.ndarray
 
-    @property
+    # Every measure of one map reads the same few sums; each is computed once (the arrays are not changed).
+
+    @cached_property
     def pixels(self) -> int:
         return int(self.counts.sum())
 
-    @property
+    @cached_property
     def mass(self) -> float:
         return float(np.dot(self.values, self.counts))
+
+    @cached_property
+    def pixels_below(self) -> np.ndarray:
+        """How many pixels hold a smaller value than each value."""
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+
+    @cached_property
+    def log_values(self) -> np.ndarray:
+        """log of each value (-inf for zero)."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.values)
 
 
 def distribution(magnitudes) -> Distribution:
@@ -86,7 +100,7 @@ def gini(m) -> float:
     n, mass = d.pixels, d.mass
     if mass == 0:
         return float("nan")
-    before = np.concatenate([[0], np.cumsum(d.counts)[:-1]])  # pixels ranked below each value
+    before = d.pixels_below
     # ranks before+1 .. before+c share the value: sum over them of (2i - n - 1) = c (2 before + c - n)
     weights = d.counts * (2 * before + d.counts - n)
     return float(np.dot(d.values, weights.astype(np.float64)) / (n * mass))
@@ -100,7 +114,7 @@ def effective_area(m) -> float:
         return float("nan")
     keep = d.values > 0
     q = d.values[keep] / mass
-    entropy = -float(np.dot(d.counts[keep], q * np.log(q)))
+    entropy = -float(np.dot(d.counts[keep], q * (d.log_values[keep] - np.log(mass))))
     return float(np.exp(entropy) / d.pixels)
 
 
@@ -138,6 +152,6 @@ def mass_area_auc(m) -> float:
     if mass == 0:
         return float("nan")
     values, counts = d.values[::-1], d.counts[::-1]
-    before = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    before = (d.pixels - d.pixels_below - d.counts)[::-1]  # pixels holding a larger value
     rank_sums = counts * before + counts * (counts + 1) / 2  # sum of ranks before+1 .. before+c
     return float(np.dot(values, rank_sums) / (d.pixels * mass))

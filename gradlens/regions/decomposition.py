@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from gradlens.regions.concentration import Distribution, distribution, effective_area, gini, mass_area, mass_area_auc
-from gradlens.regions.statistics import paired_difference
+from gradlens.regions.statistics import PairedDifference, bootstrap_mean, wilcoxon_p
 
 MASS_FRACTIONS = np.linspace(0.0, 1.0, 101)  # the mass-area curve's grid (figure and table)
 CONCENTRATION_COLUMNS = ["role", "label", "rank", "image_id", "scale_mean", "map_max", "loss", "gini", "effective_area",
@@ -73,15 +73,12 @@ class LogGrid:
 
     def auc(self, d: Distribution, shift: float = 0.0) -> float:
         """Exact area under the area curve of ``d``'s map multiplied by ``exp(shift)``, divided by the width."""
-        with np.errstate(divide="ignore"):
-            logs = np.log(d.values)
-        steps = np.clip(logs + shift - self.log_low, 0.0, self.width)  # zeros: -inf, clipped to 0
+        steps = np.clip(d.log_values + shift - self.log_low, 0.0, self.width)  # zeros: -inf, clipped to 0
         return float(np.dot(steps, d.counts) / (d.pixels * self.width))
 
     def outside(self, d: Distribution, shift: float = 0.0) -> float:
         """Share of the pixels the grid does not cover (zero, below its first or above its last threshold)."""
-        with np.errstate(divide="ignore"):
-            logs = np.log(d.values) + shift
+        logs = d.log_values + shift
         out = (logs <= self.log_low) | (logs >= self.log_low + self.width)
         return float(d.counts[out].sum() / d.pixels)
 
@@ -132,11 +129,13 @@ def pair_terms(a: pd.DataFrame, b: pd.DataFrame, width: float) -> pd.DataFrame:
     return pd.DataFrame(terms)
 
 
-def decompose(terms: pd.DataFrame, bootstrap: int, seed: int, level: float, base: dict) -> pd.DataFrame:
+def decompose(terms: pd.DataFrame, bootstrap: int, seed: int, level: float, base: dict,
+              counts: np.ndarray | None = None) -> pd.DataFrame:
     """Each column of :func:`pair_terms` over images: mean, bootstrap interval, Wilcoxon p-value, and for the
     three parts their share of the paper's difference. ``log_scale_ratio`` is also given as ``scale_ratio``
     (its exponential: the geometric mean ratio A / B and its interval). Images where a term is undefined (a
-    zero map) are left out of that term."""
+    zero map) are left out of that term. ``counts``: resamples already drawn for every image with the same
+    ``bootstrap`` and ``seed`` (the same intervals, drawn once for all terms)."""
     rows = []
     paper_mean = float(np.nanmean(terms["paper_auc"])) if terms["paper_auc"].notna().any() else float("nan")
     for quantity in TERMS:
@@ -146,7 +145,9 @@ def decompose(terms: pd.DataFrame, bootstrap: int, seed: int, level: float, base
             rows.append({**base, "quantity": quantity, "estimate": np.nan, "low": np.nan, "high": np.nan,
                          "p_value": np.nan, "share_of_paper": np.nan, "num_images": 0})
             continue
-        d = paired_difference(values[keep], np.zeros(int(keep.sum())), bootstrap, seed, level)
+        shared = counts if counts is not None and keep.all() else None
+        d = PairedDifference(bootstrap_mean(values[keep], bootstrap, seed, level, counts=shared),
+                             wilcoxon_p(values[keep]).reshape(()))
         share = float(d.band.mean) / paper_mean if quantity in ("scale_term", "focus_term", "outside_grid") \
             and paper_mean != 0 and np.isfinite(paper_mean) else np.nan
         rows.append({**base, "quantity": quantity, "estimate": float(d.band.mean), "low": float(d.band.low),

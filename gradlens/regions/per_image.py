@@ -59,20 +59,24 @@ class ImageCurves:
 
 def image_curves(model, image_ids: list[int], thresholds: np.ndarray, scale: str, gt, per_image_normalize: bool = False,
                  from_summaries: bool = False, device="cpu", progress: bool | None = None,
-                 log_grid: LogGrid | None = None, log_references=None) -> ImageCurves:
+                 log_grid: LogGrid | None = None, log_references=None, losses=None) -> ImageCurves:
     """Area curve, inside/outside curves and localisation metrics of every image of ``model`` (a ``ModelMaps``).
 
     With ``log_grid`` (and ``log_references``: each image's reference log scale, in image order) also each
     map's scale and concentration (:func:`~gradlens.regions.decomposition.image_measures`), from the
     same read of the map (from the histogram of its summary with ``from_summaries``: within one 0.8 % bin).
+    ``losses`` (in image order) are the maps' recorded losses when the caller has already read them from
+    the summaries; without them each map's loss is read from its file.
     """
     store = model.store
     rows, areas, inside, outside = [], [], [], []
     measures, mass_curves = [], []
 
-    def measure(k: int, image_id: int, d: Distribution, loss: float) -> None:
+    def measure(k: int, image_id: int, d: Distribution, loss: float | None = None) -> None:
         if log_grid is None:
             return
+        if loss is None:
+            loss = float(losses[k]) if losses is not None else store.loss(image_id)
         row, curve = image_measures(d, log_grid, float(log_references[k]))
         measures.append({"image_id": int(image_id), "loss": loss, **row})
         mass_curves.append(curve)
@@ -91,11 +95,11 @@ def image_curves(model, image_ids: list[int], thresholds: np.ndarray, scale: str
                 mask = box_mask(codes.shape, boxes)
                 one = codes_curves.image(codes, code_scale, per_image_normalize, mask)
                 if log_grid is not None:  # the code histogram is the distribution: no sort, no second read
-                    measure(k, image_id, Distribution(one["values"].astype(np.float64), one["counts"]), store.loss(image_id))
+                    measure(k, image_id, Distribution(one["values"].astype(np.float64), one["counts"]))
             else:
                 values = store.read(image_id)
                 if log_grid is not None:
-                    measure(k, image_id, distribution(values), store.loss(image_id))
+                    measure(k, image_id, distribution(values))
                 mask = box_mask(values.shape, boxes)
                 shown = values
                 if per_image_normalize:

@@ -162,10 +162,11 @@ def run_area_curve(
     grid = shared_grid(models, ids, thresholds, scale, log_decades, per_image_normalize, t_max_percentile, summaries)
     log_grid, references = decomposition_plan(models, ids, summaries, log_decades if scale == "log" else DEFAULT_LOG_DECADES,
                                               t_max_percentile)
+    losses = np.array([s.loss for s in summaries], dtype=np.float64).reshape(len(models), len(ids))
     del summaries
     device = detector_run.device if detector_run is not None else "auto"
     per_image = [image_curves(m, ids, grid, scale, gt, per_image_normalize, from_summaries, device, progress,
-                              log_grid, references) for m in models]
+                              log_grid, references, losses[k]) for k, m in enumerate(models)]
     curves = {c.role: mean_of_rows(c.areas) for c in per_image}
     labels = {m.role: m.label for m in models}
     table = curves_table(grid, curves, labels, len(ids))
