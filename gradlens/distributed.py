@@ -607,6 +607,7 @@ def serve(world: World) -> int:
     """
     import gradlens.attribution.compute  # noqa: F401  (registers the job handlers)
     import gradlens.attribution.objects  # noqa: F401
+    import gradlens.faithfulness.compute  # noqa: F401
     import gradlens.inference  # noqa: F401
 
     while True:

@@ -60,7 +60,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "gradlens"
 
 
-class _Images(Dataset):
+class ImageFiles(Dataset):
     """Decodes one image per item in a worker: (image id, uint8 CHW tensor)."""
 
     def __init__(self, paths: dict[int, Path], exif_orientation: str = "ignore"):
@@ -79,7 +79,7 @@ class _Images(Dataset):
 
 
 def loaded_images(batch, device: torch.device) -> tuple[list[int], list[torch.Tensor]]:
-    """Ids and [0, 1] float images on ``device`` of a batch of :class:`_Images` items.
+    """Ids and [0, 1] float images on ``device`` of a batch of :class:`ImageFiles` items.
 
     An image that a loader worker could not decode is re-raised here, in the
     main process and as one sentence (a worker's own exception would arrive as
@@ -141,7 +141,7 @@ class InferenceSettings:
             raise GradlensError("--workers cannot be negative.")
 
 
-class _PrecisionScope:
+class PrecisionScope:
     """TF32 switches and autocast for the chosen precision; restores global flags afterwards."""
 
     def __init__(self, precision: Precision, device: torch.device):
@@ -236,20 +236,20 @@ def run_detection_batches(detector: RetinaNetDetector, gt: GroundTruth, batches:
     workers = settings.workers
     if threads > 1:  # decoding workers would take the cores the batch threads use (JPEG decoding is ~5 % of the work)
         workers = min(workers, max(0, (os.cpu_count() or 1) - threads))
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, gt.exif_orientation), batch_sampler=batches, num_workers=workers,
                         collate_fn=list, pin_memory=device.type == "cuda", persistent_workers=False)
     label_to_id = [c["id"] for c in detector.categories]
     detector.eval()
 
     def work(ids: list[int], images: list[torch.Tensor]) -> list[tuple[int, list[dict]]]:
-        with torch.inference_mode(), _PrecisionScope(settings.precision, device):
+        with torch.inference_mode(), PrecisionScope(settings.precision, device):
             # Annotation sizes decide grouping; if a file disagrees, run its batch image by image so batching stays exact.
             canvases = [padded_size(*im.shape[-2:], detector.preprocess) for im in images]
             if len(set(canvases)) == 1:
                 outputs = detector.detect(images)
             else:
                 outputs = [detector.detect([im])[0] for im in images]
-            return [(image_id, _records(image_id, out, label_to_id)) for image_id, out in zip(ids, outputs)]
+            return [(image_id, detection_records(image_id, out, label_to_id)) for image_id, out in zip(ids, outputs)]
 
     def finish(future: Future) -> None:
         on_batch(future.result())
@@ -280,7 +280,9 @@ def run_detection_batches(detector: RetinaNetDetector, gt: GroundTruth, batches:
             raise
 
 
-def _records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
+def detection_records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
+    """COCO result records of one image from :meth:`~gradlens.models.retinanet.RetinaNetDetector.detect`'s output
+    (labels mapped to category ids; a label that is no COCO category is left out), as score writes them."""
     boxes = out["boxes"].float().cpu().numpy()
     scores = out["scores"].float().cpu().numpy()
     labels = out["labels"].cpu().numpy()

@@ -33,7 +33,7 @@ from gradlens.errors import GradlensError
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
-from gradlens.inference import _Images, batch_costs, loaded_images, plan_batches
+from gradlens.inference import ImageFiles, batch_costs, loaded_images, plan_batches
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
@@ -163,7 +163,7 @@ def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[
     # each image decoded once per batch, however many of the batch's maps are of it (per-object maps)
     decoded = [list(dict.fromkeys(entries[name][0] for name in batch)) for batch in batches]
     paths = {i: gt.image_path(i) for batch in decoded for i in batch}
-    loader = DataLoader(_Images(paths, gt.exif_orientation), batch_sampler=decoded, num_workers=workers, collate_fn=list,
+    loader = DataLoader(ImageFiles(paths, gt.exif_orientation), batch_sampler=decoded, num_workers=workers, collate_fn=list,
                         pin_memory=device.type == "cuda")
 
     def work(names: list[int], images: list[torch.Tensor]) -> list[tuple[int, torch.Tensor, float]]:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.inference import PRECISIONS, InferenceSettings, _PrecisionScope
+from gradlens.inference import PRECISIONS, InferenceSettings, PrecisionScope
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.models.transform import canvas_groups as _canvas_groups
 
@@ -147,7 +147,7 @@ class TotalLoss:
     def __call__(self, *inputs: Tensor) -> Tensor:
         copies = inputs[0].shape[0]
         images = [inp[s] for s in range(copies) for inp in inputs]
-        with _PrecisionScope(self.precision, self.device):
+        with PrecisionScope(self.precision, self.device):
             losses = self.detector.image_losses(images, self.targets * copies)
         total = losses["classification"].float() + losses["bbox_regression"].float()
         _require_finite(total, "The total detection loss of an image", "a ground-truth box")
@@ -371,7 +371,7 @@ def shared_forward_gradients(detector: RetinaNetDetector, images: Sequence[Tenso
     for entries in shared.values():
         x = images[entries[0]].detach().requires_grad_(True)
         target = {"boxes": targets[entries[0]]["boxes"], "labels": targets[entries[0]]["labels"]}
-        with _PrecisionScope(precision, device):
+        with PrecisionScope(precision, device):
             parts = detector.object_losses([x], [target])[0]
         owners = parts["classification"].float() + parts["bbox_regression"].float()  # [1 + K]: background, objects
         wanted = [int(targets[k]["object"]) + 1 for k in entries]

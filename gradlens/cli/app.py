@@ -251,6 +251,7 @@ app.command(name="gradients")(_attribution.gradients)
 app.command(name="area-curve")(_attribution.area_curve)
 app.command(name="figure")(_attribution.figure)
 app.command(name="report")(_attribution.report)
+app.command(name="faithfulness")(_attribution.faithfulness)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,8 +40,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ROLE = re.compile(r"a|b\d*")
 
 
-def again(name: str) -> str:
-    return "run 'gradlens area-curve" + ("" if name == "area_curve" else f" --name {name}") + "' again"
+def again(name: str, command: str = "area-curve") -> str:
+    default = command.replace("-", "_")
+    return f"run 'gradlens {command}" + ("" if name == default else f" --name {name}") + "' again"
 
 
 # -- writing as one unit -------------------------------------------------------------------------------
@@ -95,23 +96,24 @@ def load_area_curve_record(workdir: str | os.PathLike, name: str = "area_curve",
     return record
 
 
-def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve") -> None:
+def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve",
+                       command: str = "area-curve") -> None:
     """The files the record lists are the ones it was written with (by SHA-256); records written before
-    gradlens listed hashes carry none and are taken as they are."""
+    gradlens listed hashes carry none and are taken as they are. ``command`` wrote them (named in the remedy)."""
     digests = record.get("sha256")
     if digests is None:
         return
     for file, digest in digests.items():
         target = workdir / file
         if not target.is_file():
-            raise InputFileError(f"The outputs of {path} are incomplete ({file} is missing); {again(name)}.")
+            raise InputFileError(f"The outputs of {path} are incomplete ({file} is missing); {again(name, command)}.")
         try:
             mine = sha256_file(target)
         except OSError as exc:
             raise InputFileError(f"Cannot read {target}: {exc.strerror or exc}.") from None
         if mine != digest:
             raise InputFileError(f"The tables and figures beside {path} do not match it ({file} was written by "
-                                 f"another run or changed since); {again(name)}.")
+                                 f"another run or changed since); {again(name, command)}.")
 
 
 def _objects(record: dict, field: str, refuse) -> list[dict]:

@@ -1,0 +1,247 @@
+"""``gradlens faithfulness``: does each detector need the region its own map ranks first?
+
+Plan (the selection, the models, the settings, checked before any long work) → load (every model's maps
+of the selected images, computed or reused as ``area-curve`` does) → compute (each model on every
+perturbed image, :mod:`~gradlens.faithfulness.compute`; with ``randomise``, the maps of its cascade of
+re-initialised copies, :mod:`~gradlens.faithfulness.randomise`) → store (tables, figure, and the record
+``<name>.json`` written last with the SHA-256 of every file, as ``area-curve`` writes its outputs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gradlens._version import __version__
+from gradlens.attribution.methods import AttributionConfig
+from gradlens.attribution.workdir import ModelMaps, selection_ids, selection_table, workdir_maps
+from gradlens.data.coco import CocoPaths
+from gradlens.device import resolve_device
+from gradlens.errors import GradlensError, InputFileError
+from gradlens.faithfulness.compute import FaithfulnessConfig, compute_faithfulness
+from gradlens.faithfulness.curves import (
+    TABLE_COLUMNS,
+    faithfulness_curves,
+    faithfulness_paired,
+    faithfulness_sentences,
+)
+from gradlens.faithfulness.perturb import DEFAULT_FRACTIONS
+from gradlens.fileio import check_output_name, read_json, write_json, write_table
+from gradlens.regions.record import check_record_files, move_into_place, staging_folder
+from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
+from gradlens.runner import DetectorRun
+from gradlens.selection.manifest import load_manifest, save_manifest
+
+RECORD_WHAT = "faithfulness record"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class FaithfulnessResult:
+    """What ``run_faithfulness`` computed and wrote (tables as DataFrames, paths of the files)."""
+
+    table: pd.DataFrame  # one row per image, model, mode, order and q (curves.TABLE_COLUMNS)
+    curves: pd.DataFrame
+    paired: pd.DataFrame
+    sentences: list[str]
+    q0_difference: dict[str, float]  # per role: largest |quality of the image rerun here - the quality select scored|
+    outputs: dict[str, Path]
+    models: list[ModelMaps]
+    runs: dict = field(default_factory=dict)  # role -> FaithfulnessRun
+    randomisation: pd.DataFrame | None = None
+    randomisation_summary: pd.DataFrame | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+def recorded_qualities(workdir: Path, roles: list[str], ids: list[int]) -> dict[str, np.ndarray]:
+    """Each model's image quality as ``select`` scored it (the selection's ``quality_<role>`` columns)."""
+    selection = selection_table(workdir).set_index("image_id")
+    out = {}
+    for role in roles:
+        column = f"quality_{role}"
+        if column not in selection:
+            raise GradlensError(f"The selection in {workdir} has no {column} column; run 'gradlens select' again.")
+        out[role] = selection.loc[ids, column].to_numpy(np.float64)
+    return out
+
+
+def run_faithfulness(
+    workdir: str | os.PathLike,
+    fill: str = "mean",
+    fractions=DEFAULT_FRACTIONS,
+    seed: int = 0,
+    top: int | None = None,
+    config: AttributionConfig | None = None,
+    detector_run: DetectorRun | None = None,
+    checkpoints: dict | None = None,
+    coco: CocoPaths | None = None,
+    map_dtype: str = "float16",
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+    randomise: bool = False,
+    randomise_seed: int = 0,
+    name: str = "faithfulness",
+    progress: bool | None = None,
+) -> FaithfulnessResult:
+    """Deletion and insertion curves of every model of the work directory on its selected images, by its own
+    maps and by a seeded random order, with bands, areas and paired comparisons; with ``randomise`` also the
+    model-parameter randomisation check of its maps. Writes ``<name>.csv``/``.parquet`` (the rows),
+    ``<name>_curves``, ``<name>_paired``, ``<name>.png``/``.pdf`` and the record ``<name>.json``."""
+    from gradlens.figures.faithfulness import save_faithfulness_figure
+    from gradlens.models.checkpoints import load_detector
+
+    workdir = Path(workdir)
+    check_output_name(name)
+    settings = FaithfulnessConfig(fill, tuple(fractions) if not isinstance(fractions, str) else fractions, seed).check()
+    check_bootstrap(bootstrap, bootstrap_seed, check_level(level))
+    ids = selection_ids(workdir, top)
+    if not ids:
+        raise GradlensError("The selection is empty, so there are no images to perturb.")
+    check_bootstrap(bootstrap, bootstrap_seed, level, images=len(ids), columns=len(settings.fractions))
+    config = config or AttributionConfig()
+    if config.target != "total":
+        raise GradlensError("Faithfulness ranks pixels by whole-image maps (--target total).")
+    manifest = load_manifest(workdir)
+    run = detector_run or DetectorRun.recorded(workdir)
+    class_agnostic = bool((manifest.get("settings") or {}).get("class_agnostic", False))
+    roles = [m["role"] for m in manifest["models"]]
+    recorded = recorded_qualities(workdir, roles, ids)
+
+    # load: every model's maps of the selection (computed or reused, as area-curve does)
+    models, gt = workdir_maps(workdir, ids, config, run, checkpoints, coco, map_dtype, progress)
+    device = resolve_device(run.device)
+    from gradlens.attribution.workdir import model_checkpoints
+
+    digests = {role: digest for role, (_, digest) in model_checkpoints(manifest, workdir, checkpoints).items()}
+
+    # compute: each model on every perturbed image (resumable per image)
+    frames, runs = [], {}
+    for m in models:
+        detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device)  # as score runs it
+        runs[m.role] = compute_faithfulness(detector, digests[m.role], gt, ids, m.store, workdir / "faithfulness" / m.role,
+                                            settings, run.batch_size, run.precision, class_agnostic, progress,
+                                            label=f"{m.role} ({m.label})")
+        rows = []
+        for rank, image_id in enumerate(ids, start=1):
+            stored = runs[m.role].results.rows(image_id)
+            if stored is None:
+                raise InputFileError(f"The faithfulness results of image {image_id} in {runs[m.role].results.folder} "
+                                     "changed while this run read them; run the command again.")
+            rows += [{"image_id": image_id, "rank": rank, "role": m.role, "label": m.label, **r} for r in stored]
+        frames.append(pd.DataFrame(rows))
+        del detector
+    table = pd.concat(frames, ignore_index=True).reindex(columns=TABLE_COLUMNS)
+    # Deletion at q = 0 is the image itself, and its quality is the one select scored and ranked by. The
+    # rerun in this step's batches (batch mates change float32 detections in their last bits) is kept as a
+    # check: its largest difference is recorded, and a large one means the checkpoint did not make the
+    # detections select scored (a results file from elsewhere).
+    q0 = {}
+    for m in models:
+        at_zero = ((table["role"] == m.role) & (table["mode"] == "deletion") & (table["q"] == 0.0)).to_numpy()
+        ranks = table.loc[at_zero, "rank"].to_numpy() - 1
+        rerun = table.loc[at_zero, "quality"].to_numpy(np.float64)
+        q0[m.role] = float(np.nanmax(np.abs(rerun - recorded[m.role][ranks]))) if len(rerun) else float("nan")
+        table.loc[at_zero, "quality"] = recorded[m.role][ranks]
+
+    randomisation = summary_r = None
+    flags: list[str] = []
+    if randomise:
+        from gradlens.faithfulness.randomise_run import randomisation_check
+
+        randomisation, summary_r, flags = randomisation_check(workdir, models, gt, ids, config, run, randomise_seed,
+                                                              map_dtype, progress)
+
+    # statistics
+    curves = faithfulness_curves(table, bootstrap, bootstrap_seed, level)
+    paired = faithfulness_paired(table, bootstrap, bootstrap_seed, level)
+    sentences = faithfulness_sentences(curves, paired)
+
+    # store: one unit, the record last
+    with staging_folder(workdir, name) as staged:
+        figures = [workdir / p.name for p in save_faithfulness_figure(curves, staged / name)]
+        write_table(table, staged, name)
+        write_table(curves, staged, f"{name}_curves")
+        write_table(paired, staged, f"{name}_paired")
+        extra = []
+        if randomisation is not None:
+            from gradlens.figures.faithfulness import save_randomisation_figure
+
+            extra = [workdir / p.name for p in save_randomisation_figure(summary_r, staged / f"{name}_randomisation")]
+            write_table(randomisation, staged, f"{name}_randomisation")
+            write_table(summary_r, staged, f"{name}_randomisation_summary")
+        hashes = move_into_place(staged, workdir)
+    record = {
+        "gradlens_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {**settings.to_dict(), "num_images": len(ids), "bootstrap": int(bootstrap),
+                     "bootstrap_seed": int(bootstrap_seed), "confidence_level": float(level),
+                     "batch_size": run.batch_size, "precision": run.precision, "class_agnostic": class_agnostic,
+                     "attribution": config.to_dict(), "randomise": bool(randomise),
+                     "randomise_seed": int(randomise_seed) if randomise else None},
+        "models": [{"role": m.role, "label": m.label, "checkpoint": str(m.checkpoint.resolve()),
+                    "results": str(runs[m.role].results.folder.relative_to(workdir)),
+                    "computed": runs[m.role].computed, "reused": runs[m.role].reused,
+                    "q0_max_difference": q0[m.role]} for m in models],
+        "sentences": sentences,
+        "flags": flags,
+        "outputs": {"table": f"{name}.csv", "curves": f"{name}_curves.csv", "paired": f"{name}_paired.csv",
+                    "figure": [p.name for p in figures + extra],
+                    **({"randomisation": f"{name}_randomisation.csv",
+                        "randomisation_summary": f"{name}_randomisation_summary.csv"} if randomise else {})},
+        "sha256": hashes,
+    }
+    write_json(workdir / f"{name}.json", record)
+    manifest = load_manifest(workdir)
+    manifest.setdefault("outputs", {})[name] = f"{name}.json"
+    save_manifest(workdir, manifest)
+    outputs = {"table": workdir / f"{name}.csv", "curves": workdir / f"{name}_curves.csv",
+               "paired": workdir / f"{name}_paired.csv", "meta": workdir / f"{name}.json",
+               **{p.suffix[1:]: p for p in figures}}
+    if randomise:
+        outputs["randomisation"] = workdir / f"{name}_randomisation.csv"
+        outputs.update({f"randomisation_{p.suffix[1:]}": p for p in extra})
+    return FaithfulnessResult(table, curves, paired, sentences, q0, outputs, models, runs, randomisation, summary_r, flags)
+
+
+def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulness", missing_ok: bool = False) -> dict:
+    """``<workdir>/<name>.json``, its fields type-checked and the files it lists checked by SHA-256; one sentence
+    otherwise (a record is a file anyone can edit or send). ``missing_ok``: ``{}`` when there is none."""
+    check_output_name(name)
+    workdir = Path(workdir)
+    path = workdir / f"{name}.json"
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens faithfulness --workdir {workdir}' first.")
+    record = read_json(path, RECORD_WHAT)
+
+    def refuse(field: str, value, what: str):
+        raise InputFileError(f"{path}: {field} is {str(value)[:60]!r}, not {what}; run 'gradlens faithfulness' again.")
+
+    if not isinstance(record, dict):
+        refuse("the record", record, "an object")
+    for field in ("sentences", "flags"):
+        value = record.get(field, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            refuse(field, value, "a list of sentences")
+    outputs = record.get("outputs", {})
+    if not isinstance(outputs, dict):
+        refuse("outputs", outputs, "an object")
+    for key, value in outputs.items():
+        names = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and _PLAIN_NAME.fullmatch(v) and ".." not in v for v in names):
+            refuse(f"outputs.{key}", value, "a file name inside the work directory")
+    digests = record.get("sha256", {})
+    if not isinstance(digests, dict) or not all(isinstance(k, str) and _PLAIN_NAME.fullmatch(k) and ".." not in k
+                                                and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in digests.items()):
+        refuse("sha256", digests, "file names with their SHA-256")
+    check_record_files(record, workdir, path, name, command="faithfulness")
+    return record
