@@ -201,6 +201,7 @@ def detector_spec(detector) -> dict:
     return {"checkpoint": str(os.path.abspath(path)), "arch": options.get("arch"), "trust": options.get("trust", False),
             "preprocess": detector.preprocess.to_dict(), "categories": detector.categories,
             "channels_last": bool(getattr(detector, "channels_last", False)),
+            "randomisation": getattr(detector, "randomisation", None),
             "device": next(detector.parameters()).device.type}
 
 
@@ -211,6 +212,11 @@ def detector_from_spec(spec: dict):
     detector = load_detector(spec["checkpoint"], arch=spec["arch"], trust=spec["trust"], device=device_for_rank(spec["device"]),
                              categories=spec["categories"])
     detector.preprocess = PreprocessConfig.from_dict(spec["preprocess"])
+    if spec.get("randomisation"):  # the same re-initialised copy as rank 0's, before any change of layout
+        from gradlens.faithfulness.randomise import randomise
+
+        randomise(detector, int(spec["randomisation"]["steps"]), int(spec["randomisation"]["seed"]))
+        detector.randomisation = dict(spec["randomisation"])
     if spec["channels_last"]:
         detector.use_channels_last()
     return detector

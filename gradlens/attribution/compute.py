@@ -65,6 +65,9 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
     }
     if config.target == "object":  # an older object store's maps differ in their last bits: not mixed in
         key["object_map_format"] = OBJECT_MAP_FORMAT
+    randomisation = getattr(detector, "randomisation", None)
+    if randomisation is not None:  # a re-initialised copy (gradlens.faithfulness.randomise): other weights
+        key["randomised"] = dict(randomisation)
     return key
 
 

@@ -69,8 +69,8 @@ import torch
 from torch import nn
 
 RANDOMISATION_COLUMNS = ["role", "label", "image_id", "step", "randomised", "spearman", "ssim"]
-SUMMARY_COLUMNS = ["role", "label", "step", "randomised", "spearman_median", "spearman_iqr", "ssim_median", "ssim_iqr",
-                   "num_images"]
+SUMMARY_COLUMNS = ["role", "label", "step", "randomised", "spearman_median", "spearman_iqr", "spearman_q25",
+                   "spearman_q75", "ssim_median", "ssim_iqr", "ssim_q25", "ssim_q75", "num_images"]
 # Why 0.5: a map unrelated to the weights (an edge detector, the image itself) keeps a rank correlation near 1
 # with its trained version, whereas Adebayo et al. report plain gradients falling well below 0.5 as soon as the
 # top layers are re-initialised. A median still at or above 0.5 after the head alone is randomised means that
@@ -175,8 +175,8 @@ def _is_partition(groups: Sequence[Sequence[nn.Module]], everything: nn.Module) 
 
 
 def randomisation_steps(detector: nn.Module) -> list[tuple[str, list[nn.Module]]]:
-    """The cascade, top first: ``("head", [...])``, ``("neck", [...])``, ``("stage 4", [...])``, ..., ``("stem", [...])``
-    (the stage count is the backbone's).
+    """The cascade, top first: ``("head", [...])``, ``("neck", [...])``, ``("stage 4", [...])``, ...,
+    ``("stem", [...])`` (as many stages as the backbone has).
 
     Each step lists the modules it re-initialises; together the steps hold every parameter of the detector
     exactly once (a step without parameters, e.g. a backbone without a neck, is left out). The layouts are in
@@ -354,12 +354,18 @@ def randomisation_table(role: str, label: str, image_ids: Sequence, reference_ma
     return table.astype({"randomised": "int64", "spearman": "float64", "ssim": "float64"})
 
 
-def _median_iqr(values: pd.Series) -> tuple[float, float]:
+def _quartiles(values: pd.Series) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile) of the finite values (NaN without any)."""
     finite = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=np.float64)
     if not finite.size:
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     q1, median, q3 = np.percentile(finite, [25, 50, 75])
-    return float(median), float(q3 - q1)
+    return float(q1), float(median), float(q3)
+
+
+def _median_iqr(values: pd.Series) -> tuple[float, float]:
+    q1, median, q3 = _quartiles(values)
+    return median, q3 - q1
 
 
 def _require_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
@@ -369,7 +375,7 @@ def _require_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
 
 
 def randomisation_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per role, label and step: median and interquartile range of spearman and ssim, num_images.
+    """Per role, label and step: median, quartiles and interquartile range of spearman and ssim, num_images.
 
     Medians and IQRs (``q75 - q25``) leave out the NaN values of constant or zero maps; ``num_images`` counts
     the step's images. Columns :data:`SUMMARY_COLUMNS`, models in order of appearance, steps in cascade order.
@@ -377,10 +383,11 @@ def randomisation_summary(table: pd.DataFrame) -> pd.DataFrame:
     _require_columns(table, RANDOMISATION_COLUMNS)
     rows = []
     for (role, label, randomised, step), group in table.groupby(["role", "label", "randomised", "step"], sort=False):
-        s_median, s_iqr = _median_iqr(group["spearman"])
-        q_median, q_iqr = _median_iqr(group["ssim"])
+        s1, s_median, s3 = _quartiles(group["spearman"])
+        q1, q_median, q3 = _quartiles(group["ssim"])
         num_images = int(group["image_id"].nunique())
-        rows.append((role, label, step, int(randomised), s_median, s_iqr, q_median, q_iqr, num_images))
+        rows.append((role, label, step, int(randomised), s_median, s3 - s1, s1, s3, q_median, q3 - q1, q1, q3,
+                     num_images))
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     order = {key: i for i, key in enumerate(dict.fromkeys(zip(summary["role"], summary["label"])))}
     summary["_model"] = [order[key] for key in zip(summary["role"], summary["label"])]

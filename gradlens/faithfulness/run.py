@@ -154,8 +154,6 @@ def run_faithfulness(
     randomisation = summary_r = None
     flags: list[str] = []
     if randomise:
-        from gradlens.faithfulness.randomise_run import randomisation_check
-
         randomisation, summary_r, flags = randomisation_check(workdir, models, gt, ids, config, run, randomise_seed,
                                                               map_dtype, progress)
 
@@ -209,6 +207,55 @@ def run_faithfulness(
         outputs["randomisation"] = workdir / f"{name}_randomisation.csv"
         outputs.update({f"randomisation_{p.suffix[1:]}": p for p in extra})
     return FaithfulnessResult(table, curves, paired, sentences, q0, outputs, models, runs, randomisation, summary_r, flags)
+
+
+def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[int], config: AttributionConfig,
+                        run: DetectorRun, seed: int, map_dtype: str = "float16", progress: bool | None = None):
+    """The cascading model-parameter randomisation test of every model's maps: the maps of its copies
+    re-initialised from the head down (:func:`~gradlens.faithfulness.randomise.randomise`), computed like any
+    maps (batched, resumable, under torchrun) into their own stores, ``maps/<role>/randomised/<digest>``,
+    compared with the trained model's by Spearman correlation and SSIM. Returns the table, its summary and
+    the flag sentences."""
+    from gradlens.attribution.compute import compute_maps, map_store_key
+    from gradlens.attribution.store import MapStore, key_digest
+    from gradlens.attribution.workdir import model_checkpoints
+    from gradlens.faithfulness.randomise import (
+        flagged,
+        map_similarity,
+        randomisation_steps,
+        randomisation_summary,
+        randomise,
+        RANDOMISATION_COLUMNS,
+    )
+    from gradlens.models.checkpoints import load_detector
+    from gradlens.progress import track
+
+    device = resolve_device(run.device)
+    config = config.check(device)
+    digests = model_checkpoints(load_manifest(workdir), workdir, {m.role: m.checkpoint for m in models})
+    selected = selection_ids(workdir)
+    rows = []
+    for m in models:
+        names = [name for name, _ in randomisation_steps(load_detector(m.checkpoint, arch=run.arch, trust=run.trust))]
+        for k, step in enumerate(names, start=1):
+            detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device)
+            randomise(detector, k, seed)  # before any change of layout: torchrun ranks repeat exactly this
+            detector.randomisation = {"steps": k, "seed": int(seed)}
+            if device.type == "cpu":
+                detector.use_channels_last()  # as the trained model's maps are computed
+            key = map_store_key(detector, digests[m.role][1], gt, config, batch_size=run.batch_size)
+            store = MapStore(workdir / "maps" / m.role / "randomised" / key_digest({**key, "map_dtype": map_dtype}), key,
+                             map_dtype=map_dtype)
+            compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
+                         progress=progress, label=f"{m.role} ({m.label}) with {'+'.join(names[:k])} randomised",
+                         plan_ids=selected)
+            del detector
+            for image_id in track(ids, f"similarity {m.role}, step {k} of {len(names)}", progress):
+                spearman, ssim = map_similarity(m.store.read(image_id), store.read(image_id))
+                rows.append({"role": m.role, "label": m.label, "image_id": image_id, "step": step, "randomised": k,
+                             "spearman": spearman, "ssim": ssim})
+    table = pd.DataFrame(rows, columns=RANDOMISATION_COLUMNS)
+    return table, randomisation_summary(table), flagged(table)
 
 
 def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulness", missing_ok: bool = False) -> dict:

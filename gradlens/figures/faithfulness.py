@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pandas as pd
 
 from gradlens.figures import style
@@ -81,18 +80,21 @@ def _plot_randomisation(summary, axes):
     else:
         fig = axes[0].figure
     for ax, measure, title in zip(axes, ("spearman", "ssim"), ("Spearman rank correlation", "SSIM")):
-        steps = []
+        names: dict[int, list[str]] = {}  # models' parts at each position (architectures differ in stages)
         for k, (label, rows) in enumerate(summary.groupby("label", sort=False)):
             rows = rows.sort_values("randomised")
             colour = style.CURVE_COLOURS[k % len(style.CURVE_COLOURS)]
             x = rows["randomised"].to_numpy()
             ax.plot(x, rows[f"{measure}_median"], "o-", color=colour, linewidth=1.6, label=style.literal(label))
-            ax.fill_between(x, rows[f"{measure}_q1"], rows[f"{measure}_q3"], color=colour, alpha=0.15, linewidth=0)
-            if len(rows) > len(steps):
-                steps = list(rows["step"])
+            ax.fill_between(x, rows[f"{measure}_q25"], rows[f"{measure}_q75"], color=colour, alpha=0.15, linewidth=0)
+            for position, step in zip(x, rows["step"]):
+                names.setdefault(int(position), [])
+                if step not in names[int(position)]:
+                    names[int(position)].append(str(step))
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(np.arange(1, len(steps) + 1))
-        ax.set_xticklabels([f"+ {style.literal(s)}" if i else style.literal(s) for i, s in enumerate(steps)],
+        positions = sorted(names)
+        ax.set_xticks(positions)
+        ax.set_xticklabels([("+ " if p > 1 else "") + style.literal(" / ".join(names[p])) for p in positions],
                            rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("re-initialised, cumulatively from the top")
         ax.set_title(f"{title} with the trained model's map", fontsize=10)
