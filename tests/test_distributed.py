@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -197,3 +198,24 @@ def test_ranks_that_see_other_inputs_are_refused(coco, tmp_path):
     assert out.returncode != 0
     assert ("gradlens: error: Rank 1 failed: it sees other inputs than rank 0 for detections: checkpoint_sha256 differs "
             "(is the work directory on a filesystem every node shares?)") in out.stderr
+
+
+def test_two_processes_share_the_faithfulness_step(single, tmp_path):
+    """Images are the unit of work: each computed whole by one rank, so the merged table is byte-identical; a
+    rank killed after its first image leaves that image on disk, and the rerun computes only the others."""
+    args = ["--fractions", "0,0.05,0.5", "--bootstrap", "100", "--randomise"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(single / "w", one, symlinks=True)
+    shutil.copytree(single / "w", two, symlinks=True)
+    env = _env(tmp_path, "cache")
+    gradlens(["faithfulness", "--workdir", str(one), *args], env)
+    killed = gradlens(["faithfulness", "--workdir", str(two), *args], {**env, "GRADLENS_FAULT": "1:1"}, ranks=2,
+                      check=False)
+    assert killed.returncode != 0
+    kept = [p for p in (two / "faithfulness").rglob("*.json") if p.name != "store.json"]
+    assert 1 <= len(kept) < 8
+    again = gradlens(["faithfulness", "--workdir", str(two), *args], env, ranks=2)
+    assert f"{8 - len(kept)} images computed, {len(kept)} reused" in again.stdout
+    for name in ("faithfulness.csv", "faithfulness_curves.csv", "faithfulness_paired.csv", "faithfulness_randomisation.csv"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert _same_maps(one / "maps", two / "maps") > 16  # the randomised copies' maps too

@@ -303,7 +303,8 @@ def compute_faithfulness(detector: RetinaNetDetector, checkpoint_sha256: str, gt
                                       single_threaded, on_image=bar.update)
         else:
             job = {"detector": distributed.detector_spec(detector), "gt": distributed.ground_truth_spec(gt),
-                   "maps": str(maps.folder), "results": str(results.folder), "key": key, "batch_size": batch_size,
+                   "maps": str(maps.folder), "results": str(results.folder), "key": json.loads(json.dumps(key)),
+                   "batch_size": batch_size,
                    "precision": precision, "class_agnostic": class_agnostic, "single_threaded": single_threaded,
                    "shared": {"faithfulness results": str(results.folder)}}
             sizes = {i: (gt.image_info(i)["height"], gt.image_info(i)["width"]) for i in todo}
