@@ -4,8 +4,9 @@ Writes a synthetic COCO dataset, runs the two small bundled detectors on it
 (a CEDNet-style and a ConvNeXt-style RetinaNet, see
 :mod:`gradlens.models.bundled`), scores both and selects the images where the
 CEDNet-style one improves most, then computes both detectors' input-gradient
-maps of the selected images, their area curves (Figure A2) and a Figure A1
-gallery — exactly the commands a user runs on real checkpoints and COCO.
+maps of the selected images, their area curves (Figure A2), the faithfulness
+checks (deletion, insertion, randomisation), a Figure A1 gallery and the
+report — exactly the commands a user runs on real checkpoints and COCO.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gradlens.runner import DetectorRun
 from gradlens.selection.run import SelectionResult, run_selection
 
 if TYPE_CHECKING:
+    from gradlens.faithfulness.run import FaithfulnessResult
     from gradlens.regions.run import AreaCurveResult
 
 DEMO_MODELS = ("cednet", "convnext")  # A, then the baseline B
@@ -33,6 +35,7 @@ class DemoResult:
     detections: dict[str, Path]
     selection: SelectionResult
     area_curve: "AreaCurveResult | None" = None
+    faithfulness: "FaithfulnessResult | None" = None
     figures: list[Path] | None = None
     report: Path | None = None
 
@@ -47,8 +50,10 @@ def run_demo(
     workers: int = 2,
     gallery: int = 4,
     gradients: bool = True,
+    faithfulness: bool = True,
 ) -> DemoResult:
-    """Run it all into ``out_dir``: ``coco/`` (data), ``cache/`` (detections), ``run/`` (the work directory)."""
+    """Run it all into ``out_dir``: ``coco/`` (data), ``cache/`` (detections), ``run/`` (the work directory).
+    ``faithfulness``: also deletion and insertion curves and the randomisation check (after the area curves)."""
     from gradlens.figures.figure_a1 import render_figures_a1
     from gradlens.regions.run import run_area_curve
 
@@ -63,6 +68,10 @@ def run_demo(
     demo = DemoResult(coco=coco, detections=detections, selection=result)
     if gradients and len(result.selection):
         demo.area_curve = run_area_curve(result.workdir, detector_run=run, progress=progress)
+        if faithfulness:
+            from gradlens.faithfulness.run import run_faithfulness
+
+            demo.faithfulness = run_faithfulness(result.workdir, detector_run=run, randomise=True, progress=progress)
         demo.figures = render_figures_a1(result.workdir, top=min(gallery, len(result.selection)), detector_run=run,
                                          progress=progress)
         from gradlens.report import write_report

@@ -166,6 +166,8 @@ def test_demo_runs_end_to_end(capsys, tmp_path):
     assert len(selection) == 4
     assert (selection["improvement"] > 0).all()  # the bundled A really beats B: its best images are improvements
     assert "selection:" in out and (tmp_path / "demo/run/report/index.html").is_file() and "report:" in out
+    assert "verdict:" in out and "deletion:" in out and (tmp_path / "demo/run/faithfulness.png").is_file()
+    assert (tmp_path / "demo/run/faithfulness_randomisation.csv").is_file()
 
 
 def test_unwritable_output_is_one_sentence(capsys, tmp_path, synthetic_coco, results):

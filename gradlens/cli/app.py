@@ -211,7 +211,8 @@ def demo(
     progress: opt.Progress = None,
 ) -> None:
     """The whole pipeline in a few CPU minutes: synthetic COCO data, the two small bundled detectors
-    (CEDNet-style A vs ConvNeXt-style B), select, gradient maps, area curves (Figure A2) and a Figure A1 gallery."""
+    (CEDNet-style A vs ConvNeXt-style B), select, gradient maps, area curves (Figure A2) with scale against
+    focus, faithfulness (deletion, insertion, randomisation), a Figure A1 gallery and the report."""
     from gradlens.demo import run_demo
 
     result = run_demo(out, num_images=num_images, top=top, device=device, progress=progress, gallery=gallery)
@@ -231,6 +232,14 @@ def demo(
         typer.echo(f"companion:  {curve.outputs['mass_area_png']} (mass-area; decomposition {curve.outputs['decomposition']})")
         for sentence in curve.verdicts:
             typer.echo(f"verdict:    {sentence}")
+    if result.faithfulness is not None:
+        faith = result.faithfulness
+        typer.echo(f"faithfulness: {faith.outputs['png']} (+ .pdf; table {faith.outputs['table']}, "
+                   f"randomisation {faith.outputs['randomisation']})")
+        for sentence in faith.sentences:
+            typer.echo(f"deletion:   {sentence}")
+        for flag in faith.flags:
+            typer.echo(f"flag:       {flag}")
     if result.figures:
         typer.echo(f"Figure A1:  {result.figures[0].parent} ({len(result.figures)} images"
                    f"{', figure_a1_gallery.pdf' if len(result.figures) > 1 else ''})")
