@@ -12,6 +12,10 @@ and concentration table, the metrics summary with intervals, A minus each
 baseline with Wilcoxon p-values, the selection as a sortable, filterable
 table (each model's quality, the improvement, each model's box energy and
 pointing-game hit) and the Figure A1 thumbnails, each opening its full panel.
+When ``gradlens faithfulness`` has run, a section before the selection says
+whether each detector needs the region its own map ranks first (its sentences,
+any randomisation-check flags, its figure and the areas under its deletion and
+insertion curves, paired against a random order and across models).
 
 Everything the page shows comes from files anyone can edit or send (a work
 directory received from someone else), so no value from disk is ever trusted
@@ -171,6 +175,50 @@ def _thumbnail(source: Path, target: Path) -> None:
             img.save(tmp, format="PNG", optimize=True)
 
 
+FAITHFULNESS_PAIRED = ("comparison", "role", "label", "versus", "versus_label", "mode", "order", "metric", "q",
+                       "estimate", "low", "high", "p_value", "num_images")
+FAITHFULNESS_RANDOMISATION = ("role", "label", "step", "randomised", "spearman_median", "spearman_q25", "spearman_q75",
+                              "ssim_median", "ssim_q25", "ssim_q75", "num_images")
+
+
+def _faithfulness_tables(workdir: Path, name: str = "faithfulness") -> dict:
+    """The faithfulness record of ``workdir`` and what the page shows of it, read before anything is written:
+    ``{}`` without a record; a record whose fields or files do not check out, or a table without the columns
+    the page shows, is one sentence (:class:`~gradlens.errors.InputFileError`), as for the area-curve record."""
+    from gradlens.faithfulness.run import load_faithfulness_record  # typed, and its files checked by SHA-256
+
+    record = load_faithfulness_record(workdir, name, missing_ok=True)
+    if not record:
+        return {}
+    outputs = record.get("outputs", {})
+    again = "run 'gradlens faithfulness" + ("" if name == "faithfulness" else f" --name {name}") + "' again"
+
+    def table(key: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
+        file = outputs.get(key)
+        if not isinstance(file, str):
+            return pd.DataFrame()
+        if not (workdir / file).is_file():
+            raise InputFileError(f"The {what} {workdir / file} named by {workdir / f'{name}.json'} is missing; {again}.")
+        found = read_table(workdir, Path(file).stem)  # the exact Parquet copy, checked by hash like the CSV
+        found.columns = [str(c) for c in found.columns]
+        twice = found.columns[found.columns.duplicated()]
+        if len(twice):
+            raise InputFileError(f"The {what} {workdir / file} has the column {short_repr(twice[0])} twice; {again}.")
+        if len(found):
+            _require_columns(found, columns, f"The {what} {workdir / file}", again)
+        return found
+
+    figures = outputs.get("figure", [])
+    figures = figures if isinstance(figures, list) else [figures]
+    shown = {}  # file in the work directory -> its copy beside the page
+    for source, target in ((f"{name}.png", "faithfulness.png"), (f"{name}_randomisation.png", "faithfulness_randomisation.png")):
+        if source in figures and (workdir / source).is_file():
+            shown[source] = target
+    return {"record": record, "paired": table("paired", FAITHFULNESS_PAIRED, "faithfulness paired table"),
+            "randomisation": table("randomisation_summary", FAITHFULNESS_RANDOMISATION, "randomisation summary"),
+            "figures": shown}
+
+
 def recorded_attribution(meta: dict, precision: str | None = None):
     """The attribution settings an area-curve record names (``precision`` overrides its precision)."""
     from gradlens.attribution.methods import AttributionConfig
@@ -183,16 +231,20 @@ def recorded_attribution(meta: dict, precision: str | None = None):
 
 
 def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None = None, thumbnails: int | None = None,
-                 figures_kwargs: dict | None = None, name: str = "area_curve", progress: bool | None = None) -> Report:
+                 figures_kwargs: dict | None = None, name: str = "area_curve", progress: bool | None = None,
+                 faithfulness: str = "faithfulness") -> Report:
     """Write ``<out_dir>/index.html`` (default ``<workdir>/report``) and the pictures it shows.
 
     Needs ``gradlens area-curve`` to have run (its curves, metrics and figure);
     Figure A1 panels of every selected image (of the first ``thumbnails`` if given) are drawn (``figures_kwargs`` go to :func:`~gradlens.figures.figure_a1.render_figures_a1`).
     ``name`` is the area-curve run's ``--name``: a plain file stem (:func:`~gradlens.fileio.check_output_name`).
+    ``faithfulness`` is the faithfulness run's ``--name``; its record, when there is one, is checked as the
+    area-curve record is (a damaged one refuses the page in one sentence, before anything is written).
     """
     from gradlens.selection.manifest import load_manifest
 
     check_output_name(name)  # before any file is read: the record and its tables stay inside the work directory
+    check_output_name(faithfulness)
     workdir = Path(workdir)
     manifest = load_manifest(workdir)
     meta_path = workdir / f"{name}.json"
@@ -224,6 +276,7 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     if len(decomposition):
         _require_columns(decomposition, ("role", "versus", "quantity", "estimate", "low", "high", "p_value",
                                          "share_of_paper", "num_images"), f"The decomposition table in {workdir}", again)
+    faithful = _faithfulness_tables(workdir, faithfulness)  # {} without a record; one sentence if it is damaged
     figure_a2 = workdir / f"{name}.png"
     if not figure_a2.is_file():
         raise GradlensError(f"{figure_a2} is missing; run 'gradlens area-curve --workdir {workdir}' again.")
@@ -237,6 +290,8 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     pictures = {"companion": companion.is_file() and f"{name}_mass_area.png" in meta.get("outputs", {}).get("figure", [])}
     if pictures["companion"]:
         shutil.copyfile(companion, out / "mass_area.png")
+    for source, target in faithful.get("figures", {}).items():
+        shutil.copyfile(workdir / source, out / target)
     per_image = _per_image_scale(concentration, selection, models)
     pictures["scatter"] = bool(len(per_image))
     if pictures["scatter"]:
@@ -259,7 +314,8 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
                 panels[image_id] = png.name
     selection["panel"] = selection["image_id"].map(lambda i: panels.get(int(i)))
     page = _page(manifest, meta, selection, summary, paired, panels, what=f"The selection table in {workdir}",
-                 decomposition=decomposition, concentration=_concentration_view(concentration, models), pictures=pictures)
+                 decomposition=decomposition, concentration=_concentration_view(concentration, models), pictures=pictures,
+                 faithfulness=faithful)
     with atomic_path(out / "index.html") as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return Report(page=out / "index.html", images=len(selection), thumbnails=len(panels))
@@ -276,6 +332,7 @@ td:first-child, th:first-child { text-align: left; }
 .muted { color: #777; } .pos { color: #1a7f37; } .neg { color: #c62828; }
 #figure-a2, .figure { max-width: 100%; display: block; margin: 8px 0; }
 .verdict { font-size: 15px; background: #f6f8fa; border-left: 4px solid #1f77b4; padding: 8px 12px; }
+.flag { font-size: 15px; background: #fff4e5; border-left: 4px solid #d9480f; padding: 8px 12px; }
 #filter { margin: 6px 0 10px; padding: 4px 8px; width: 320px; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 12px; }
 .thumbs figure { margin: 0; width: 240px; } .thumbs img { width: 240px; border: 1px solid #ccc; cursor: zoom-in; }
@@ -446,9 +503,94 @@ def _verdicts_html(meta: dict) -> str:
     return "".join(f'<p class="verdict">{escape_html(v["sentence"])}</p>' for v in verdicts)
 
 
+def _model_name(label, role) -> str:
+    """``label (role)``, or the role alone when the label is missing or the role itself (text, escaped later)."""
+    role = "" if _missing(role) else str(role)
+    label = "" if _missing(label) else str(label)
+    return f"{label} ({role})" if label and label != role else role
+
+
+def _interval(low, high) -> str:
+    """``[low, high]``, each with 4 decimals where it is a number and as it is otherwise (escaped later)."""
+    def number(v):
+        if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+            return "" if _missing(v) else f"{v:.4f}"
+        return "" if _missing(v) else str(v)
+
+    low, high = number(low), number(high)
+    return f"[{low}, {high}]" if low or high else ""
+
+
+def _faithfulness_areas(paired: pd.DataFrame) -> pd.DataFrame:
+    """The paired rows on the areas under the curves (``q`` missing), one line each as the page shows it."""
+    if paired is None or not len(paired):
+        return pd.DataFrame()
+    areas = paired[paired["q"].map(_missing).astype(bool)]
+    return pd.DataFrame({
+        "comparison": areas["comparison"].to_numpy(),
+        "model": [_model_name(label, role) for label, role in zip(areas["label"], areas["role"])],
+        "versus": ["random order" if isinstance(c, str) and c == "map - random" else _model_name(label, role)
+                   for c, label, role in zip(areas["comparison"], areas["versus_label"], areas["versus"])],
+        "mode": areas["mode"].to_numpy(), "order": areas["order"].to_numpy(), "metric": areas["metric"].to_numpy(),
+        "estimate": areas["estimate"].to_numpy(),
+        "interval": [_interval(low, high) for low, high in zip(areas["low"], areas["high"])],
+        "p_value": areas["p_value"].to_numpy(), "num_images": areas["num_images"].to_numpy(),
+    })  # fmt: skip
+
+
+def _faithfulness_html(faithful: dict) -> str:
+    """The faithfulness section (empty without a record): every value from the record or its tables escaped."""
+    record = faithful.get("record")
+    if not record:
+        return ""
+    e = escape_html
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    fractions = settings.get("fractions", "?")
+    fractions = ", ".join(e(f) for f in fractions) if isinstance(fractions, list) else e(fractions)
+    sentences = "".join(f'<p class="verdict">{e(s)}</p>' for s in record.get("sentences", []))
+    flags = "".join(f'<p class="flag"><strong>Randomisation check:</strong> {e(f)}</p>' for f in record.get("flags", []))
+    randomised = settings.get("randomise") is True or "randomisation_summary" in record.get("outputs", {})
+    if flags:
+        check = ""
+    elif randomised:
+        check = ("<p class=\"muted\">Randomisation check: no model's maps stay close to its trained model's once "
+                 "its head is re-initialised.</p>")
+    else:
+        check = ("<p class=\"muted\">No randomisation check: run 'gradlens faithfulness --randomise' to see whether "
+                 "the maps change when the models' weights are re-initialised.</p>")
+    figures = faithful.get("figures", {})
+    figure = ('<img class="figure" src="faithfulness.png" alt="deletion and insertion curves">'
+              if "faithfulness.png" in figures.values() else "")
+    summary = faithful.get("randomisation")
+    randomisation = ""
+    if "faithfulness_randomisation.png" in figures.values() or (summary is not None and len(summary)):
+        if summary is not None and len(summary):
+            summary = summary[list(FAITHFULNESS_RANDOMISATION)]
+        picture = ('<img class="figure" src="faithfulness_randomisation.png" alt="map similarity as layers are '
+                   're-initialised">' if "faithfulness_randomisation.png" in figures.values() else "")
+        numbers = tuple(c for c in FAITHFULNESS_RANDOMISATION if c.startswith(("spearman", "ssim")))
+        randomisation = (f"<h3>Model-parameter randomisation</h3>\n{picture}\n<details><summary>per model and step: "
+                         f"similarity of the maps to the trained model's</summary><div class=\"scroll\">"
+                         f"{_table_html(summary, numbers)}</div></details>\n")
+    return f"""<h2 id="faithfulness">Faithfulness: does each detector need its important region?</h2>
+{flags}{sentences or '<p class="muted">(no sentences in the faithfulness record)</p>'}
+{check}
+<p class="muted">Deletion replaces ({e(settings.get('fill', '?'))} fill) the fraction q of the pixels each model's own
+map ranks first, insertion restores them onto a filled image, and the model is run again; a seeded random order
+(seed {e(settings.get('seed', '?'))}) is the control. q: {fractions}; {e(settings.get('num_images', '?'))} images;
+intervals: {e(settings.get('bootstrap', '?'))} bootstrap resamples at level {e(settings.get('confidence_level', '?'))};
+p-values: Wilcoxon signed-rank, paired per image. A faithful map lowers the quality faster on deletion (a smaller
+area) and raises it faster on insertion (a larger area) than the random order.</p>
+{figure}
+<h3>Areas under the curves (mean over q), paired per image</h3>
+{_table_html(_faithfulness_areas(faithful.get("paired")), ("estimate", "p_value"))}
+{randomisation}"""
+
+
 def _page(manifest: dict, meta: dict, selection: pd.DataFrame, summary: pd.DataFrame, paired: pd.DataFrame,
           panels: dict[int, str], what: str = "The selection table", decomposition: pd.DataFrame | None = None,
-          concentration: pd.DataFrame | None = None, pictures: dict | None = None) -> str:
+          concentration: pd.DataFrame | None = None, pictures: dict | None = None,
+          faithfulness: dict | None = None) -> str:
     e = escape_html
     pictures = pictures or {}
     if decomposition is not None and len(decomposition):
@@ -500,7 +642,7 @@ by the Gini index. A finding counts when its interval excludes 0.</p>
 <h2>Localisation metrics</h2>
 {_table_html(summary_view, tuple(summary_view.columns))}
 <details><summary>with intervals</summary>{_table_html(intervals, ("mean", "low", "high"))}</details>
-<h2>Selection</h2>
+{_faithfulness_html(faithfulness or {})}<h2>Selection</h2>
 <input id="filter" type="search" placeholder="filter rows (any column)"> <span id="shown" class="muted"></span>
 <div class="scroll"><table id="selection"></table></div>
 <h2>Figure A1</h2>

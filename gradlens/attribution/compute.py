@@ -44,16 +44,9 @@ MAP_FORMAT = 1
 OBJECT_MAP_FORMAT = 2  # 2: object groups run as image batches do (a thread per core on the CPU): other last bits
 
 
-def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
-                  batch_size: int | None = None) -> dict:
-    """Everything that changes a map: the store's identity.
-
-    The batch size is part of it: batch mates change a map only in the last
-    bits of float arithmetic, but a store promises bit-identical maps on resume.
-    """
-    key = {
-        "batch_size": batch_size,
-        "map_format": MAP_FORMAT,
+def detector_identity(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth) -> dict:
+    """Which detector, run how, on which dataset: the part every store key of its results shares."""
+    return {
         "checkpoint_sha256": checkpoint_sha256,
         "arch": getattr(detector, "arch_name", type(detector).__name__),
         "annotations_sha256": gt.sha256,
@@ -61,8 +54,18 @@ def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Groun
         "exif_orientation": gt.exif_orientation,
         "preprocess": detector.preprocess.to_dict(),
         "categories": [c.get("id") for c in getattr(detector, "categories", [])],
-        "attribution": config.to_dict(),
     }
+
+
+def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
+                  batch_size: int | None = None) -> dict:
+    """Everything that changes a map: the store's identity.
+
+    The batch size is part of it: batch mates change a map only in the last
+    bits of float arithmetic, but a store promises bit-identical maps on resume.
+    """
+    key = {"batch_size": batch_size, "map_format": MAP_FORMAT, **detector_identity(detector, checkpoint_sha256, gt),
+           "attribution": config.to_dict()}
     if config.target == "object":  # an older object store's maps differ in their last bits: not mixed in
         key["object_map_format"] = OBJECT_MAP_FORMAT
     randomisation = getattr(detector, "randomisation", None)

@@ -185,11 +185,9 @@ def area_curve(
     ] = False,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N selected images.")] = None,
     name: Annotated[str, typer.Option("--name", help="Output file stem, so variants can sit beside the paper's curves.")] = "area_curve",
-    bootstrap: Annotated[
-        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples of the images for bands and intervals (0: none).")
-    ] = 1000,
-    bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the image resamples.")] = 0,
-    level: Annotated[float, typer.Option("--level", min=0.5, max=0.999, help="Confidence level of bands and intervals.")] = 0.95,
+    bootstrap: opt.Bootstrap = 1000,
+    bootstrap_seed: opt.BootstrapSeed = 0,
+    level: opt.Level = 0.95,
     checkpoint: opt.Checkpoint = None,
     method: opt.Method = "gradient",
     channel_reduce: opt.ChannelReduce = "max",
@@ -425,11 +423,9 @@ def faithfulness(
     randomise_seed: Annotated[int, typer.Option("--randomise-seed", min=0, help="Seed of the re-initialisations.")] = 0,
     top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the first N selected images.")] = None,
     name: Annotated[str, typer.Option("--name", help="Output file stem.")] = "faithfulness",
-    bootstrap: Annotated[
-        int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples of the images for bands and intervals (0: none).")
-    ] = 1000,
-    bootstrap_seed: Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the image resamples.")] = 0,
-    level: Annotated[float, typer.Option("--level", min=0.5, max=0.999, help="Confidence level of bands and intervals.")] = 0.95,
+    bootstrap: opt.Bootstrap = 1000,
+    bootstrap_seed: opt.BootstrapSeed = 0,
+    level: opt.Level = 0.95,
     checkpoint: opt.Checkpoint = None,
     method: opt.Method = "gradient",
     channel_reduce: opt.ChannelReduce = "max",

@@ -107,3 +107,8 @@ Checkpoint = Annotated[
     typer.Option("--checkpoint", metavar="ROLE=PATH",
                  help="Checkpoint of a model that 'select' got as results or scores (e.g. b=convnext.pth); repeatable."),
 ]
+Bootstrap = Annotated[
+    int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples of the images for bands and intervals (0: none).")
+]
+BootstrapSeed = Annotated[int, typer.Option("--bootstrap-seed", help="Seed of the image resamples.")]
+Level = Annotated[float, typer.Option("--level", min=0.5, max=0.999, help="Confidence level of bands and intervals.")]

@@ -30,6 +30,7 @@ import torch
 
 from gradlens import distributed
 from gradlens._version import __version__
+from gradlens.attribution.compute import detector_identity
 from gradlens.attribution.methods import frozen_inference_mode
 from gradlens.attribution.store import MapStore, key_digest
 from gradlens.attribution.targets import image_targets
@@ -101,15 +102,9 @@ def faithfulness_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: Gr
     """Everything that changes an image's rows: the result store's identity."""
     return {
         "result_format": RESULT_FORMAT,
-        "checkpoint_sha256": checkpoint_sha256,
-        "arch": getattr(detector, "arch_name", type(detector).__name__),
-        "annotations_sha256": gt.sha256,
-        "images": str(gt.images_dir.resolve()) if gt.images_dir else None,
-        "exif_orientation": gt.exif_orientation,
-        "preprocess": detector.preprocess.to_dict(),
+        **detector_identity(detector, checkpoint_sha256, gt),
         "test_cfg": detector.test_cfg.to_dict(),
         "loss_cfg": detector.loss_cfg.to_dict(),
-        "categories": [c.get("id") for c in getattr(detector, "categories", [])],
         "map_store": key_digest(maps.key),
         "faithfulness": config.to_dict(),
         "batch_size": int(batch_size),

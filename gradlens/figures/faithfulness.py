@@ -57,13 +57,7 @@ def _plot_faithfulness(curves, axes, metric):
 
 def save_faithfulness_figure(curves: pd.DataFrame, stem: str | os.PathLike) -> list:
     """Write ``stem.png`` and ``stem.pdf``: the deletion and insertion curves of quality."""
-    import matplotlib.pyplot as plt
-
-    fig = plot_faithfulness(curves)
-    try:
-        return style.save(fig, stem)
-    finally:
-        plt.close(fig)
+    return style.save_and_close(plot_faithfulness(curves), stem)
 
 
 def plot_randomisation(summary: pd.DataFrame, axes=None):
@@ -106,10 +100,5 @@ def _plot_randomisation(summary, axes):
 
 
 def save_randomisation_figure(summary: pd.DataFrame, stem: str | os.PathLike) -> list:
-    import matplotlib.pyplot as plt
-
-    fig = plot_randomisation(summary)
-    try:
-        return style.save(fig, stem)
-    finally:
-        plt.close(fig)
+    """Write ``stem.png`` and ``stem.pdf``: the randomisation check's medians per re-initialised part."""
+    return style.save_and_close(plot_randomisation(summary), stem)

@@ -55,3 +55,13 @@ def save(fig, stem, formats=("png", "pdf"), dpi: int = 150) -> list:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     return paths
+
+
+def save_and_close(fig, stem, formats=("png", "pdf")) -> list:
+    """:func:`save`, then close the figure (a command draws many; each would stay in pyplot's memory)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return save(fig, stem, formats)
+    finally:
+        plt.close(fig)
