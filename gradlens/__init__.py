@@ -25,6 +25,9 @@ from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import make_synthetic_coco, simulate_detections
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.evaluation import coco_map
+from gradlens.faithfulness.compute import FaithfulnessConfig, faithfulness_rows
+from gradlens.faithfulness.randomise import map_similarity, randomisation_steps, randomise
+from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.checkpoints import load_detector, save_detector
@@ -59,6 +62,12 @@ __all__ = [
     "image_terms",
     "log_area_under_curve",
     "verdict",
+    "FaithfulnessConfig",
+    "faithfulness_rows",
+    "map_similarity",
+    "randomisation_steps",
+    "randomise",
+    "run_faithfulness",
     "bootstrap_mean",
     "box_energy",
     "box_fraction",

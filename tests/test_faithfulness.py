@@ -172,6 +172,10 @@ def test_curves_of_a_known_detector_equal_the_hand_computed_ones(tmp_path):
         assert row["quality"] == pytest.approx(brightness, abs=1e-6), row
         assert row["loss"] == pytest.approx(1 - brightness, abs=1e-6), row
         assert row["detections"] == 1
+    import gradlens
+
+    # the public entry point (pixels as an HxWx3 array, the map as is) gives the same rows
+    assert gradlens.faithfulness_rows(detector, gt, 7, image.permute(1, 2, 0).numpy(), magnitude, config) == rows
     deletion = {(r["order"], r["q"]): r["quality"] for r in rows if r["mode"] == "deletion"}
     # the map deletes object pixels first: at 25 % (48 pixels) the whole object is filled
     assert deletion[("map", 0.25)] == pytest.approx(128 / 255, abs=1e-6)

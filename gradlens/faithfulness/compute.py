@@ -219,6 +219,29 @@ def image_rows(detector: RetinaNetDetector, gt: GroundTruth, image_id: int, imag
     return rows
 
 
+def faithfulness_rows(detector, gt: GroundTruth, image_id: int, image, magnitude, config: FaithfulnessConfig | None = None,
+                      batch_size: int = 4, precision: str = "fp32", class_agnostic: bool = False) -> list[dict]:
+    """The rows of one image for one detector, from its pixels and a magnitude map: what ``gradlens
+    faithfulness`` stores per image, for a notebook or any detector object with ``detect_with_losses``,
+    ``preprocess.mean``, ``categories`` and parameters.
+
+    ``image``: 8-bit RGB, ``[3, H, W]`` tensor or ``[H, W, 3]`` array; ``magnitude``: ``[H, W]`` (its order
+    ranks the pixels, ties top-left first). Each row: mode, order, q, quality, loss, detections.
+    """
+    config = (config or FaithfulnessConfig()).check()
+    pixels = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    if pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.shape[0] != 3:
+        pixels = pixels.permute(2, 0, 1)
+    pixels = pixels.to(torch.uint8).contiguous()
+    m = magnitude.detach().cpu().numpy() if isinstance(magnitude, torch.Tensor) else np.asarray(magnitude)
+    if tuple(m.shape) != tuple(pixels.shape[-2:]):
+        raise GradlensError(f"The map is {m.shape} but the image is {tuple(pixels.shape[-2:])}: they must share pixels.")
+    h, w = m.shape
+    order_ranks = {"map": ranks(map_order(m)), "random": ranks(random_order(h * w, config.seed, image_id))}
+    with frozen_inference_mode(detector):
+        return image_rows(detector, gt, int(image_id), pixels, order_ranks, config, batch_size, precision, class_agnostic)
+
+
 def compute_images(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], maps: MapStore,
                    results: ResultStore, batch_size: int, precision: str, class_agnostic: bool, threads: int,
                    single_threaded: bool, on_image=None, stop=None) -> int:
