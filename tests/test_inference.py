@@ -180,10 +180,10 @@ def test_loss_of_an_image_does_not_depend_on_its_batch():
 
 def test_records_keep_boxes_clipped_to_zero_area_and_drop_placeholder_labels():
     """As mmdetection's results2json and torchvision's COCO evaluation keep them; they match nothing."""
-    from gradlens.inference import _records
+    from gradlens.inference import detection_records
 
     out = {"boxes": torch.tensor([[0.0, 5.0, 0.0, 9.0], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0]]),
            "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([0, 1, 2])}
-    records = _records(7, out, [1, 3, None])
+    records = detection_records(7, out, [1, 3, None])
     assert [r["bbox"] for r in records] == [[0.0, 5.0, 0.0, 4.0], [1.0, 2.0, 2.0, 2.0]]
     assert [r["category_id"] for r in records] == [1, 3]
