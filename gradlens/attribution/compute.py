@@ -46,7 +46,7 @@ OBJECT_MAP_FORMAT = 2  # 2: object groups run as image batches do (a thread per 
 
 def detector_identity(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth) -> dict:
     """Which detector, run how, on which dataset: the part every store key of its results shares."""
-    return {
+    identity = {
         "checkpoint_sha256": checkpoint_sha256,
         "arch": getattr(detector, "arch_name", type(detector).__name__),
         "annotations_sha256": gt.sha256,
@@ -55,6 +55,12 @@ def detector_identity(detector: RetinaNetDetector, checkpoint_sha256: str, gt: G
         "preprocess": detector.preprocess.to_dict(),
         "categories": [c.get("id") for c in getattr(detector, "categories", [])],
     }
+    # a module whose arithmetic changed (its results differ in their last bits) says so; stores made before
+    # are then not reused. Absent everywhere else, so no other store's key changes.
+    revisions = {type(m).__name__: m.arithmetic_revision for m in detector.modules() if hasattr(m, "arithmetic_revision")}
+    if revisions:
+        identity["arithmetic_revisions"] = revisions
+    return identity
 
 
 def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -136,8 +138,24 @@ class ResNet50Features(ResNet):
         del self.fc, self.avgpool
         self.out_channels = [512, 1024, 2048]
 
+    # Where the stem's 3x3 max-pool windows tie (flat image areas: thousands of windows on a photograph), the
+    # element that receives the gradient is the maximum the pooling kernel picks, and which one that is depends on
+    # the last bits of the convolution before it, so on that convolution's kernel. mmdetection and torchvision run
+    # the stem in contiguous (NCHW) memory; so does gradlens, whatever the detector's speed mode (channels-last on
+    # the CPU gives other last bits, and moved the fork's own input gradient by 0.63 %): a gradient through tied
+    # maxima goes to the element PyTorch's contiguous kernels pick. The rest follows the input's memory format.
+    arithmetic_revision = 2  # 2: the stem in NCHW whatever the memory format (maps of revision 1 are not reused)
+
+    def stem(self, x):
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous()
+        conv = self.conv1
+        x = F.conv2d(x, conv.weight.contiguous(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        x = self.maxpool(self.relu(self.bn1(x)))
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x)
         c3 = self.layer2(self.layer1(x))
         c4 = self.layer3(c3)
         return c3, c4, self.layer4(c4)
