@@ -316,3 +316,27 @@ def test_a_figure_that_fails_leaves_the_previous_run_intact(failure, wd, monkeyp
     assert _files(wd) == before  # every table, figure and the record as the previous run left them
     assert not list(wd.glob(".area_curve.*"))
     assert load_area_curve_record(wd, "area_curve")["settings"]["thresholds"] == 30
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves the staging folder behind; the next run of the same output on this machine removes it,
+    and leaves alone a live run's, another machine's, another output's and any unrelated folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from gradlens.regions.record import staging_folder
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    keep = [f".area_curve.{host}-{os.getpid()}.live.partial", f".area_curve.other.host-{dead_pid}.x1.partial",
+            f".faithfulness.{host}-{dead_pid}.x2.partial", ".area_curve.partial", "area_curve.abc.partial"]
+    gone = [f".area_curve.{host}-{dead_pid}.x3.partial", f".area_curve.{host}-{dead_pid}.x4.partial"]
+    for name in keep + gone:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "area_curve.csv").write_text("half written")
+    with staging_folder(tmp_path, "area_curve") as staged:
+        assert staged.name.startswith(f".area_curve.{host}-{os.getpid()}.") and staged.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

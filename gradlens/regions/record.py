@@ -22,10 +22,12 @@ each gives one sentence naming the file and the field.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 from numbers import Integral, Real
 from pathlib import Path
@@ -48,13 +50,43 @@ def again(name: str, command: str = "area-curve") -> str:
 # -- writing as one unit -------------------------------------------------------------------------------
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_staging(workdir: Path, name: str) -> int:
+    """Remove the staging folders of ``name`` that a killed run of this machine left behind (its process is
+    gone); a folder of a live run, or of another machine sharing the work directory, is left alone."""
+    host = socket.gethostname()
+    removed = 0
+    for folder in workdir.glob(f".{glob.escape(name)}.*.partial"):
+        rest = folder.name[len(name) + 2:-len(".partial")]  # "<host>-<pid>.<random>" (host names may hold dots)
+        owner_host, _, pid = rest.rpartition(".")[0].rpartition("-")
+        if owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def staging_folder(workdir: str | os.PathLike, name: str) -> Iterator[Path]:
-    """A private folder inside ``workdir`` (same file system: moving out of it is a rename), removed afterwards."""
+    """A private folder inside ``workdir`` (same file system: moving out of it is a rename), removed afterwards.
+
+    Its name says which process made it (``.<name>.<host>-<pid>.<random>.partial``), so the folder a killed run
+    could not remove is removed by the next run of the same output on the same machine."""
     workdir = Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=workdir))
+        remove_stale_staging(workdir, name)
+        folder = Path(tempfile.mkdtemp(prefix=f".{name}.{socket.gethostname()}-{os.getpid()}.", suffix=".partial",
+                                       dir=workdir))
     except OSError as exc:
         raise OutputError(f"Cannot write into {workdir}: {exc.strerror or exc}.") from None
     try:
