@@ -31,6 +31,7 @@ from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.checkpoints import load_detector, save_detector
+from gradlens.models.interface import Detector
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
@@ -62,6 +63,7 @@ __all__ = [
     "image_terms",
     "log_area_under_curve",
     "verdict",
+    "Detector",
     "FaithfulnessConfig",
     "faithfulness_rows",
     "map_similarity",

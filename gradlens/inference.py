@@ -39,7 +39,7 @@ from gradlens.data.images import read_image
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path, sha256_file, write_json
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.interface import Detector
 from gradlens.models.transform import canvas_groups, padded_size
 from gradlens.progress import track
 
@@ -103,7 +103,7 @@ def annotated_sizes(gt: GroundTruth, image_ids) -> dict[int, tuple[int, int]]:
 class ShapeGroupedBatches(Sampler):
     """Batches of image ids that share one padded canvas, in a deterministic order."""
 
-    def __init__(self, sizes: dict[int, tuple[int, int]], detector: RetinaNetDetector, batch_size: int):
+    def __init__(self, sizes: dict[int, tuple[int, int]], detector: Detector, batch_size: int):
         ids = sorted(sizes)
         groups = canvas_groups([sizes[i] for i in ids], detector.preprocess, batch_size)
         self.batches = [[ids[k] for k in group] for group in groups]
@@ -170,7 +170,7 @@ class PrecisionScope:
 
 
 def detect_images(
-    detector: RetinaNetDetector,
+    detector: Detector,
     gt: GroundTruth,
     image_ids=None,
     settings: InferenceSettings | None = None,
@@ -213,19 +213,19 @@ def detect_images(
     return results
 
 
-def plan_batches(detector: RetinaNetDetector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
+def plan_batches(detector: Detector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
     """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list
     (the order given does not matter)."""
     return ShapeGroupedBatches(annotated_sizes(gt, [int(i) for i in image_ids]), detector, batch_size).batches
 
 
-def batch_costs(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]]) -> list[float]:
+def batch_costs(detector: Detector, gt: GroundTruth, batches: list[list[int]]) -> list[float]:
     """Padded pixels of each batch (its canvas times its images): what torchrun ranks are balanced by."""
     sizes = annotated_sizes(gt, [batch[0] for batch in batches])
     return [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in batches]
 
 
-def run_detection_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], settings: InferenceSettings,
+def run_detection_batches(detector: Detector, gt: GroundTruth, batches: list[list[int]], settings: InferenceSettings,
                           threads: int, single_threaded: bool, on_batch, stop=None) -> None:
     """Detect on ``batches`` (each run whole, in order); ``on_batch([(image_id, records), ...])`` after each, in
     this thread. ``threads`` batches run at once (CPU); ``single_threaded`` keeps each batch's operators on one
@@ -301,7 +301,7 @@ def detection_records(image_id: int, out: dict, label_to_id: list) -> list[dict]
 # the cache
 
 
-def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: RetinaNetDetector, settings: InferenceSettings,
+def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: Detector, settings: InferenceSettings,
               arch: str | None = None) -> dict:
     """Everything that can change a detection, as a JSON-able dict (its hash names the cache file)."""
     key = {
@@ -333,7 +333,7 @@ class InferenceResult:
 
 
 def cached_detections(
-    detector: RetinaNetDetector,
+    detector: Detector,
     checkpoint_sha256: str,
     gt: GroundTruth,
     settings: InferenceSettings | None = None,

@@ -34,7 +34,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
 from gradlens.inference import ImageFiles, batch_costs, loaded_images, plan_batches
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.interface import Detector
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
 
@@ -44,7 +44,7 @@ MAP_FORMAT = 1
 OBJECT_MAP_FORMAT = 2  # 2: object groups run as image batches do (a thread per core on the CPU): other last bits
 
 
-def detector_identity(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth) -> dict:
+def detector_identity(detector: Detector, checkpoint_sha256: str, gt: GroundTruth) -> dict:
     """Which detector, run how, on which dataset: the part every store key of its results shares."""
     identity = {
         "checkpoint_sha256": checkpoint_sha256,
@@ -63,7 +63,7 @@ def detector_identity(detector: RetinaNetDetector, checkpoint_sha256: str, gt: G
     return identity
 
 
-def map_store_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
+def map_store_key(detector: Detector, checkpoint_sha256: str, gt: GroundTruth, config: AttributionConfig,
                   batch_size: int | None = None) -> dict:
     """Everything that changes a map: the store's identity.
 
@@ -98,7 +98,7 @@ def _write_missing(store: MapStore, maps) -> int:
 
 
 def compute_maps(
-    detector: RetinaNetDetector,
+    detector: Detector,
     gt: GroundTruth,
     image_ids,
     store: MapStore,
@@ -150,7 +150,7 @@ def compute_maps(
     return MapRun(computed=computed, reused=already, store=store, replaced=replaced)
 
 
-def compute_batches(detector: RetinaNetDetector, gt: GroundTruth, batches: list[list[int]], store: MapStore,
+def compute_batches(detector: Detector, gt: GroundTruth, batches: list[list[int]], store: MapStore,
                     config: AttributionConfig, batch_size: int, workers: int, threads: int, single_threaded: bool,
                     on_batch=None, stop=None, entries: dict[int, tuple[int, dict]] | None = None) -> int:
     """Compute and store the maps of ``batches`` (each whole, in order); returns the maps written.

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.inference import PRECISIONS, InferenceSettings, PrecisionScope
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.interface import Detector
 from gradlens.models.transform import canvas_groups as _canvas_groups
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
@@ -137,7 +137,7 @@ class TotalLoss:
     (focal classification + L1 box regression, DESIGN: total detection loss).
     """
 
-    def __init__(self, detector: RetinaNetDetector, targets: Sequence[dict], precision: str = "fp32"):
+    def __init__(self, detector: Detector, targets: Sequence[dict], precision: str = "fp32"):
         self.detector = detector
         self.targets = list(targets)
         self.precision = precision
@@ -230,7 +230,7 @@ def _baseline(image: Tensor, kind: str, mean: Sequence[float]) -> Tensor:
     return F.conv2d(blurred, kernel.view(1, 1, size, 1).expand(3, 1, size, 1), groups=3)[0]
 
 
-def _attribute_group(detector: RetinaNetDetector, images: list[Tensor], targets: list[dict], config: AttributionConfig,
+def _attribute_group(detector: Detector, images: list[Tensor], targets: list[dict], config: AttributionConfig,
                      batch_size: int) -> tuple[list[Tensor], list[float]]:
     """Attributions ``[3, H, W]`` of images that share one padded canvas (one or several forward passes), and
     each image's loss at the image itself where the method evaluates it there (NaN otherwise)."""
@@ -290,7 +290,7 @@ def _as_target(t) -> dict:
 
 
 def input_gradients(
-    detector: RetinaNetDetector,
+    detector: Detector,
     images: Sequence[Tensor],
     targets: Sequence,
     method: str = "gradient",
@@ -325,13 +325,13 @@ def input_gradients(
         return attribute_frozen(detector, images, targets, config, batch_size)
 
 
-def attribute_frozen(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence, config: AttributionConfig,
+def attribute_frozen(detector: Detector, images: Sequence[Tensor], targets: Sequence, config: AttributionConfig,
                      batch_size: int) -> list[Tensor]:
     """:func:`input_gradients` for a detector already inside :func:`frozen_inference_mode` (safe to call from threads)."""
     return attribute_with_losses(detector, images, targets, config, batch_size)[0]
 
 
-def attribute_with_losses(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence,
+def attribute_with_losses(detector: Detector, images: Sequence[Tensor], targets: Sequence,
                           config: AttributionConfig, batch_size: int) -> tuple[list[Tensor], list[float]]:
     """:func:`attribute_frozen` and the loss each attribution was taken of (the image's total loss, or the
     object's part), from the same forward pass: the map's scale depends on it. NaN where the method never
@@ -351,7 +351,7 @@ def attribute_with_losses(detector: RetinaNetDetector, images: Sequence[Tensor],
     return results, losses  # type: ignore[return-value]
 
 
-def shared_forward_gradients(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence[dict],
+def shared_forward_gradients(detector: Detector, images: Sequence[Tensor], targets: Sequence[dict],
                              precision: str = "fp32", losses: list[float] | None = None):
     """Plain gradients of objects' parts of the loss (``target["object"]``), one forward pass per image.
 
@@ -384,7 +384,7 @@ def shared_forward_gradients(detector: RetinaNetDetector, images: Sequence[Tenso
     return results if losses is None else (results, losses)  # type: ignore[return-value]
 
 
-def gradient_maps(detector: RetinaNetDetector, images: Sequence[Tensor], targets: Sequence, method: str = "gradient",
+def gradient_maps(detector: Detector, images: Sequence[Tensor], targets: Sequence, method: str = "gradient",
                   channel_reduce: str = "max", **kwargs) -> list[Tensor]:
     """Per-pixel magnitude maps ``[H, W]``: :func:`input_gradients` reduced over channels (DESIGN: max |g|)."""
     return [reduce_channels(a, channel_reduce) for a in input_gradients(detector, images, targets, method, **kwargs)]

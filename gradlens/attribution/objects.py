@@ -28,7 +28,7 @@ from gradlens.data.coco import GroundTruth
 from gradlens.device import batch_threads
 from gradlens.errors import GradlensError
 from gradlens.inference import batch_costs, plan_batches
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.interface import Detector
 from gradlens.progress import track
 
 
@@ -42,7 +42,7 @@ def object_image(gt: GroundTruth, ann_id: int) -> int:
     return int(ann["image_id"])
 
 
-def object_entries(detector: RetinaNetDetector, gt: GroundTruth, image_ids) -> dict[int, tuple[int, dict]]:
+def object_entries(detector: Detector, gt: GroundTruth, image_ids) -> dict[int, tuple[int, dict]]:
     """Every object of ``image_ids`` as a map to compute: annotation id -> (image id, that object's targets)."""
     entries = {}
     for i in image_ids:
@@ -68,7 +68,7 @@ def object_groups(plan: list[list[int]], entries: dict[int, tuple[int, dict]], b
     return groups
 
 
-def compute_object_maps(detector: RetinaNetDetector, gt: GroundTruth, image_ids, store: MapStore,
+def compute_object_maps(detector: Detector, gt: GroundTruth, image_ids, store: MapStore,
                         config: AttributionConfig | None = None, batch_size: int = 4, progress: bool | None = None,
                         label: str = "", plan_ids=None, workers: int = 2) -> MapRun:
     """Compute and store the map of every object of ``image_ids`` that ``store`` lacks (resumable per object).
@@ -140,7 +140,7 @@ def _object_maps_job(job: dict, groups: list[list[int]], status) -> int:
                       status, entries=entries)
 
 
-def object_losses(detector: RetinaNetDetector, image: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+def object_losses(detector: Detector, image: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's background loss and per-object losses (focal + L1 each), as :meth:`object_losses` splits them."""
     parts = detector.object_losses([image], [targets.as_dict() if hasattr(targets, "as_dict") else targets])[0]
     total = parts["classification"] + parts["bbox_regression"]

@@ -52,7 +52,7 @@ from gradlens.faithfulness.perturb import (
 )
 from gradlens.fileio import atomic_path, sha256_file, write_json
 from gradlens.inference import PrecisionScope, detection_records
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.interface import Detector
 from gradlens.models.transform import padded_size
 from gradlens.progress import track
 from gradlens.scoring.quality import variant_qualities
@@ -97,14 +97,15 @@ def expected_rows(config: FaithfulnessConfig) -> list[tuple[str, str, float]]:
     return [(mode, order, q) for mode in MODES for order in ORDERS for q in config.fractions]
 
 
-def faithfulness_key(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, maps: MapStore,
+def faithfulness_key(detector: Detector, checkpoint_sha256: str, gt: GroundTruth, maps: MapStore,
                      config: FaithfulnessConfig, batch_size: int, precision: str, class_agnostic: bool) -> dict:
     """Everything that changes an image's rows: the result store's identity."""
     return {
         "result_format": RESULT_FORMAT,
         **detector_identity(detector, checkpoint_sha256, gt),
-        "test_cfg": detector.test_cfg.to_dict(),
-        "loss_cfg": detector.loss_cfg.to_dict(),
+        # a family's post-processing and loss settings, where it has them as objects (RetinaNet's do)
+        **{name: getattr(detector, name).to_dict() for name in ("test_cfg", "loss_cfg")
+           if hasattr(getattr(detector, name, None), "to_dict")},
         "map_store": key_digest(maps.key),
         "faithfulness": config.to_dict(),
         "batch_size": int(batch_size),
@@ -189,7 +190,7 @@ def pixel_ranks(image_id: int, maps: MapStore, shape: tuple[int, int], seed: int
     return {"map": ranks(map_order(codes)), "random": ranks(random_order(shape[0] * shape[1], seed, image_id))}
 
 
-def image_rows(detector: RetinaNetDetector, gt: GroundTruth, image_id: int, image: torch.Tensor,
+def image_rows(detector: Detector, gt: GroundTruth, image_id: int, image: torch.Tensor,
                order_ranks: dict[str, np.ndarray], config: FaithfulnessConfig, batch_size: int, precision: str,
                class_agnostic: bool) -> list[dict]:
     """Every row of one image (``image``: its ``[3, H, W]`` uint8 pixels) for one model."""
@@ -242,7 +243,7 @@ def faithfulness_rows(detector, gt: GroundTruth, image_id: int, image, magnitude
         return image_rows(detector, gt, int(image_id), pixels, order_ranks, config, batch_size, precision, class_agnostic)
 
 
-def compute_images(detector: RetinaNetDetector, gt: GroundTruth, image_ids: list[int], maps: MapStore,
+def compute_images(detector: Detector, gt: GroundTruth, image_ids: list[int], maps: MapStore,
                    results: ResultStore, batch_size: int, precision: str, class_agnostic: bool, threads: int,
                    single_threaded: bool, on_image=None, stop=None) -> int:
     """Rows of ``image_ids`` into ``results``, each image whole (``threads`` images at once on the CPU, each on
@@ -290,7 +291,7 @@ class FaithfulnessRun:
     results: ResultStore
 
 
-def compute_faithfulness(detector: RetinaNetDetector, checkpoint_sha256: str, gt: GroundTruth, image_ids,
+def compute_faithfulness(detector: Detector, checkpoint_sha256: str, gt: GroundTruth, image_ids,
                          maps: MapStore, folder: str | Path, config: FaithfulnessConfig | None = None,
                          batch_size: int = 4, precision: str = "fp32", class_agnostic: bool = False,
                          progress: bool | None = None, label: str = "") -> FaithfulnessRun:

@@ -1,0 +1,52 @@
+"""What the pipeline needs of a detector: one interface, whatever the family.
+
+Inference, scoring from checkpoints, gradients, per-object maps, area curves, faithfulness and torchrun
+talk to a detector through these members only; :class:`~gradlens.models.retinanet.RetinaNetDetector` is one
+implementation (every RetinaNet gradlens loads). A detector is a ``torch.nn.Module`` (the pipeline moves it
+between devices, freezes its parameters and sets inference mode on every submodule) that also has:
+
+- ``preprocess`` (:class:`~gradlens.models.transform.PreprocessConfig`): the framework's test-time resize,
+  normalisation and padding of a [0, 1] RGB image at its original size, applied by the detector itself and
+  differentiable (the uint8 rounding of a framework that resizes 8-bit images passes the gradient straight
+  through); its ``mean`` is also what faithfulness fills deleted pixels with;
+- ``categories``: the dataset categories of its labels, ``[{"id": ..., "name": ...}]`` in label order
+  (``None`` entries for labels that are no category);
+- ``framework`` and ``arch_name``: whose arithmetic it follows and what it is, for cache and store keys;
+- ``detect(images)``: detections per image in original pixel coordinates (``boxes`` xyxy, ``scores``,
+  ``labels``), as the framework's test pipeline gives them;
+- ``image_losses(images, targets)``: DESIGN's total detection loss per image as named terms (shape
+  ``[len(images)]`` each, differentiable with respect to the images), in whatever mode the modules are;
+- ``object_losses(images, targets)``: each image's loss split by owner (entry 0 the background, then one per
+  object), adding up to ``image_losses``;
+- ``detect_with_losses(images, targets)``: both from one forward pass, without gradient.
+
+``targets[i]`` holds ``boxes`` (xyxy, original pixels) and contiguous ``labels``
+(:func:`gradlens.attribution.targets.image_targets`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from gradlens.models.transform import PreprocessConfig
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """The members every detector has (see the module's docstring); a ``torch.nn.Module`` besides."""
+
+    preprocess: PreprocessConfig
+    categories: list
+
+    @property
+    def framework(self) -> str: ...
+
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]: ...
+
+    def image_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+
+    def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]: ...
+
+    def detect_with_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[dict], dict]: ...
