@@ -209,14 +209,17 @@ def detector_from_spec(spec: dict):
     from gradlens.models.checkpoints import load_detector
     from gradlens.models.transform import PreprocessConfig
 
-    detector = load_detector(spec["checkpoint"], arch=spec["arch"], trust=spec["trust"], device=device_for_rank(spec["device"]),
-                             categories=spec["categories"])
+    randomisation = spec.get("randomisation")
+    device = device_for_rank(spec["device"])
+    detector = load_detector(spec["checkpoint"], arch=spec["arch"], trust=spec["trust"],
+                             device="cpu" if randomisation else device, categories=spec["categories"])
     detector.preprocess = PreprocessConfig.from_dict(spec["preprocess"])
-    if spec.get("randomisation"):  # the same re-initialised copy as rank 0's, before any change of layout
+    if randomisation:  # the same re-initialised copy as rank 0's: drawn on the CPU, before any change of layout
         from gradlens.faithfulness.randomise import randomise
 
-        randomise(detector, int(spec["randomisation"]["steps"]), int(spec["randomisation"]["seed"]))
-        detector.randomisation = dict(spec["randomisation"])
+        randomise(detector, int(randomisation["steps"]), int(randomisation["seed"]))
+        detector = detector.to(device)
+        detector.randomisation = dict(randomisation)
     if spec["channels_last"]:
         detector.use_channels_last()
     return detector

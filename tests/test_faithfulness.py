@@ -403,3 +403,115 @@ def test_command_line(demo, first, tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
     bad = subprocess.run(base + ["--fill", "zeros"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "zeros" in bad.stderr
+
+
+# -- after review: stale results, sentences, edge cases -------------------------------------------------------
+
+
+def test_other_maps_or_arithmetic_get_their_own_results(demo, first, tmp_path):
+    """Rows ranked by float16 maps are not reused for float32 maps, nor rows computed one way on resume another."""
+    copy = tmp_path / "run"
+    shutil.copytree(demo, copy, symlinks=True)
+    other = run(copy, map_dtype="float32")
+    assert other.runs["a"].computed == 12 and other.runs["a"].results.folder != first.runs["a"].results.folder
+    from gradlens.faithfulness.compute import faithfulness_key
+
+    store = first.runs["a"].results
+    key = dict(store.key)
+    assert key["single_threaded"] in (True, False) and key["device_type"] == "cpu"
+    assert key["map_store"] != other.runs["a"].results.key["map_store"]
+    assert faithfulness_key  # the one function that names everything above
+
+
+def test_sentences_follow_the_sign_without_intervals():
+    from gradlens.faithfulness.curves import faithfulness_sentences
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for image in range(10):
+        for order, drop in (("map", 0.05), ("random", 0.3)):  # deleting by the map hurts LESS than random
+            for q in (0.0, 0.1, 0.5):
+                quality = 0.6 - (drop * q / 0.1 if q else 0.0) + rng.normal(0, 0.005) * (q > 0)
+                rows.append({"image_id": image, "rank": image + 1, "role": "a", "label": "A", "mode": "deletion",
+                             "order": order, "q": q, "quality": quality, "loss": 1.0, "detections": 1})
+    table = pd.DataFrame(rows)
+    for bootstrap in (0, 200):
+        curves, paired = faithfulness_curves(table, bootstrap, 0, 0.95), faithfulness_paired(table, bootstrap, 0, 0.95)
+        (sentence,) = faithfulness_sentences(curves, paired)
+        assert "matter less than random ones" in sentence and "needs the region" not in sentence, sentence
+    only_half = table[table["q"].isin([0.0, 0.5])]
+    (sentence,) = faithfulness_sentences(faithfulness_curves(only_half, 0, 0, 0.95),
+                                         faithfulness_paired(only_half, 0, 0, 0.95))
+    assert "top 50% of the pixels" in sentence  # the headline q is the grid's nearest to 10 %, never 0
+
+
+def test_areas_are_the_mean_per_image_areas(first):
+    areas = first.areas
+    table = first.table
+    for _, row in areas.iterrows():
+        values, q = (table[(table["role"] == row["role"]) & (table["mode"] == row["mode"]) & (table["order"] == row["order"])]
+                     .pivot(index="rank", columns="q", values=row["metric"]), None)
+        grid = values.columns.to_numpy(float)
+        direct = (np.trapezoid(values.to_numpy(), grid, axis=1) / (grid[-1] - grid[0])).mean()
+        assert row["area"] == pytest.approx(direct, rel=1e-12) and row["low"] <= row["area"] <= row["high"]
+    assert len(areas) == 2 * 2 * 2 * 2
+
+
+def test_a_constant_map_ranks_nothing(tmp_path):
+    from gradlens.data.coco import load_ground_truth
+
+    ann = write_json(tmp_path / "annotations" / "instances_val2017.json", make_gt_dict(
+        [{"id": 7, "file_name": "x.jpg", "width": 16, "height": 12}], [(7, 1, [4, 2, 6, 6], 0)]))
+    gt = load_ground_truth(ann, tmp_path)
+    image = torch.zeros(3, 12, 16, dtype=torch.uint8)
+    image[:, 2:8, 4:10] = 255
+    import gradlens
+
+    detector = BrightnessDetector((4, 2, 10, 8))
+    config = FaithfulnessConfig(fractions=(0.0, 0.1, 0.5)).check()
+    rows = gradlens.faithfulness_rows(detector, gt, 7, image, np.zeros((12, 16)), config)
+    by_map = [r for r in rows if r["order"] == "map" and r["q"] > 0]
+    assert by_map and all(math.isnan(r["quality"]) and math.isnan(r["loss"]) for r in by_map)
+    assert all(not math.isnan(r["quality"]) for r in rows if r["order"] == "random" or r["q"] == 0)
+    assert detector.forwards == 2 + 2 * 2  # the map order's perturbations are not run
+    with pytest.raises(GradlensError, match="8-bit pixels"):
+        gradlens.faithfulness_rows(detector, gt, 7, image.float() / 255, np.ones((12, 16)), config)
+
+
+def test_names_seeds_and_records_are_checked_before_any_work(demo, first, tmp_path):
+    from gradlens.faithfulness.run import load_faithfulness_record
+
+    for name, message in (("manifest", "own manifest files"), ("selection", "own selection files"),
+                          ("area_curve", None)):
+        copy = tmp_path / name
+        shutil.copytree(demo, copy, symlinks=True, ignore=shutil.ignore_patterns("maps", "faithfulness"))
+        if name == "area_curve":
+            (copy / "area_curve.json").write_text(json.dumps({"settings": {"thresholds": 200}}))
+            message = "which area-curve wrote"
+        with pytest.raises(GradlensError, match=message):
+            run(copy, name=name)
+    for seed in (-1, 2**63, 2**64):
+        with pytest.raises(GradlensError, match="--randomise-seed must be"):
+            run(demo, randomise=True, randomise_seed=seed)
+    with pytest.raises(GradlensError, match="--top must be"):
+        run(demo, top=0)
+    copy = tmp_path / "nohash"
+    shutil.copytree(demo, copy, symlinks=True, ignore=shutil.ignore_patterns("maps", "faithfulness"))
+    record = json.loads((copy / "faithfulness.json").read_text())
+    (copy / "faithfulness.json").write_text(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
+    with pytest.raises(InputFileError, match="sha256"):
+        load_faithfulness_record(copy)
+    partial = dict(record, sha256={k: v for k, v in record["sha256"].items() if k != "faithfulness.png"})
+    (copy / "faithfulness.json").write_text(json.dumps(partial))
+    with pytest.raises(InputFileError, match="faithfulness.png"):
+        load_faithfulness_record(copy)
+
+
+def test_area_curve_names_follow_the_same_rule(demo, first, tmp_path):
+    from gradlens.regions.run import run_area_curve
+
+    copy = tmp_path / "run"
+    shutil.copytree(demo, copy, symlinks=True, ignore=shutil.ignore_patterns("maps", "faithfulness"))
+    for name, message in (("manifest", "own manifest files"), ("faithfulness", "which faithfulness wrote")):
+        with pytest.raises(GradlensError, match=message):
+            run_area_curve(copy, name=name, progress=False)

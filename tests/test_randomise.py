@@ -220,6 +220,9 @@ def test_map_similarity_nan_cases_and_bad_input():
         map_similarity(a, -a)
     with pytest.raises(ValueError, match=r"\[H, W\]"):
         map_similarity(a[None], a[None])
+    thin = a[:5] + 0.1  # narrower than SSIM's 7x7 window: Spearman only
+    spearman, ssim = map_similarity(thin, thin * 2)
+    assert spearman == pytest.approx(1.0) and math.isnan(ssim)
 
 
 # -- table, summary, flag -----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class ModelMaps:
     checkpoint: Path
     store: MapStore
     run: MapRun | None = None
+    sha256: str | None = None  # the checkpoint's, hashed once when the work directory's models are gathered
 
 
 def selection_table(workdir: str | os.PathLike) -> pd.DataFrame:
@@ -176,7 +177,7 @@ def workdir_maps(
         key = map_store_key(detector, digest, gt, config, batch_size=run.batch_size)
         store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype,
                          remedy="it was changed outside gradlens; delete that folder and its maps are computed again")
-        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store)
+        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store, sha256=digest)
         if compute and config.target == "object":  # one map per object of these images (gradlens.attribution.objects)
             from gradlens.attribution.objects import compute_object_maps
 

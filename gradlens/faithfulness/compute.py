@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +98,21 @@ def expected_rows(config: FaithfulnessConfig) -> list[tuple[str, str, float]]:
 
 
 def faithfulness_key(detector: Detector, checkpoint_sha256: str, gt: GroundTruth, maps: MapStore,
-                     config: FaithfulnessConfig, batch_size: int, precision: str, class_agnostic: bool) -> dict:
-    """Everything that changes an image's rows: the result store's identity."""
+                     config: FaithfulnessConfig, batch_size: int, precision: str, class_agnostic: bool,
+                     single_threaded: bool) -> dict:
+    """Everything that changes an image's rows: the result store's identity. The maps that rank the pixels are
+    named as their folder is (their key and dtype); how the arithmetic runs (device type, one core per image or
+    not, batch size, precision) changes the last bits, so a resumed run must run it the same way."""
     return {
         "result_format": RESULT_FORMAT,
         **detector_identity(detector, checkpoint_sha256, gt),
         # a family's post-processing and loss settings, where it has them as objects (RetinaNet's do)
         **{name: getattr(detector, name).to_dict() for name in ("test_cfg", "loss_cfg")
            if hasattr(getattr(detector, name, None), "to_dict")},
-        "map_store": key_digest(maps.key),
+        "map_store": key_digest({**maps.key, "map_dtype": maps.map_dtype}),
         "faithfulness": config.to_dict(),
+        "device_type": next(detector.parameters()).device.type,
+        "single_threaded": bool(single_threaded),
         "batch_size": int(batch_size),
         "precision": precision,
         "class_agnostic": bool(class_agnostic),
@@ -132,8 +137,14 @@ class ResultStore:
                 raise GradlensError(f"{self.folder} is not a faithfulness result store (no readable {RESULT_STORE_FILE}).") from None
         self.key = key
         self.digest = key_digest(key)
-        self.config = (config or FaithfulnessConfig(**{k: (tuple(v) if k == "fractions" else v)
-                                                       for k, v in key["faithfulness"].items()})).check()
+        if config is None:
+            try:
+                settings = key["faithfulness"]
+                config = FaithfulnessConfig(settings["fill"], tuple(settings["fractions"]), settings["seed"])
+            except (KeyError, TypeError, AttributeError):
+                raise GradlensError(f"{meta} is damaged (no faithfulness settings); delete {self.folder} to have its "
+                                    "results computed again.") from None
+        self.config = config.check()
         self.expected = expected_rows(self.config)
         if not meta.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +172,9 @@ class ResultStore:
             quality = math.nan if quality is None else quality
             if not (isinstance(quality, float) and (math.isnan(quality) or 0.0 <= quality <= 1.0)):
                 return None
-            if not (isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) and loss >= 0):
+            loss = math.nan if loss is None else loss
+            if not (isinstance(loss, float) and (math.isnan(loss) or loss >= 0) and not math.isinf(loss)) and not (
+                    isinstance(loss, int) and not isinstance(loss, bool) and loss >= 0):
                 return None
             if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
                 return None
@@ -175,35 +188,45 @@ class ResultStore:
         if [(r["mode"], r["order"], r["q"]) for r in rows] != self.expected:
             raise GradlensError("internal: faithfulness rows out of the store's order")  # a bug, not a user mistake
         data = {"key": self.digest, "image_id": int(image_id),
-                "rows": [[r["mode"], r["order"], r["q"], None if math.isnan(r["quality"]) else r["quality"], r["loss"],
-                          r["detections"]] for r in rows]}
+                "rows": [[r["mode"], r["order"], r["q"], None if math.isnan(r["quality"]) else r["quality"],
+                          None if math.isnan(r["loss"]) else r["loss"], r["detections"]] for r in rows]}
         with atomic_path(self.path(image_id)) as tmp:
             tmp.write_text(json.dumps(data) + "\n")  # floats as repr: read back bit for bit
 
 
-def pixel_ranks(image_id: int, maps: MapStore, shape: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-    """Each pixel's rank in the model's own map order and in the seeded random order."""
+def order_ranks(magnitude: np.ndarray, seed: int, image_id: int) -> dict[str, np.ndarray | None]:
+    """Each pixel's rank in the map's order and in the seeded random order. A constant map (all zero, say)
+    ranks nothing: its ``map`` entry is None and its map-order rows are NaN (row-major order is no ranking)."""
+    flat = np.asarray(magnitude).reshape(-1)
+    constant = flat.size == 0 or bool((flat == flat[0]).all())
+    return {"map": None if constant else ranks(map_order(magnitude)),
+            "random": ranks(random_order(flat.size, seed, image_id))}
+
+
+def pixel_ranks(image_id: int, maps: MapStore, shape: tuple[int, int], seed: int) -> dict[str, np.ndarray | None]:
+    """:func:`order_ranks` of the model's stored map of the image (its float16 codes: no decoding)."""
     codes = maps.read_codes(image_id)[0] if maps.map_dtype == "float16" else maps.read(image_id)
     if tuple(codes.shape) != tuple(shape):
         raise GradlensError(f"The stored map of image {image_id} in {maps.folder} is {codes.shape[0]}x{codes.shape[1]}, "
                             f"but the image is {shape[0]}x{shape[1]}; delete the map to have it computed again.")
-    return {"map": ranks(map_order(codes)), "random": ranks(random_order(shape[0] * shape[1], seed, image_id))}
+    return order_ranks(codes, seed, image_id)
 
 
 def image_rows(detector: Detector, gt: GroundTruth, image_id: int, image: torch.Tensor,
-               order_ranks: dict[str, np.ndarray], config: FaithfulnessConfig, batch_size: int, precision: str,
+               rankings: dict[str, np.ndarray | None], config: FaithfulnessConfig, batch_size: int, precision: str,
                class_agnostic: bool) -> list[dict]:
-    """Every row of one image (``image``: its ``[3, H, W]`` uint8 pixels) for one model."""
+    """Every row of one image (``image``: its ``[3, H, W]`` uint8 pixels) for one model; ``rankings`` as
+    :func:`order_ranks` gives them (map-order rows of a constant map are NaN, and not computed)."""
     device = next(detector.parameters()).device
     filled = fill_image(image, config.fill, detector.preprocess.mean, config.seed, image_id)
     target = image_targets(gt, image_id, detector.categories).as_dict()
-    variants = image_variants(config)
+    variants = [v for v in image_variants(config) if v[1] is None or rankings[v[1]] is not None]
     label_to_id = [c["id"] for c in detector.categories]
     records, losses = [], []
     for start in range(0, len(variants), batch_size):
         chunk = variants[start:start + batch_size]
         pixels = [image if q == 0 and mode == "deletion" else filled if q == 0 else
-                  perturbed(image, filled, order_ranks[order], q, mode) for mode, order, q in chunk]
+                  perturbed(image, filled, rankings[order], q, mode) for mode, order, q in chunk]
         batch = [p.to(device).float().div_(255.0) for p in pixels]
         with torch.inference_mode(), PrecisionScope(precision, device):
             outputs, loss = detector.detect_with_losses(batch, [target] * len(batch))
@@ -215,7 +238,7 @@ def image_rows(detector: Detector, gt: GroundTruth, image_id: int, image: torch.
              for (mode, order, q), quality, loss, recs in zip(variants, qualities, losses, records)}
     rows = []
     for mode, order, q in expected_rows(config):
-        quality, loss, count = found[(mode, None if q == 0 else order, q)]
+        quality, loss, count = found.get((mode, None if q == 0 else order, q), (math.nan, math.nan, 0))
         rows.append({"mode": mode, "order": order, "q": q, "quality": quality, "loss": loss, "detections": count})
     return rows
 
@@ -231,16 +254,20 @@ def faithfulness_rows(detector, gt: GroundTruth, image_id: int, image, magnitude
     """
     config = (config or FaithfulnessConfig()).check()
     pixels = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    if pixels.dtype != torch.uint8:
+        raise GradlensError(f"faithfulness_rows needs the image's 8-bit pixels (uint8), not {pixels.dtype}: the detector "
+                            "reads 8-bit images, and a fill is rounded to 8 bits.")
     if pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.shape[0] != 3:
         pixels = pixels.permute(2, 0, 1)
-    pixels = pixels.to(torch.uint8).contiguous()
+    pixels = pixels.contiguous()
     m = magnitude.detach().cpu().numpy() if isinstance(magnitude, torch.Tensor) else np.asarray(magnitude)
     if tuple(m.shape) != tuple(pixels.shape[-2:]):
         raise GradlensError(f"The map is {m.shape} but the image is {tuple(pixels.shape[-2:])}: they must share pixels.")
-    h, w = m.shape
-    order_ranks = {"map": ranks(map_order(m)), "random": ranks(random_order(h * w, config.seed, image_id))}
-    with frozen_inference_mode(detector):
-        return image_rows(detector, gt, int(image_id), pixels, order_ranks, config, batch_size, precision, class_agnostic)
+    device = next(detector.parameters()).device
+    # operators on one core where the command runs them so (a machine with several cores): the same last bits
+    with frozen_inference_mode(detector), single_threaded_ops(batch_threads(device, 2, "GRADLENS_FAITHFULNESS_THREADS") > 1):
+        return image_rows(detector, gt, int(image_id), pixels, order_ranks(m, config.seed, image_id), config, batch_size,
+                          precision, class_agnostic)
 
 
 def compute_images(detector: Detector, gt: GroundTruth, image_ids: list[int], maps: MapStore,
@@ -252,8 +279,8 @@ def compute_images(detector: Detector, gt: GroundTruth, image_ids: list[int], ma
 
     def work(image_id: int) -> int:
         pixels = torch.from_numpy(read_image(gt.image_path(image_id), gt.exif_orientation)).permute(2, 0, 1).contiguous()
-        order_ranks = pixel_ranks(image_id, maps, tuple(pixels.shape[-2:]), config.seed)
-        results.write(image_id, image_rows(detector, gt, image_id, pixels, order_ranks, config, batch_size, precision,
+        rankings = pixel_ranks(image_id, maps, tuple(pixels.shape[-2:]), config.seed)
+        results.write(image_id, image_rows(detector, gt, image_id, pixels, rankings, config, batch_size, precision,
                                            class_agnostic))
         return 1
 
@@ -300,16 +327,17 @@ def compute_faithfulness(detector: Detector, checkpoint_sha256: str, gt: GroundT
     config = (config or FaithfulnessConfig()).check()
     if batch_size < 1:
         raise GradlensError("--batch-size must be at least 1.")
-    key = faithfulness_key(detector, checkpoint_sha256, gt, maps, config, batch_size, precision, class_agnostic)
+    device = next(detector.parameters()).device
+    # one image per core with single-threaded operators whenever the machine has several cores: decided by
+    # the machine, not by how many images are left, so a resumed run computes each image as a whole run does
+    single_threaded = batch_threads(device, 2, "GRADLENS_FAITHFULNESS_THREADS") > 1
+    key = faithfulness_key(detector, checkpoint_sha256, gt, maps, config, batch_size, precision, class_agnostic,
+                           single_threaded)
     results = ResultStore(Path(folder) / key_digest(key), key, config)
     ids = [int(i) for i in image_ids]
     todo = [i for i in ids if not results.has(i)]
     if not todo:
         return FaithfulnessRun(0, len(ids), results)
-    device = next(detector.parameters()).device
-    # one image per core with single-threaded operators whenever the machine has several cores: decided by
-    # the machine, not by how many images are left, so a resumed run computes each image as a whole run does
-    single_threaded = batch_threads(device, 2, "GRADLENS_FAITHFULNESS_THREADS") > 1
     threads = batch_threads(device, len(todo), "GRADLENS_FAITHFULNESS_THREADS") if single_threaded else 1
     world = distributed.active()
     where = f" on {world.size} ranks" if world is not None else (f", {threads} threads" if threads > 1 else "")
@@ -355,7 +383,7 @@ def _faithfulness_job(job: dict, shares: list[list[int]], status) -> int:
     maps = MapStore(job["maps"])
     results = ResultStore(job["results"])
     mine = faithfulness_key(detector, sha256_file(job["detector"]["checkpoint"]), gt, maps, results.config,
-                            job["batch_size"], job["precision"], job["class_agnostic"])
+                            job["batch_size"], job["precision"], job["class_agnostic"], job["single_threaded"])
     distributed.check_same_inputs(json.loads(json.dumps(mine)), job["key"], "the faithfulness step")
     distributed.check_same_inputs(results.key, job["key"], f"the faithfulness results {results.folder}")
     return _rank_share(detector, gt, shares, maps, results, job["batch_size"], job["precision"], job["class_agnostic"],

@@ -4,6 +4,7 @@ From the per-image rows (:data:`TABLE_COLUMNS`, one per image, model, mode, orde
 
 - **curves**: per model, mode, order and q, the mean quality and mean loss over the images, with a
   percentile bootstrap band (the images resampled; the same resamples for every curve);
+- **areas** (:func:`faithfulness_areas`): each model's mean area with its band;
 - **area under a curve** of an image: the trapezoidal area under its quality (or loss) against q, divided
   by the grid's span (so it is the mean over q in [0, q_max], in the quality's own units). Deletion by a
   faithful map *lowers* the quality fast (a small area); insertion *raises* it fast (a large area);
@@ -27,6 +28,8 @@ PAIRED_COLUMNS = ["comparison", "role", "label", "versus", "versus_label", "mode
                   "low", "high", "p_value", "num_images"]
 METRICS = ("quality", "loss")
 HEADLINE_Q = 0.1  # the sentence's point: the top 10 % of the pixels by the map against a random 10 %
+ALPHA = 0.05  # without intervals (--bootstrap 0), a difference counts when its Wilcoxon p-value is below this
+AREA_COLUMNS = ["role", "label", "mode", "order", "metric", "area", "low", "high", "num_images"]
 
 
 def per_image(table: pd.DataFrame, role: str, mode: str, order: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +65,27 @@ def faithfulness_curves(table: pd.DataFrame, bootstrap: int, seed: int, level: f
                     "loss_high": bands["loss"].high, "num_images": bands["quality"].num_images,
                 }))  # fmt: skip
     return pd.concat(frames, ignore_index=True).reindex(columns=CURVE_COLUMNS)
+
+
+def faithfulness_areas(table: pd.DataFrame, bootstrap: int, seed: int, level: float) -> pd.DataFrame:
+    """Each model's mean area under its curves (per mode, order and metric) with a bootstrap band
+    (:data:`AREA_COLUMNS`): how fast its quality falls (deletion) or rises (insertion) over the whole grid."""
+    rows = []
+    counts = None
+    for (role, label), _ in table.groupby(["role", "label"], sort=False):
+        for mode in table["mode"].unique():
+            for order in table["order"].unique():
+                for metric in METRICS:
+                    values, q = per_image(table, role, mode, order, metric)
+                    areas = area_under(values, q)
+                    if counts is None and bootstrap > 0 and len(areas) >= 2:
+                        counts = resample_counts(len(areas), bootstrap, seed)
+                    band = bootstrap_mean(areas[:, None], bootstrap, seed, level,
+                                          counts=counts if counts is not None and len(areas) == counts.shape[1] else None)
+                    rows.append({"role": role, "label": label, "mode": mode, "order": order, "metric": metric,
+                                 "area": float(band.mean[0]), "low": float(band.low[0]), "high": float(band.high[0]),
+                                 "num_images": band.num_images})
+    return pd.DataFrame(rows, columns=AREA_COLUMNS)
 
 
 def _paired_rows(base: dict, a: np.ndarray, b: np.ndarray, q: np.ndarray, bootstrap: int, seed: int,
@@ -124,6 +148,7 @@ def faithfulness_sentences(curves: pd.DataFrame, paired: pd.DataFrame, q: float 
     """One sentence per model: its quality after deleting the top ``q`` of the pixels by its own map against a
     random ``q`` (the nearest q of the grid), and whether the difference is clear."""
     grid = np.sort(curves["q"].unique())
+    grid = grid[grid > 0]  # q = 0 deletes nothing
     point = float(grid[np.argmin(np.abs(grid - q))]) if len(grid) else q
     sentences = []
     for (role, label), _ in curves.groupby(["role", "label"], sort=False):
@@ -139,11 +164,15 @@ def faithfulness_sentences(curves: pd.DataFrame, paired: pd.DataFrame, q: float 
         if diff is None:
             sentences.append(text + ".")
             continue
-        clear = (diff["high"] < 0) if not np.isnan(diff["high"]) else diff["p_value"] < 0.05
+        if np.isnan(diff["low"]) or np.isnan(diff["high"]):  # no interval (--bootstrap 0): the sign and the p-value
+            below = diff["estimate"] < 0 and diff["p_value"] < ALPHA
+            above = diff["estimate"] > 0 and diff["p_value"] < ALPHA
+        else:
+            below, above = diff["high"] < 0, diff["low"] > 0
         text += f" (map - random {_interval(diff)})"
-        if clear:
+        if below:
             text += ": the detector needs the region its map ranks first."
-        elif diff["estimate"] >= 0 and not np.isnan(diff["low"]) and diff["low"] > 0:
+        elif above:
             text += ": the map's top pixels matter less than random ones."
         else:
             text += ": no clear difference from random pixels."

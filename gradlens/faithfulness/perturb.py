@@ -13,8 +13,9 @@ is rounded to 8 bits like every image the detector reads, so an unperturbed imag
   ``(seed, image id)``: the same for every model of an image, so the baseline is paired.
 - **Fills** (:func:`fill_image`): ``mean``, the detector's normalisation mean (what the network sees as
   zero after normalisation, up to the 8-bit rounding); ``blur``, a Gaussian blur of the image with
-  sigma 2 % of its longer side (reflected at the borders); ``noise``, uniform 8-bit noise seeded with
-  ``(seed, image id)``.
+  sigma 2 % of its longer side, kernel +-3 sigma, reflected at the borders (on an image narrower than
+  the kernel, the kernel is cut to it; under 3 pixels there is no blur); ``noise``, uniform 8-bit noise
+  from PCG64 seeded with ``(seed, image id, 1)``.
 """
 
 from __future__ import annotations

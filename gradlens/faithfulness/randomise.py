@@ -76,6 +76,7 @@ SUMMARY_COLUMNS = ["role", "label", "step", "randomised", "spearman_median", "sp
 # top layers are re-initialised. A median still at or above 0.5 after the head alone is randomised means that
 # more than half of the map's ordering survived the loss of the weights that turn features into detections.
 FLAG_LEVEL = 0.5
+RANDOMISATION_RULES = 1  # the re-initialisation rules' version: stores of maps made under other rules are not reused
 
 HEAD_INIT_STD = 0.01  # torchvision's RetinaNet head: conv weights normal(0, 0.01)
 PRIOR_PROBABILITY = 0.01  # torchvision's RetinaNet classification head: logit bias -log((1 - p) / p)
@@ -310,7 +311,7 @@ def map_similarity(reference, other) -> tuple[float, float]:
 
     Rank correlation says whether the pixels keep their order of importance; SSIM whether the map keeps its
     local structure (both are the measures of Adebayo et al.). NaN where a measure is undefined: Spearman for a
-    constant map, SSIM for an all-zero one.
+    constant map, SSIM for an all-zero one or one narrower than SSIM's 7x7 window.
     """
     a, b = _as_map(reference, "reference"), _as_map(other, "other")
     if a.shape != b.shape:
@@ -324,8 +325,8 @@ def map_similarity(reference, other) -> tuple[float, float]:
     a_max, b_max = a.max(), b.max()
     if a_max == 0 or b_max == 0:
         return spearman, math.nan
-    if min(a.shape) < 7:
-        raise ValueError(f"SSIM's 7x7 window needs maps of at least 7x7 pixels; these are {a.shape[0]}x{a.shape[1]}.")
+    if min(a.shape) < 7:  # SSIM's 7x7 window does not fit: no SSIM for this image, as for a zero map
+        return spearman, math.nan
     from skimage.metrics import structural_similarity  # slow to import: only when a map is compared
 
     return spearman, float(structural_similarity(a / a_max, b / b_max, data_range=1.0))

@@ -10,7 +10,6 @@ re-initialised copies, :mod:`~gradlens.faithfulness.randomise`) → store (table
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,20 +26,27 @@ from gradlens.errors import GradlensError, InputFileError
 from gradlens.faithfulness.compute import FaithfulnessConfig, compute_faithfulness
 from gradlens.faithfulness.curves import (
     TABLE_COLUMNS,
+    faithfulness_areas,
     faithfulness_curves,
     faithfulness_paired,
     faithfulness_sentences,
 )
 from gradlens.faithfulness.perturb import DEFAULT_FRACTIONS
 from gradlens.fileio import check_output_name, read_json, write_json, write_table
-from gradlens.regions.record import check_record_files, move_into_place, staging_folder
+from gradlens.regions.record import (
+    PLAIN_NAME,
+    SHA256_HEX,
+    check_name_is_free,
+    check_record_files,
+    move_into_place,
+    staging_folder,
+)
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import load_manifest, save_manifest
 
 RECORD_WHAT = "faithfulness record"
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_RANDOMISE_SEED = 2**63 - 1 - 64  # torch seeds are 64-bit; each re-initialised part adds one to the seed
 
 
 @dataclass
@@ -49,6 +55,7 @@ class FaithfulnessResult:
 
     table: pd.DataFrame  # one row per image, model, mode, order and q (curves.TABLE_COLUMNS)
     curves: pd.DataFrame
+    areas: pd.DataFrame
     paired: pd.DataFrame
     sentences: list[str]
     q0_difference: dict[str, float]  # per role: largest |quality of the image rerun here - the quality select scored|
@@ -99,7 +106,12 @@ def run_faithfulness(
     from gradlens.models.checkpoints import load_detector
 
     workdir = Path(workdir)
-    check_output_name(name)
+    check_name_is_free(workdir, name, "faithfulness")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1):
+        raise GradlensError(f"--top must be a whole number of at least 1; got {top!r}.")
+    if randomise and (isinstance(randomise_seed, bool) or not isinstance(randomise_seed, (int, np.integer))
+                      or not 0 <= int(randomise_seed) <= MAX_RANDOMISE_SEED):
+        raise GradlensError(f"--randomise-seed must be a whole number from 0 to {MAX_RANDOMISE_SEED}; got {randomise_seed!r}.")
     settings = FaithfulnessConfig(fill, tuple(fractions) if not isinstance(fractions, str) else fractions, seed).check()
     check_bootstrap(bootstrap, bootstrap_seed, check_level(level))
     ids = selection_ids(workdir, top)
@@ -116,17 +128,24 @@ def run_faithfulness(
     recorded = recorded_qualities(workdir, roles, ids)
 
     # load: every model's maps of the selection (computed or reused, as area-curve does)
-    models, gt = workdir_maps(workdir, ids, config, run, checkpoints, coco, map_dtype, progress)
     device = resolve_device(run.device)
-    from gradlens.attribution.workdir import model_checkpoints
+    steps = {}
+    if randomise:  # each model's cascade, known before any long work (a backbone it cannot split is refused now)
+        from gradlens.attribution.workdir import model_checkpoints
+        from gradlens.faithfulness.randomise import randomisation_steps
 
-    digests = {role: digest for role, (_, digest) in model_checkpoints(manifest, workdir, checkpoints).items()}
+        for role, (path, _) in model_checkpoints(manifest, workdir, checkpoints).items():
+            try:
+                steps[role] = [n for n, _ in randomisation_steps(load_detector(path, arch=run.arch, trust=run.trust))]
+            except ValueError as exc:
+                raise GradlensError(f"The randomisation check cannot split model {role}'s detector: {exc}") from None
+    models, gt = workdir_maps(workdir, ids, config, run, checkpoints, coco, map_dtype, progress)
 
     # compute: each model on every perturbed image (resumable per image)
     frames, runs = [], {}
     for m in models:
         detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device)  # as score runs it
-        runs[m.role] = compute_faithfulness(detector, digests[m.role], gt, ids, m.store, workdir / "faithfulness" / m.role,
+        runs[m.role] = compute_faithfulness(detector, m.sha256, gt, ids, m.store, workdir / "faithfulness" / m.role,
                                             settings, run.batch_size, run.precision, class_agnostic, progress,
                                             label=f"{m.role} ({m.label})")
         rows = []
@@ -148,17 +167,21 @@ def run_faithfulness(
         at_zero = ((table["role"] == m.role) & (table["mode"] == "deletion") & (table["q"] == 0.0)).to_numpy()
         ranks = table.loc[at_zero, "rank"].to_numpy() - 1
         rerun = table.loc[at_zero, "quality"].to_numpy(np.float64)
-        q0[m.role] = float(np.nanmax(np.abs(rerun - recorded[m.role][ranks]))) if len(rerun) else float("nan")
+        gap = np.abs(rerun - recorded[m.role][ranks])
+        both_nan = np.isnan(rerun) & np.isnan(recorded[m.role][ranks])
+        gap = np.where(both_nan, 0.0, np.where(np.isnan(gap), np.inf, gap))  # NaN on one side only: no agreement
+        q0[m.role] = float(gap.max()) if len(gap) else float("nan")
         table.loc[at_zero, "quality"] = recorded[m.role][ranks]
 
     randomisation = summary_r = None
     flags: list[str] = []
     if randomise:
         randomisation, summary_r, flags = randomisation_check(workdir, models, gt, ids, config, run, randomise_seed,
-                                                              map_dtype, progress)
+                                                              map_dtype, progress, steps)
 
     # statistics
     curves = faithfulness_curves(table, bootstrap, bootstrap_seed, level)
+    areas = faithfulness_areas(table, bootstrap, bootstrap_seed, level)
     paired = faithfulness_paired(table, bootstrap, bootstrap_seed, level)
     sentences = faithfulness_sentences(curves, paired)
 
@@ -167,6 +190,7 @@ def run_faithfulness(
         figures = [workdir / p.name for p in save_faithfulness_figure(curves, staged / name)]
         write_table(table, staged, name)
         write_table(curves, staged, f"{name}_curves")
+        write_table(areas, staged, f"{name}_areas")
         write_table(paired, staged, f"{name}_paired")
         extra = []
         if randomisation is not None:
@@ -190,7 +214,9 @@ def run_faithfulness(
                     "q0_max_difference": q0[m.role]} for m in models],
         "sentences": sentences,
         "flags": flags,
-        "outputs": {"table": f"{name}.csv", "curves": f"{name}_curves.csv", "paired": f"{name}_paired.csv",
+        "command": "faithfulness",
+        "outputs": {"table": f"{name}.csv", "curves": f"{name}_curves.csv", "areas": f"{name}_areas.csv",
+                    "paired": f"{name}_paired.csv",
                     "figure": [p.name for p in figures + extra],
                     **({"randomisation": f"{name}_randomisation.csv",
                         "randomisation_summary": f"{name}_randomisation_summary.csv"} if randomise else {})},
@@ -201,16 +227,20 @@ def run_faithfulness(
     manifest.setdefault("outputs", {})[name] = f"{name}.json"
     save_manifest(workdir, manifest)
     outputs = {"table": workdir / f"{name}.csv", "curves": workdir / f"{name}_curves.csv",
+               "areas": workdir / f"{name}_areas.csv",
                "paired": workdir / f"{name}_paired.csv", "meta": workdir / f"{name}.json",
                **{p.suffix[1:]: p for p in figures}}
     if randomise:
         outputs["randomisation"] = workdir / f"{name}_randomisation.csv"
+        outputs["randomisation_summary"] = workdir / f"{name}_randomisation_summary.csv"
         outputs.update({f"randomisation_{p.suffix[1:]}": p for p in extra})
-    return FaithfulnessResult(table, curves, paired, sentences, q0, outputs, models, runs, randomisation, summary_r, flags)
+    return FaithfulnessResult(table, curves, areas, paired, sentences, q0, outputs, models, runs, randomisation, summary_r,
+                              flags)
 
 
 def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[int], config: AttributionConfig,
-                        run: DetectorRun, seed: int, map_dtype: str = "float16", progress: bool | None = None):
+                        run: DetectorRun, seed: int, map_dtype: str = "float16", progress: bool | None = None,
+                        steps: dict[str, list[str]] | None = None):
     """The cascading model-parameter randomisation test of every model's maps: the maps of its copies
     re-initialised from the head down (:func:`~gradlens.faithfulness.randomise.randomise`), computed like any
     maps (batched, resumable, under torchrun) into their own stores, ``maps/<role>/randomised/<digest>``,
@@ -218,8 +248,8 @@ def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[in
     the flag sentences."""
     from gradlens.attribution.compute import compute_maps, map_store_key
     from gradlens.attribution.store import MapStore, key_digest
-    from gradlens.attribution.workdir import model_checkpoints
     from gradlens.faithfulness.randomise import (
+        RANDOMISATION_RULES,
         flagged,
         map_similarity,
         randomisation_steps,
@@ -232,18 +262,21 @@ def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[in
 
     device = resolve_device(run.device)
     config = config.check(device)
-    digests = model_checkpoints(load_manifest(workdir), workdir, {m.role: m.checkpoint for m in models})
     selected = selection_ids(workdir)
     rows = []
     for m in models:
-        names = [name for name, _ in randomisation_steps(load_detector(m.checkpoint, arch=run.arch, trust=run.trust))]
+        names = (steps or {}).get(m.role) or [
+            name for name, _ in randomisation_steps(load_detector(m.checkpoint, arch=run.arch, trust=run.trust))]
         for k, step in enumerate(names, start=1):
-            detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device)
-            randomise(detector, k, seed)  # before any change of layout: torchrun ranks repeat exactly this
-            detector.randomisation = {"steps": k, "seed": int(seed)}
+            # drawn on the CPU whatever the device (generators differ between devices), before any change of
+            # layout: the same weights on every device and every torchrun rank
+            detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device="cpu")
+            randomise(detector, k, seed)
+            detector = detector.to(device)
+            detector.randomisation = {"steps": k, "seed": int(seed), "rules": RANDOMISATION_RULES}
             if device.type == "cpu":
                 detector.use_channels_last()  # as the trained model's maps are computed
-            key = map_store_key(detector, digests[m.role][1], gt, config, batch_size=run.batch_size)
+            key = map_store_key(detector, m.sha256, gt, config, batch_size=run.batch_size)
             store = MapStore(workdir / "maps" / m.role / "randomised" / key_digest({**key, "map_dtype": map_dtype}), key,
                              map_dtype=map_dtype)
             compute_maps(detector, gt, ids, store, config, batch_size=run.batch_size, workers=run.workers,
@@ -284,11 +317,15 @@ def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulne
         refuse("outputs", outputs, "an object")
     for key, value in outputs.items():
         names = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, str) and _PLAIN_NAME.fullmatch(v) and ".." not in v for v in names):
+        if not all(isinstance(v, str) and PLAIN_NAME.fullmatch(v) and ".." not in v for v in names):
             refuse(f"outputs.{key}", value, "a file name inside the work directory")
-    digests = record.get("sha256", {})
-    if not isinstance(digests, dict) or not all(isinstance(k, str) and _PLAIN_NAME.fullmatch(k) and ".." not in k
-                                                and isinstance(v, str) and _SHA256.fullmatch(v) for k, v in digests.items()):
+    digests = record.get("sha256")
+    if not isinstance(digests, dict) or not all(isinstance(k, str) and PLAIN_NAME.fullmatch(k) and ".." not in k
+                                                and isinstance(v, str) and SHA256_HEX.fullmatch(v) for k, v in digests.items()):
         refuse("sha256", digests, "file names with their SHA-256")
+    listed = {v for value in outputs.values() for v in (value if isinstance(value, list) else [value])}
+    unhashed = sorted(listed - set(digests))
+    if unhashed:  # every file the record names is covered by its hash (no faithfulness record predates them)
+        refuse("sha256", f"without {unhashed[0]}", "the hash of every output")
     check_record_files(record, workdir, path, name, command="faithfulness")
     return record

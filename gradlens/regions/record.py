@@ -37,8 +37,8 @@ from gradlens.errors import GradlensError, InputFileError, OutputError
 from gradlens.fileio import check_output_name, read_json, sha256_file, short_repr
 
 RECORD_WHAT = "area-curve record"
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _ROLE = re.compile(r"a|b\d*")
 
 
@@ -48,6 +48,37 @@ def again(name: str, command: str = "area-curve") -> str:
 
 
 # -- writing as one unit -------------------------------------------------------------------------------
+
+RESERVED_NAMES = ("manifest", "selection", "metrics", "metrics_summary")  # the work directory's own files
+
+
+def record_command(record) -> str | None:
+    """Which command wrote a record: its ``command`` field, or area-curve for records written before it had one."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("command"), str):
+        return record["command"]
+    settings = record.get("settings")
+    if "decomposition" in record or (isinstance(settings, dict) and "thresholds" in settings):
+        return "area-curve"
+    return "faithfulness" if "sentences" in record and "flags" in record else None
+
+
+def check_name_is_free(workdir: str | os.PathLike, name: str, command: str) -> None:
+    """``--name`` must not overwrite the work directory's own files or another command's outputs (one sentence)."""
+    check_output_name(name)
+    if name in RESERVED_NAMES:
+        raise GradlensError(f"--name {name} would overwrite the work directory's own {name} files; choose another name.")
+    path = Path(workdir) / f"{name}.json"
+    if path.is_file():
+        try:
+            other = record_command(read_json(path, "record"))
+        except GradlensError:
+            other = None
+        if other != command:
+            raise GradlensError(f"--name {name} would overwrite {path}, which {other or 'another command'} wrote; "
+                                "choose another name.")
+
 
 
 def _process_alive(pid: int) -> bool:
@@ -196,7 +227,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
         for file, digest in digests.items():
             if not _plain_name(file):
                 refuse("sha256", file, "a file name inside the work directory")
-            if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
                 refuse(f"sha256.{file}", digest, "a SHA-256 digest")
         listed = [f for key, f in record["outputs"].items() if key != "figure"] + list(record["outputs"].get("figure", []))
         unhashed = [f for f in listed if f not in digests]
@@ -237,7 +268,7 @@ def _number(value) -> bool:
 
 
 def _plain_name(value) -> bool:
-    return isinstance(value, str) and bool(_PLAIN_NAME.fullmatch(value)) and ".." not in value
+    return isinstance(value, str) and bool(PLAIN_NAME.fullmatch(value)) and ".." not in value
 
 
 def _check_settings(settings: dict, refuse) -> None:

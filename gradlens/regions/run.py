@@ -19,7 +19,7 @@ from gradlens.fileio import atomic_path, check_output_name, write_json, write_ta
 from gradlens.regions.comparison import ScaleFocus, curve_statistics, scale_focus, with_bands
 from gradlens.regions.decomposition import LogGrid
 from gradlens.regions.per_image import ImageCurves, image_curves
-from gradlens.regions.record import move_into_place, staging_folder
+from gradlens.regions.record import check_name_is_free, move_into_place, staging_folder
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
 from gradlens.regions.histogram import approximate_mean, pooled_percentile
 from gradlens.regions.area import (
@@ -146,7 +146,7 @@ def run_area_curve(
     if scale not in ("linear", "log"):
         raise GradlensError(f"Unknown threshold scale {scale!r}; use linear or log.")
     threshold_grid(1.0, thresholds, scale, log_decades)  # check the grid options before any long work
-    check_output_name(name)
+    check_name_is_free(workdir, name, "area-curve")
     check_bootstrap(bootstrap, bootstrap_seed, check_level(level))  # before any long work, as the grid options
     if not 0 < t_max_percentile <= 100:
         raise GradlensError(f"--t-max-percentile must be in (0, 100]; got {t_max_percentile}.")
@@ -200,6 +200,7 @@ def run_area_curve(
     }  # fmt: skip
     record = {
         "gradlens_version": __version__,
+        "command": "area-curve",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
         "models": [{"role": m.role, "label": m.label, "checkpoint": str(m.checkpoint.resolve()),
