@@ -13,7 +13,6 @@ contiguous labels are mapped to COCO category ids.
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from importlib import import_module
 from torch import Tensor
 
 from gradlens.errors import CheckpointError
+from gradlens.models.config_text import ConfigDict, Opaque, read_config, settings
 
 # mmdetection's 80 contiguous labels -> COCO category ids (CocoDataset.CLASSES order).
 COCO80_IDS = [
@@ -360,44 +360,29 @@ def to_mmdet(sd: Mapping[str, Tensor], levels: int = 3) -> dict[str, Tensor]:
 
 MAX_TEST_SIDE = 8192  # pixels: the paper tests at 1333 x 800; a side beyond 8192 is a mistake
 MAX_SIZE_DIVISOR = 8192
-_MAX_LITERAL = 400  # characters: a setting's value longer than this is no number or list of numbers
 
 
 def _short(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
+    text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _value_text(text: str, start: int) -> str:
-    """The value written at ``text[start:]``: a bracketed expression up to its matching bracket, else up to the
-    next comma, closing parenthesis or line end."""
-    rest = text[start:].lstrip()
-    bracketed, depth = rest[:1] in "([", 0
-    for k, ch in enumerate(rest[: _MAX_LITERAL * 4]):
-        if depth == 0 and ch in ",)]}\n":
-            return rest[:k].strip()
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if depth == 0 and bracketed and ch in ")]}":
-            return rest[: k + 1]
-    return rest[: _MAX_LITERAL + 1]  # unbalanced or too long: refused as no literal
-
-
-def _setting(text: str, name: str, label: str | None = None):
-    """``(value, written)`` of the first ``name=...`` in ``text``, the value read with ``ast.literal_eval``
-    (a literal only: the config text is data, never run), or ``(None, None)`` when the text does not set it."""
-    m = re.search(r"(?<![A-Za-z0-9])" + re.escape(name) + r"\s*=\s*", text)
-    if not m:
-        return None, None
-    written = _value_text(text, m.end())
-    label = label or name
-    try:
-        if len(written) > _MAX_LITERAL:
-            raise ValueError
-        return ast.literal_eval(written), written
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        raise CheckpointError(f"The checkpoint's config sets {label}={_short(written)}, which is not a literal value; "
-                              "gradlens reads config text as data and never evaluates it.") from None
+def _first(config: dict, key: str, label: str | None = None, start: str | None = None):
+    """``(value, written)`` of the first ``key`` setting in the config's names, from the name ``start`` on when
+    the config has it (test-time settings before the training ones), or ``(None, None)``. A value that is no
+    literal (an expression, a call) is refused in one sentence: the text is data, never run."""
+    names = list(config)
+    if start in config:
+        names = names[names.index(start):]
+    for name in names:
+        found = settings({name: config[name]}, key) if key != name else [(config[name], config.sources.get(name, ""), None)]
+        if found:
+            value, written, _ = found[0]
+            if isinstance(value, Opaque):
+                raise CheckpointError(f"The checkpoint's config sets {label or key}={_short(written)}, which is not a "
+                                      "literal value; gradlens reads config text as data and never evaluates it.")
+            return value, written
+    return None, None
 
 
 def _whole(value) -> int | None:
@@ -423,42 +408,28 @@ def check_preprocess(min_size, max_size, size_divisor, mean, std) -> str | None:
     return None
 
 
-def _dict_body(text: str, name: str) -> str | None:
-    """The text inside ``name = dict(...)``, up to its matching parenthesis."""
-    m = re.search(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"\s*=\s*dict\(", text)
-    if not m:
-        return None
-    depth = 1
-    for k in range(m.end(), len(text)):
-        depth += text[k] == "("
-        depth -= text[k] == ")"
-        if depth == 0:
-            return text[m.end():k]
-    return text[m.end():]
-
-
 def preprocess_hints(config_text: str | None) -> dict:
     """Test-time resize scale, padding divisor and normalisation from the config text stored in ``meta``.
 
-    The text is never executed: each setting's value is read with ``ast.literal_eval`` (numbers, lists and
-    tuples only), and a value that is no literal (``mean=[123.675*1, ...]``), or out of range (a test side
+    The text is never executed: it is read as data (:mod:`gradlens.models.config_text`), and a value that is no
+    literal (``mean=[123.675*1, ...]``), or out of range (a test side
     outside 1..8192, a size divisor outside 1..8192, a standard deviation of zero or less, not three
     numbers) is refused in one sentence naming the setting.
     """
     if not config_text:
         return {}
+    config = read_config(config_text)
     hints: dict = {}
-    test = config_text[config_text.find("test_pipeline"):] if "test_pipeline" in config_text else config_text
-    divisor, written = _setting(test, "size_divisor")
+    divisor, written = _first(config, "size_divisor", start="test_pipeline")
     if written is not None and divisor is not None:
         d = _whole(divisor)
         if d is None or not 1 <= d <= MAX_SIZE_DIVISOR:
             raise CheckpointError(f"The checkpoint's config sets size_divisor={_short(written)}; it must be a whole number "
                                   f"from 1 to {MAX_SIZE_DIVISOR}.")
         hints["size_divisor"] = d
-    scale, written = _setting(test, "img_scale")
+    scale, written = _first(config, "img_scale", start="test_pipeline")
     several = isinstance(scale, (list, tuple)) and bool(scale) and all(isinstance(v, (list, tuple)) for v in scale)
-    if written is not None and several and "test_pipeline" in config_text:
+    if written is not None and several and "test_pipeline" in config:
         raise CheckpointError(f"The checkpoint's config sets img_scale={_short(written)}, several test scales "
                               "(test-time augmentation); gradlens runs one scale, written as (long side, short side).")
     if written is not None and not several:  # (several scales without a test pipeline: the training ones, no hint)
@@ -467,15 +438,19 @@ def preprocess_hints(config_text: str | None) -> dict:
             raise CheckpointError(f"The checkpoint's config sets the test scale img_scale={_short(written)}; it must be two "
                                   f"whole numbers of pixels from 1 to {MAX_TEST_SIDE}.")
         hints["min_size"], hints["max_size"] = min(sides), max(sides)
-    norm = _dict_body(config_text, "img_norm_cfg")
-    if norm is not None:
-        to_rgb, _ = _setting(norm, "to_rgb", "img_norm_cfg to_rgb")
+    norm = config.get("img_norm_cfg")
+    if isinstance(norm, Opaque):
+        raise CheckpointError(f"The checkpoint's config sets img_norm_cfg={_short(norm.source)}, which is not a literal "
+                              "value; gradlens reads config text as data and never evaluates it.")
+    if isinstance(norm, dict):
+        norm_names = ConfigDict(norm=norm)
+        to_rgb, _ = _first(norm_names, "to_rgb", "img_norm_cfg to_rgb")
         if to_rgb is False:
             # caffe-style models see BGR images; gradlens feeds RGB, so their detections would be silently wrong
             raise CheckpointError("The checkpoint's config normalises BGR images (img_norm_cfg to_rgb=False); "
                                   "gradlens runs RGB models only.")
         for name in ("mean", "std"):
-            value, written = _setting(norm, name, f"img_norm_cfg {name}")
+            value, written = _first(norm_names, name, f"img_norm_cfg {name}")
             if written is None:
                 continue
             numbers = list(value) if isinstance(value, (list, tuple)) else []
@@ -490,8 +465,13 @@ def preprocess_hints(config_text: str | None) -> dict:
 
 
 def backbone_type_hint(config_text: str | None) -> str | None:
-    """The backbone ``type`` the config names (a hint only; the keys decide)."""
+    """The backbone ``type`` the config names (a hint only; the keys decide; text it cannot read gives none)."""
     if not config_text:
         return None
-    m = re.search(r"backbone\s*=\s*dict\([^)]*?type\s*=\s*['\"](\w+)['\"]", config_text, re.S)
-    return m.group(1) if m else None
+    try:
+        model = read_config(config_text).get("model")
+    except CheckpointError:
+        return None
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    kind = backbone.get("type") if isinstance(backbone, dict) else None
+    return kind if isinstance(kind, str) else None
