@@ -196,6 +196,10 @@ RECORDS = {
     "an object for the models": (_set("models", {"role": "a"}), "models"),
     "a list in a summary row": (_set("summary", [{"mean": [1]}]), "summary[0].mean"),
     "a digest that is not one": (lambda r: {**r, "sha256": {**r["sha256"], "area_curve.csv": 12}}, "sha256.area_curve.csv"),
+    # without its hashes the report would trust any table beside the record: refused, whoever dropped them
+    "no hashes at all": (lambda r: {k: v for k, v in r.items() if k != "sha256"}, "sha256"),
+    "a hash missing": (lambda r: {**r, "sha256": {k: v for k, v in r["sha256"].items() if k != "metrics.csv"}},
+                       "metrics.csv"),
 }
 
 

@@ -161,11 +161,11 @@ def load_area_curve_record(workdir: str | os.PathLike, name: str = "area_curve",
 
 def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve",
                        command: str = "area-curve") -> None:
-    """The files the record lists are the ones it was written with (by SHA-256); records written before
-    gradlens listed hashes carry none and are taken as they are. ``command`` wrote them (named in the remedy)."""
+    """The files the record lists are the ones it was written with (by SHA-256; a record without them is refused
+    by its own check first). ``command`` wrote them (named in the remedy)."""
     digests = record.get("sha256")
-    if digests is None:
-        return
+    if not isinstance(digests, dict):
+        raise InputFileError(f"{path} lists no SHA-256 of its outputs; {again(name, command)}.")
     for file, digest in digests.items():
         target = workdir / file
         if not target.is_file():
@@ -220,19 +220,20 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
             if value is not None and not isinstance(value, (str, int, float)):
                 refuse(f"summary[{k}].{field}", value, "text or a number")
     _check_decomposition(record, refuse)
+    # Every output is covered by its hash: a record without hashes (written before gradlens listed them, or edited
+    # to drop them) would make the report trust any table beside it. Rerunning area-curve reuses every map.
     digests = record.get("sha256")
-    if digests is not None:
-        if not isinstance(digests, dict):
-            refuse("sha256", digests, "an object")
-        for file, digest in digests.items():
-            if not _plain_name(file):
-                refuse("sha256", file, "a file name inside the work directory")
-            if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
-                refuse(f"sha256.{file}", digest, "a SHA-256 digest")
-        listed = [f for key, f in record["outputs"].items() if key != "figure"] + list(record["outputs"].get("figure", []))
-        unhashed = [f for f in listed if f not in digests]
-        if unhashed:
-            refuse("outputs", unhashed[0], "a file listed under sha256")
+    if not isinstance(digests, dict):
+        refuse("sha256", digests, "the SHA-256 of every output (records written before gradlens hashed them have none)")
+    for file, digest in digests.items():
+        if not _plain_name(file):
+            refuse("sha256", file, "a file name inside the work directory")
+        if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            refuse(f"sha256.{file}", digest, "a SHA-256 digest")
+    listed = [f for key, f in record["outputs"].items() if key != "figure"] + list(record["outputs"].get("figure", []))
+    unhashed = [f for f in listed if f not in digests]
+    if unhashed:
+        refuse("outputs", unhashed[0], "a file listed under sha256")
 
 
 def _check_decomposition(record: dict, refuse) -> None:
