@@ -25,30 +25,39 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from gradlens import distributed
 from gradlens._version import __version__
 from gradlens.data.coco import GroundTruth
 from gradlens.data.detections import Detections, read_detections, write_detections
-from gradlens.data.images import read_image
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.errors import GradlensError
 from gradlens.fileio import atomic_path, sha256_file, write_json
+# batching and precision live in their own modules (shared with the gradient and faithfulness steps); their
+# names stay importable from here, where they have always been
+from gradlens.batching import (  # noqa: F401
+    ImageFiles,
+    ShapeGroupedBatches,
+    annotated_sizes,
+    batch_costs,
+    loaded_images,
+    plan_batches,
+)
 from gradlens.models.interface import Detector
-from gradlens.models.transform import canvas_groups, padded_size
+from gradlens.precision import (  # noqa: F401
+    AUTO_CURVE_TOLERANCE,
+    GPU_DEFAULT_PRECISION,
+    PRECISIONS,
+    Precision,
+    PrecisionScope,
+    resolve_precision,
+)
+from gradlens.models.transform import padded_size
 from gradlens.progress import track
 
-Precision = Literal["fp32", "tf32", "bf16", "fp16"]
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-# ``--precision auto`` on a GPU: the fastest setting whose area curve stays within AUTO_CURVE_TOLERANCE (area
-# fraction) of the exact one (benchmarks/bench_precision.py; benchmarks/README.md). On the CPU auto is fp32.
-GPU_DEFAULT_PRECISION = "tf32"
-AUTO_CURVE_TOLERANCE = 0.005
 CACHE_FORMAT = 1
 
 
@@ -58,70 +67,6 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "gradlens"
-
-
-class ImageFiles(Dataset):
-    """Decodes one image per item in a worker: (image id, uint8 CHW tensor)."""
-
-    def __init__(self, paths: dict[int, Path], exif_orientation: str = "ignore"):
-        self.paths = paths
-        self.exif_orientation = exif_orientation
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, image_id: int):
-        try:
-            pixels = read_image(self.paths[image_id], self.exif_orientation)
-        except GradlensError as exc:  # returned, not raised: a worker's exception would arrive as a traceback text
-            return image_id, exc
-        return image_id, torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-
-
-def loaded_images(batch, device: torch.device) -> tuple[list[int], list[torch.Tensor]]:
-    """Ids and [0, 1] float images on ``device`` of a batch of :class:`ImageFiles` items.
-
-    An image that a loader worker could not decode is re-raised here, in the
-    main process and as one sentence (a worker's own exception would arrive as
-    a traceback text).
-    """
-    for _, pixels in batch:
-        if isinstance(pixels, BaseException):
-            raise pixels
-    return [i for i, _ in batch], [pixels.to(device, non_blocking=True).float().div_(255.0) for _, pixels in batch]
-
-
-def annotated_sizes(gt: GroundTruth, image_ids) -> dict[int, tuple[int, int]]:
-    """(height, width) of each image as the annotation file gives them (0 where it does not)."""
-    sizes = {}
-    for i in image_ids:
-        info = gt.image_info(i)
-        sizes[int(i)] = (int(info.get("height") or 0), int(info.get("width") or 0))
-    return sizes
-
-
-class ShapeGroupedBatches(Sampler):
-    """Batches of image ids that share one padded canvas, in a deterministic order."""
-
-    def __init__(self, sizes: dict[int, tuple[int, int]], detector: Detector, batch_size: int):
-        ids = sorted(sizes)
-        groups = canvas_groups([sizes[i] for i in ids], detector.preprocess, batch_size)
-        self.batches = [[ids[k] for k in group] for group in groups]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def resolve_precision(precision: str, device) -> str:
-    """``auto``: :data:`GPU_DEFAULT_PRECISION` on CUDA, fp32 on the CPU; any other value unchanged."""
-    if precision != "auto":
-        return precision
-    from gradlens.device import resolve_device
-
-    return GPU_DEFAULT_PRECISION if resolve_device(device).type == "cuda" else "fp32"
 
 
 @dataclass
@@ -139,34 +84,6 @@ class InferenceSettings:
             raise GradlensError("--batch-size must be at least 1.")
         if self.workers < 0:
             raise GradlensError("--workers cannot be negative.")
-
-
-class PrecisionScope:
-    """TF32 switches and autocast for the chosen precision; restores global flags afterwards."""
-
-    def __init__(self, precision: Precision, device: torch.device):
-        self.precision, self.device = precision, device
-        self._saved = None
-        self._autocast = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            tf32 = self.precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            self._autocast = torch.autocast(self.device.type, dtype=dtype)
-            self._autocast.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._autocast is not None:
-            self._autocast.__exit__(*exc)
-        if self._saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
-        return False
 
 
 def detect_images(
@@ -211,18 +128,6 @@ def detect_images(
     finally:
         bar.close()
     return results
-
-
-def plan_batches(detector: Detector, gt: GroundTruth, image_ids, batch_size: int) -> list[list[int]]:
-    """Image ids in batches of one padded canvas, decided by the annotation file's sizes and the whole list
-    (the order given does not matter)."""
-    return ShapeGroupedBatches(annotated_sizes(gt, [int(i) for i in image_ids]), detector, batch_size).batches
-
-
-def batch_costs(detector: Detector, gt: GroundTruth, batches: list[list[int]]) -> list[float]:
-    """Padded pixels of each batch (its canvas times its images): what torchrun ranks are balanced by."""
-    sizes = annotated_sizes(gt, [batch[0] for batch in batches])
-    return [float(np.prod(padded_size(*sizes[batch[0]], detector.preprocess))) * len(batch) for batch in batches]
 
 
 def run_detection_batches(detector: Detector, gt: GroundTruth, batches: list[list[int]], settings: InferenceSettings,

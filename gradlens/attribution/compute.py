@@ -33,7 +33,7 @@ from gradlens.errors import GradlensError
 from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
-from gradlens.inference import ImageFiles, batch_costs, loaded_images, plan_batches
+from gradlens.batching import ImageFiles, batch_costs, loaded_images, plan_batches
 from gradlens.models.interface import Detector
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.inference import PRECISIONS, InferenceSettings, PrecisionScope
+from gradlens.inference import InferenceSettings
+from gradlens.precision import PRECISIONS, PrecisionScope
 from gradlens.models.interface import Detector
 from gradlens.models.transform import canvas_groups as _canvas_groups
 

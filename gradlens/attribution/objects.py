@@ -27,7 +27,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.device import batch_threads
 from gradlens.errors import GradlensError
-from gradlens.inference import batch_costs, plan_batches
+from gradlens.batching import batch_costs, plan_batches
 from gradlens.models.interface import Detector
 from gradlens.progress import track
 

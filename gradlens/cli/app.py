@@ -13,7 +13,7 @@ from gradlens._version import __version__
 from gradlens.cli import options as opt
 from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
-from gradlens.inference import resolve_precision
+from gradlens.precision import resolve_precision
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR
 

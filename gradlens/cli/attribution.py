@@ -10,7 +10,7 @@ import typer
 
 from gradlens.cli import options as opt
 from gradlens.errors import GradlensError
-from gradlens.inference import resolve_precision
+from gradlens.precision import resolve_precision
 from gradlens.attribution.workdir import require_checkpoint
 from gradlens.runner import DetectorRun
 from gradlens.selection.manifest import DEFAULT_WORKDIR

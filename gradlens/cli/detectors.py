@@ -11,7 +11,7 @@ import typer
 from gradlens.cli import options as opt
 from gradlens.data.coco import resolve_coco_paths
 from gradlens.errors import GradlensError
-from gradlens.inference import resolve_precision
+from gradlens.precision import resolve_precision
 
 Format = Annotated[Literal["table", "csv", "json"], typer.Option("--format", help="Output format.")]
 

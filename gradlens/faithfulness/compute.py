@@ -51,7 +51,8 @@ from gradlens.faithfulness.perturb import (
     ranks,
 )
 from gradlens.fileio import atomic_path, sha256_file, write_json
-from gradlens.inference import PrecisionScope, detection_records
+from gradlens.inference import detection_records
+from gradlens.precision import PrecisionScope
 from gradlens.models.interface import Detector
 from gradlens.models.transform import padded_size
 from gradlens.progress import track
