@@ -34,15 +34,16 @@ from gradlens.faithfulness.curves import (
 from gradlens.faithfulness.perturb import DEFAULT_FRACTIONS
 from gradlens.fileio import check_output_name, read_json, write_json, write_table
 from gradlens.regions.record import (
-    PLAIN_NAME,
-    SHA256_HEX,
     check_name_is_free,
+    check_output_hashes,
+    check_outputs,
     check_record_files,
     move_into_place,
     staging_folder,
 )
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
 from gradlens.runner import DetectorRun
+from gradlens.selection.improvement import quality_column
 from gradlens.selection.manifest import load_manifest, save_manifest
 
 RECORD_WHAT = "faithfulness record"
@@ -72,7 +73,7 @@ def recorded_qualities(workdir: Path, roles: list[str], ids: list[int]) -> dict[
     selection = selection_table(workdir).set_index("image_id")
     out = {}
     for role in roles:
-        column = f"quality_{role}"
+        column = quality_column(role)
         if column not in selection:
             raise GradlensError(f"The selection in {workdir} has no {column} column; run 'gradlens select' again.")
         out[role] = selection.loc[ids, column].to_numpy(np.float64)
@@ -312,20 +313,9 @@ def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulne
         value = record.get(field, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             refuse(field, value, "a list of sentences")
-    outputs = record.get("outputs", {})
-    if not isinstance(outputs, dict):
-        refuse("outputs", outputs, "an object")
-    for key, value in outputs.items():
-        names = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, str) and PLAIN_NAME.fullmatch(v) and ".." not in v for v in names):
-            refuse(f"outputs.{key}", value, "a file name inside the work directory")
-    digests = record.get("sha256")
-    if not isinstance(digests, dict) or not all(isinstance(k, str) and PLAIN_NAME.fullmatch(k) and ".." not in k
-                                                and isinstance(v, str) and SHA256_HEX.fullmatch(v) for k, v in digests.items()):
-        refuse("sha256", digests, "file names with their SHA-256")
-    listed = {v for value in outputs.values() for v in (value if isinstance(value, list) else [value])}
-    unhashed = sorted(listed - set(digests))
-    if unhashed:  # every file the record names is covered by its hash (no faithfulness record predates them)
-        refuse("sha256", f"without {unhashed[0]}", "the hash of every output")
+    if not isinstance(record.get("outputs"), dict):
+        refuse("outputs", record.get("outputs"), "an object")
+    check_outputs(record["outputs"], refuse)
+    check_output_hashes(record, refuse)  # every file the record names is covered (no faithfulness record predates them)
     check_record_files(record, workdir, path, name, command="faithfulness")
     return record

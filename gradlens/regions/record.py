@@ -37,8 +37,8 @@ from gradlens.errors import GradlensError, InputFileError, OutputError
 from gradlens.fileio import check_output_name, read_json, sha256_file, short_repr
 
 RECORD_WHAT = "area-curve record"
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _ROLE = re.compile(r"a|b\d*")
 
 
@@ -205,7 +205,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
         if not isinstance(record.get(field), dict):
             refuse(field, record.get(field), "an object")
     _check_settings(record["settings"], refuse)
-    _check_outputs(record["outputs"], refuse)
+    check_outputs(record["outputs"], refuse)
     for k, model in enumerate(_objects(record, "models", refuse)):
         if not (isinstance(model.get("role"), str) and _ROLE.fullmatch(model["role"])):
             refuse(f"models[{k}].role", model.get("role"), "a role (a, b, b1, b2...)")
@@ -222,13 +222,19 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
     _check_decomposition(record, refuse)
     # Every output is covered by its hash: a record without hashes (written before gradlens listed them, or edited
     # to drop them) would make the report trust any table beside it. Rerunning area-curve reuses every map.
+    check_output_hashes(record, refuse)
+
+
+def check_output_hashes(record: dict, refuse) -> None:
+    """A record's ``sha256``: a plain file name and a SHA-256 digest for every file its (checked) ``outputs``
+    name. ``refuse(field, value, expected)`` says what is wrong in the caller's words."""
     digests = record.get("sha256")
     if not isinstance(digests, dict):
         refuse("sha256", digests, "the SHA-256 of every output (records written before gradlens hashed them have none)")
     for file, digest in digests.items():
         if not _plain_name(file):
             refuse("sha256", file, "a file name inside the work directory")
-        if not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             refuse(f"sha256.{file}", digest, "a SHA-256 digest")
     listed = [f for key, f in record["outputs"].items() if key != "figure"] + list(record["outputs"].get("figure", []))
     unhashed = [f for f in listed if f not in digests]
@@ -269,7 +275,7 @@ def _number(value) -> bool:
 
 
 def _plain_name(value) -> bool:
-    return isinstance(value, str) and bool(PLAIN_NAME.fullmatch(value)) and ".." not in value
+    return isinstance(value, str) and bool(_PLAIN_NAME.fullmatch(value)) and ".." not in value
 
 
 def _check_settings(settings: dict, refuse) -> None:
@@ -321,7 +327,8 @@ def _check_attribution(attribution: dict, refuse) -> None:
         refuse("settings.attribution", attribution, f"settings gradlens accepts ({str(exc).rstrip('.')})")
 
 
-def _check_outputs(outputs: dict, refuse) -> None:
+def check_outputs(outputs: dict, refuse) -> None:
+    """A record's ``outputs``: plain file names inside the work directory, the figures as a list of them."""
     for key, value in outputs.items():
         if key == "figure":
             if not isinstance(value, list):

@@ -80,14 +80,21 @@ def _group_keys(gt: GroundTruth, detections: Detections, class_agnostic: bool) -
     """
     obj_img, _ = _rank_in(gt.image_ids, gt.obj_image_id)
     det_img, known = _rank_in(gt.image_ids, detections.image_id)
+    return _candidate_keys(gt, obj_img, gt.obj_category_id, det_img, detections.category_id, known, class_agnostic)
+
+
+def _candidate_keys(gt: GroundTruth, obj_group: np.ndarray, obj_category: np.ndarray, det_group: np.ndarray,
+                    det_category: np.ndarray, known: np.ndarray, class_agnostic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Keys of (group) or (group, category) from dense group numbers (an image's rank, a variant's index); a
+    detection not ``known`` to its group, or of a category without objects, gets -1 and is never a candidate."""
     if class_agnostic:
-        obj_keys, det_keys = obj_img, det_img
+        obj_keys, det_keys = obj_group, det_group
     else:
         cats = np.unique(gt.obj_category_id)
-        obj_cat, _ = _rank_in(cats, gt.obj_category_id)
-        det_cat, known_cat = _rank_in(cats, detections.category_id)
-        known &= known_cat
-        obj_keys, det_keys = obj_img * len(cats) + obj_cat, det_img * len(cats) + det_cat
+        obj_cat, _ = _rank_in(cats, obj_category)
+        det_cat, known_cat = _rank_in(cats, det_category)
+        known = known & known_cat
+        obj_keys, det_keys = obj_group * len(cats) + obj_cat, det_group * len(cats) + det_cat
     return obj_keys.astype(np.int64), np.where(known, det_keys, -1).astype(np.int64)
 
 
@@ -294,16 +301,9 @@ def variant_qualities(
     det_image = np.concatenate([d.image_id for d in sets]) if sets else np.zeros(0, np.int64)
     det_category = np.concatenate([d.category_id for d in sets]) if sets else np.zeros(0, np.int64)
     det_known = det_image == base[det_variant]  # a record of another image is never a candidate
-    if class_agnostic:
-        obj_keys, det_keys = obj_variant, det_variant
-    else:
-        cats = np.unique(gt.obj_category_id)
-        obj_cat, _ = _rank_in(cats, gt.obj_category_id[obj_rows])
-        det_cat, known_cat = _rank_in(cats, det_category)
-        det_known &= known_cat
-        obj_keys, det_keys = obj_variant * len(cats) + obj_cat, det_variant * len(cats) + det_cat
-    det_keys = np.where(det_known, det_keys, -1).astype(np.int64)
-    match, iou = _match(gt.obj_xywh[obj_rows], obj_keys.astype(np.int64), det_xywh, det_keys, det_score,
+    obj_keys, det_keys = _candidate_keys(gt, obj_variant, gt.obj_category_id[obj_rows], det_variant, det_category,
+                                         det_known, class_agnostic)
+    match, iou = _match(gt.obj_xywh[obj_rows], obj_keys, det_xywh, det_keys, det_score,
                         torch.device("cpu"), DEFAULT_CHUNK_PAIRS, False)
     quality = iou * _take(det_score, match, 0.0)
     out = np.full(len(base), np.nan)
