@@ -32,13 +32,14 @@ from gradlens.faithfulness.curves import (
     faithfulness_sentences,
 )
 from gradlens.faithfulness.perturb import DEFAULT_FRACTIONS
-from gradlens.fileio import check_output_name, read_json, write_json, write_table
+from gradlens.fileio import write_json, write_table
 from gradlens.regions.record import (
     check_name_is_free,
     check_output_hashes,
     check_outputs,
     check_record_files,
     move_into_place,
+    read_record,
     staging_folder,
 )
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, check_bootstrap, check_level
@@ -295,14 +296,9 @@ def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[in
 def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulness", missing_ok: bool = False) -> dict:
     """``<workdir>/<name>.json``, its fields type-checked and the files it lists checked by SHA-256; one sentence
     otherwise (a record is a file anyone can edit or send). ``missing_ok``: ``{}`` when there is none."""
-    check_output_name(name)
-    workdir = Path(workdir)
-    path = workdir / f"{name}.json"
-    if not path.is_file():
-        if missing_ok:
-            return {}
-        raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens faithfulness --workdir {workdir}' first.")
-    record = read_json(path, RECORD_WHAT)
+    path, record = read_record(workdir, name, "faithfulness", RECORD_WHAT, missing_ok)
+    if path is None:
+        return {}
 
     def refuse(field: str, value, what: str):
         raise InputFileError(f"{path}: {field} is {str(value)[:60]!r}, not {what}; run 'gradlens faithfulness' again.")
@@ -317,5 +313,5 @@ def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulne
         refuse("outputs", record.get("outputs"), "an object")
     check_outputs(record["outputs"], refuse)
     check_output_hashes(record, refuse)  # every file the record names is covered (no faithfulness record predates them)
-    check_record_files(record, workdir, path, name, command="faithfulness")
+    check_record_files(record, Path(workdir), path, name, command="faithfulness")
     return record

@@ -146,17 +146,25 @@ def move_into_place(staged: Path, workdir: str | os.PathLike) -> dict[str, str]:
 def load_area_curve_record(workdir: str | os.PathLike, name: str = "area_curve", missing_ok: bool = False) -> dict:
     """``<workdir>/<name>.json`` checked field by field, and the files it lists checked to be the ones it was
     written with; one sentence otherwise. With ``missing_ok`` a work directory without the record gives ``{}``."""
-    check_output_name(name)  # the rule area-curve writes by: the record and its tables stay inside the work directory
+    path, record = read_record(workdir, name, "area-curve", RECORD_WHAT, missing_ok)
+    if path is None:
+        return {}
+    check_area_curve_record(record, path, name)
+    check_record_files(record, Path(workdir), path, name)
+    return record
+
+
+def read_record(workdir: str | os.PathLike, name: str, command: str, what: str, missing_ok: bool = False):
+    """``(path, parsed JSON)`` of ``<workdir>/<name>.json`` as written by ``command`` (not yet checked); ``(None,
+    None)`` when absent and ``missing_ok``, else one sentence saying to run the command."""
+    check_output_name(name)  # the rule the commands write by: the record and its tables stay inside the work directory
     workdir = Path(workdir)
     path = workdir / f"{name}.json"
     if not path.is_file():
         if missing_ok:
-            return {}
-        raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens area-curve --workdir {workdir}' first.")
-    record = read_json(path, RECORD_WHAT)
-    check_area_curve_record(record, path, name)
-    check_record_files(record, workdir, path, name)
-    return record
+            return None, None
+        raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens {command} --workdir {workdir}' first.")
+    return path, read_json(path, what)
 
 
 def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve",
