@@ -37,6 +37,23 @@ BACKBONE_CONFIGS = {
                          "p2_dim=96, p2_block=3, dims=[192, 352, 512], blocks=[2, 7, 2], out_chans=256, num_add_blocks=2",
     "cednet_next_base": "type='CEDNetWrapper', num_stages=4, encoder_type='Encoder', decoder_type='Decoder', "
                         "p2_dim=128, p2_block=3, dims=[256, 448, 704], blocks=[2, 7, 2], out_chans=256, num_add_blocks=2",
+    # the fork's other CEDNetWrapper RetinaNets (configs/cednet/{resnet,swin,cswin}/retinanet_ced_*)
+    "ced_resnet_50": "type='CEDNetWrapper', in_chans=3, num_stages=3, encoder_type='Encoder', decoder_type='Decoder', "
+                     "base_block='Bottleneck', focal_block='DBottleneck', p2_dim=64, p2_block=3, dims=[128, 256, 384], "
+                     "blocks=[1, 4, 2], out_chans=256, num_add_blocks=2, layer_scale_init_value=1e-6, drop_path_rate=0., "
+                     "norm_cfg=dict(type='SyncBN', requires_grad=True), act_type='relu'",
+    "ced_swin_tiny": "type='CEDNetWrapper', in_chans=3, num_stages=3, encoder_type='Encoder', decoder_type='Decoder', "
+                     "base_block='SwinBlock', focal_block='DSwinBlock', p2_dim=96, p2_block=3, dims=[160, 288, 416], "
+                     "blocks=[2, 4, 2], out_chans=256, num_add_blocks=2, layer_scale_init_value=1e-6, drop_path_rate=0.1, "
+                     "norm_cfg=dict(type='LN', eps=1e-6, data_format='channels_first'), act_type='gelu'",
+    "ced_cswin_tiny": "type='CEDNetWrapper', in_chans=3, num_stages=3, encoder_type='CSwinEncoder', decoder_type='Decoder', "
+                      "base_block='CSwinBlock', focal_block='CSwinBlock', p2_dim=64, p2_block=3, dims=[128, 256, 320], "
+                      "blocks=[2, 8, 1], out_chans=256, num_add_blocks=2, layer_scale_init_value=1.0, drop_path_rate=0.2, "
+                      "norm_cfg=dict(type='LN', eps=1e-6, data_format='channels_first'), act_type='gelu'",
+    # the fork's CSWin-T RetinaNet (configs/cednet/cswin/retinanet_cswin_tiny_patch4_window7_…)
+    "cswin_tiny": "type='CSwinTransformer', embed_dim=64, depth=[1, 2, 21, 1], num_heads=[2, 4, 8, 16], "
+                  "split_size=[1, 2, 7, 7], mlp_ratio=4., qkv_bias=True, qk_scale=None, drop_path_rate=0.1, use_chk=False, "
+                  "out_indices=[0, 1, 2, 3]",
     "convnext_tiny": "type='ConvNeXt', in_chans=3, depths=[3, 3, 9, 3], dims=[96, 192, 384, 768], "
                      "drop_path_rate=0.4, layer_scale_init_value=1.0, out_indices=[1, 2, 3]",
     "convnext_small": "type='ConvNeXt', in_chans=3, depths=[3, 3, 27, 3], dims=[96, 192, 384, 768], "
@@ -85,7 +102,7 @@ NECK = {
 }
 CHANNELS = {"convnext_tiny": [96, 192, 384, 768], "convnext_small": [96, 192, 384, 768], "convnext_base": [128, 256, 512, 1024],
             "swin_tiny": [96, 192, 384, 768], "swin_small": [96, 192, 384, 768], "swin_base": [128, 256, 512, 1024],
-            "resnet50": [256, 512, 1024, 2048],
+            "resnet50": [256, 512, 1024, 2048], "cswin_tiny": [64, 128, 256, 512],
             "hrnet_w32": [32, 64, 128, 256],
             "focalnet_tiny": [96, 192, 384, 768], "focalnet_small": [96, 192, 384, 768], "focalnet_base": [128, 256, 512, 1024],
             "revcol_tiny": [64, 128, 256, 512], "revcol_small": [64, 128, 256, 512], "revcol_base": [72, 144, 288, 576],
@@ -98,7 +115,7 @@ def config_text(name: str, test_scale: tuple[int, int] = (800, 1333), size_divis
     ``test_scale`` and ``size_divisor`` are the test pipeline's; tests write smaller ones to run full-size
     backbones on small images.
     """
-    neck = NECK["cednet"] if name.startswith("cednet") else NECK["convnext"].format(ch=CHANNELS[name])
+    neck = NECK["cednet"] if name.startswith(("cednet", "ced_")) else NECK["convnext"].format(ch=CHANNELS[name])
     return (
         "model = dict(\n    type='RetinaNet',\n"
         f"    backbone=dict({BACKBONE_CONFIGS[name]}),\n    {neck},\n"

@@ -147,13 +147,14 @@ def test_features_and_training_outputs_have_expected_shapes():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(base_block="SwinBlock", focal_block="DSwinBlock"),
-        dict(base_block="Bottleneck", focal_block="DBottleneck"),
-        dict(base_block="CSwinBlock"),
-        dict(focal_block="DSwinBlock"),
-        dict(act_type="relu"),
-        dict(norm_cfg=dict(type="BN", requires_grad=True)),
-        dict(encoder_type="CSwinEncoder"),
+        dict(base_block="ResBlock"),  # no such block in the reference
+        dict(base_block="CSwinBlock"),  # CSwin blocks need CSwinEncoder (it passes their heads and stripes) ...
+        dict(encoder_type="CSwinEncoder"),  # ... and that encoder needs them
+        dict(base_block="CSwinBlock", focal_block="CSwinBlock", encoder_type="CSwinEncoder", decoder_type="DecoderUNet"),
+        dict(base_block="SwinBlock", focal_block="DSwinBlock", norm_cfg=dict(type="SyncBN")),  # tokens need LN
+        dict(act_type="silu"),
+        dict(norm_cfg=dict(type="GN", num_groups=2)),
+        dict(norm_cfg=dict(type="LN", data_format="channels_last")),
         dict(decoder_type="DecoderLSTM"),
         dict(dims=[8, 16, 32, 64]),
         dict(blocks=[[1, 1, 1]]),  # per-stage lists must cover num_stages
@@ -169,7 +170,7 @@ def test_unsupported_configurations_raise_value_error(kwargs):
 
 def test_unknown_variant_and_misaligned_input_raise_value_error(ref):
     with pytest.raises(ValueError, match="unknown CEDNet variant"):
-        C.cednet_backbone("swin_tiny")
+        C.cednet_backbone("swin_huge")
     model = tiny_classifier(ref["configs"]["tiny_decoder"])
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.randn(1, 3, 40, 64))  # stride-8 map 5x8: coarse maps would not line up

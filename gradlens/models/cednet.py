@@ -48,6 +48,7 @@ Drop path is ``torchvision.ops.StochasticDepth(p, "row")``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -55,7 +56,10 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.models.layers import LayerNorm
+from gradlens.models.swin import WindowAttention, shifted_window_attention
 from gradlens.models.upsample import Upsample2x
+
+BlockFactory = Callable[..., nn.Module]  # (channels, drop-path rate, widx=...) -> block
 
 __all__ = [
     "CEDNET_VARIANTS",
@@ -75,25 +79,57 @@ __all__ = [
 _STEM_WIDTH = 32  # first stem conv, fixed in the reference
 _HEAD_WIDTH = 2048  # classifier's 1x1 conv, fixed in the reference
 _FOCAL_DILATION = 3
+_SWIN_WINDOW = 7  # the reference's SwinBlock default; its configs never change it
+_SWIN_HEAD_DIM = 32  # the reference's SwinBlock has dim // 32 heads
+_CSWIN_LEVELS = ((4, 2), (8, 7), (10, 7))  # CSwinEncoder's (num_heads, split_size) per level, its defaults
+_CSWIN_P2 = (2, 1)  # CSwinBlock's own defaults, which the p2 stage gets
 
-BlockFactory = Callable[[int, float], nn.Module]  # (channels, drop-path rate) -> block
+
+@dataclass(frozen=True)
+class Style:
+    """What the reference decides for every layer through ``norm_cfg``, ``act_type`` and
+    ``layer_scale_init_value`` (mmcv's norm registry and its module-level globals).
+
+    ``norm`` is ``"LN"`` (the channels-first :class:`LayerNorm`) or ``"BN"`` (mmcv's ``SyncBN``/``BN``:
+    batch norm, which a detector runs in eval mode on its running statistics); the transformer blocks
+    normalise their tokens with the same ``norm_cfg`` in channels-last format, which only LN has.
+    """
+
+    norm: str = "LN"
+    eps: float = 1e-6
+    act: type[nn.Module] = nn.GELU
+    layer_scale: float = 1e-6
+
+    def map_norm(self, dim: int) -> nn.Module:
+        if self.norm == "BN":
+            return nn.BatchNorm2d(dim, eps=self.eps)
+        return LayerNorm(dim, eps=self.eps, data_format="channels_first")
+
+    def token_norm(self, dim: int) -> LayerNorm:
+        if self.norm != "LN":
+            raise ValueError("CEDNet's Swin and CSwin blocks need norm_cfg type 'LN' (they normalise tokens channels-last)")
+        return LayerNorm(dim, eps=self.eps, data_format="channels_last")
 
 
-def _norm(dim: int, eps: float) -> LayerNorm:
-    return LayerNorm(dim, eps=eps, data_format="channels_first")
+_NEXT = Style()
 
 
 def _drop_path(p: float) -> nn.Module:
     return StochasticDepth(p, "row") if p > 0 else nn.Identity()
 
 
-def _conv_norm(c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, eps: float) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, stride, padding), _norm(c_out, eps))
+def _conv_norm(c_in: int, c_out: int, kernel_size: int, stride: int, padding: int, style: Style) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size, stride, padding), style.map_norm(c_out))
 
 
 def _layer_scale(dim: int, value: float) -> nn.Parameter | None:
     # Absent (no state-dict entry) when disabled, as in the reference.
     return nn.Parameter(torch.full((dim,), float(value))) if value > 0 else None
+
+
+def _focal_dwconv(dim: int, dilation: int) -> nn.Conv2d:
+    """The focal blocks' dilated depthwise 7x7 convolution (with bias)."""
+    return nn.Conv2d(dim, dim, kernel_size=7, padding=3 * dilation, dilation=dilation, groups=dim)
 
 
 class _PointwiseMLP(nn.Module):
@@ -109,16 +145,16 @@ class _PointwiseMLP(nn.Module):
 
 
 class NeXtBlock(_PointwiseMLP):
-    """ConvNeXt block: depthwise 7x7, LayerNorm, 4x pointwise MLP with GELU, layer scale, residual."""
+    """ConvNeXt block: depthwise 7x7, norm, 4x pointwise MLP, layer scale, residual."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, **_level) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = _norm(dim, eps)
+        self.norm = style.map_norm(dim)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
+        self.act = style.act()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = _layer_scale(dim, layer_scale_init_value)
+        self.gamma = _layer_scale(dim, style.layer_scale)
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,27 +163,16 @@ class NeXtBlock(_PointwiseMLP):
 
 class DNeXtBlock(_PointwiseMLP):
     """The "focal" block of the stride-32 level: two residual depthwise 7x7 convs (the second dilated
-    by ``dilation`` for a larger receptive field), each with LayerNorm and GELU, then the NeXt MLP."""
+    by ``dilation`` for a larger receptive field), each with norm and activation, then the NeXt MLP."""
 
-    def __init__(
-        self,
-        dim: int,
-        drop_path: float = 0.0,
-        layer_scale_init_value: float = 1e-6,
-        eps: float = 1e-6,
-        dilation: int = _FOCAL_DILATION,
-    ) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, dilation: int = _FOCAL_DILATION, **_level) -> None:
         super().__init__()
-        self.dwconv1 = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim), _norm(dim, eps), nn.GELU())
-        self.dwconv2 = nn.Sequential(
-            nn.Conv2d(dim, dim, kernel_size=7, padding=3 * dilation, dilation=dilation, groups=dim),
-            _norm(dim, eps),
-            nn.GELU(),
-        )
+        self.dwconv1 = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim), style.map_norm(dim), style.act())
+        self.dwconv2 = nn.Sequential(_focal_dwconv(dim, dilation), style.map_norm(dim), style.act())
         self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
+        self.act = style.act()
         self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = _layer_scale(dim, layer_scale_init_value)
+        self.gamma = _layer_scale(dim, style.layer_scale)
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,12 +181,146 @@ class DNeXtBlock(_PointwiseMLP):
         return x + self.drop_path(self._mlp(y))
 
 
-_BLOCK_TYPES: dict[str, type[nn.Module]] = {"NeXtBlock": NeXtBlock, "DNeXtBlock": DNeXtBlock}
+def _conv_norm_act(c_in: int, c_out: int, kernel_size: int, style: Style, act: bool = True) -> nn.Sequential:
+    """A bias-free convolution (mmcv's ``build_conv_layer(None, ..., bias=False)``), norm and activation."""
+    layers = [nn.Conv2d(c_in, c_out, kernel_size, 1, kernel_size // 2, bias=False), style.map_norm(c_out)]
+    return nn.Sequential(*layers, style.act()) if act else nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """CED-ResNet's block: 3x3 conv, 1x1 expansion to 4x, 1x1 back (each with norm), residual, activation after the sum."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, **_level) -> None:
+        super().__init__()
+        self.conv1 = _conv_norm_act(dim, dim, 3, style)
+        self.conv2 = _conv_norm_act(dim, 4 * dim, 1, style)
+        self.conv3 = _conv_norm_act(4 * dim, dim, 1, style, act=False)
+        self.act = style.act()
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop_path(self.conv3(self.conv2(self.conv1(x)))) + x)
+
+
+class DBottleneck(nn.Module):
+    """CED-ResNet's focal block: a residual 3x3 conv and a residual dilated depthwise 7x7 before the bottleneck's 1x1 pair."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, dilation: int = _FOCAL_DILATION, **_level) -> None:
+        super().__init__()
+        self.conv1 = _conv_norm_act(dim, dim, 3, style)
+        self.dwconv1 = nn.Sequential(_focal_dwconv(dim, dilation), style.map_norm(dim), style.act())
+        self.conv2 = _conv_norm_act(dim, 4 * dim, 1, style)
+        self.conv3 = _conv_norm_act(4 * dim, dim, 1, style, act=False)
+        self.act = style.act()
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x) + x
+        y = self.dwconv1(y) + y
+        return self.act(self.drop_path(self.conv3(self.conv2(y))) + x)
+
+
+class _TokenMLP(nn.Module):
+    """The transformer blocks' tail (``norm2``, ``pwconv1``, ``act``, ``pwconv2``): residual 4x MLP on ``(..., C)`` tokens."""
+
+    def _mlp_residual(self, t: torch.Tensor) -> torch.Tensor:
+        return t + self.drop_path(self.pwconv2(self.act(self.pwconv1(self.norm2(t)))))
+
+
+class SwinBlock(_TokenMLP):
+    """CED-Swin's block on a channels-first map: (shifted) 7x7-window attention with ``dim // 32`` heads, then the MLP.
+
+    Odd ``widx`` (the block's index within its run) shifts the windows by half a window, as the reference does."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, widx: int = 0, **_level) -> None:
+        super().__init__()
+        self.window_size = _SWIN_WINDOW
+        self.shift_size = (0, _SWIN_WINDOW // 2)[widx % 2]
+        self.norm1 = style.token_norm(dim)
+        self.attn = WindowAttention(dim, _SWIN_WINDOW, max(dim // _SWIN_HEAD_DIM, 1))
+        self.norm2 = style.token_norm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = style.act()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = _drop_path(drop_path)
+
+    def _attention(self, t: torch.Tensor) -> torch.Tensor:
+        return shifted_window_attention(self.attn, t, self.window_size, self.shift_size)
+
+    def _mix(self, t: torch.Tensor) -> torch.Tensor:
+        return self._attention(self.norm1(t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.permute(0, 2, 3, 1)  # N C H W -> N H W C
+        t = t + self.drop_path(self._mix(t))
+        return self._mlp_residual(t).permute(0, 3, 1, 2)
+
+
+class DSwinBlock(SwinBlock):
+    """CED-Swin's focal block: the window attention's output (normed, activated) and a dilated depthwise 7x7
+    (normed, activated) are each added residually to the normed tokens before the block's own residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, widx: int = 0, dilation: int = _FOCAL_DILATION,
+                 **_level) -> None:
+        super().__init__(dim, drop_path, style, widx)
+        self.norm_act1 = nn.Sequential(style.token_norm(dim), style.act())
+        self.dwconv2 = _focal_dwconv(dim, dilation)
+        self.norm_act2 = nn.Sequential(style.token_norm(dim), style.act())
+
+    def _mix(self, t: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(t)
+        y = self.norm_act1(self._attention(y)) + y
+        return self.norm_act2(self.dwconv2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)) + y
+
+
+class CSwinBlock(_TokenMLP):
+    """CED-CSwin's block: cross-shaped window attention (half the channels in horizontal stripes of height
+    ``split_size``, half in vertical ones) or, with ``dilation > 1`` (the focal level), one attention over the
+    whole map; then the MLP."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, num_heads: int = _CSWIN_P2[0],
+                 split_size: int = _CSWIN_P2[1], dilation: int = 1, **_level) -> None:
+        super().__init__()
+        from gradlens.models.cswin import LePEAttention
+
+        self.norm1 = style.token_norm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if dilation > 1:
+            self.attns = nn.ModuleList([LePEAttention(dim, idx=-1, split_size=split_size, num_heads=num_heads)])
+        else:
+            self.attns = nn.ModuleList(
+                [LePEAttention(dim // 2, idx=i, split_size=split_size, num_heads=num_heads // 2) for i in range(2)])
+        self.norm2 = style.token_norm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = style.act()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.reshape(b, c, h * w).transpose(1, 2)  # B, HW, C
+        qkv = self.qkv(self.norm1(t)).reshape(b, h * w, 3, c).permute(2, 0, 3, 1)  # 3, B, C, HW
+        width = c // len(self.attns)
+        parts = []
+        for i, attn in enumerate(self.attns):
+            q, k, v = qkv[:, :, i * width:(i + 1) * width].reshape(3, b, width, h, w).unbind(0)
+            parts.append(attn(q, k, v))
+        t = t + self.drop_path(self.proj(torch.cat(parts, dim=2)))
+        return self._mlp_residual(t).transpose(1, 2).reshape(b, c, h, w)
+
+
+_BLOCK_TYPES: dict[str, type[nn.Module]] = {
+    "NeXtBlock": NeXtBlock, "DNeXtBlock": DNeXtBlock, "Bottleneck": Bottleneck, "DBottleneck": DBottleneck,
+    "SwinBlock": SwinBlock, "DSwinBlock": DSwinBlock, "CSwinBlock": CSwinBlock,
+}
+_FOCAL_BLOCKS = ("DNeXtBlock", "DBottleneck", "DSwinBlock", "CSwinBlock")  # take ``dilation``
 
 
 def _run_blocks(factory: BlockFactory, dim: int, count: int, rates: Sequence[float], start: int = 0) -> nn.Sequential:
-    """``count`` blocks of ``dim`` channels with drop-path rates ``rates[start:start + count]``."""
-    return nn.Sequential(*[factory(dim, rates[start + i]) for i in range(count)])
+    """``count`` blocks of ``dim`` channels with drop-path rates ``rates[start:start + count]``; the index within the
+    run is the block's ``widx`` (Swin blocks alternate their window shift with it)."""
+    return nn.Sequential(*[factory(dim, rates[start + i], widx=i) for i in range(count)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,20 +342,25 @@ class Encoder(nn.Module):
         dp_rates: Sequence[float],
         base: BlockFactory,
         focal: BlockFactory,
-        eps: float,
+        style: Style,
     ) -> None:
         super().__init__()
         n0, n1, n2 = blocks
+        level = self._level_blocks(base, focal)
         self.encoder = nn.ModuleList(
             [
-                _run_blocks(base, dims[0], n0, dp_rates),
-                _run_blocks(base, dims[1], n1, dp_rates, start=n0),
-                _run_blocks(focal, dims[2], n2, dp_rates, start=n0 + n1),
+                _run_blocks(level[0], dims[0], n0, dp_rates),
+                _run_blocks(level[1], dims[1], n1, dp_rates, start=n0),
+                _run_blocks(level[2], dims[2], n2, dp_rates, start=n0 + n1),
             ]
         )
         self.encoder_downsample = nn.ModuleList(
-            [_conv_norm(dims[0], dims[1], 2, 2, 0, eps), _conv_norm(dims[1], dims[2], 2, 2, 0, eps)]
+            [_conv_norm(dims[0], dims[1], 2, 2, 0, style), _conv_norm(dims[1], dims[2], 2, 2, 0, style)]
         )
+
+    @staticmethod
+    def _level_blocks(base: BlockFactory, focal: BlockFactory) -> tuple[BlockFactory, BlockFactory, BlockFactory]:
+        return base, base, partial(focal, dilation=_FOCAL_DILATION)
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if isinstance(x, tuple):
@@ -219,11 +383,22 @@ class EncoderFPN(Encoder):
         return c3, c4, c5
 
 
+class CSwinEncoder(Encoder):
+    """:class:`Encoder` of CED-CSwin: its levels' blocks get (heads, stripe width) (4, 2), (8, 7) and (10, 7), the
+    reference's defaults, which its configs never change; the focal level's block attends over the whole map."""
+
+    @staticmethod
+    def _level_blocks(base: BlockFactory, focal: BlockFactory) -> tuple[BlockFactory, BlockFactory, BlockFactory]:
+        (h0, s0), (h1, s1), (h2, s2) = _CSWIN_LEVELS
+        return (partial(base, num_heads=h0, split_size=s0), partial(base, num_heads=h1, split_size=s1),
+                partial(focal, num_heads=h2, split_size=s2, dilation=_FOCAL_DILATION))
+
+
 class _TopDown(nn.Module):
     """What all decoders share: 1x1 conv + 2x bilinear upsampling of the coarser map, added to the
     finer one, then LayerNorm (``decoder_upsample[i]`` / ``decoder_norm[i]``; i=0 is 32->16, i=1 is 16->8)."""
 
-    def __init__(self, dims: Sequence[int], eps: float) -> None:
+    def __init__(self, dims: Sequence[int], style: Style) -> None:
         super().__init__()
         self.decoder_upsample = nn.ModuleList(
             [
@@ -231,7 +406,7 @@ class _TopDown(nn.Module):
                 nn.Sequential(nn.Conv2d(dims[1], dims[0], 1), Upsample2x()),
             ]
         )
-        self.decoder_norm = nn.Sequential(_norm(dims[1], eps), _norm(dims[0], eps))
+        self.decoder_norm = nn.Sequential(style.map_norm(dims[1]), style.map_norm(dims[0]))
 
     def _merge(self, level: int, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         return self.decoder_norm[level](fine + self.decoder_upsample[level](coarse))
@@ -240,8 +415,8 @@ class _TopDown(nn.Module):
 class Decoder(_TopDown):
     """Top-down path only (no blocks): ``c4 <- norm(c4 + up(c5))``, ``c3 <- norm(c3 + up(c4))``."""
 
-    def __init__(self, dims: Sequence[int], eps: float, **_unused) -> None:
-        super().__init__(dims, eps)
+    def __init__(self, dims: Sequence[int], style: Style, **_unused) -> None:
+        super().__init__(dims, style)
 
     def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c3, c4, c5 = x
@@ -253,9 +428,9 @@ class Decoder(_TopDown):
 class DecoderFPN(_TopDown):
     """:class:`Decoder` followed by a 3x3 conv + LayerNorm on each of the three maps (FPN-style output convs)."""
 
-    def __init__(self, dims: Sequence[int], eps: float, **_unused) -> None:
-        super().__init__(dims, eps)
-        self.decoder_conv = nn.Sequential(*[_conv_norm(d, d, 3, 1, 1, eps) for d in dims])
+    def __init__(self, dims: Sequence[int], style: Style, **_unused) -> None:
+        super().__init__(dims, style)
+        self.decoder_conv = nn.Sequential(*[_conv_norm(d, d, 3, 1, 1, style) for d in dims])
 
     def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c3, c4, c5 = x
@@ -272,8 +447,8 @@ def _decoder_levels(dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequen
 class DecoderUNet(_TopDown):
     """Top-down path with blocks after each merge: ``blocks[0]`` at stride 16, ``blocks[1]`` at stride 8."""
 
-    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, eps: float, **_unused) -> None:
-        super().__init__(dims, eps)
+    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, style: Style, **_unused) -> None:
+        super().__init__(dims, style)
         self.decoder = _decoder_levels(dims, blocks, dp_rates, base)
 
     def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,8 +461,8 @@ class DecoderUNet(_TopDown):
 class DecoderHourglass(_TopDown):
     """:class:`DecoderUNet` whose lateral (skip) inputs first pass through one block each (``lateral``)."""
 
-    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, eps: float, **_unused) -> None:
-        super().__init__(dims, eps)
+    def __init__(self, dims: Sequence[int], blocks: Sequence[int], dp_rates: Sequence[float], base: BlockFactory, style: Style, **_unused) -> None:
+        super().__init__(dims, style)
         self.lateral = nn.Sequential(base(dims[1], 0.0), base(dims[0], 0.0))
         self.decoder = _decoder_levels(dims, blocks, dp_rates, base)
 
@@ -298,7 +473,7 @@ class DecoderHourglass(_TopDown):
         return c3, c4, c5
 
 
-_ENCODERS: dict[str, type[Encoder]] = {"Encoder": Encoder, "EncoderFPN": EncoderFPN}
+_ENCODERS: dict[str, type[Encoder]] = {"Encoder": Encoder, "EncoderFPN": EncoderFPN, "CSwinEncoder": CSwinEncoder}
 _DECODERS: dict[str, type[_TopDown]] = {
     "Decoder": Decoder,
     "DecoderFPN": DecoderFPN,
@@ -313,14 +488,43 @@ def _choice(kind: str, value: str, table: Mapping[str, object], note: str = "") 
         raise ValueError(f"unsupported CEDNet {kind} {value!r}; supported: {', '.join(table)}{note}")
 
 
-def _norm_eps(norm_cfg: Mapping | None) -> float:
-    """The LayerNorm eps that mmcv's ``build_norm_layer`` would use for ``norm_cfg`` (only channels-first LN)."""
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def _style(norm_cfg: Mapping | None, act_type: str, layer_scale_init_value: float) -> Style:
+    """The :class:`Style` mmcv's ``build_norm_layer`` and the reference's globals give for these settings.
+
+    ``LN`` must be channels-first (the reference's own ``LayerNorm``); ``SyncBN`` and ``BN`` are batch norm.
+    mmcv's ``build_norm_layer`` defaults eps to 1e-5; ``None`` is the NeXt variants' LN with eps 1e-6.
+    """
+    _choice("act_type", act_type, _ACTIVATIONS)
     if norm_cfg is None:
-        return 1e-6
+        return Style(act=_ACTIVATIONS[act_type], layer_scale=float(layer_scale_init_value))
     cfg = dict(norm_cfg)
-    if cfg.get("type") != "LN" or cfg.get("data_format") != "channels_first":
-        raise ValueError(f"only norm_cfg=dict(type='LN', data_format='channels_first', eps=...) is supported, got {norm_cfg!r}")
-    return float(cfg.get("eps", 1e-5))  # mmcv's build_norm_layer defaults eps to 1e-5
+    kind = cfg.get("type")
+    if kind == "LN" and cfg.get("data_format") == "channels_first":
+        norm = "LN"
+    elif kind in ("SyncBN", "BN", "BN2d"):
+        norm = "BN"
+    else:
+        raise ValueError("unsupported CEDNet norm_cfg: dict(type='LN', data_format='channels_first', eps=...), "
+                         f"dict(type='SyncBN') or dict(type='BN') are supported, got {norm_cfg!r}")
+    return Style(norm=norm, eps=float(cfg.get("eps", 1e-5)), act=_ACTIVATIONS[act_type], layer_scale=float(layer_scale_init_value))
+
+
+def _check_blocks(base_block: str, focal_block: str, encoder_type: str, decoder_type: str) -> None:
+    """Refuse the combinations the reference cannot build: its CSwin blocks take (heads, stripe width) that only
+    ``CSwinEncoder`` passes, and its decoders with blocks would give them a drop-path rate as a head count."""
+    _choice("block type", base_block, _BLOCK_TYPES)
+    _choice("block type", focal_block, _BLOCK_TYPES)
+    _choice("encoder type", encoder_type, _ENCODERS)
+    _choice("decoder type", decoder_type, _DECODERS)
+    cswin = "CSwinBlock" in (base_block, focal_block)
+    if cswin != (encoder_type == "CSwinEncoder") or (cswin and base_block != focal_block):
+        raise ValueError("CEDNet's CSwinBlock goes with encoder_type 'CSwinEncoder' as both base and focal block, "
+                         f"and that encoder only with it; got {base_block}/{focal_block} with {encoder_type}")
+    if cswin and decoder_type not in _ALL_BLOCKS_IN_ENCODER:
+        raise ValueError(f"CEDNet's CSwinBlock cannot run in the blocks of a {decoder_type} (the reference passes it no head count)")
 
 
 class _CEDNetTrunk(nn.Module):
@@ -347,14 +551,8 @@ class _CEDNetTrunk(nn.Module):
         last_decoder: bool,
     ) -> None:
         super().__init__()
-        note = " (only the NeXt variants of CEDNet are implemented)"
-        _choice("block type", base_block, _BLOCK_TYPES, note)
-        _choice("block type", focal_block, _BLOCK_TYPES, note)
-        _choice("encoder type", encoder_type, _ENCODERS)
-        _choice("decoder type", decoder_type, _DECODERS)
-        if act_type != "gelu":
-            raise ValueError(f"unsupported CEDNet act_type {act_type!r}; only 'gelu' (the NeXt variants) is implemented")
-        eps = _norm_eps(norm_cfg)
+        _check_blocks(base_block, focal_block, encoder_type, decoder_type)
+        style = _style(norm_cfg, act_type, layer_scale_init_value)
         dims = [int(d) for d in dims]
         if len(dims) != 3:
             raise ValueError(f"CEDNet has three levels (strides 8, 16, 32); got dims={dims}")
@@ -368,20 +566,22 @@ class _CEDNetTrunk(nn.Module):
 
         self.num_stages = num_stages
         self.dims = dims
-        self.norm_eps = eps
+        self.style = style
         self.encoder_type, self.decoder_type = encoder_type, decoder_type
         self._has_decoder = num_stages > 1 or last_decoder
 
-        base = partial(_BLOCK_TYPES[base_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
-        focal = partial(_BLOCK_TYPES[focal_block], layer_scale_init_value=layer_scale_init_value, eps=eps)
+        base = partial(_BLOCK_TYPES[base_block], style=style)
+        focal = partial(_BLOCK_TYPES[focal_block], style=style)
+        if style.norm != "LN" and {base_block, focal_block} & {"SwinBlock", "DSwinBlock", "CSwinBlock"}:
+            style.token_norm(1)  # the one-sentence refusal, before any layer is built
 
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, _STEM_WIDTH, 3, 2, 1),
-            _norm(_STEM_WIDTH, eps),
-            nn.GELU(),
+            style.map_norm(_STEM_WIDTH),
+            style.act(),
             nn.Conv2d(_STEM_WIDTH, p2_dim, 3, 2, 1),
-            _norm(p2_dim, eps),
-            nn.GELU(),
+            style.map_norm(p2_dim),
+            style.act(),
         )
 
         # One linear drop-path schedule over the p2 blocks and every stage block (decoder blocks included);
@@ -389,7 +589,7 @@ class _CEDNetTrunk(nn.Module):
         rates = torch.linspace(0, drop_path_rate, p2_block + sum(map(sum, blocks)), device="cpu").tolist()
 
         self.stages = nn.ModuleList()
-        self.stages.append(nn.Sequential(*[base(p2_dim, rates[i]) for i in range(p2_block)], _conv_norm(p2_dim, dims[0], 2, 2, 0, eps)))
+        self.stages.append(nn.Sequential(*_run_blocks(base, p2_dim, p2_block, rates), _conv_norm(p2_dim, dims[0], 2, 2, 0, style)))
         start = p2_block
         for sidx, (n3, n4, n5) in enumerate(blocks):
             stage_rates = rates[start : start + n3 + n4 + n5]
@@ -399,10 +599,10 @@ class _CEDNetTrunk(nn.Module):
             else:  # split stride-8/16 blocks: floor half in the encoder, the rest in the decoder
                 enc_blocks, dec_blocks = [n3 // 2, n4 // 2, n5], [n4 - n4 // 2, n3 - n3 // 2]
             n_enc = sum(enc_blocks)
-            parts: list[nn.Module] = [_ENCODERS[encoder_type](dims, enc_blocks, stage_rates[:n_enc], base, focal, eps)]
+            parts: list[nn.Module] = [_ENCODERS[encoder_type](dims, enc_blocks, stage_rates[:n_enc], base, focal, style)]
             if sidx < num_stages - 1 or last_decoder:
                 parts.append(
-                    _DECODERS[decoder_type](dims=dims, blocks=dec_blocks, dp_rates=stage_rates[n_enc:], base=base, eps=eps)
+                    _DECODERS[decoder_type](dims=dims, blocks=dec_blocks, dp_rates=stage_rates[n_enc:], base=base, style=style)
                 )
             self.stages.append(nn.Sequential(*parts))
 
@@ -470,13 +670,13 @@ class CEDNet(_CEDNetTrunk):
             layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
             act_type=act_type, last_decoder=False,
         )
-        eps = self.norm_eps
+        style = self.style
         self.num_classes = num_classes
         self.final_layers = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.heads = nn.ModuleList()
         for _ in range(num_stages):  # one head per stage; eval uses only the last
-            self.final_layers.append(nn.Sequential(nn.Conv2d(self.dims[-1], _HEAD_WIDTH, 1, 1, 0), _norm(_HEAD_WIDTH, eps), nn.GELU()))
+            self.final_layers.append(nn.Sequential(nn.Conv2d(self.dims[-1], _HEAD_WIDTH, 1, 1, 0), style.map_norm(_HEAD_WIDTH), style.act()))
             self.norms.append(nn.LayerNorm(_HEAD_WIDTH, eps=1e-6))  # plain nn.LayerNorm in the reference too
             self.heads.append(nn.Linear(_HEAD_WIDTH, num_classes))
 
@@ -548,9 +748,9 @@ class CEDNetBackbone(_CEDNetTrunk):
             layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
             act_type=act_type, last_decoder=last_decoder,
         )
-        eps = self.norm_eps
-        self.reduce_convs = nn.ModuleList([_conv_norm(d, out_chans, 1, 1, 0, eps) for d in self.dims])
-        self.add_blocks = nn.ModuleList([_conv_norm(out_chans, out_chans, 3, 2, 1, eps) for _ in range(num_add_blocks)])
+        style = self.style
+        self.reduce_convs = nn.ModuleList([_conv_norm(d, out_chans, 1, 1, 0, style) for d in self.dims])
+        self.add_blocks = nn.ModuleList([_conv_norm(out_chans, out_chans, 3, 2, 1, style) for _ in range(num_add_blocks)])
         self.out_channels = int(out_chans)
         self.strides = tuple(8 * 2**i for i in range(len(self.dims) + num_add_blocks))
         self.init_weights()
@@ -586,7 +786,15 @@ CEDNET_VARIANTS: dict[str, dict] = {
     ),
     "next_tiny_unet": dict(_COMMON, decoder_type="DecoderUNet", num_stages=3, p2_dim=96, dims=(192, 352, 512), blocks=(2, 4, 2)),
     "next_tiny_hourglass": dict(_COMMON, decoder_type="DecoderHourglass", num_stages=3, p2_dim=96, dims=(160, 320, 512), blocks=(2, 4, 2)),
+    # The fork's other RetinaNet backbones (ced-mmdet/configs/cednet/{resnet,swin,cswin}/retinanet_ced_*), detection only.
+    "resnet_50": dict(_COMMON, num_stages=3, base_block="Bottleneck", focal_block="DBottleneck", p2_dim=64, dims=(128, 256, 384),
+                      blocks=(1, 4, 2), norm_cfg=dict(type="SyncBN", requires_grad=True), act_type="relu"),
+    "swin_tiny": dict(_COMMON, num_stages=3, base_block="SwinBlock", focal_block="DSwinBlock", p2_dim=96, dims=(160, 288, 416),
+                      blocks=(2, 4, 2)),
+    "cswin_tiny": dict(_COMMON, encoder_type="CSwinEncoder", num_stages=3, base_block="CSwinBlock", focal_block="CSwinBlock",
+                       p2_dim=64, dims=(128, 256, 320), blocks=(2, 8, 1), layer_scale_init_value=1.0),
 }
+DETECTION_ONLY = ("resnet_50", "swin_tiny", "cswin_tiny")  # no ImageNet classifier of these in the reference
 
 
 def _variant(name: str) -> dict:

@@ -62,7 +62,7 @@ def _count(keys, prefix: str) -> int:
 
 
 def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
-    from gradlens.models.cednet import CEDNET_VARIANTS
+    from gradlens.models.cednet import CEDNET_VARIANTS, DETECTION_ONLY
 
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     stages = _count(keys, "stages") - 1
@@ -77,6 +77,7 @@ def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     else:
         blocks = enc
     layout = {
+        "base_block": _cednet_block(keys),
         "p2_dim": int(sd["backbone.stem.3.weight"].shape[0]),
         "p2_block": _count(keys, "stages.0") - 1,
         "dims": dims,
@@ -89,13 +90,29 @@ def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         wanted["blocks"] = list(settings["blocks"]) if isinstance(settings["blocks"][0], int) else settings["blocks"]
         wanted["dims"] = list(settings["dims"])
         wanted["decoder_type"] = settings.get("decoder_type", "Decoder")
+        wanted["base_block"] = settings.get("base_block", "NeXtBlock")
         if all(layout[k] == wanted[k] for k in layout):
             out = int(sd["backbone.reduce_convs.0.0.weight"].shape[0])
-            return f"retinanet_cednet_{variant}", ({"out_chans": out} if out != 256 else {})
+            name = f"retinanet_ced_{variant}" if variant in DETECTION_ONLY else f"retinanet_cednet_{variant}"
+            return name, ({"out_chans": out} if out != 256 else {})
     raise CheckpointError(
-        f"The checkpoint's CEDNet backbone (p2_dim {layout['p2_dim']}, dims {dims}, blocks {blocks}, "
+        f"The checkpoint's CEDNet backbone ({layout['base_block']}s, p2_dim {layout['p2_dim']}, dims {dims}, blocks {blocks}, "
         f"{stages} stages, {decoder}) matches none of the known CEDNet variants ({', '.join(CEDNET_VARIANTS)})."
     )
+
+
+# The p2 stage's first block tells CEDNet's block family (the fork's base_block) by its parameter names.
+_CEDNET_BLOCK_KEYS = (("stages.0.0.dwconv.weight", "NeXtBlock"), ("stages.0.0.conv1.0.weight", "Bottleneck"),
+                      ("stages.0.0.attn.qkv.weight", "SwinBlock"), ("stages.0.0.attns.0.get_v.weight", "CSwinBlock"))
+
+
+def _cednet_block(keys) -> str:
+    present = set(keys)
+    for key, block in _CEDNET_BLOCK_KEYS:
+        if key in present:
+            return block
+    raise CheckpointError("The checkpoint's CEDNet backbone has blocks of no family gradlens knows (NeXt, ResNet "
+                          "bottleneck, Swin, CSwin): its stages.0.0 holds none of their weights.")
 
 
 def _recognise_convnext(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
@@ -128,6 +145,22 @@ def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
                 and list(settings["num_heads"]) == heads and settings.get("window_size", 7) == window):
             return f"retinanet_{variant}", {"out_indices": out_indices}
     raise CheckpointError(f"The checkpoint's Swin backbone (embed {embed}, depths {depths}, heads {heads}, window {window}) matches none of Swin-T/S/B.")
+
+
+def _recognise_cswin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    """The fork's CSWin Transformer (configs/cednet/cswin/retinanet_cswin_*): its embedding width and depths name
+    the variant (heads and stripe widths have no weights of their own)."""
+    from gradlens.models.cswin import CSWIN_VARIANTS
+
+    keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
+    embed = int(sd["backbone.stage1_conv_embed.0.weight"].shape[0])
+    depths = [_count(keys, f"stage{i}") for i in range(1, 5)]
+    out_indices = [i for i in range(4) if f"backbone.norm{i}.weight" in sd]
+    for variant, settings in CSWIN_VARIANTS.items():
+        if settings["embed_dim"] == embed and list(settings["depth"]) == depths:
+            return f"retinanet_{variant}", {"out_indices": out_indices}
+    raise CheckpointError(f"The checkpoint's CSWin backbone (embed {embed}, depths {depths}) matches none of "
+                          f"{', '.join(CSWIN_VARIANTS)}.")
 
 
 class _Reading(Mapping):
@@ -177,7 +210,7 @@ def _read_layout(read, sd: Mapping[str, Tensor]):
 # the neck's and head's convolutions and biases. Checked before any shape is read, so that a 1-d stem weight is
 # named as such rather than read as a backbone of another width.
 _DIMENSIONS = [
-    (re.compile(r"^backbone\.(conv1|conv2|patch_embed\.proj|stem\.0|downsample_layers\.0\.0)\.weight$"), 4,
+    (re.compile(r"^backbone\.(conv1|conv2|patch_embed\.proj|stem\.0|downsample_layers\.0\.0|stage1_conv_embed\.0)\.weight$"), 4,
      "a convolution's weight"),
     (re.compile(r"^(neck|bbox_head)\..*\.conv\.weight$"), 4, "a convolution's weight"),
     (re.compile(r"^bbox_head\.retina_(cls|reg)\.weight$"), 4, "a convolution's weight"),
@@ -221,6 +254,8 @@ def _recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
         return _recognise_convnext(sd)
     if "backbone.patch_embed.proj.weight" in sd:
         return _recognise_swin(sd)
+    if "backbone.stage1_conv_embed.0.weight" in sd:
+        return _recognise_cswin(sd)
     if "backbone.layer1.0.conv1.weight" in sd and _count(list(sd), "backbone.layer3") == 6:
         return "retinanet_resnet50", {}
     sample = ", ".join(sorted({k.split(".")[1] for k in sd if k.startswith("backbone.")})[:5])

@@ -172,10 +172,15 @@ for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_cednet_next_{_size}", "cednet", f"RetinaNet, CEDNet-NeXt-{_size[0].upper()} (no neck)", _cednet(f"next_{_size}")))
 for _style in ("fpn", "unet", "hourglass"):
     _register(Architecture(f"retinanet_cednet_next_tiny_{_style}", "cednet", f"RetinaNet, CEDNet-NeXt-T {_style}-style decoder (no neck)", _cednet(f"next_tiny_{_style}")))
+for _variant, _label in (("resnet_50", "CED-ResNet-50"), ("swin_tiny", "CED-Swin-T"), ("cswin_tiny", "CED-CSwin-T")):
+    _register(Architecture(f"retinanet_ced_{_variant}", "cednet", f"RetinaNet, {_label} (the CEDNet fork's CEDNetWrapper, no neck)",
+                           _cednet(_variant)))
 for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_convnext_{_size}", "convnext", f"RetinaNet, ConvNeXt-{_size[0].upper()} + FPN", _convnext(f"convnext_{_size}")))
 for _size in ("tiny", "small", "base"):
     _register(Architecture(f"retinanet_swin_{_size}", "swin", f"RetinaNet, Swin-{_size[0].upper()} + FPN", _swin(f"swin_{_size}")))
+_register(Architecture("retinanet_cswin_tiny", "cswin", "RetinaNet, CSWin-T (the CEDNet fork's CSwinTransformer) + FPN",
+                       _table_a1("cswin", "cswin_tiny")))
 _register(Architecture("retinanet_hrnet_w32", "hrnet", "RetinaNet, HRNet-W32 (mmdetection's HRNet) + FPN",
                        _table_a1("hrnet", "hrnet_w32"), size_multiple=32))
 _TABLE_A1_LABELS = {

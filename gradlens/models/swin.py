@@ -45,10 +45,15 @@ from gradlens.models.layers import Mlp
 __all__ = [
     "SWIN_VARIANTS",
     "SwinBackbone",
+    "WindowAttention",
     "drop_relative_position_index",
+    "from_windows",
+    "shift_mask",
+    "shifted_window_attention",
     "swin_base_backbone",
     "swin_small_backbone",
     "swin_tiny_backbone",
+    "to_windows",
 ]
 
 _MASK_VALUE = -100.0
@@ -68,21 +73,21 @@ def _relative_position_index(ws: int) -> torch.Tensor:
     return dy * (2 * ws - 1) + dx
 
 
-def _to_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+def to_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
     """``(B, H, W, C)`` with H, W multiples of ``ws`` -> ``(B * nW, ws * ws, C)``, windows row-major."""
     b, h, w, c = x.shape
     x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, ws * ws, c)
 
 
-def _from_windows(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`_to_windows`."""
+def from_windows(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`to_windows`."""
     c = windows.shape[-1]
     x = windows.view(-1, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(-1, h, w, c)
 
 
-def _shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(nW, ws*ws, ws*ws)`` additive mask (0 / -100) separating the regions that the cyclic shift
     brings together, for a padded ``hp x wp`` map; the same regions as the fork's three slices per
     axis ``[0, -ws)``, ``[-ws, -shift)``, ``[-shift, end)``, computed on ``hp, wp`` even when a
@@ -95,9 +100,31 @@ def _shift_mask(hp: int, wp: int, ws: int, shift: int, device: torch.device, dty
         return r
 
     label = region(hp)[:, None] * 3 + region(wp)[None, :]  # hp x wp region ids
-    win = _to_windows(label[None, :, :, None], ws).squeeze(-1)  # nW, ws*ws
+    win = to_windows(label[None, :, :, None], ws).squeeze(-1)  # nW, ws*ws
     same = win[:, None, :] == win[:, :, None]
     return torch.zeros(same.shape, device=device, dtype=dtype).masked_fill(~same, _MASK_VALUE)
+
+
+def shifted_window_attention(attn: nn.Module, y: torch.Tensor, ws: int, shift: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The fork's (shifted-)window attention of normed ``(B, H, W, C)`` tokens, returned as ``(B, H, W, C)``.
+
+    Zero-pads right/bottom to multiples of ``ws`` (after the norm, as in the fork), rolls by ``-shift``,
+    attends inside windows (``mask``: :func:`shift_mask` of the padded size, used only when shifted; None
+    computes it), rolls back and crops. Swin's blocks and CEDNet's Swin blocks share it.
+    """
+    b, h, w, c = y.shape
+    pad_b, pad_r = (-h) % ws, (-w) % ws
+    y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+    hp, wp = h + pad_b, w + pad_r
+    if shift > 0:
+        if mask is None:
+            mask = shift_mask(hp, wp, ws, shift, y.device, y.dtype)
+        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+    y = attn(to_windows(y, ws), mask=mask if shift > 0 else None)
+    y = from_windows(y, ws, hp, wp)
+    if shift > 0:
+        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    return y[:, :h, :w, :]
 
 
 class WindowAttention(nn.Module):
@@ -159,19 +186,8 @@ class SwinBlock(nn.Module):
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"expected {h}x{w} tokens, got {n}")
-        ws, shift = self.window_size, self.shift_size
-        y = self.norm1(x).view(b, h, w, c)
-        pad_b, pad_r = (-h) % ws, (-w) % ws
-        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))  # zeros after the norm, as in the fork
-        hp, wp = h + pad_b, w + pad_r
-        if shift > 0:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        y = self.attn(_to_windows(y, ws), mask=shift_mask if shift > 0 else None)
-        y = _from_windows(y, ws, hp, wp)
-        if shift > 0:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-        y = y[:, :h, :w, :].reshape(b, h * w, c)
-        x = x + self.drop_path(y)
+        y = shifted_window_attention(self.attn, self.norm1(x).view(b, h, w, c), self.window_size, self.shift_size, shift_mask)
+        x = x + self.drop_path(y.reshape(b, h * w, c))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -231,7 +247,7 @@ class SwinStage(nn.Module):
         """Returns (stage output tokens, next-stage tokens, next h, next w)."""
         ws = self.window_size
         hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-        mask = _shift_mask(hp, wp, ws, self.shift_size, x.device, x.dtype)
+        mask = shift_mask(hp, wp, ws, self.shift_size, x.device, x.dtype)
         for blk in self.blocks:
             x = blk(x, h, w, mask)
         if self.downsample is None:
