@@ -55,7 +55,9 @@ REPRODUCED_NOTES: dict[str, str] = {
 def _classifiers() -> dict[str, callable]:
     from torchvision import models as tv
 
-    from gradlens.models import cednet, focalnet, hrnet, msg, revcol
+    from functools import partial
+
+    from gradlens.models import cednet, cswin, focalnet, hrnet, msg, revcol
 
     return {
         "HRNet-W32": hrnet.hrnet_w32, "HRNet-W30": hrnet.hrnet_w30,
@@ -69,11 +71,14 @@ def _classifiers() -> dict[str, callable]:
         "CEDNet-NeXt-T (FPN-style)": cednet.cednet_next_tiny_fpn,
         "CEDNet-NeXt-T (UNet-style)": cednet.cednet_next_tiny_unet,
         "CEDNet-NeXt-T (Hourglass-style)": cednet.cednet_next_tiny_hourglass,
+        **{f"CSWin-{s[0].upper()}": partial(cswin.cswin_classifier, f"cswin_{s}") for s in ("tiny", "small", "base")},
     }
 
 
 # Not Table A1 rows, profiled to show where a row's figures come from.
-EXPLAINING = {"HRNet-W30": "not a Table A1 row: its size is what the table prints for HRNet-w32"}
+_CSWIN = "not a Table A1 row: the backbone of the CEDNet fork's CSWin RetinaNets; the CSWin paper's {} ImageNet model"
+EXPLAINING = {"HRNet-W30": "not a Table A1 row: its size is what the table prints for HRNet-w32",
+              "CSWin-T": _CSWIN.format("23M/4.3G"), "CSWin-S": _CSWIN.format("35M/6.9G"), "CSWin-B": _CSWIN.format("78M/15.0G")}
 CLASSIFIERS = (*TABLE_A1, *EXPLAINING)
 
 

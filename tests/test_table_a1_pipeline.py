@@ -27,6 +27,8 @@ from tests.test_detector_cli import run
 NEW_ARCHITECTURES = [
     "retinanet_hrnet_w32",
     *(f"retinanet_{family}_{size}" for family in ("focalnet", "msg", "revcol") for size in ("tiny", "small", "base")),
+    # the fork's other RetinaNets (issue 25): its CEDNetWrapper over ResNet bottlenecks, Swin and CSwin, and CSWin-T
+    "retinanet_ced_resnet_50", "retinanet_ced_swin_tiny", "retinanet_ced_cswin_tiny", "retinanet_cswin_tiny",
 ]
 TEST_SCALE = (128, 192)
 

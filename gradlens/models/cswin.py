@@ -79,10 +79,12 @@ __all__ = [
     "CSWIN_VARIANTS",
     "CSWinBlock",
     "CSwinBackbone",
+    "CSwinClassifier",
     "LePEAttention",
     "MapToTokens",
     "MergeBlock",
     "cswin_base_backbone",
+    "cswin_classifier",
     "cswin_small_backbone",
     "cswin_tiny_backbone",
 ]
@@ -311,20 +313,42 @@ class CSwinBackbone(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
         self.apply(_init_weights)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def stages(self, x: torch.Tensor):
+        """``(i, tokens, h, w)`` after each stage ``i`` (tokens ``(B, h*w, C)``, before any output norm)."""
         x = self.stage1_conv_embed[0](x)
         b, c, h, w = x.shape
         x = self.stage1_conv_embed[2](x.reshape(b, c, -1).transpose(-1, -2).contiguous())
-        outs = []
         for i in range(4):
             if i > 0:
                 x, h, w = getattr(self, f"merge{i}")(x, h, w)
             for blk in getattr(self, f"stage{i + 1}"):
                 x = blk(x, h, w)
+            yield i, x, h, w
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = []
+        for i, tokens, h, w in self.stages(x):
             if i > 0 or 0 in self.out_indices:
-                out = getattr(self, f"norm{i}")(x)
-                outs.append(out.transpose(1, 2).reshape(b, -1, h, w).contiguous())
+                out = getattr(self, f"norm{i}")(tokens)
+                outs.append(out.transpose(1, 2).reshape(x.shape[0], -1, h, w).contiguous())
         return tuple(outs)
+
+
+class CSwinClassifier(nn.Module):
+    """The official ImageNet CSWin (microsoft/CSWin-Transformer ``models/cswin.py``) for ``gradlens profile``: the
+    backbone's stages, a LayerNorm over the last stage's tokens, their mean and a linear head. The backbone's output
+    norms are never called here, so the profile (which counts the parameters a forward reaches) leaves them out."""
+
+    def __init__(self, num_classes: int = 1000, **settings) -> None:
+        super().__init__()
+        self.backbone = CSwinBackbone(**settings)
+        dim = self.backbone.num_features[-1]
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *_, (_, tokens, _, _) = self.backbone.stages(x)
+        return self.head(self.norm(tokens).mean(1))
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -372,3 +396,8 @@ def cswin_small_backbone(**kwargs) -> CSwinBackbone:
 def cswin_base_backbone(**kwargs) -> CSwinBackbone:
     """CSwin-B (96, [2,4,32,2], heads [4,8,16,32], split [1,2,7,7], drop path 0.6); ``out_indices`` defaults to (0, 1, 2, 3)."""
     return _build("cswin_base", kwargs)
+
+
+def cswin_classifier(variant: str, num_classes: int = 1000) -> CSwinClassifier:
+    """The ImageNet classifier of a :data:`CSWIN_VARIANTS` name (``"cswin_tiny"``, ...), for profiling."""
+    return CSwinClassifier(num_classes, **{**CSWIN_VARIANTS[variant], "drop_path_rate": 0.0})
