@@ -106,3 +106,27 @@ def test_swin_blocks_alternate_their_shift_and_cswin_focal_attends_globally():
     assert len(focal.attns) == 1 and focal.attns[0].idx == -1 and focal.attns[0].num_heads == 10
     stripe = cswin.stages[1][0].encoder[1][0]
     assert [a.idx for a in stripe.attns] == [0, 1] and stripe.attns[0].split_size == 7 and stripe.attns[0].num_heads == 4
+
+
+def test_a_bifpn_checkpoint_is_refused_in_one_sentence():
+    """The fork's neck/retinanet_bifpn_… config cannot be built by the fork itself (see mmdet._BIFPN): say so."""
+    from gradlens.errors import CheckpointError
+    from gradlens.models import mmdet
+    from gradlens.models.registry import build_detector
+
+    with torch.device("meta"):
+        state = mmdet.to_mmdet(build_detector("retinanet_convnext_tiny", 80).state_dict())
+    state = {k: v for k, v in state.items() if not k.startswith("neck.")}
+    state["neck.bifpn.0.decoder.0.0.depthwise_conv.conv.weight"] = torch.zeros(256, 1, 3, 3)
+    with pytest.raises(CheckpointError, match=r"BiFPN .*cannot be built or run as committed") as info:
+        mmdet.recognise(state)
+    assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, paper", [("CSWin-T", (23, 4.3)), ("CSWin-S", (35, 6.9)), ("CSWin-B", (78, 15.0))])
+def test_profile_counts_cswin_as_its_paper(name, paper):
+    """The CSWin classifiers of `gradlens profile` have the CSWin paper's size (its Table 1, 224x224)."""
+    from gradlens.profile import profile_classifier
+
+    row = profile_classifier(name)
+    assert abs(row.params / 1e6 - paper[0]) <= 1.0 and abs(row.macs / 1e9 - paper[1]) <= 0.1 + 1e-9

@@ -1,4 +1,4 @@
-"""CEDNet (cascade encoder-decoder network), NeXt variants, in plain PyTorch.
+"""CEDNet (cascade encoder-decoder network) in plain PyTorch: the NeXt variants and the fork's ResNet, Swin and CSwin ones.
 
 The reference implementation (github.com/zhanggang001/CEDNet) builds its modules through mmcv's
 norm registry and timm, and picks block types, activation and layer-scale value through
@@ -21,9 +21,9 @@ instead of an FPN.
 
 Behaviour that is the reference's, kept on purpose (it changes outputs or names):
 
-* every norm inside the network is the channels-first ``LayerNorm`` of
-  :mod:`gradlens.models.layers` (hand-computed mean / biased variance, ``eps=1e-6``); only the
-  classifier's ``norms`` (on pooled ``(N, 2048)`` vectors) are ``nn.LayerNorm``;
+* with LN, every norm on a map is the channels-first ``LayerNorm`` of :mod:`gradlens.models.layers`
+  (hand-computed mean / biased variance, ``eps=1e-6``) and the transformer blocks' token norms its
+  channels-last form; only the classifier's ``norms`` (on pooled ``(N, 2048)`` vectors) are ``nn.LayerNorm``;
 * ``Encoder`` given a tuple uses only its first element (the decoder's ``c4``/``c5`` reach the next
   stage only through ``c3``); ``EncoderFPN`` adds the tuple's second and third maps after each
   downsampling;
@@ -38,9 +38,14 @@ Behaviour that is the reference's, kept on purpose (it changes outputs or names)
   training mode it returns one logit tensor per stage (deep supervision);
 * the head width (2048) and the stem's first width (32) are fixed, as in the reference.
 
-Only the NeXt block types (``NeXtBlock``, ``DNeXtBlock``), GELU and the channels-first LayerNorm
-are implemented; asking for the reference's Swin / ResNet-bottleneck / CSwin variants raises
-``ValueError``. The reference's other detection wrappers (``CEDNetWrapperTwoStage``, which adds a
+Every block type of the reference is implemented: ``NeXtBlock``/``DNeXtBlock`` (CEDNet-NeXt),
+``Bottleneck``/``DBottleneck`` (CED-ResNet: bias-free convolutions, batch norm for the configs' SyncBN, ReLU),
+``SwinBlock``/``DSwinBlock`` (CED-Swin: 7x7 windows, ``dim // 32`` heads, shifted at odd ``widx``) and
+``CSwinBlock`` under ``CSwinEncoder`` (CED-CSwin; the stride-32 level attends over the whole map). What each
+layer's norm, activation and layer scale are is the :class:`Style` that ``norm_cfg``, ``act_type`` and
+``layer_scale_init_value`` give, as mmcv's registry and the reference's globals decide them; combinations the
+reference cannot build (CSwin blocks outside ``CSwinEncoder``, Swin blocks with batch norm) raise ``ValueError``.
+The reference's other detection wrappers (``CEDNetWrapperTwoStage``, which adds a
 stride-4 output for the Mask R-CNN configs, and ``CEDNetWrapperMask2Former``) are not provided.
 Drop path is ``torchvision.ops.StochasticDepth(p, "row")``.
 """
