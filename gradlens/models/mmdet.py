@@ -243,7 +243,18 @@ def recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     return _read_layout(_recognise, sd)
 
 
+# The fork's neck/retinanet_bifpn_… config names BiFPNScratch (ced-mmdet/mmdet/models/necks/bifpn.py), which the fork
+# itself cannot build or run: necks/__init__.py never imports that file (the registry has no BiFPNScratch), its
+# __init__ calls super(BiFPN, self) on a class that is not a BiFPN (TypeError), and its lateral convolutions are
+# nn.Conv1d applied to 4-d maps (RuntimeError). No checkpoint of that config can come from the fork's code.
+_BIFPN = ("The checkpoint's neck is the fork's BiFPN (neck.bifpn.*), which gradlens does not run: the fork's own "
+          "BiFPNScratch cannot be built or run as committed (it is not registered, its __init__ calls super(BiFPN, self) "
+          "and its Conv1d laterals fail on image maps), so there is no upstream arithmetic to follow.")
+
+
 def _recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
+    if any(k.startswith("neck.bifpn.") for k in sd):
+        raise CheckpointError(_BIFPN)
     for family in TABLE_A1_FAMILIES:  # before Swin: FocalNet and MSG also have a patch_embed.proj
         if _is_family(sd, family):
             _check_fpn_neck(sd, family)
