@@ -208,6 +208,107 @@ def make(name: str, out_dir: Path, seed: int = 0, convnext_out_indices=None, tes
     return mmdet_path, native_path
 
 
+# mmdetection 3.x's ResNet-50 RetinaNet config (configs/retinanet/retinanet_r50_fpn_1x_coco.py with its _base_ files)
+# as mmengine's Config.pretty_text stores it in meta['cfg']: keys sorted, variables expanded, tta_pipeline included.
+MMDET3_CONFIG = """auto_scale_lr = dict(base_batch_size=16, enable=False)
+backend_args = None
+data_root = 'data/coco/'
+dataset_type = 'CocoDataset'
+default_scope = 'mmdet'
+env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='nccl'), mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0))
+load_from = None
+log_level = 'INFO'
+model = dict(
+    backbone=dict(depth=50, frozen_stages=1, init_cfg=dict(checkpoint='torchvision://resnet50', type='Pretrained'),
+        norm_cfg=dict(requires_grad=True, type='BN'), norm_eval=True, num_stages=4, out_indices=(0, 1, 2, 3),
+        style='pytorch', type='ResNet'),
+    bbox_head=dict(
+        anchor_generator=dict(octave_base_scale=4, ratios=[0.5, 1.0, 2.0], scales_per_octave=3,
+            strides=[8, 16, 32, 64, 128], type='AnchorGenerator'),
+        bbox_coder=dict(target_means=[0.0, 0.0, 0.0, 0.0], target_stds=[1.0, 1.0, 1.0, 1.0], type='DeltaXYWHBBoxCoder'),
+        feat_channels=256, in_channels=256, loss_bbox=dict(loss_weight=1.0, type='L1Loss'),
+        loss_cls=dict(alpha=0.25, gamma=2.0, loss_weight=1.0, type='FocalLoss', use_sigmoid=True),
+        num_classes=80, stacked_convs=4, type='RetinaHead'),
+    data_preprocessor=dict(bgr_to_rgb=True, mean=[123.675, 116.28, 103.53], pad_size_divisor={divisor},
+        std=[58.395, 57.12, 57.375], type='DetDataPreprocessor'),
+    neck=dict(add_extra_convs='on_input', in_channels=[256, 512, 1024, 2048], num_outs=5, out_channels=256,
+        start_level=1, type='FPN'),
+    test_cfg=dict(max_per_img=100, min_bbox_size=0, nms=dict(iou_threshold=0.5, type='nms'), nms_pre=1000,
+        score_thr=0.05),
+    train_cfg=dict(allowed_border=-1, assigner=dict(ignore_iof_thr=-1, min_pos_iou=0, neg_iou_thr=0.4,
+        pos_iou_thr=0.5, type='MaxIoUAssigner'), debug=False, pos_weight=-1, sampler=dict(type='PseudoSampler')),
+    type='RetinaNet')
+optim_wrapper = dict(optimizer=dict(lr=0.01, momentum=0.9, type='SGD', weight_decay=0.0001), type='OptimWrapper')
+test_cfg = dict(type='TestLoop')
+test_dataloader = dict(
+    batch_size=1,
+    dataset=dict(ann_file='annotations/instances_val2017.json', backend_args=None, data_prefix=dict(img='val2017/'),
+        data_root='data/coco/', pipeline=[
+            dict(backend_args=None, type='LoadImageFromFile'),
+            dict(keep_ratio=True, scale={scale}, type='Resize'),
+            dict(type='LoadAnnotations', with_bbox=True),
+            dict(meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'), type='PackDetInputs'),
+        ], test_mode=True, type='CocoDataset'),
+    drop_last=False, num_workers=2, persistent_workers=True, sampler=dict(shuffle=False, type='DefaultSampler'))
+test_pipeline = [
+    dict(backend_args=None, type='LoadImageFromFile'),
+    dict(keep_ratio=True, scale={scale}, type='Resize'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'), type='PackDetInputs'),
+]
+train_cfg = dict(max_epochs=12, type='EpochBasedTrainLoop', val_interval=1)
+tta_model = dict(tta_cfg=dict(max_per_img=100, nms=dict(iou_threshold=0.5, type='nms')), type='DetTTAModel')
+tta_pipeline = [
+    dict(backend_args=None, type='LoadImageFromFile'),
+    dict(transforms=[[dict(keep_ratio=True, scale=(1333, 800), type='Resize')],
+        [dict(prob=1.0, type='RandomFlip'), dict(prob=0.0, type='RandomFlip')],
+        [dict(type='LoadAnnotations', with_bbox=True)],
+        [dict(meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip', 'flip_direction'),
+            type='PackDetInputs')]], type='TestTimeAug'),
+]
+work_dir = './work_dirs/retinanet_r50_fpn_1x_coco'
+"""
+
+
+def make_mmdet3(out_dir: Path, seed: int = 0, test_scale: tuple[int, int] = (1333, 800), pad_size_divisor: int = 32,
+                config: str | None = None, meta: dict | None = None) -> tuple[Path, Path]:
+    """Write ``resnet50.mmdet3.pth``, the ResNet-50 RetinaNet as mmdetection 3.x (mmengine) saves it, and its 2.x
+    twin ``resnet50.pth`` (:func:`make`: the same weights, config asking for the same test scale and divisor).
+
+    The 3.x file holds what ``tools/model_converters/publish_model.py`` keeps of a ``Runner.save_checkpoint``:
+    ``meta`` with ``cfg`` (the config text, :data:`MMDET3_CONFIG`), ``dataset_meta`` (COCO's class names and
+    palette), ``mmengine_version``, ``seed``, ``experiment_name``, ``time``, ``epoch``, ``iter``, and the state
+    dict in the 2.x key layout (the same module names). ``config`` replaces the config text and ``meta``
+    entries replace or (as None) remove meta keys, for tests of refusals.
+    """
+    twin, _ = make("resnet50", out_dir, seed, test_scale=tuple(sorted(test_scale)), size_divisor=pad_size_divisor,
+                   native=False)
+    state = torch.load(twin, map_location="cpu", weights_only=True)["state_dict"]
+    classes = tuple(c["name"] for c in coco80_categories())
+    payload = {
+        "meta": {
+            "dataset_meta": {"classes": classes, "palette": [((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)
+                                                             for i in range(len(classes))]},
+            "epoch": 12,
+            "iter": 87960,
+            "cfg": MMDET3_CONFIG.format(scale=tuple(test_scale), divisor=pad_size_divisor) if config is None else config,
+            "seed": seed,
+            "experiment_name": "retinanet_r50_fpn_1x_coco_20240101_000000",
+            "time": "20240101_120000",
+            "mmengine_version": "0.10.3",
+        },
+        "state_dict": state,
+    }
+    for key, value in (meta or {}).items():
+        if value is None:
+            payload["meta"].pop(key, None)
+        else:
+            payload["meta"][key] = value
+    path = out_dir / "resnet50.mmdet3.pth"
+    torch.save(payload, path)
+    return path, twin
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)

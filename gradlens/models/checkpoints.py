@@ -1,4 +1,4 @@
-"""Loading and saving detectors: gradlens' own files, torchvision state dicts, mmdetection checkpoints.
+"""Loading and saving detectors: gradlens' own files, torchvision state dicts, mmdetection 2.x and 3.x checkpoints.
 
 Loading is safe by default: ``torch.load(weights_only=True)`` unpickles only
 tensors and plain containers. A file that needs arbitrary code to unpickle is
@@ -23,7 +23,7 @@ from torch import Tensor
 from gradlens._version import __version__
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
-from gradlens.models import mmdet
+from gradlens.models import mmdet, mmdet3
 from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
 from gradlens.models.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.transform import PreprocessConfig
@@ -118,6 +118,8 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
 
     - gradlens' format (written by :func:`save_detector`): everything is in the file;
     - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys;
+    - an mmdetection 3.x one (mmengine's ``meta``: ``cfg``, ``dataset_meta``): the same keys, run with 3.x's
+      test arithmetic (:mod:`gradlens.models.mmdet3`);
     - a torchvision state dict: ``arch`` must name the architecture.
 
     ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
@@ -142,8 +144,10 @@ def detector_from_object(obj, path: str | os.PathLike, arch: str | None = None) 
         detector = _from_native(obj, path)
         source = "gradlens"
     elif mmdet.is_mmdet_checkpoint(obj):
-        detector = _from_mmdet(obj, path, arch)
-        source = "mmdetection"
+        with _naming(path):
+            three = mmdet3.is_mmdet3_checkpoint(obj)
+        detector = _from_mmdet(obj, path, arch, three)
+        source = mmdet3.FORMAT if three else "mmdetection"
     else:
         state = _state_dict_of(obj)
         if state is None:
@@ -201,7 +205,8 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
     try:
         name, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
         preprocess = PreprocessConfig.from_dict(obj["preprocess"])
-        test_cfg = TestConfig(**obj.get("test_cfg", {}))
+        three = preprocess.convention == mmdet3.CONVENTION  # an mmdetection 3.x checkpoint, converted
+        test_cfg = (mmdet3.MMDet3TestConfig if three else TestConfig)(**obj.get("test_cfg", {}))
         cats = list(obj["categories"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is a gradlens checkpoint with a damaged header ({exc}).") from None
@@ -210,6 +215,8 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         raise CheckpointError(f"{path} is a gradlens checkpoint whose preprocessing setting {problem}.")
     check_tensors(state, path)
     detector = build_detector(name, num_classes, obj.get("options") or {}, preprocess=preprocess, test_cfg=test_cfg)
+    if three:
+        detector = mmdet3.as_mmdet3(detector)
     load_strict(detector, state, path)
     detector.categories = checked_categories(cats, num_classes, path)
     return detector
@@ -289,29 +296,42 @@ def _naming(path):
         raise CheckpointError(f"{path}: {text}") from None
 
 
-def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None) -> RetinaNetDetector:
-    state = check_tensors(obj.get("state_dict", obj), path)
+def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = False) -> RetinaNetDetector:
+    """An mmdetection RetinaNet: 2.x's (``meta['config']``, ``meta['CLASSES']``) or, with ``three``, 3.x's
+    (``meta['cfg']``, ``meta['dataset_meta']['classes']``, its test arithmetic; :mod:`gradlens.models.mmdet3`)."""
+    from dataclasses import replace
+
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    if three:  # the config text first: it is cheaper to read than the weights
+        with _naming(path):
+            settings = mmdet3.read_meta(meta)
+    state = check_tensors(obj.get("state_dict", obj), path)
     with _naming(path):
         name, options = mmdet.recognise(state)
     if arch_hint is not None and arch_hint != name:
         raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
     num_classes = mmdet.num_classes_of(state)
-    config = meta.get("config") if isinstance(meta.get("config"), str) else None
-    preprocess = architecture(name).preprocess
-    with _naming(path):
-        hints = mmdet.preprocess_hints(config)
-    if hints:
-        from dataclasses import replace
-
-        preprocess = replace(preprocess, **hints)
+    preprocess, test_cfg = architecture(name).preprocess, None
+    if three:
+        with _naming(path):
+            classes = mmdet3.classes_of(meta, num_classes)
+        config, test_cfg = settings.config_text, settings.test_cfg
+        preprocess = replace(preprocess, **settings.preprocess)
+    else:
+        config = meta.get("config") if isinstance(meta.get("config"), str) else None
+        classes = meta.get("CLASSES")
+        with _naming(path):
+            hints = mmdet.preprocess_hints(config)
+        if hints:
+            preprocess = replace(preprocess, **hints)
     try:
-        detector = build_detector(name, num_classes, options, preprocess=preprocess)
+        detector = build_detector(name, num_classes, options, preprocess=preprocess, test_cfg=test_cfg)
     except TooFewBackboneMaps:
         raise _too_few_maps(path, name, options) from None
+    if three:
+        detector = mmdet3.as_mmdet3(detector)
     mmdet.check_fpn_inputs(state, detector, path, name)
     load_strict(detector, mmdet.to_gradlens(state), path)
-    classes = meta.get("CLASSES")
     if num_classes == 80:
         detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
     else:

@@ -14,6 +14,13 @@ because a one-pixel or one-grey-level difference changes detections:
   (:mod:`gradlens.models.resize`, bit-exact), then normalised with mmcv's
   arithmetic. The gradient passes the uint8 rounding straight through, as
   the Jacobian of the same linear interpolation.
+- ``mmdet3`` (mmdetection 3.x): mmcv 2.x's ``Resize`` in the test pipeline
+  (the same rounding, the same uint8 OpenCV resize as ``mmcv``), then
+  ``DetDataPreprocessor`` (mmengine's ``ImgDataPreprocessor``) on the batch:
+  the uint8 tensor made float32, ``(x - mean) / std`` with float32 tensors
+  (mmcv 1.x multiplies by ``1 / std`` widened to float64 instead), and
+  ``stack_batch``'s zero padding bottom-right to a multiple of
+  ``pad_size_divisor`` (:func:`mmengine_normalise`).
 - ``torchvision``: the size is floored, the float image is normalised first
   and then resized by ``F.interpolate`` (``GeneralizedRCNNTransform``'s order).
 """
@@ -29,8 +36,10 @@ from torch import Tensor
 
 from gradlens.models.resize import mmcv_resize
 
-Convention = Literal["mmcv", "torchvision"]
-CONVENTIONS = ("mmcv", "torchvision")
+Convention = Literal["mmcv", "mmdet3", "torchvision"]
+CONVENTIONS = ("mmcv", "mmdet3", "torchvision")
+# the conventions that resize the decoded uint8 image with mmcv's rounding and OpenCV's bilinear (mmcv 1.x and 2.x)
+MMCV_RESIZE = ("mmcv", "mmdet3")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = mmdetection's (123.675, 116.28, 103.53) / 255
 IMAGENET_STD = (0.229, 0.224, 0.225)  # = mmdetection's (58.395, 57.12, 57.375) / 255
@@ -68,7 +77,7 @@ class PreprocessConfig:
 def resized_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
     """The (height, width) the image is resized to: the largest scale fitting ``min_size`` x ``max_size``."""
     scale = min(config.max_size / max(height, width), config.min_size / min(height, width))
-    if config.convention == "mmcv":  # mmcv.rescale_size
+    if config.convention in MMCV_RESIZE:  # mmcv.rescale_size (mmcv 1.x and 2.x alike)
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     return max(1, int(height * scale)), max(1, int(width * scale))  # torchvision floors
 
@@ -98,6 +107,8 @@ def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
     size = resized_size(height, width, config)
     if config.convention == "mmcv":
         return mmcv_normalise(mmcv_resize(image, size), config)
+    if config.convention == "mmdet3":
+        return mmengine_normalise(mmcv_resize(image, size), config)
     mean = torch.tensor(config.mean, dtype=image.dtype, device=image.device)[:, None, None]
     std = torch.tensor(config.std, dtype=image.dtype, device=image.device)[:, None, None]
     image = (image - mean) / std  # torchvision normalises before it resizes
@@ -123,6 +134,19 @@ def mmcv_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
     return (pixels - mean.to(pixels.dtype)) * inv_std.to(pixels.dtype)
 
 
+def mmengine_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
+    """mmengine's ``ImgDataPreprocessor`` (mmdetection 3.x's ``DetDataPreprocessor``) on an image in 0..255.
+
+    Its ``mean`` and ``std`` are ``torch.tensor(values).view(-1, 1, 1)`` buffers (float32), the uint8 input is
+    made float32 (``.float()``) and normalised as ``(x - mean) / std``: a float32 subtraction and a float32
+    division. In any dtype other than float32 (the float64 reference runs), the same formula in that dtype
+    with the float32 mean and std widened to it.
+    """
+    mean = torch.tensor(pixel_units(config.mean), dtype=torch.float32, device=pixels.device)[:, None, None]
+    std = torch.tensor(pixel_units(config.std), dtype=torch.float32, device=pixels.device)[:, None, None]
+    return (pixels - mean.to(pixels.dtype)) / std.to(pixels.dtype)
+
+
 def pixel_units(values) -> tuple[float, ...]:
     """Mean or std given for [0, 1] images, in the 0..255 units mmdetection configs write (123.675, ...)."""
     return tuple(round(float(v) * 255, 6) for v in values)
@@ -130,6 +154,9 @@ def pixel_units(values) -> tuple[float, ...]:
 
 def batch_images(images: list[Tensor], config: PreprocessConfig) -> tuple[Tensor, list[tuple[int, int]]]:
     """Preprocess a list of images into one zero-padded batch; returns it and each resized (h, w).
+
+    Zeros after normalisation, bottom-right, to the largest size rounded up to ``size_divisor``: mmdetection
+    2.x's ``Pad`` then collate, and 3.x's ``stack_batch`` (``pad_value`` 0), alike.
 
     The canvas is the largest padded size in the list, so a batch of images
     with one shared :func:`padded_size` sees exactly what each image sees alone.
