@@ -354,6 +354,10 @@ def test_the_config_without_test_dataloader_uses_test_pipeline_and_refuses_mixed
                                           .replace("std=[58.395, 57.12, 57.375], ", ""))
     assert settings["mean"] == (0.0,) * 3 and settings["std"] == (1 / 255,) * 3  # no normalisation: x itself
     assert math.isclose(mmdet3.test_settings(text.replace("min_bbox_size=0, ", "")).min_bbox_size, -1)
+    # dataset_meta's keys are read lowercased, as init_detector reads them (3.0's release candidates: CLASSES)
+    names = [f"c{i}" for i in range(80)]
+    assert mmdet3.classes_of({"dataset_meta": {"CLASSES": tuple(names)}}, 80) == names
+    assert mmdet3.classes_of({"dataset_meta": {"palette": []}}, 80) is None and mmdet3.classes_of({}, 80) is None
 
 
 def test_bad_3x_metas_are_one_sentence_in_the_cli(pair, synthetic_coco, tmp_path, capsys):

@@ -101,14 +101,15 @@ def read_meta(meta: Mapping) -> MMDet3Settings:
 
 def classes_of(meta: Mapping, num_classes: int) -> list[str] | None:
     """``meta['dataset_meta']['classes']``: one name per class of the head, or None when the meta has none
-    (mmdetection's ``init_detector`` then falls back to COCO's names)."""
+    (mmdetection's ``init_detector`` then falls back to COCO's names). Its keys are read lowercased, as
+    ``init_detector`` reads them (3.0's release candidates wrote ``CLASSES``)."""
     dataset_meta = meta.get("dataset_meta")
     if dataset_meta is None:
         return None
     if not isinstance(dataset_meta, Mapping):
         raise CheckpointError(f"The checkpoint's meta dataset_meta is {type(dataset_meta).__name__}, not a mapping "
                               "with the class names under classes.")
-    classes = dataset_meta.get("classes")
+    classes = {str(k).lower(): v for k, v in dataset_meta.items()}.get("classes")
     if classes is None:
         return None
     if isinstance(classes, str) or not isinstance(classes, (list, tuple)) \
