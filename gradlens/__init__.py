@@ -30,8 +30,9 @@ from gradlens.faithfulness.randomise import map_similarity, randomisation_steps,
 from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
+from gradlens.models.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
 from gradlens.models.checkpoints import load_detector, save_detector
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, total_loss
 from gradlens.models.registry import ARCHITECTURES, build_detector
 from gradlens.models.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
@@ -64,6 +65,10 @@ __all__ = [
     "log_area_under_curve",
     "verdict",
     "Detector",
+    "LossDictDetector",
+    "NoObjectSplitError",
+    "torchvision_coco_categories",
+    "total_loss",
     "FaithfulnessConfig",
     "faithfulness_rows",
     "map_similarity",

@@ -217,7 +217,9 @@ def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: Detector, setti
         "images": str(Path(gt.images_dir).resolve()) if gt.images_dir else None,
         "exif_orientation": gt.exif_orientation,
         "preprocess": detector.preprocess.to_dict(),
-        "test_cfg": detector.test_cfg.to_dict(),
+        # a family's post-processing settings where it has them as an object (RetinaNet's); a wrapped model's are
+        # in its checkpoint_sha256 (LossDictDetector.identity_sha256 hashes the model's settings with its weights)
+        "test_cfg": detector.test_cfg.to_dict() if hasattr(getattr(detector, "test_cfg", None), "to_dict") else None,
         "categories": [c["id"] for c in detector.categories],
         "precision": settings.precision,
     }

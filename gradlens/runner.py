@@ -1,9 +1,10 @@
-"""From a checkpoint path to cached detections: the step ``score --model`` and ``select --a a.pth`` share."""
+"""From a checkpoint path (or a detector object) to cached detections: the step ``score --model`` and
+``select --a a.pth`` share."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradlens.data.coco import GroundTruth
@@ -14,7 +15,14 @@ from gradlens.inference import InferenceResult, InferenceSettings, cached_detect
 
 @dataclass
 class DetectorRun:
-    """How to load and run checkpoints (the CLI's detector options)."""
+    """How to load and run checkpoints (the CLI's detector options).
+
+    ``detectors``: role -> detector object (a :class:`gradlens.Detector`, such as a
+    :class:`gradlens.LossDictDetector`) for the steps after ``select`` (gradients, area-curve, figure,
+    faithfulness): the models that ``run_selection`` was given as objects, which no file on disk holds.
+    An object must be unchanged since ``select`` (same weights and settings: same ``identity_sha256``). It
+    is moved to ``device``. Python only: the command line has no way to pass an object.
+    """
 
     arch: str | None = None
     trust: bool = False
@@ -23,6 +31,7 @@ class DetectorRun:
     precision: str = "fp32"
     cache_dir: str | os.PathLike | None = None
     device: str = "auto"
+    detectors: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def recorded(cls, workdir: str | os.PathLike, **overrides) -> "DetectorRun":
@@ -55,4 +64,17 @@ def detections_for_checkpoint(path: str | os.PathLike, gt: GroundTruth, run: Det
     device = resolve_device(run.device)
     detector = load_detector(Path(path), arch=run.arch, trust=run.trust, device=device)
     digest = checkpoint_sha256 or sha256_file(path)
+    return cached_detections(detector, digest, gt, run.settings, cache_dir=run.cache_dir, progress=progress)
+
+
+def detections_for_detector(detector, gt: GroundTruth, run: DetectorRun | None = None, progress: bool | None = None,
+                            detector_sha256: str | None = None) -> InferenceResult:
+    """:func:`detections_for_checkpoint` for a detector object (``run_selection(a=detector, ...)``): it is moved
+    to the run's device and its detections are cached under its content digest
+    (:func:`gradlens.models.adapter.detector_sha256`) in place of a checkpoint file's hash."""
+    from gradlens.models.adapter import detector_sha256 as content_digest
+
+    run = run or DetectorRun()
+    digest = detector_sha256 or content_digest(detector)
+    detector = detector.to(resolve_device(run.device))
     return cached_detections(detector, digest, gt, run.settings, cache_dir=run.cache_dir, progress=progress)

@@ -1,9 +1,9 @@
 """The notebooks run top to bottom through the Python API, and make what they say they make.
 
-Both notebooks share one demo work directory (data and selection only, built
-once per session); each is executed in a fresh kernel that runs this test's
-own interpreter, with its parameters redirected through the
-``GRADLENS_NOTEBOOK_*`` environment variables that the parameter cells read.
+The two figure notebooks share one demo work directory (data and selection only, built
+once per session); the bring-your-own-detector notebook makes its own small dataset. Each
+is executed in a fresh kernel that runs this test's own interpreter, with its parameters
+redirected through the ``GRADLENS_NOTEBOOK_*`` environment variables that the parameter cells read.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def kernel_dir(tmp_path_factory) -> Path:
     return root
 
 
-def execute(name: str, demo: Path, kernel_dir: Path, cwd: Path):
+def execute(name: str, demo: Path, kernel_dir: Path, cwd: Path, extra_env: dict | None = None):
     """Run ``notebooks/<name>`` on the demo in ``cwd``; returns the executed notebook (the file is left as it is)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(KERNEL_CHECK))
@@ -63,6 +63,7 @@ def execute(name: str, demo: Path, kernel_dir: Path, cwd: Path):
         "GRADLENS_NOTEBOOK_DEMO_OUT": str(demo),
         "GRADLENS_NOTEBOOK_WORKDIR": str(demo / "run"),
         "GRADLENS_NOTEBOOK_DEVICE": "cpu",
+        **(extra_env or {}),
     })  # fmt: skip
     km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)]))
     client = nbclient.NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(cwd)}})
@@ -128,3 +129,40 @@ def test_figure_a1_notebook(notebook_demo, kernel_dir, tmp_path):
         assert list((notebook_demo / "run" / "maps" / role).glob(f"*/{best[0]}.npz")), role
     figures = pngs(nb)  # Figure A1, the map and its important region, then the gallery's three
     assert len(figures) == 2 + 3 and all(f.startswith(b"\x89PNG") for f in figures)
+
+
+def test_bring_your_own_detector_notebook_is_stored_without_outputs():
+    nb = nbformat.read(NOTEBOOKS / "bring_your_own_detector.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None and set(c.metadata) <= {"tags"} for c in code)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "OUT" in tagged[0].source and "DEVICE" in tagged[0].source
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_bring_your_own_detector_notebook(kernel_dir, tmp_path):
+    """The notebook's adapter runs select -> gradients -> area-curve on a torchvision FCOS."""
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    cwd.mkdir()
+    nb = execute("bring_your_own_detector.ipynb", tmp_path / "no-demo", kernel_dir, cwd,
+                 {"GRADLENS_NOTEBOOK_BYOD_OUT": str(out)})
+    check_ran_here(nb, cwd)
+    workdir = out / "run"
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    a, b = manifest["models"]
+    assert (a["role"], a["kind"], a["label"], a["source"]) == ("a", "detector", "fcos", None)
+    assert b["kind"] == "checkpoint" and b["label"] == "convnext"
+    table = pd.read_csv(workdir / "area_curve.csv")
+    assert sorted(table["role"].unique()) == ["a", "b"] and set(table["num_images"]) == {4}
+    assert len(table) == 2 * 100 and table["area"].between(0, 1).all()
+    for role in ("a", "b"):  # a map of every selected image, for the FCOS and for the ConvNeXt
+        for image_id in selection_ids(workdir):
+            assert list((workdir / "maps" / role).glob(f"*/{image_id}.npz")), (role, image_id)
+    record = json.loads((workdir / "area_curve.json").read_text())
+    assert record["models"][0]["checkpoint"] is None and record["models"][1]["checkpoint"].endswith("convnext.pth")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "models: a = fcos (detector), b = convnext (checkpoint)" in printed
+    assert "a = fcos: 4 maps computed" in printed and "per-object maps (--target object) need a detector" in printed
+    figures = pngs(nb)  # Figure A2
+    assert len(figures) == 1 and figures[0].startswith(b"\x89PNG")

@@ -44,7 +44,7 @@ from torch import Tensor
 from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings
 from gradlens.precision import PRECISIONS, PrecisionScope
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, total_loss
 from gradlens.models.transform import canvas_groups as _canvas_groups
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
@@ -150,7 +150,7 @@ class TotalLoss:
         images = [inp[s] for s in range(copies) for inp in inputs]
         with PrecisionScope(self.precision, self.device):
             losses = self.detector.image_losses(images, self.targets * copies)
-        total = losses["classification"].float() + losses["bbox_regression"].float()
+        total = total_loss(self.detector, losses, torch.float32)
         _require_finite(total, "The total detection loss of an image", "a ground-truth box")
         if self.first is None and copies == 1:
             self.first = [float(v) for v in total.detach().double().cpu()]
@@ -374,7 +374,7 @@ def shared_forward_gradients(detector: Detector, images: Sequence[Tensor], targe
         target = {"boxes": targets[entries[0]]["boxes"], "labels": targets[entries[0]]["labels"]}
         with PrecisionScope(precision, device):
             parts = detector.object_losses([x], [target])[0]
-        owners = parts["classification"].float() + parts["bbox_regression"].float()  # [1 + K]: background, objects
+        owners = total_loss(detector, parts, torch.float32)  # [1 + K]: background, objects
         wanted = [int(targets[k]["object"]) + 1 for k in entries]
         _require_finite(owners[wanted], "The loss of an object", "its box")
         for n, (k, j) in enumerate(zip(entries, wanted)):

@@ -28,7 +28,7 @@ from gradlens.data.coco import GroundTruth
 from gradlens.device import batch_threads
 from gradlens.errors import GradlensError
 from gradlens.batching import batch_costs, plan_batches
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, total_loss
 from gradlens.progress import track
 
 
@@ -143,5 +143,5 @@ def _object_maps_job(job: dict, groups: list[list[int]], status) -> int:
 def object_losses(detector: Detector, image: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's background loss and per-object losses (focal + L1 each), as :meth:`object_losses` splits them."""
     parts = detector.object_losses([image], [targets.as_dict() if hasattr(targets, "as_dict") else targets])[0]
-    total = parts["classification"] + parts["bbox_regression"]
+    total = total_loss(detector, parts)
     return total[0], total[1:]

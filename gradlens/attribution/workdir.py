@@ -4,7 +4,8 @@ A work directory written by ``gradlens select`` names the dataset and each
 model (A and the baselines). Gradients need the network, so each model must
 be a checkpoint: given to ``select`` directly, recorded in a score
 directory that was scored from a checkpoint, or supplied now
-(``--checkpoint b=convnext.pth``). Maps go to
+(``--checkpoint b=convnext.pth``); or, in Python, a detector object given
+again to this step (``DetectorRun(detectors={"a": detector})``). Maps go to
 ``maps/<role>/<settings digest>/``, so other methods or settings never
 overwrite them and an unchanged rerun reuses every map.
 """
@@ -35,10 +36,11 @@ class ModelMaps:
 
     role: str
     label: str
-    checkpoint: Path
+    checkpoint: Path | None  # None for a detector object
     store: MapStore
     run: MapRun | None = None
     sha256: str | None = None  # the checkpoint's, hashed once when the work directory's models are gathered
+    detector: object = None  # the detector object (DetectorRun.detectors), where the model is one
 
 
 def selection_table(workdir: str | os.PathLike) -> pd.DataFrame:
@@ -102,22 +104,37 @@ def require_checkpoint(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def model_checkpoints(manifest: dict, workdir: Path,
-                      overrides: dict[str, str | os.PathLike] | None = None) -> dict[str, tuple[Path, str]]:
-    """role -> (checkpoint, its SHA-256) for every model of the manifest, or one sentence saying which is missing.
+def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | os.PathLike] | None = None,
+                      detectors: dict | None = None) -> dict[str, tuple]:
+    """role -> (checkpoint, its SHA-256) for every model of the manifest, or one sentence saying which is missing;
+    for a role in ``detectors`` (``DetectorRun.detectors``), (the detector object, its content digest).
 
     Each file is hashed once here: the hash both checks that a checkpoint given to
-    ``select`` is unchanged and names the map store.
+    ``select`` is unchanged and names the map store; so does an object's digest.
     """
-    overrides = dict(overrides or {})
+    overrides, detectors = dict(overrides or {}), dict(detectors or {})
     roles = [m["role"] for m in manifest["models"]]
     unknown = sorted(set(overrides) - set(roles))
     if unknown:
         raise GradlensError(f"--checkpoint names role {unknown[0]!r}, but the selection's models are {', '.join(roles)}.")
+    unknown = sorted(set(detectors) - set(roles))
+    if unknown:
+        raise GradlensError(f"DetectorRun.detectors names role {unknown[0]!r}, but the selection's models are {', '.join(roles)}.")
+    both = sorted(set(detectors) & set(overrides))
+    if both:
+        raise GradlensError(f"Model {both[0]} is given both a checkpoint and a detector object; give one.")
     found = {}
     for model in manifest["models"]:
         role = model["role"]
+        if role in detectors:
+            found[role] = _given_detector(model, detectors[role])
+            continue
         path = Path(overrides[role]) if role in overrides else _recorded_checkpoint(model, workdir)
+        if path is None and model.get("kind") == "detector":
+            raise GradlensError(
+                f"Model {role} ({model.get('label')}) was given to select as a detector object, which no file holds: "
+                f"pass the same object again, DetectorRun(detectors={{{role!r}: detector}}) (Python only)."
+            )
         if path is None:
             given = {"detections": "a detection results file", "scores": "a score directory"}.get(model.get("kind"), model.get("kind"))
             raise GradlensError(
@@ -133,6 +150,22 @@ def model_checkpoints(manifest: dict, workdir: Path,
             raise GradlensError(f"The checkpoint {path} of model {role} changed since 'gradlens select'; run select again.")
         found[role] = (path, digest)
     return found
+
+
+def _given_detector(model: dict, detector) -> tuple:
+    """(detector, content digest) of an object given for a model, checked against what select scored."""
+    from gradlens.models.adapter import detector_label
+    from gradlens.scoring.sources import detector_source
+
+    role = model["role"]
+    source = detector_source(detector)  # one sentence if it is not a detector
+    digest = source.sha256
+    if model.get("kind") == "detector" and model.get("sha256") and digest != model["sha256"]:
+        raise GradlensError(
+            f"The detector object given for model {role} ({detector_label(detector)}) is not the one select scored: "
+            "its weights or settings changed since; run select again with it."
+        )
+    return detector, digest
 
 
 def workdir_maps(
@@ -151,7 +184,8 @@ def workdir_maps(
 
     ``gt``: the work directory's ground truth if the caller already loaded it (with
     :func:`workdir_ground_truth`). ``image_ids`` defaults to the whole selection. Returns the stores (A
-    first, then the baselines, as in the manifest) and the ground truth.
+    first, then the baselines, as in the manifest) and the ground truth. A model that ``select`` was given as a
+    detector object needs it again in ``detector_run.detectors`` (role -> object).
     """
     from gradlens.models.checkpoints import load_detector
 
@@ -166,18 +200,20 @@ def workdir_maps(
     # computed with the same batch mates by 'figure --image-id', 'area-curve --top' and 'area-curve'.
     plan_ids = sorted(set(selected) | set(ids))
     gt = gt if gt is not None else workdir_ground_truth(manifest, coco)
-    checkpoints_found = model_checkpoints(manifest, workdir, checkpoints)
+    checkpoints_found = model_checkpoints(manifest, workdir, checkpoints, run.detectors)
     result = []
     for model in manifest["models"]:
         role = model["role"]
-        path, digest = checkpoints_found[role]
-        detector = load_detector(path, arch=run.arch, trust=run.trust, device=device)
-        if device.type == "cpu":
+        source, digest = checkpoints_found[role]
+        given = not isinstance(source, Path)  # a detector object (DetectorRun.detectors)
+        detector = source.to(device) if given else load_detector(source, arch=run.arch, trust=run.trust, device=device)
+        if device.type == "cpu" and hasattr(detector, "use_channels_last"):
             detector.use_channels_last()  # depthwise-conv backward is far faster in NHWC on the CPU
         key = map_store_key(detector, digest, gt, config, batch_size=run.batch_size)
         store = MapStore(workdir / "maps" / role / key_digest({**key, "map_dtype": map_dtype}), key, map_dtype=map_dtype,
                          remedy="it was changed outside gradlens; delete that folder and its maps are computed again")
-        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=path, store=store, sha256=digest)
+        maps = ModelMaps(role=role, label=model.get("label", role), checkpoint=None if given else source, store=store,
+                         sha256=digest, detector=source if given else None)
         if compute and config.target == "object":  # one map per object of these images (gradlens.attribution.objects)
             from gradlens.attribution.objects import compute_object_maps
 

@@ -53,7 +53,7 @@ from gradlens.faithfulness.perturb import (
 from gradlens.fileio import atomic_path, sha256_file, write_json
 from gradlens.inference import detection_records
 from gradlens.precision import PrecisionScope
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, total_loss
 from gradlens.models.transform import padded_size
 from gradlens.progress import track
 from gradlens.scoring.quality import variant_qualities
@@ -232,7 +232,7 @@ def image_rows(detector: Detector, gt: GroundTruth, image_id: int, image: torch.
         with torch.inference_mode(), PrecisionScope(precision, device):
             outputs, loss = detector.detect_with_losses(batch, [target] * len(batch))
         records += [detection_records(image_id, out, label_to_id) for out in outputs]
-        total = (loss["classification"].double() + loss["bbox_regression"].double()).cpu().tolist()
+        total = total_loss(detector, loss, torch.float64).cpu().tolist()
         losses += total
     qualities = variant_qualities(gt, [image_id] * len(variants), records, class_agnostic)
     found = {(mode, order, q): (float(quality), float(loss), len(recs))

@@ -136,7 +136,10 @@ def run_faithfulness(
         from gradlens.attribution.workdir import model_checkpoints
         from gradlens.faithfulness.randomise import randomisation_steps
 
-        for role, (path, _) in model_checkpoints(manifest, workdir, checkpoints).items():
+        for role, (path, _) in model_checkpoints(manifest, workdir, checkpoints, run.detectors).items():
+            if not isinstance(path, Path):
+                raise GradlensError(f"The randomisation check re-initialises a checkpoint's layers in a copy loaded from "
+                                    f"its file, and model {role} is a detector object; run it without randomise.")
             try:
                 steps[role] = [n for n, _ in randomisation_steps(load_detector(path, arch=run.arch, trust=run.trust))]
             except ValueError as exc:
@@ -146,7 +149,8 @@ def run_faithfulness(
     # compute: each model on every perturbed image (resumable per image)
     frames, runs = [], {}
     for m in models:
-        detector = load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device)  # as score runs it
+        detector = (m.detector.to(device) if m.detector is not None  # a detector object (DetectorRun.detectors)
+                    else load_detector(m.checkpoint, arch=run.arch, trust=run.trust, device=device))  # as score runs it
         runs[m.role] = compute_faithfulness(detector, m.sha256, gt, ids, m.store, workdir / "faithfulness" / m.role,
                                             settings, run.batch_size, run.precision, class_agnostic, progress,
                                             label=f"{m.role} ({m.label})")
@@ -210,7 +214,8 @@ def run_faithfulness(
                      "batch_size": run.batch_size, "precision": run.precision, "class_agnostic": class_agnostic,
                      "attribution": config.to_dict(), "randomise": bool(randomise),
                      "randomise_seed": int(randomise_seed) if randomise else None},
-        "models": [{"role": m.role, "label": m.label, "checkpoint": str(m.checkpoint.resolve()),
+        "models": [{"role": m.role, "label": m.label,
+                    "checkpoint": str(m.checkpoint.resolve()) if m.checkpoint is not None else None,
                     "results": str(runs[m.role].results.folder.relative_to(workdir)),
                     "computed": runs[m.role].computed, "reused": runs[m.role].reused,
                     "q0_max_difference": q0[m.role]} for m in models],

@@ -15,19 +15,27 @@ between devices, freezes its parameters and sets inference mode on every submodu
 - ``detect(images)``: detections per image in original pixel coordinates (``boxes`` xyxy, ``scores``,
   ``labels``), as the framework's test pipeline gives them;
 - ``image_losses(images, targets)``: DESIGN's total detection loss per image as named terms (shape
-  ``[len(images)]`` each, differentiable with respect to the images), in whatever mode the modules are;
+  ``[len(images)]`` each, differentiable with respect to the images), in whatever mode the modules are; the
+  total is the sum of the terms named by the optional ``loss_terms`` (every entry where a detector has none:
+  RetinaNet reports its number of positive anchors beside its two terms), see :func:`total_loss`;
 - ``object_losses(images, targets)``: each image's loss split by owner (entry 0 the background, then one per
   object), adding up to ``image_losses``;
 - ``detect_with_losses(images, targets)``: both from one forward pass, without gradient.
 
 ``targets[i]`` holds ``boxes`` (xyxy, original pixels) and contiguous ``labels``
 (:func:`gradlens.attribution.targets.image_targets`).
+
+A model of your own that follows torchvision's detection convention becomes one with
+:class:`gradlens.models.adapter.LossDictDetector`. A detector given to the pipeline as an object (not as a
+checkpoint file) is keyed by its ``identity_sha256`` where it has one, else by a hash of its modules
+(:func:`gradlens.models.adapter.detector_sha256`), in place of the file's SHA-256.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from gradlens.models.transform import PreprocessConfig
@@ -50,3 +58,14 @@ class Detector(Protocol):
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]: ...
 
     def detect_with_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[list[dict], dict]: ...
+
+
+def total_loss(detector, terms: dict[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """The total detection loss from ``image_losses`` (or one entry of ``object_losses``): the sum of the terms
+    the detector's ``loss_terms`` names, in that order (every entry, in the dict's order, where it names none),
+    each cast to ``dtype`` first if given."""
+    names = getattr(detector, "loss_terms", None) or list(terms)
+    total = terms[names[0]] if dtype is None else terms[names[0]].to(dtype)
+    for name in names[1:]:
+        total = total + (terms[name] if dtype is None else terms[name].to(dtype))
+    return total

@@ -69,6 +69,9 @@ class RetinaNetDetector(RetinaNet):
     checkpoint maps them to dataset category ids.
     """
 
+    # the terms of image_losses that add up to the total loss (num_foreground is a count reported beside them)
+    loss_terms = ("classification", "bbox_regression")
+
     def __init__(self, backbone, num_classes: int, preprocess: PreprocessConfig | None = None,
                  test_cfg: TestConfig | None = None, loss_cfg: LossConfig | None = None,
                  anchor_generator: AnchorGenerator | None = None):

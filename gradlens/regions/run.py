@@ -203,7 +203,8 @@ def run_area_curve(
         "command": "area-curve",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings,
-        "models": [{"role": m.role, "label": m.label, "checkpoint": str(m.checkpoint.resolve()),
+        "models": [{"role": m.role, "label": m.label,
+                    "checkpoint": str(m.checkpoint.resolve()) if m.checkpoint is not None else None,  # None: an object
                     "maps": str(m.store.folder.relative_to(workdir)) if m.store.folder.is_relative_to(workdir) else str(m.store.folder),
                     "computed": m.run.computed if m.run else 0, "reused": m.run.reused if m.run else len(ids)}
                    for m in models],

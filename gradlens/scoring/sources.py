@@ -2,16 +2,17 @@
 
 A model is given as a COCO detection results file (``.json``), a score
 directory written by ``gradlens score``, or a detector checkpoint (``.pth``,
-``.pt``, ``.ckpt``). Results files are scored against the ground truth;
-score directories are read back after checking they are comparable;
-checkpoints need the detector support that arrives with gradlens' model zoo.
+``.pt``, ``.ckpt``); in Python also as a detector object (a :class:`gradlens.Detector`,
+such as a :class:`gradlens.LossDictDetector`). Results files are scored against the
+ground truth; score directories are read back after checking they are comparable;
+checkpoints and detector objects are run on every image first.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -30,26 +31,52 @@ from gradlens.scoring.store import (
     write_scores,
 )
 
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-SourceKind = Literal["detections", "scores", "checkpoint"]
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")  # .pkl: detectron2 model-zoo pickles (numpy arrays only)
+SourceKind = Literal["detections", "scores", "checkpoint", "detector"]
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """One model as the user named it: the path, what kind of thing it is, and its content hash."""
+    """One model as the user named it: the path, what kind of thing it is, and its content hash.
 
-    path: Path
+    A detector object has no path (``None``); ``detector`` holds it and ``sha256`` is its content digest.
+    """
+
+    path: Path | None
     kind: SourceKind
     sha256: str
+    detector: object = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
-        """A short name for tables and legends: the file's stem or the directory's name."""
+        """A short name for tables and legends: the file's stem, the directory's name or the detector's name."""
+        if self.kind == "detector":
+            from gradlens.models.adapter import detector_label
+
+            return detector_label(self.detector)
         return self.path.stem if self.kind != "scores" else self.path.name
 
 
+def detector_source(detector) -> ModelSource:
+    """A detector object given as a model (Python only), or one sentence if it is none."""
+    import torch
+
+    from gradlens.models.adapter import detector_sha256
+    from gradlens.models.interface import Detector
+
+    if not (isinstance(detector, torch.nn.Module) and isinstance(detector, Detector)):
+        raise GradlensError(
+            f"A model is given as a path or as a detector object (a torch.nn.Module with gradlens.Detector's members, "
+            f"such as gradlens.LossDictDetector(model, categories)), not as a {type(detector).__name__}."
+        )
+    return ModelSource(None, "detector", detector_sha256(detector), detector)
+
+
 def identify_source(path: str | os.PathLike) -> ModelSource:
-    """Decide what a ``--a``/``--b`` argument is, from the file system alone."""
+    """Decide what a ``--a``/``--b`` argument is, from the file system alone (or, for a detector object, from
+    the object: :func:`detector_source`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return detector_source(path)
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path} does not exist (expected a results .json, a score directory or a checkpoint).")
@@ -93,7 +120,7 @@ def compute_scores(
     ``detector_run``, a :class:`gradlens.runner.DetectorRun`); its detections
     are cached by content, so scoring it again costs only the reading.
     """
-    if source.kind == "checkpoint":
+    if source.kind in ("checkpoint", "detector"):
         return _checkpoint_scores(source, load_gt, class_agnostic, device, cache_dir, progress, detector_run)
     if source.kind == "scores":
         scores, meta = read_scores(source.path)
@@ -119,20 +146,26 @@ def compute_scores(
 
 
 def _checkpoint_scores(source, load_gt, class_agnostic, device, cache_dir, progress, detector_run):
-    from gradlens.runner import DetectorRun, detections_for_checkpoint
+    from gradlens.runner import DetectorRun, detections_for_checkpoint, detections_for_detector
 
     run = detector_run or DetectorRun(device=device)
     gt = load_gt()
-    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": False, "arch": run.arch, "precision": run.precision}
+    arch = run.arch if source.kind == "checkpoint" else None  # an object is what it is
+    settings = {"class_agnostic": bool(class_agnostic), "drop_invalid": False, "arch": arch, "precision": run.precision}
     if cache_dir is not None:
         cached = read_scores_if_current(cache_dir, source.sha256, gt.sha256, settings)
         if cached is not None:
             scores, meta = cached
             return scores, {**meta, "summary": {**meta["summary"], "num_images_detected": 0}}, True
-    result = detections_for_checkpoint(source.path, gt, run, progress=progress, checkpoint_sha256=source.sha256)
+    if source.kind == "detector":
+        result = detections_for_detector(source.detector, gt, run, progress=progress, detector_sha256=source.sha256)
+        source_record = {"kind": "detector", "path": None, "label": source.label, "sha256": source.sha256,
+                         "detections": str(result.path)}
+    else:
+        result = detections_for_checkpoint(source.path, gt, run, progress=progress, checkpoint_sha256=source.sha256)
+        source_record = {"kind": "checkpoint", "path": str(source.path.resolve()), "sha256": source.sha256,
+                         "detections": str(result.path)}
     scores = quality_scores(result.detections, gt, class_agnostic=class_agnostic, device=device, progress=progress)
-    source_record = {"kind": "checkpoint", "path": str(source.path.resolve()), "sha256": source.sha256,
-                     "detections": str(result.path)}
     meta = make_meta(scores, source_record, annotations_record(gt), settings)
     meta["summary"]["num_images_detected"] = 0 if result.reused else int(result.images)  # by this run (not resumed)
     return scores, meta, False

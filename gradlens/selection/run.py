@@ -77,7 +77,7 @@ def _remove_stale_scores(workdir: Path, previous: list[Path], roles: list[str], 
     """Remove the score directories an earlier selection wrote for roles this one has not (``b2``, ``b3``
     after a run with one baseline). Only those the earlier manifest recorded go — a folder of the user's own
     under ``scores/`` stays — and never one that this run read as an input. Returns what was removed."""
-    keep = {(workdir / "scores" / role).resolve() for role in roles} | {src.path.resolve() for src in sources}
+    keep = {(workdir / "scores" / role).resolve() for role in roles} | {src.path.resolve() for src in sources if src.path}
     removed = []
     for path in previous:
         if path.is_dir() and path.resolve() not in keep:
@@ -94,8 +94,8 @@ def _detector_settings(run) -> dict | None:
 
 
 def run_selection(
-    a: str | os.PathLike,
-    b: list[str | os.PathLike],
+    a,
+    b: list,
     coco: CocoPaths | None = None,
     workdir: str | os.PathLike = DEFAULT_WORKDIR,
     top: int = DEFAULT_TOP,
@@ -112,6 +112,10 @@ def run_selection(
     then removes score directories of roles the new manifest does not name.
     Every input is read before anything is written, because an input may be a
     score directory inside this very work directory (``--a work/scores/b``).
+
+    ``a`` and each of ``b``: a results file, a score directory or a checkpoint (paths), or a detector object
+    (a :class:`gradlens.Detector` such as :class:`gradlens.LossDictDetector`; the manifest records it by its
+    name and content digest, and the later steps get it again through ``DetectorRun(detectors={role: ...})``).
     """
     if not b:
         raise GradlensError("Give at least one baseline with --b.")
@@ -168,7 +172,7 @@ def run_selection(
                 "role": role,
                 "label": label,
                 "kind": src.kind,
-                "source": str(src.path.resolve()),
+                "source": str(src.path.resolve()) if src.path is not None else None,  # None: a detector object
                 "sha256": src.sha256,
                 "scores": f"scores/{role}",
                 "quality_column": f"quality_{role}",
