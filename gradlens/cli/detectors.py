@@ -20,13 +20,15 @@ def models() -> None:
     """List the detector architectures gradlens can build and load, and whose arithmetic each follows.
 
     mmdetection: mmcv's uint8 OpenCV resize, 100 detections per image,
-    MaxIoUAssigner; torchvision: its own transform, 300 per image, Matcher.
+    MaxIoUAssigner; torchvision: its own transform, 300 per image, Matcher;
+    detectron2: Pillow's uint8 resize, BGR, 100 per image, its Matcher.
     """
     from gradlens.models.registry import ARCHITECTURES
 
     width = max(len(n) for n in ARCHITECTURES)
     for name, arch in ARCHITECTURES.items():
-        framework = "mmdetection" if arch.preprocess.convention == "mmcv" else "torchvision"
+        framework = {"mmcv": "mmdetection", "mmdet3": "mmdetection", "detectron2": "detectron2"}.get(
+            arch.preprocess.convention, "torchvision")
         typer.echo(f"{name:<{width}}  {framework:<11}  {arch.description}")
 
 

@@ -1,4 +1,5 @@
-"""Loading and saving detectors: gradlens' own files, torchvision state dicts, mmdetection 2.x and 3.x checkpoints.
+"""Loading and saving detectors: gradlens' own files, torchvision state dicts, mmdetection 2.x and 3.x and
+detectron2 checkpoints.
 
 Loading is safe by default: ``torch.load(weights_only=True)`` unpickles only
 tensors and plain containers. A file that needs arbitrary code to unpickle is
@@ -23,7 +24,7 @@ from torch import Tensor
 from gradlens._version import __version__
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
-from gradlens.models import mmdet, mmdet3
+from gradlens.models import detectron2, mmdet, mmdet3
 from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
 from gradlens.models.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.transform import PreprocessConfig
@@ -75,6 +76,8 @@ def _plain(obj):
 def read_checkpoint(path: str | os.PathLike, trust: bool = False):
     """Unpickle a checkpoint file safely, turning every failure into one sentence."""
     path = require_file(path, "checkpoint")
+    if path.suffix.lower() == ".pkl":  # detectron2's model-zoo pickles of numpy arrays (its own rule: by the name's suffix)
+        return detectron2.read_pkl(path, trust=trust)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -120,6 +123,8 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
     - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys;
     - an mmdetection 3.x one (mmengine's ``meta``: ``cfg``, ``dataset_meta``): the same keys, run with 3.x's
       test arithmetic (:mod:`gradlens.models.mmdet3`);
+    - a detectron2 RetinaNet (a model-zoo ``.pkl`` or a ``DetectionCheckpointer`` ``.pth``): recognised from its
+      keys, run with detectron2's arithmetic (:mod:`gradlens.models.detectron2`);
     - a torchvision state dict: ``arch`` must name the architecture.
 
     ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
@@ -148,6 +153,9 @@ def detector_from_object(obj, path: str | os.PathLike, arch: str | None = None) 
             three = mmdet3.is_mmdet3_checkpoint(obj)
         detector = _from_mmdet(obj, path, arch, three)
         source = mmdet3.FORMAT if three else "mmdetection"
+    elif detectron2.is_detectron2_checkpoint(obj):
+        detector = _from_detectron2(obj, path, arch)
+        source = detectron2.FORMAT
     else:
         state = _state_dict_of(obj)
         if state is None:
@@ -338,6 +346,20 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
         names = list(classes) if classes is not None and len(classes) == num_classes else None
         detector.categories = [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
+    return detector
+
+
+def _from_detectron2(obj, path: Path, arch_hint: str | None) -> RetinaNetDetector:
+    """A detectron2 RetinaNet: weights under ``model`` (numpy arrays from a ``.pkl``, tensors from a ``.pth``)."""
+    with _naming(path):
+        state = check_tensors(detectron2.state_of(obj), path)
+        name, options, num_classes = detectron2.recognise(state)
+    if arch_hint is not None and arch_hint != name:
+        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
+    detector = build_detector(name, num_classes, options)
+    load_strict(detector, detectron2.to_gradlens(state), path)
+    # detectron2's COCO labels are the 80 categories in the order of their ids, as mmdetection's
+    detector.categories = mmdet.coco80_categories() if num_classes == 80 else default_categories(num_classes)
     return detector
 
 

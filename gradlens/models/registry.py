@@ -19,14 +19,19 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gradlens.errors import GradlensError
+from gradlens.models import detectron2
 from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator
 from gradlens.models.fpn import BackboneWithPyramid, PyramidBackbone
 from gradlens.models.retinanet import RetinaNetDetector, TestConfig
-from gradlens.models.transform import PreprocessConfig
+from gradlens.models.transform import IMAGENET_MEAN, PreprocessConfig
 
 PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, convention="mmcv")
 TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, convention="torchvision")
 MINI_PREPROCESS = PreprocessConfig(min_size=256, max_size=416, size_divisor=32, convention="mmcv")
+# detectron2's defaults.py: INPUT.MIN/MAX_SIZE_TEST 800/1333, PIXEL_MEAN (BGR) 103.53/116.28/123.675 and
+# PIXEL_STD 1/1/1 in 0..255 units (given here in RGB order for [0, 1] images), the FPN's size_divisibility 32
+DETECTRON2_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, mean=IMAGENET_MEAN, std=(1 / 255,) * 3,
+                                         size_divisor=32, convention="detectron2")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Architecture:
     description: str
     build_backbone: Callable[[dict], nn.Module]
     preprocess: PreprocessConfig = PAPER_PREPROCESS
-    anchors: str = "mmdet"
+    anchors: str = "mmdet"  # whose anchors: "mmdet", "torchvision" or "detectron2" (which also runs its arithmetic)
     test_cfg: TestConfig = field(default_factory=TestConfig)
     default_options: dict = field(default_factory=dict)
     # the backbone needs input sides that are multiples of this (HRNet's fusions, RevCol's columns: 32)
@@ -201,6 +206,13 @@ _register(Architecture(
     test_cfg=TestConfig(max_per_img=300),  # torchvision's detections_per_img
 ))
 _register(Architecture(
+    detectron2.ARCH, "detectron2",
+    "detectron2's retinanet_R_50_FPN (MSRA ResNet-50: stride in the 1x1 convs; P6 from res5, ReLU before P7; "
+    "Pillow resize, BGR)",
+    detectron2.build_backbone, preprocess=DETECTRON2_PREPROCESS, anchors="detectron2", size_multiple=32,
+    default_options={"stride_in_1x1": True},
+))
+_register(Architecture(
     "retinanet_cednet_mini", "cednet", "small CEDNet-style RetinaNet for the demo and tests",
     _cednet(None), preprocess=MINI_PREPROCESS,
     default_options={"out_chans": 48, "p2_dim": 16, "p2_block": 1, "dims": [32, 48, 64], "blocks": [1, 1, 1], "num_stages": 2},
@@ -238,9 +250,12 @@ def build_detector(name: str, num_classes: int, options: dict | None = None, pre
                             f"this one pads to {preprocess.size_divisor} (its config's Pad size_divisor).")
     opts = {**arch.default_options, **(options or {})}
     backbone = arch.build_backbone(opts)
-    anchors = _torchvision_anchors() if arch.anchors == "torchvision" else MMDetAnchorGenerator(AnchorConfig())
-    detector = RetinaNetDetector(backbone, num_classes, preprocess=preprocess,
-                                 test_cfg=test_cfg or arch.test_cfg, anchor_generator=anchors)
+    if arch.anchors == "detectron2":  # detectron2's anchors, inference and loss
+        anchors, cls = detectron2.Detectron2AnchorGenerator(), detectron2.Detectron2RetinaNet
+    else:
+        anchors = _torchvision_anchors() if arch.anchors == "torchvision" else MMDetAnchorGenerator(AnchorConfig())
+        cls = RetinaNetDetector
+    detector = cls(backbone, num_classes, preprocess=preprocess, test_cfg=test_cfg or arch.test_cfg, anchor_generator=anchors)
     detector.arch_name = name
     detector.arch_options = opts
     return detector.eval()

@@ -23,6 +23,12 @@ because a one-pixel or one-grey-level difference changes detections:
   ``pad_size_divisor`` (:func:`mmengine_normalise`).
 - ``torchvision``: the size is floored, the float image is normalised first
   and then resized by ``F.interpolate`` (``GeneralizedRCNNTransform``'s order).
+- ``detectron2``: ``ResizeShortestEdge(min_size, max_size)``'s size
+  (:func:`detectron2_output_shape`), the *uint8* image resized by Pillow's
+  bilinear (:mod:`gradlens.models.pil_resize`, bit-exact, antialiased when
+  shrinking), then ``DenseDetector.preprocess_image``: float32
+  ``(x - mean) / std`` on the **BGR** image (:func:`detectron2_normalise`);
+  zero padding bottom-right to ``size_divisor`` (the FPN's 32).
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradlens.models.pil_resize import pil_resize
 from gradlens.models.resize import mmcv_resize
 
-Convention = Literal["mmcv", "mmdet3", "torchvision"]
-CONVENTIONS = ("mmcv", "mmdet3", "torchvision")
+Convention = Literal["mmcv", "mmdet3", "torchvision", "detectron2"]
+CONVENTIONS = ("mmcv", "mmdet3", "torchvision", "detectron2")
 # the conventions that resize the decoded uint8 image with mmcv's rounding and OpenCV's bilinear (mmcv 1.x and 2.x)
 MMCV_RESIZE = ("mmcv", "mmdet3")
 
@@ -76,10 +83,25 @@ class PreprocessConfig:
 
 def resized_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
     """The (height, width) the image is resized to: the largest scale fitting ``min_size`` x ``max_size``."""
+    if config.convention == "detectron2":
+        return detectron2_output_shape(height, width, config.min_size, config.max_size)
     scale = min(config.max_size / max(height, width), config.min_size / min(height, width))
     if config.convention in MMCV_RESIZE:  # mmcv.rescale_size (mmcv 1.x and 2.x alike)
         return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
     return max(1, int(height * scale)), max(1, int(width * scale))  # torchvision floors
+
+
+def detectron2_output_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ``ResizeShortestEdge.get_output_shape``: the short side to ``short_edge``, then both sides
+    scaled down if the long one exceeds ``max_size``, each rounded half up (at least 1 pixel, where upstream
+    would give Pillow a zero size)."""
+    size = short_edge * 1.0
+    scale = size / min(height, width)
+    new_h, new_w = (size, scale * width) if height < width else (scale * height, size)
+    if max(new_h, new_w) > max_size:
+        scale = max_size * 1.0 / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 def padded_size(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
@@ -109,6 +131,8 @@ def resize_normalise(image: Tensor, config: PreprocessConfig) -> Tensor:
         return mmcv_normalise(mmcv_resize(image, size), config)
     if config.convention == "mmdet3":
         return mmengine_normalise(mmcv_resize(image, size), config)
+    if config.convention == "detectron2":
+        return detectron2_normalise(pil_resize(image, size), config)
     mean = torch.tensor(config.mean, dtype=image.dtype, device=image.device)[:, None, None]
     std = torch.tensor(config.std, dtype=image.dtype, device=image.device)[:, None, None]
     image = (image - mean) / std  # torchvision normalises before it resizes
@@ -145,6 +169,18 @@ def mmengine_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
     mean = torch.tensor(pixel_units(config.mean), dtype=torch.float32, device=pixels.device)[:, None, None]
     std = torch.tensor(pixel_units(config.std), dtype=torch.float32, device=pixels.device)[:, None, None]
     return (pixels - mean.to(pixels.dtype)) / std.to(pixels.dtype)
+
+
+def detectron2_normalise(pixels: Tensor, config: PreprocessConfig) -> Tensor:
+    """detectron2's ``DenseDetector.preprocess_image`` of an RGB image in 0..255, returned in **BGR** order.
+
+    ``DatasetMapper`` gives the model the uint8 BGR image; ``pixel_mean``/``pixel_std`` are float32 buffers
+    (``torch.tensor(cfg.MODEL.PIXEL_MEAN)``, BGR order) and ``(x - pixel_mean) / pixel_std`` is a float32
+    subtraction and division. ``config.mean``/``std`` are given in RGB order, like every convention's, so
+    this is :func:`mmengine_normalise` (the same float32 arithmetic, channel by channel) with the channels
+    reversed afterwards.
+    """
+    return mmengine_normalise(pixels, config).flip(0)
 
 
 def pixel_units(values) -> tuple[float, ...]:
