@@ -45,6 +45,7 @@ import pandas as pd
 
 from gradlens.errors import GradlensError, InputFileError
 from gradlens.fileio import atomic_path, check_output_name, image_id_column, read_table, short_repr
+from gradlens.regions.record import record_table
 
 THUMBNAIL_WIDTH = 360
 PANEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}\.png")  # a plain file name in panels/ (no folder, no URL)
@@ -199,7 +200,7 @@ def _faithfulness_tables(workdir: Path, name: str = "faithfulness") -> dict:
             return pd.DataFrame()
         if not (workdir / file).is_file():
             raise InputFileError(f"The {what} {workdir / file} named by {workdir / f'{name}.json'} is missing; {again}.")
-        found = read_table(workdir, Path(file).stem)  # the exact Parquet copy, checked by hash like the CSV
+        found = record_table(workdir, record, file)  # the exact Parquet copy when the record hashes it, else the CSV
         found.columns = [str(c) for c in found.columns]
         twice = found.columns[found.columns.duplicated()]
         if len(twice):
@@ -255,10 +256,11 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     meta = load_area_curve_record(workdir, name)
     outputs = meta.get("outputs", {})
     metrics_file = outputs.get("metrics")
-    metrics = read_table(workdir, Path(metrics_file).stem) if metrics_file and (workdir / metrics_file).is_file() else None
-    def table(key: str) -> pd.DataFrame:  # the exact Parquet copy: a label such as "NA" stays a label
+    metrics = record_table(workdir, meta, metrics_file) if metrics_file and (workdir / metrics_file).is_file() else None
+
+    def table(key: str) -> pd.DataFrame:  # the exact Parquet copy (a label such as "NA" stays a label) if hashed
         file = outputs.get(key)
-        return read_table(workdir, Path(file).stem) if file and (workdir / file).is_file() else pd.DataFrame()
+        return record_table(workdir, meta, file) if file and (workdir / file).is_file() else pd.DataFrame()
 
     summary, paired = table("metrics_summary"), table("paired")
     again = "run 'gradlens area-curve' again"
@@ -278,6 +280,9 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
                                          "share_of_paper", "num_images"), f"The decomposition table in {workdir}", again)
     faithful = _faithfulness_tables(workdir, faithfulness)  # {} without a record; one sentence if it is damaged
     figure_a2 = workdir / f"{name}.png"
+    if f"{name}.png" not in outputs.get("figure", []):  # the record lists and hashes every figure it wrote
+        raise InputFileError(f"{meta_path} does not list {figure_a2.name} among its figures; "
+                             f"run 'gradlens area-curve --workdir {workdir}' again.")
     if not figure_a2.is_file():
         raise GradlensError(f"{figure_a2} is missing; run 'gradlens area-curve --workdir {workdir}' again.")
     models = manifest["models"]

@@ -485,9 +485,8 @@ def test_names_seeds_and_records_are_checked_before_any_work(demo, first, tmp_pa
                           ("area_curve", None)):
         copy = tmp_path / name
         shutil.copytree(demo, copy, symlinks=True, ignore=shutil.ignore_patterns("maps", "faithfulness"))
-        if name == "area_curve":
-            (copy / "area_curve.json").write_text(json.dumps({"settings": {"thresholds": 200}}))
-            message = "which area-curve wrote"
+        if name == "area_curve":  # the default area-curve run's name: refused whatever is on disk
+            message = "default run of 'gradlens area-curve'"
         with pytest.raises(GradlensError, match=message):
             run(copy, name=name)
     for seed in (-1, 2**63, 2**64):
@@ -512,6 +511,9 @@ def test_area_curve_names_follow_the_same_rule(demo, first, tmp_path):
 
     copy = tmp_path / "run"
     shutil.copytree(demo, copy, symlinks=True, ignore=shutil.ignore_patterns("maps", "faithfulness"))
-    for name, message in (("manifest", "own manifest files"), ("faithfulness", "which faithfulness wrote")):
+    for name, message in (("manifest", "own manifest files"), ("faithfulness", "default run of 'gradlens faithfulness'"),
+                          ("faithfulness_randomisation", "default run of 'gradlens faithfulness'"),
+                          ("area_curve_per_image", "default run of 'gradlens area-curve'"),
+                          ("metrics_x", "own metrics_x files")):
         with pytest.raises(GradlensError, match=message):
             run_area_curve(copy, name=name, progress=False)

@@ -344,3 +344,62 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
     with staging_folder(tmp_path, "area_curve") as staged:
         assert staged.name.startswith(f".area_curve.{host}-{os.getpid()}.") and staged.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def _staged(tmp_path, files):
+    staged = tmp_path / "staged"
+    staged.mkdir(parents=True)
+    for name in files:
+        (staged / name).write_text(name)
+    return staged
+
+
+def test_outputs_never_replace_another_records_files_and_nothing_moves_on_refusal(tmp_path):
+    """Caught before any rename: a file another record lists (another name's or another command's), or a folder
+    where a file would go; the earlier outputs stay whole (the catalogue's --name clashes and half-moved runs)."""
+    from gradlens.errors import OutputError
+    from gradlens.regions.record import move_into_place
+
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    (workdir / "other.csv").write_text("theirs")
+    (workdir / "other.json").write_text(json.dumps({"command": "faithfulness", "outputs": {"table": "other.csv"},
+                                                    "sha256": {"other.csv": "0" * 64}}))
+    staged = _staged(tmp_path, ["mine.csv", "other.csv"])
+    with pytest.raises(OutputError, match=r"would overwrite an output of .*other\.json") as info:
+        move_into_place(staged, workdir, "mine")
+    assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
+    assert (workdir / "other.csv").read_text() == "theirs" and not (workdir / "mine.csv").exists()
+    # its own record's files may be replaced (a rerun)
+    digests = move_into_place(_staged(tmp_path / "again", ["other.csv"]), workdir, "other")
+    assert set(digests) == {"other.csv"}
+
+    (workdir / "mine_randomisation.csv").mkdir()
+    staged = _staged(tmp_path / "third", ["mine.csv", "mine_randomisation.csv"])
+    with pytest.raises(OutputError, match="something other than a file"):
+        move_into_place(staged, workdir, "mine")
+    assert not (workdir / "mine.csv").exists()
+
+
+def test_manifest_labels_must_name_each_model_once_and_a_comes_first(wd):
+    """Two models with one label would be drawn as one curve; no label breaks every table; B listed before A would
+    swap the comparison (the catalogue's manifest cases)."""
+    from gradlens.selection.manifest import load_manifest
+
+    path = wd / "manifest.json"
+    original = json.loads(path.read_text())
+    try:
+        for labels, message in ((["same", "same"], "both labelled"), (["", "b"], "has no label"), ([None, "b"], "has no label")):
+            manifest = json.loads(json.dumps(original))
+            for model, label in zip(manifest["models"], labels):
+                model["label"] = label
+            path.write_text(json.dumps(manifest))
+            with pytest.raises(InputFileError, match=message) as info:
+                load_manifest(wd)
+            assert str(info.value).count(". ") == 0 and "\n" not in str(info.value)
+        manifest = json.loads(json.dumps(original))
+        manifest["models"].reverse()
+        path.write_text(json.dumps(manifest))
+        assert [m["role"] for m in load_manifest(wd)["models"]] == [m["role"] for m in original["models"]]
+    finally:
+        path.write_text(json.dumps(original))

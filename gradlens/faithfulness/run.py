@@ -205,7 +205,7 @@ def run_faithfulness(
             extra = [workdir / p.name for p in save_randomisation_figure(summary_r, staged / f"{name}_randomisation")]
             write_table(randomisation, staged, f"{name}_randomisation")
             write_table(summary_r, staged, f"{name}_randomisation_summary")
-        hashes = move_into_place(staged, workdir)
+        hashes = move_into_place(staged, workdir, name)
     record = {
         "gradlens_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

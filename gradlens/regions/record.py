@@ -33,8 +33,10 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
+
 from gradlens.errors import GradlensError, InputFileError, OutputError
-from gradlens.fileio import check_output_name, read_json, sha256_file, short_repr
+from gradlens.fileio import check_output_name, read_json, read_table_file, sha256_file, short_repr
 
 RECORD_WHAT = "area-curve record"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,250}")
@@ -64,11 +66,21 @@ def record_command(record) -> str | None:
     return "faithfulness" if "sentences" in record and "flags" in record else None
 
 
+DEFAULT_NAMES = {"area-curve": "area_curve", "faithfulness": "faithfulness"}  # each command's default --name
+
+
 def check_name_is_free(workdir: str | os.PathLike, name: str, command: str) -> None:
-    """``--name`` must not overwrite the work directory's own files or another command's outputs (one sentence)."""
+    """``--name`` must not overwrite the work directory's own files or another command's outputs (one sentence).
+
+    A command's outputs are ``<name>.*`` and ``<name>_<part>.*``, so a name that is, or begins with, a default
+    run's name followed by ``_`` would write (or later be overwritten by) that run's files: refused too."""
     check_output_name(name)
-    if name in RESERVED_NAMES:
+    if name in RESERVED_NAMES or any(name.startswith(f"{reserved}_") for reserved in RESERVED_NAMES):
         raise GradlensError(f"--name {name} would overwrite the work directory's own {name} files; choose another name.")
+    for other, default in DEFAULT_NAMES.items():
+        if name != DEFAULT_NAMES[command] and (name == default or name.startswith(f"{default}_")):
+            raise GradlensError(f"--name {name} would share files with the default run of 'gradlens {other}' "
+                                f"({default}.* and {default}_*); choose another name.")
     path = Path(workdir) / f"{name}.json"
     if path.is_file():
         try:
@@ -126,11 +138,38 @@ def staging_folder(workdir: str | os.PathLike, name: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def move_into_place(staged: Path, workdir: str | os.PathLike) -> dict[str, str]:
+def _files_of_other_records(workdir: Path, name: str) -> dict[str, str]:
+    """file -> record name, for every file another command's (or another name's) record in ``workdir`` lists."""
+    owned = {}
+    for path in workdir.glob("*.json"):
+        if path.stem == name or path.stem in RESERVED_NAMES:
+            continue
+        try:
+            record = read_json(path, "record")
+        except GradlensError:
+            continue
+        if record_command(record) is None or not isinstance(record.get("sha256"), dict):
+            continue
+        owned.update({str(file): path.name for file in record["sha256"]})
+    return owned
+
+
+def move_into_place(staged: Path, workdir: str | os.PathLike, name: str | None = None) -> dict[str, str]:
     """Move every file of ``staged`` into ``workdir`` (each an atomic rename); returns name -> SHA-256 of each,
-    for the record written after them."""
+    for the record written after them.
+
+    Checked before anything moves, so a refusal leaves the previous outputs whole: no file may replace one that
+    another record (``name`` is this run's own) lists, nor a folder or other non-file of the same name."""
     workdir = Path(workdir)
     files = sorted(p for p in staged.iterdir() if p.is_file() and not p.name.startswith("."))
+    owned = _files_of_other_records(workdir, name) if name is not None else {}
+    for p in files:
+        target = workdir / p.name
+        if p.name in owned:
+            raise OutputError(f"Writing {target} would overwrite an output of {workdir / owned[p.name]}; "
+                              "choose another --name.")
+        if (target.exists() or target.is_symlink()) and not (target.is_file() and not target.is_symlink()):
+            raise OutputError(f"Cannot write {target}: something other than a file has that name.")
     digests = {p.name: sha256_file(p) for p in files}
     for p in files:
         try:
@@ -165,6 +204,15 @@ def read_record(workdir: str | os.PathLike, name: str, command: str, what: str, 
             return None, None
         raise GradlensError(f"{workdir} has no {name}.json; run 'gradlens {command} --workdir {workdir}' first.")
     return path, read_json(path, what)
+
+
+def record_table(workdir: str | os.PathLike, record: dict, file: str) -> pd.DataFrame:
+    """A table a (checked) record lists: its exact Parquet twin when the record hashes that too, else exactly the
+    listed file; never a file the record does not vouch for (an edited twin whose hash was removed is not read)."""
+    workdir = Path(workdir)
+    twin = f"{Path(file).stem}.parquet"
+    digests = record.get("sha256") if isinstance(record.get("sha256"), dict) else {}
+    return read_table_file(workdir / (twin if twin in digests else file))
 
 
 def check_record_files(record: dict, workdir: Path, path: Path, name: str = "area_curve",

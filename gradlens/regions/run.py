@@ -190,7 +190,7 @@ def run_area_curve(
         write_table(stats.summary, staged, f"{metrics_name}_summary")
         with atomic_path(staged / f"{name}_per_image.parquet") as tmp:
             pd.concat([c.long_table(grid) for c in per_image], ignore_index=True).to_parquet(tmp, index=False)
-        digests = move_into_place(staged, workdir)
+        digests = move_into_place(staged, workdir, name)
     settings = {
         "thresholds": thresholds, "scale": scale, "log_decades": log_decades if scale == "log" else None,
         "per_image_normalize": per_image_normalize, "t_max_percentile": t_max_percentile, "from_summaries": from_summaries, "map_dtype": map_dtype,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gradlens.data.images import EXIF_ORIENTATIONS
 from gradlens.errors import InputFileError
-from gradlens.fileio import read_json, write_json
+from gradlens.fileio import read_json, short_repr, write_json
 
 MANIFEST = "manifest.json"
 DEFAULT_WORKDIR = Path("gradlens-runs/latest")
@@ -34,6 +34,8 @@ def load_manifest(workdir: str | os.PathLike = DEFAULT_WORKDIR) -> dict:
     if not isinstance(manifest, dict) or "models" not in manifest:
         raise InputFileError(f"{path} is not a gradlens manifest.")
     _check_manifest(manifest, path)
+    # A first, then B, B1, B2...: the order select writes, which every comparison (A against each baseline) relies on
+    manifest["models"] = sorted(manifest["models"], key=lambda m: (m["role"] != "a", len(m["role"]), m["role"]))
     return manifest
 
 
@@ -48,7 +50,7 @@ def _check_manifest(manifest: dict, path: Path) -> None:
     models = manifest["models"]
     if not isinstance(models, list) or len(models) < 2:
         raise InputFileError(f"{path} names no models A and B; {again}.")
-    roles = []
+    roles, labels = [], {}
     for k, model in enumerate(models):
         if not (isinstance(model, dict) and isinstance(model.get("role"), str) and model["role"]):
             raise InputFileError(f"Model entry {k} of {path} has no role; {again}.")
@@ -59,6 +61,13 @@ def _check_manifest(manifest: dict, path: Path) -> None:
         for key in ("label", "scores", "source", "detections", "sha256", "kind", "quality_column"):
             if model.get(key) is not None and not isinstance(model[key], str):
                 raise InputFileError(f"Model {role} of {path} has a {key} that is not text.")
+        label = model.get("label")
+        if not (isinstance(label, str) and label.strip()):
+            raise InputFileError(f"Model {role} of {path} has no label (the name its curves and tables carry); {again}.")
+        if label in labels:
+            raise InputFileError(f"Models {labels[label]} and {role} of {path} are both labelled {short_repr(label)}, "
+                                 f"so their curves and tables could not be told apart; {again}.")
+        labels[label] = role
         if model.get("scores") is not None and model["scores"] != f"scores/{role}":
             raise InputFileError(f"Model {role} of {path} keeps its scores in {model['scores']!r}, not scores/{role}; {again}.")
     for key in ("dataset", "settings", "outputs", "counts"):
