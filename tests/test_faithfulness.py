@@ -360,6 +360,12 @@ def test_result_store_refuses_what_it_did_not_write(demo, first):
         broken[0][k] = value
         store.path(image_id).write_text(json.dumps({**data, "rows": broken}))
         assert not store.has(image_id)
+    # NaN (null) is only what a constant map's map-order rows hold: in a random-order or q = 0 row it is damage
+    for k, row in enumerate(rows):
+        broken = [list(r) for r in rows]
+        broken[k][3] = None
+        store.path(image_id).write_text(json.dumps({**data, "rows": broken}))
+        assert store.has(image_id) is False or (row[1] == "map" and row[2] > 0 and row[4] is None), row
     store.path(image_id).write_text(text)
     assert store.has(image_id)
     assert [tuple(r[:3]) for r in rows] == expected_rows(store.config)

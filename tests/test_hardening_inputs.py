@@ -332,3 +332,50 @@ def test_score_and_gradients_decode_a_float_orientation_alike(tmp_path, capsys):
     from gradlens.attribution.store import MapStore
 
     assert MapStore(tmp_path / "maps").read(1).shape == (64, 40)
+
+
+# --------------------------------------------------------------------------- the extended catalogue (issue 22)
+
+
+@pytest.mark.parametrize("case", ["twice", "text", "nan", "above_one"])
+@pytest.mark.parametrize("command", ["area-curve", "faithfulness"])
+def test_a_tampered_selection_is_one_sentence(case, command, demo, tmp_path, capsys):  # noqa: F811
+    """An image listed twice would count twice in every mean; a quality that is no number in [0, 1] would be
+    copied into the faithfulness table (selected images always have one)."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True, ignore=shutil.ignore_patterns("maps"))
+    table = pd.read_parquet(wd / "selection.parquet")
+    if case == "twice":
+        table = pd.concat([table, table.iloc[:1]], ignore_index=True)
+    else:
+        if case == "text":  # a column of text, as a hand-edited table would have it
+            table["quality_a"] = table["quality_a"].astype(str)
+        table.loc[0, "quality_a"] = {"text": "abc", "nan": float("nan"), "above_one": 1.5}[case]
+    table.to_parquet(wd / "selection.parquet")
+    table.to_csv(wd / "selection.csv", index=False)
+    before = sorted(p.name for p in wd.iterdir())
+    line = one_sentence(capsys, [command, "--workdir", wd, "--device", "cpu", "--workers", 0, "--no-progress"])
+    assert ("twice" in line) if case == "twice" else ("quality_a" in line and "not a number from 0 to 1" in line)
+    assert sorted(p.name for p in wd.iterdir()) == before
+
+
+def test_sixteen_bit_greyscale_is_read_by_its_high_byte_and_wider_pixels_refused(tmp_path):
+    from gradlens.data.images import read_image
+    from gradlens.errors import InputFileError
+
+    values = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16")
+    decoded = read_image(tmp_path / "g16.png")
+    assert decoded.shape == (48, 64, 3) and np.array_equal(decoded[..., 1], (values >> 8).astype(np.uint8))
+    Image.fromarray(values.astype(np.float32)).save(tmp_path / "f.tiff")
+    with pytest.raises(InputFileError, match="floating-point pixels"):
+        read_image(tmp_path / "f.tiff")
+
+
+@pytest.mark.parametrize("ids", ["", ",,", " "])
+def test_image_ids_naming_no_image_are_one_sentence(ids, demo, tmp_path, capsys):  # noqa: F811
+    line = one_sentence(capsys, ["gradients", "--model", bundled_detector_path("cednet"), "--coco-root",
+                                 demo.parent / "coco", "--image-ids", ids, "--out", tmp_path / "g", "--device", "cpu",
+                                 "--workers", 0, "--no-progress"])
+    assert "names no image" in line and not (tmp_path / "g").exists()

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from gradlens.attribution.compute import MapRun, compute_maps, map_store_key
@@ -23,8 +24,8 @@ from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.store import MapStore, key_digest
 from gradlens.data.coco import CocoPaths, GroundTruth, load_ground_truth
 from gradlens.device import resolve_device
-from gradlens.errors import GradlensError
-from gradlens.fileio import read_json, read_table, sha256_file
+from gradlens.errors import GradlensError, InputFileError
+from gradlens.fileio import read_json, read_table, sha256_file, short_repr
 from gradlens.runner import DetectorRun
 from gradlens.scoring.store import SCORE_META
 from gradlens.selection.manifest import load_manifest
@@ -44,9 +45,28 @@ class ModelMaps:
 
 
 def selection_table(workdir: str | os.PathLike) -> pd.DataFrame:
-    """The work directory's selection (image ids best first, qualities and improvement)."""
+    """The work directory's selection (image ids best first, qualities and improvement), checked as a manifest is:
+    each image once (a repeated one would count twice in every mean), qualities finite numbers in [0, 1] and
+    improvements in [-1, 1] (selected images always have objects, hence a quality)."""
+    from gradlens.fileio import image_id_column
+
     load_manifest(workdir)  # a work directory without one gets the hint to run 'select'
-    return read_table(Path(workdir), "selection")
+    table = read_table(Path(workdir), "selection")
+    where, again = Path(workdir) / "selection", "run 'gradlens select' again"
+    if "image_id" in table:
+        ids = pd.Series(image_id_column(table, where))
+        if ids.duplicated().any():
+            raise InputFileError(f"{where} lists image {int(ids[ids.duplicated()].iloc[0])} twice; {again}.")
+    for column in table.columns:
+        low = -1.0 if column == "improvement" else 0.0 if str(column).startswith("quality_") else None
+        if low is None:
+            continue
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
+        bad = ~(np.isfinite(values) & (values >= low) & (values <= 1.0))
+        if bad.any():
+            raise InputFileError(f"{where} has the {column} {short_repr(table[column].iloc[int(np.argmax(bad))])}, "
+                                 f"which is not a number from {low:g} to 1; {again}.")
+    return table
 
 
 def selection_ids(workdir: str | os.PathLike, top: int | None = None) -> list[int]:

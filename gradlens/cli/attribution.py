@@ -41,6 +41,8 @@ def _parse_ids(values: list[str] | None) -> list[int]:
                 ids.append(int(part))
             except ValueError:
                 raise GradlensError(f"Image ids must be integers; got {part!r}.") from None
+    if values and not ids:  # --image-ids '' or ',,': asked for images, named none
+        raise GradlensError("--image-ids names no image; give ids such as --image-ids 42,139.")
     return ids
 
 

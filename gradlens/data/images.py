@@ -121,6 +121,14 @@ def read_image(path: str | os.PathLike, exif_orientation: str = "ignore") -> np.
         turn = _TRANSPOSITIONS.get(_orientation(img)) if exif_orientation == "apply" else None
         if turn is not None:
             img = img.transpose(turn)
+        if img.mode.startswith("I;16"):
+            # 16-bit grayscale: the high byte, as OpenCV's 8-bit read (what mmcv's pipeline sees) keeps it;
+            # Pillow's convert("RGB") would clip every value above 255 to white
+            grey = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2).copy()
+        if img.mode in ("I", "F"):
+            raise InputFileError(f"The image {path} holds {'32-bit integer' if img.mode == 'I' else 'floating-point'} "
+                                 "pixels; detectors read 8-bit (or 16-bit) images.")
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # Composite on black rather than letting convert() drop alpha inconsistently per mode.
             img = img.convert("RGBA")

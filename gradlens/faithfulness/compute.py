@@ -179,6 +179,11 @@ class ResultStore:
                 return None
             if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
                 return None
+            # only a map-order row of a constant map is not computed (NaN quality and loss, no detections);
+            # the unperturbed/filled image and every random-order row always are
+            missing = math.isnan(quality) or math.isnan(float(loss))
+            if missing and not (order == "map" and q > 0 and math.isnan(quality) and math.isnan(float(loss)) and count == 0):
+                return None
             out.append(dict(zip(ROW_FIELDS, (mode, order, q, quality, float(loss), count))))
         return out
 
