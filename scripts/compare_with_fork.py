@@ -212,7 +212,17 @@ CONFIG_FIXES = {
 def fork_config(fork: Path, rel: str, test_scale):
     from mmcv import Config
 
-    cfg = Config.fromfile(str(fork / "configs" / "cednet" / rel))
+    path = fork / "configs" / "cednet" / rel
+    text = path.read_text()
+    if "'../_base_/" in text and not (path.parent.parent / "_base_").is_dir():
+        # the fork's CSWin-T RetinaNet config names '../_base_/...' from configs/cednet/cswin/, a folder that
+        # does not exist (as committed it fails in Config.fromfile); its siblings use '../../_base_/'. The control
+        # run reads a copy beside it with the base paths made absolute (configs/_base_/).
+        fixed = path.with_name(path.stem + "_basefix.py")
+        fixed.write_text(text.replace("'../_base_/", f"'{fork / 'configs' / '_base_'}/"))
+        print(f"   (config fixed to load: _base_ paths '../_base_/' -> {fork / 'configs' / '_base_'}/)", flush=True)
+        path = fixed
+    cfg = Config.fromfile(str(path))
     cfg.model.pretrained = None
     if rel in CONFIG_FIXES:
         cfg.merge_from_dict(CONFIG_FIXES[rel])
