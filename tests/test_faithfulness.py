@@ -120,7 +120,7 @@ class BrightnessDetector(torch.nn.Module):
         super().__init__()
         self.box = box  # x1, y1, x2, y2 (whole pixels)
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        from gradlens.models.transform import PreprocessConfig
+        from gradlens.models.preprocessing.transform import PreprocessConfig
 
         self.preprocess = PreprocessConfig(mean=(0.5, 0.5, 0.5))
         self.categories = [{"id": 1, "name": "cat"}]
@@ -520,6 +520,11 @@ def test_area_curve_names_follow_the_same_rule(demo, first, tmp_path):
     for name, message in (("manifest", "own manifest files"), ("faithfulness", "default run of 'gradlens faithfulness'"),
                           ("faithfulness_randomisation", "default run of 'gradlens faithfulness'"),
                           ("area_curve_per_image", "default run of 'gradlens area-curve'"),
+                          ("area_curve_mass_area", "share area_curve_mass_area"),
                           ("metrics_x", "own metrics_x files")):
         with pytest.raises(GradlensError, match=message):
             run_area_curve(copy, name=name, progress=False)
+    # a name that only begins like a default run shares none of its files: allowed (the Figure A2 notebook's)
+    from gradlens.regions.record import check_name_is_free
+    check_name_is_free(copy, "area_curve_normalized", "area-curve")
+    check_name_is_free(copy, "faithfulness_strict", "faithfulness")

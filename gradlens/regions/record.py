@@ -67,20 +67,31 @@ def record_command(record) -> str | None:
 
 
 DEFAULT_NAMES = {"area-curve": "area_curve", "faithfulness": "faithfulness"}  # each command's default --name
+OUTPUT_PARTS = {  # the <name>_<part> stems each command writes beside <name>.*
+    "area-curve": ("metrics", "concentration", "mass_area", "decomposition", "paired", "per_image"),
+    "faithfulness": ("curves", "areas", "paired", "randomisation", "randomisation_summary"),
+}
+
+
+def output_stems(name: str, command: str) -> set[str]:
+    """The file stems a run of ``command`` under ``name`` writes (each with one or more suffixes)."""
+    return {name} | {f"{name}_{part}" for part in OUTPUT_PARTS[command]}
 
 
 def check_name_is_free(workdir: str | os.PathLike, name: str, command: str) -> None:
     """``--name`` must not overwrite the work directory's own files or another command's outputs (one sentence).
 
-    A command's outputs are ``<name>.*`` and ``<name>_<part>.*``, so a name that is, or begins with, a default
-    run's name followed by ``_`` would write (or later be overwritten by) that run's files: refused too."""
+    A name is refused when one of the files it would write is also a file of a default run (of either command),
+    so ``area_curve_normalized`` is free but ``area_curve_paired`` (the default run's paired table) is not."""
     check_output_name(name)
     if name in RESERVED_NAMES or any(name.startswith(f"{reserved}_") for reserved in RESERVED_NAMES):
         raise GradlensError(f"--name {name} would overwrite the work directory's own {name} files; choose another name.")
+    mine = output_stems(name, command)
     for other, default in DEFAULT_NAMES.items():
-        if name != DEFAULT_NAMES[command] and (name == default or name.startswith(f"{default}_")):
-            raise GradlensError(f"--name {name} would share files with the default run of 'gradlens {other}' "
-                                f"({default}.* and {default}_*); choose another name.")
+        if name != DEFAULT_NAMES[command] and mine & output_stems(default, other):
+            shared = sorted(mine & output_stems(default, other))[0]
+            raise GradlensError(f"--name {name} would share {shared}.* with the default run of 'gradlens {other}'; "
+                                "choose another name.")
     path = Path(workdir) / f"{name}.json"
     if path.is_file():
         try:
