@@ -47,7 +47,7 @@ from gradlens.data.images import read_image
 from gradlens.faithfulness.compute import FaithfulnessConfig, compute_faithfulness, expected_rows, image_variants
 from gradlens.faithfulness.perturb import fill_image, map_order, perturbed, random_order, ranks
 from gradlens.inference import detection_records
-from gradlens.models.transform import padded_size
+from gradlens.models.preprocessing.transform import padded_size
 from gradlens.scoring.quality import quality_scores, variant_qualities
 
 QUALITY_ATOL = 1e-5  # quality = IoU × confidence in [0, 1] from float32 boxes and scores
@@ -126,7 +126,7 @@ def main(argv=None):
     from gradlens.demo import DEMO_MODELS
     from gradlens.fileio import sha256_file
     from gradlens.models.bundled import bundled_detector_path
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
     from gradlens.runner import DetectorRun
     from gradlens.selection.manifest import load_manifest
     from gradlens.selection.run import run_selection

@@ -7,7 +7,7 @@ Measured in one run, on one image:
 
 - ``float resize``: the naive differentiable resize gradlens used before
   (``F.interpolate`` of the float image), forward + backward;
-- ``exact resize``: :func:`gradlens.models.resize.mmcv_resize`, forward + backward;
+- ``exact resize``: :func:`gradlens.models.preprocessing.resize.mmcv_resize`, forward + backward;
 - ``assignment``: ``mmdet_box_overlaps`` + vectorised ``MaxIoUAssigner`` on the
   detector's anchors, the upstream loop over objects on the same input, and
   torchvision's ``box_iou`` + ``Matcher`` (what gradlens used before);
@@ -30,10 +30,10 @@ from torchvision.ops import box_iou
 
 from gradlens.attribution.methods import input_gradients
 from gradlens.data.synthetic import CATEGORIES
-from gradlens.models.assign import MaxIoUAssigner, mmdet_box_overlaps
+from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.registry import build_detector
-from gradlens.models.resize import mmcv_resize
-from gradlens.models.transform import resized_size
+from gradlens.models.preprocessing.resize import mmcv_resize
+from gradlens.models.preprocessing.transform import resized_size
 
 
 def timed(fn, repeat: int) -> float:

@@ -36,7 +36,7 @@ from gradlens.data.coco import load_ground_truth
 from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.models.registry import build_detector, with_preprocess
 
 

@@ -30,7 +30,7 @@ from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.inference import InferenceSettings, detect_images
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.models.registry import build_detector, with_preprocess
 
 

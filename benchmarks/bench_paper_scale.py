@@ -86,10 +86,10 @@ from gradlens.inference import (
     detect_images,
     resolve_precision,
 )
-from gradlens.models.checkpoints import load_detector, save_detector
-from gradlens.models.mmdet import coco80_categories
+from gradlens.models.formats.checkpoints import load_detector, save_detector
+from gradlens.models.formats.mmdet import coco80_categories
 from gradlens.models.registry import build_detector, with_preprocess
-from gradlens.models.transform import padded_size
+from gradlens.models.preprocessing.transform import padded_size
 from gradlens.regions.area import area_curve_from_store
 from gradlens.regions.run import run_area_curve
 from gradlens.runner import DetectorRun, detections_for_checkpoint

@@ -47,7 +47,7 @@ from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.inference import AUTO_CURVE_TOLERANCE, InferenceSettings, detect_images
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.models.registry import build_detector, with_preprocess
 from gradlens.regions.area import area_curve, threshold_grid
 from gradlens.regions.run import DEFAULT_T_MAX_PERCENTILE

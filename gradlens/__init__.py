@@ -30,11 +30,11 @@ from gradlens.faithfulness.randomise import map_similarity, randomisation_steps,
 from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
-from gradlens.models.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
-from gradlens.models.checkpoints import load_detector, save_detector
+from gradlens.models.detectors.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
+from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.interface import Detector, total_loss
 from gradlens.models.registry import ARCHITECTURES, build_detector
-from gradlens.models.retinanet import RetinaNetDetector
+from gradlens.models.detectors.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
 from gradlens.regions.concentration import effective_area, gini, mass_area, mass_area_auc
 from gradlens.regions.decomposition import image_terms, log_area_under_curve, verdict

@@ -2,7 +2,7 @@
 faithfulness): which images go together, and how they are decoded.
 
 A batch only ever holds images that one alone would be padded to the same canvas
-(:func:`~gradlens.models.transform.padded_size`), so batching never changes what an image gets; the plan is
+(:func:`~gradlens.models.preprocessing.transform.padded_size`), so batching never changes what an image gets; the plan is
 fixed by the annotation file's sizes and the whole list of images, so a resumed or partial run computes each
 batch exactly as a whole run does. Images are decoded in DataLoader workers while the network runs.
 """
@@ -20,7 +20,7 @@ from gradlens.data.coco import GroundTruth
 from gradlens.data.images import read_image
 from gradlens.errors import GradlensError
 from gradlens.models.interface import Detector
-from gradlens.models.transform import canvas_groups, padded_size
+from gradlens.models.preprocessing.transform import canvas_groups, padded_size
 
 
 class ImageFiles(Dataset):

@@ -206,8 +206,8 @@ def detector_spec(detector) -> dict:
 
 
 def detector_from_spec(spec: dict):
-    from gradlens.models.checkpoints import load_detector
-    from gradlens.models.transform import PreprocessConfig
+    from gradlens.models.formats.checkpoints import load_detector
+    from gradlens.models.preprocessing.transform import PreprocessConfig
 
     randomisation = spec.get("randomisation")
     device = device_for_rank(spec["device"])

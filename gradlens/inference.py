@@ -3,7 +3,7 @@
 Speed comes from decoding JPEGs in DataLoader workers while the network runs,
 from batching, and from ``torch.inference_mode``. Batches only ever hold
 images that one alone would be padded to the same canvas (same
-:func:`~gradlens.models.transform.padded_size`), so a batch gives each image
+:func:`~gradlens.models.preprocessing.transform.padded_size`), so a batch gives each image
 exactly the detections it gets alone: batching changes speed, not results
 (up to the last bits of floating-point summation order).
 
@@ -55,7 +55,7 @@ from gradlens.precision import (  # noqa: F401
     PrecisionScope,
     resolve_precision,
 )
-from gradlens.models.transform import padded_size
+from gradlens.models.preprocessing.transform import padded_size
 from gradlens.progress import track
 
 CACHE_FORMAT = 1
@@ -186,7 +186,7 @@ def run_detection_batches(detector: Detector, gt: GroundTruth, batches: list[lis
 
 
 def detection_records(image_id: int, out: dict, label_to_id: list) -> list[dict]:
-    """COCO result records of one image from :meth:`~gradlens.models.retinanet.RetinaNetDetector.detect`'s output
+    """COCO result records of one image from :meth:`~gradlens.models.detectors.retinanet.RetinaNetDetector.detect`'s output
     (labels mapped to category ids; a label that is no COCO category is left out), as score writes them."""
     boxes = out["boxes"].float().cpu().numpy()
     scores = out["scores"].float().cpu().numpy()

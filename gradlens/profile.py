@@ -57,7 +57,7 @@ def _classifiers() -> dict[str, callable]:
 
     from functools import partial
 
-    from gradlens.models import cednet, cswin, focalnet, hrnet, msg, revcol
+    from gradlens.models.backbones import cednet, cswin, focalnet, hrnet, msg, revcol
 
     return {
         "HRNet-W32": hrnet.hrnet_w32, "HRNet-W30": hrnet.hrnet_w30,

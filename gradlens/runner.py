@@ -58,7 +58,7 @@ class DetectorRun:
 def detections_for_checkpoint(path: str | os.PathLike, gt: GroundTruth, run: DetectorRun | None = None,
                               progress: bool | None = None, checkpoint_sha256: str | None = None) -> InferenceResult:
     """Load the checkpoint and detect on every image of ``gt``, or reuse the cached result of the same run."""
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
 
     run = run or DetectorRun()
     device = resolve_device(run.device)
@@ -71,8 +71,8 @@ def detections_for_detector(detector, gt: GroundTruth, run: DetectorRun | None =
                             detector_sha256: str | None = None) -> InferenceResult:
     """:func:`detections_for_checkpoint` for a detector object (``run_selection(a=detector, ...)``): it is moved
     to the run's device and its detections are cached under its content digest
-    (:func:`gradlens.models.adapter.detector_sha256`) in place of a checkpoint file's hash."""
-    from gradlens.models.adapter import detector_sha256 as content_digest
+    (:func:`gradlens.models.detectors.adapter.detector_sha256`) in place of a checkpoint file's hash."""
+    from gradlens.models.detectors.adapter import detector_sha256 as content_digest
 
     run = run or DetectorRun()
     digest = detector_sha256 or content_digest(detector)

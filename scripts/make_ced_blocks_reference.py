@@ -5,7 +5,7 @@ The fork's RetinaNet configs ``resnet/retinanet_ced_resnet_50_…``, ``swin/reti
 with other blocks than the NeXt ones: ``Bottleneck``/``DBottleneck`` with SyncBN and ReLU, ``SwinBlock``/
 ``DSwinBlock``, and ``CSwinBlock`` under ``CSwinEncoder``. This script runs that file (read from a checkout or
 a bare mirror, with mmcv/mmdet names stubbed as ``make_cednet_reference.py`` does, plus mmcv's ``SyncBN`` and
-``BN``) and records what gradlens' :mod:`gradlens.models.cednet` must reproduce:
+``BN``) and records what gradlens' :mod:`gradlens.models.backbones.cednet` must reproduce:
 
 * ``configs[name]``: the backbone settings of each of the three configs, read from the config text with
   gradlens' safe reader (nothing is executed), and the fork's ordered state-dict keys and shapes of
@@ -95,7 +95,7 @@ def load_fork(repo: Path):
 
 def backbone_settings(repo: Path, relpath: str) -> dict:
     """``model.backbone`` of a config, read as data by gradlens' config reader (``_delete_``/``type`` dropped)."""
-    from gradlens.models.config_text import read_config
+    from gradlens.models.formats.config_text import read_config
 
     backbone = json.loads(json.dumps(read_config(read_file(repo, relpath))["model"]["backbone"]))  # plain dicts
     for key in ("_delete_", "type"):

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from gradlens.models.checkpoints import save_detector
-from gradlens.models.mmdet import coco80_categories, to_mmdet
+from gradlens.models.formats.checkpoints import save_detector
+from gradlens.models.formats.mmdet import coco80_categories, to_mmdet
 from gradlens.models.registry import build_detector
 
 # The backbone part of each configuration's config text (the fork's configs under ced-mmdet/configs/cednet/).
@@ -80,7 +80,7 @@ BACKBONE_CONFIGS = {
                       "focal_windows=[9, 9, 9, 9], focal_levels=[2, 2, 2, 2], out_indices=(0, 1, 2, 3)",
     "focalnet_base": "type='FocalNet', embed_dim=128, depths=[2, 2, 18, 2], mlp_ratio=4.0, drop_path_rate=0.3, patch_norm=True, "
                      "focal_windows=[9, 9, 9, 9], focal_levels=[3, 3, 3, 3], out_indices=(0, 1, 2, 3)",
-    # MSG-Transformer: no official detection config; gradlens' own Swin-style layout (gradlens/models/msg.py)
+    # MSG-Transformer: no official detection config; gradlens' own Swin-style layout (gradlens/models/backbones/msg.py)
     "msg_tiny": "type='MSGTransformer', embed_dim=64, depths=[2, 4, 12, 4], num_heads=[2, 4, 8, 16], window_size=7, "
                 "shuffle_size=[4, 4, 2, 1], out_indices=(0, 1, 2, 3)",
     "msg_small": "type='MSGTransformer', embed_dim=96, depths=[2, 4, 12, 4], num_heads=[3, 6, 12, 24], window_size=7, "

@@ -8,7 +8,7 @@ read) and ``timm`` and ``PyYAML``, which that file and this script import::
 
 The official file is executed in memory, unchanged. The authors published no detection code, so
 the "official" detection backbone here is the Swin-detection-style adaptation that
-``gradlens/models/msg.py`` documents, written *in this script* on top of the official modules:
+``gradlens/models/backbones/msg.py`` documents, written *in this script* on top of the official modules:
 the official ``MSGTransformer``'s ``msg_tokens``, ``patch_embed`` and ``layers`` (their
 ``WindowAttention``, ``shuffle_msg``, ``Mlp``, LayerNorms and the ``PatchMerging`` convolution,
 called with the official ``window_partition`` / ``window_reverse``), plus a LayerNorm ``norm{i}``
@@ -35,7 +35,7 @@ The fixture (plain tensors, bytes, lists and dicts; ``torch.load(..., weights_on
   text, one ``key<TAB>d0,d1,...`` line per entry (both include the official persistent
   ``relative_position_index`` buffers);
 * ``tiny[name]`` for two tiny configurations (``TINY`` below): ``classifier_config`` (official
-  ``MSGTransformer`` keyword arguments), ``backbone_config`` (``gradlens.models.msg.MSGBackbone``
+  ``MSGTransformer`` keyword arguments), ``backbone_config`` (``gradlens.models.backbones.msg.MSGBackbone``
   keyword arguments), ``state_dict`` (the official classifier's, random float16-exact weights
   stored as float16, ``relative_position_index`` as uint8: cast to float64 / int64), ``norms``
   (the detection ``norm{i}`` weights, float16), ``classifier_input`` (float16; a size that needs no
@@ -73,7 +73,7 @@ CONFIG_FILES = {
 }
 
 # Two tiny configurations (weights stay float16 and the fixture under 320 KiB):
-# * tiny_a (= gradlens.models.msg.TINY_MSG): four stages, 2x2 windows, shuffle [2, 2, 2, 1];
+# * tiny_a (= gradlens.models.backbones.msg.TINY_MSG): four stages, 2x2 windows, shuffle [2, 2, 2, 1];
 #   its 64x64 classifier input needs no padding (window grids 8, 4, 2, 1) and ends in one MSG token;
 # * tiny_b: two stages, 3x3 windows, shuffle [4, 1] (16 channel groups, as the released models'
 #   first stages), MLP ratio 2, qk_scale set; 48x48 needs no padding (grids 4, 2). Its last stage

@@ -31,7 +31,7 @@ from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.evaluation import coco_map
 from gradlens.inference import InferenceSettings, detect_images
 from gradlens.data.detections import detections_from_records
-from gradlens.models.checkpoints import load_detector, save_detector
+from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.registry import build_detector
 
 TRAIN_SEED, HELD_OUT_SEED = 1001, 2002

@@ -21,7 +21,7 @@ from gradlens.attribution.methods import AttributionConfig
 from gradlens.data.synthetic import CATEGORIES
 from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings, cache_key
-from gradlens.models.adapter import keeps_inference_mode, mode_view
+from gradlens.models.detectors.adapter import keeps_inference_mode, mode_view
 
 
 class TinyBackbone(nn.Module):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, base_anchors, mmdet_delta_decode
-from gradlens.models.transform import PreprocessConfig, batch_images, padded_size, resized_size
+from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator, base_anchors, mmdet_delta_decode
+from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images, padded_size, resized_size
 
 
 def test_base_anchors_match_hand_computation():

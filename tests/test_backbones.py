@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradlens.models.convnext import (
+from gradlens.models.backbones.convnext import (
     CONVNEXT_VARIANTS,
     ConvNeXtBackbone,
     convnext_base_backbone,
     convnext_small_backbone,
     convnext_tiny_backbone,
 )
-from gradlens.models.swin import (
+from gradlens.models.backbones.swin import (
     SWIN_VARIANTS,
     SwinBackbone,
     drop_relative_position_index,

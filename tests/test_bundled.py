@@ -11,7 +11,7 @@ from gradlens.errors import GradlensError
 from gradlens.evaluation import coco_map
 from gradlens.inference import InferenceSettings, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.scoring.quality import quality_scores
 
 
@@ -66,7 +66,7 @@ def test_detectors_meet_the_interface_and_the_pipeline_names_only_it():
         assert isinstance(gradlens.load_detector(bundled_detector_path(name), device="cpu"), gradlens.Detector)
     built = gradlens.build_detector("torchvision_retinanet_resnet50_fpn", 3)
     assert not isinstance(built, gradlens.Detector)  # no categories yet: not ready for the pipeline
-    from gradlens.models.checkpoints import default_categories
+    from gradlens.models.formats.checkpoints import default_categories
 
     built.categories = default_categories(3)
     assert isinstance(built, gradlens.Detector)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradlens.models import cednet as C
+from gradlens.models.backbones import cednet as C
 from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "ced_blocks_reference.pt"
@@ -111,7 +111,7 @@ def test_swin_blocks_alternate_their_shift_and_cswin_focal_attends_globally():
 def test_a_bifpn_checkpoint_is_refused_in_one_sentence():
     """The fork's neck/retinanet_bifpn_… config cannot be built by the fork itself (see mmdet._BIFPN): say so."""
     from gradlens.errors import CheckpointError
-    from gradlens.models import mmdet
+    from gradlens.models.formats import mmdet
     from gradlens.models.registry import build_detector
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""gradlens.models.cednet against answers recorded from the official CEDNet code.
+"""gradlens.models.backbones.cednet against answers recorded from the official CEDNet code.
 
 ``tests/data/cednet_reference.pt`` comes from ``scripts/make_cednet_reference.py``, which runs the
 official ``models/cednet.py`` and ``ced-mmdet/.../backbones/cednet.py``; see its docstring for the
@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradlens.models import cednet as C
-from gradlens.models.layers import LayerNorm
+from gradlens.models.backbones import cednet as C
+from gradlens.models.backbones.layers import LayerNorm
 from tests.fixture_keys import decode_keys, key_shapes
 
 FIXTURE = Path(__file__).parent / "data" / "cednet_reference.pt"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gradlens.errors import GradlensError
-from gradlens.models import mmdet
-from gradlens.models.checkpoints import CheckpointError, detector_from_object, load_detector, save_detector
+from gradlens.models.formats import mmdet
+from gradlens.models.formats.checkpoints import CheckpointError, detector_from_object, load_detector, save_detector
 from gradlens.models.registry import ARCHITECTURES, build_detector, with_preprocess
 
 PAPER_CONFIGS = [n for n in ARCHITECTURES if n.startswith("retinanet_") and not n.endswith("_mini")]
@@ -205,7 +205,7 @@ def test_config_text_hints():
     assert mmdet.preprocess_hints(text) == {"size_divisor": 32, "min_size": 800, "max_size": 1333}
     assert mmdet.preprocess_hints(None) == {}
     # the normalisation in mmdetection's 0..255 units comes back exactly in those units
-    from gradlens.models.transform import pixel_units
+    from gradlens.models.preprocessing.transform import pixel_units
 
     norm = mmdet.preprocess_hints("img_norm_cfg = dict(\n    mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], to_rgb=True)")
     assert pixel_units(norm["mean"]) == (103.53, 116.28, 123.675) and pixel_units(norm["std"]) == (1.0, 1.0, 1.0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gradlens.errors import CheckpointError
-from gradlens.models import mmdet
-from gradlens.models.config_text import Opaque, read_config, settings
+from gradlens.models.formats import mmdet
+from gradlens.models.formats.config_text import Opaque, read_config, settings
 
 PRETTY = """
 img_norm_cfg = dict(

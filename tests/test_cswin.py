@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradlens.models.cswin import (
+from gradlens.models.backbones.cswin import (
     CSWIN_VARIANTS,
     CSwinBackbone,
     LePEAttention,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradlens.cli.app import main
-from gradlens.models.checkpoints import save_detector
+from gradlens.models.formats.checkpoints import save_detector
 from gradlens.profile import EXPLAINING, NOT_REPRODUCED, TABLE_A1, count, note_of, profile_classifier
 from tests.test_inference import random_detector
 

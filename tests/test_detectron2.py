@@ -1,4 +1,4 @@
-"""detectron2 RetinaNet checkpoints load and detect as detectron2 does (gradlens.models.detectron2).
+"""detectron2 RetinaNet checkpoints load and detect as detectron2 does (gradlens.models.formats.detectron2).
 
 The references are written here from detectron2's source (github:facebookresearch/detectron2):
 
@@ -37,10 +37,10 @@ from PIL import Image
 
 from gradlens.data.images import read_image, to_tensor
 from gradlens.errors import CheckpointError
-from gradlens.models import detectron2 as d2
-from gradlens.models.checkpoints import load_detector, save_detector
+from gradlens.models.formats import detectron2 as d2
+from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.registry import build_detector, with_preprocess
-from gradlens.models.transform import detectron2_output_shape, padded_size
+from gradlens.models.preprocessing.transform import detectron2_output_shape, padded_size
 
 SMALL = {"min_size": 96, "max_size": 160}  # a small ResizeShortestEdge so the full-size R-50 runs fast
 K = 80

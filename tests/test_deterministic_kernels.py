@@ -11,9 +11,9 @@ from gradlens.attribution.methods import cudnn_benchmark, frozen_inference_mode,
 from gradlens.data.coco import load_ground_truth
 from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings, detect_images
-from gradlens.models import upsample
+from gradlens.models.backbones import upsample
 from gradlens.models.registry import build_detector
-from gradlens.models.upsample import Upsample2x, _Upsample2x, upsample2x_backward
+from gradlens.models.backbones.upsample import Upsample2x, _Upsample2x, upsample2x_backward
 from tests.test_gradients import scene, tiny_detector
 from tests.test_inference import _arrays, float64_detector, random_detector
 

@@ -30,7 +30,7 @@ from gradlens.data.synthetic import make_synthetic_coco
 from gradlens.errors import GradlensError
 from gradlens.inference import batch_costs, plan_batches
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 
 A = str(bundled_detector_path("cednet"))
 BATCH = ["--batch-size", "2"]

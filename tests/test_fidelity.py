@@ -21,9 +21,9 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import box_iou
 
 from gradlens.data.images import read_image, to_tensor
-from gradlens.models.assign import MaxIoUAssigner, mmdet_box_overlaps
-from gradlens.models.resize import _matrices, cv2_resize_uint8, mmcv_resize
-from gradlens.models.transform import PreprocessConfig, batch_images, mmcv_normalise
+from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
+from gradlens.models.preprocessing.resize import _matrices, cv2_resize_uint8, mmcv_resize
+from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images, mmcv_normalise
 
 MMDET_MEAN = np.array([123.675, 116.28, 103.53])
 MMDET_STD = np.array([58.395, 57.12, 57.375])
@@ -141,7 +141,7 @@ def test_resize_gradient_is_the_fixed_point_linear_maps_jacobian(h, w, new_h, ne
 
 def test_the_gpu_and_cpu_backward_formulations_agree():
     """The dense matrix-product backward (used on GPUs) and the scatter one (CPU) compute the same product."""
-    from gradlens.models.resize import resize_backward_dense, resize_backward_scatter
+    from gradlens.models.preprocessing.resize import resize_backward_dense, resize_backward_scatter
 
     g = torch.Generator().manual_seed(0)
     for h, w, new_h, new_w in [(13, 17, 29, 23), (40, 30, 20, 15), (5, 11, 16, 3), (48, 64, 80, 107)]:
@@ -255,7 +255,7 @@ def _loop_assign(overlaps: torch.Tensor, pos=0.5, neg=0.4, min_pos=0.0) -> torch
 
 
 def test_vectorised_assignment_equals_the_upstream_loop_on_crowded_scenes():
-    from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator
+    from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
 
     anchors = torch.cat(MMDetAnchorGenerator(AnchorConfig()).level_anchors([(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)], "cpu"))
     g = torch.Generator().manual_seed(0)
@@ -318,7 +318,7 @@ def _torchvision_pair(dtype=torch.float32):
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from gradlens.models.checkpoints import detector_from_object
+    from gradlens.models.formats.checkpoints import detector_from_object
     from gradlens.models.registry import with_preprocess
 
     torch.manual_seed(0)

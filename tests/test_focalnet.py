@@ -1,4 +1,4 @@
-"""gradlens.models.focalnet against answers recorded from the official FocalNet code.
+"""gradlens.models.backbones.focalnet against answers recorded from the official FocalNet code.
 
 ``tests/data/focalnet_reference.pt`` comes from ``scripts/make_focalnet_reference.py``, which runs
 the official ``classification/focalnet.py`` and ``detection/mmdet/models/backbones/focalnet.py``;
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gradlens.errors import CheckpointError
-from gradlens.models import focalnet as F
+from gradlens.models.backbones import focalnet as F
 from gradlens.profile import count
 from tests.fixture_keys import decode_keys, key_shapes
 

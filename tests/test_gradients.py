@@ -19,7 +19,7 @@ from gradlens.data.coco import ground_truth_from_dict
 from gradlens.data.synthetic import CATEGORIES
 from gradlens.errors import GradlensError
 from gradlens.models.registry import build_detector
-from gradlens.models.transform import PreprocessConfig, batch_images, canvas_groups, padded_size
+from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images, canvas_groups, padded_size
 from tests.conftest import make_gt_dict
 
 SMALL = PreprocessConfig(min_size=64, max_size=96, size_divisor=32)

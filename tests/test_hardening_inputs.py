@@ -16,8 +16,8 @@ from PIL import Image
 
 from gradlens.errors import CheckpointError
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import detector_from_object
-from gradlens.models.mmdet import to_mmdet
+from gradlens.models.formats.checkpoints import detector_from_object
+from gradlens.models.formats.mmdet import to_mmdet
 from gradlens.models.registry import build_detector
 from tests.scripts import make_mmdet_checkpoints
 from tests.test_cli import run

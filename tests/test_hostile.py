@@ -353,7 +353,7 @@ def test_damaged_checkpoints_are_one_sentence(case, dataset, tmp_path, capsys):
 
 
 def test_a_state_dict_of_another_architecture_is_one_sentence(dataset, tmp_path, capsys):
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
 
     torch.save(load_detector(bundled_detector_path("cednet")).state_dict(), tmp_path / "sd.pth")
     for arch in ("retinanet_convnext_mini", "retinanet_swin_tiny", "retinanet_cednet_next_tiny", "torchvision_retinanet_resnet50_fpn"):

@@ -1,4 +1,4 @@
-"""gradlens.models.hrnet against answers recorded from the official HRNet code.
+"""gradlens.models.backbones.hrnet against answers recorded from the official HRNet code.
 
 ``tests/data/hrnet_reference.pt`` comes from ``scripts/make_hrnet_reference.py``, which runs the
 official classification ``lib/models/cls_hrnet.py`` and mmdetection's ``backbones/hrnet.py`` (CEDNet
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gradlens.errors import CheckpointError
-from gradlens.models import hrnet as H
+from gradlens.models.backbones import hrnet as H
 from gradlens.profile import count
 from tests.fixture_keys import decode_keys, key_shapes
 

@@ -12,9 +12,9 @@ from gradlens.data.coco import load_ground_truth
 from gradlens.data.synthetic import CATEGORIES
 from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings, ShapeGroupedBatches, cached_detections, detect_images
-from gradlens.models.checkpoints import save_detector
+from gradlens.models.formats.checkpoints import save_detector
 from gradlens.models.registry import build_detector
-from gradlens.models.transform import padded_size
+from gradlens.models.preprocessing.transform import padded_size
 
 
 def random_detector(arch="retinanet_cednet_mini", seed=0):

@@ -15,7 +15,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.images import read_image, to_tensor
 from gradlens.errors import GradlensError, InputFileError
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.regions.histogram import value_histogram
 
 

@@ -22,10 +22,10 @@ from torchvision.ops import batched_nms
 
 from gradlens.data.images import read_image, to_tensor
 from gradlens.errors import CheckpointError
-from gradlens.models import mmdet3
-from gradlens.models.checkpoints import detector_from_object, load_detector, read_checkpoint, save_detector
-from gradlens.models.mmdet import coco80_categories
-from gradlens.models.transform import PreprocessConfig, batch_images, mmcv_normalise, mmengine_normalise
+from gradlens.models.formats import mmdet3
+from gradlens.models.formats.checkpoints import detector_from_object, load_detector, read_checkpoint, save_detector
+from gradlens.models.formats.mmdet import coco80_categories
+from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images, mmcv_normalise, mmengine_normalise
 from tests.scripts import make_mmdet_checkpoints
 from tests.test_detector_cli import run
 

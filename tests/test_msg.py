@@ -1,8 +1,8 @@
-"""gradlens.models.msg against answers recorded from the official MSG-Transformer code.
+"""gradlens.models.backbones.msg against answers recorded from the official MSG-Transformer code.
 
 ``tests/data/msg_reference.pt`` comes from ``scripts/make_msg_reference.py``, which runs the
 official ``models/msg_transformer.py`` (and, for detection, for which no official code exists, the
-Swin-style adaptation documented in ``gradlens/models/msg.py``, written in that script on top of
+Swin-style adaptation documented in ``gradlens/models/backbones/msg.py``, written in that script on top of
 the official modules); see its docstring for the layout. Nothing here needs timm or the official code.
 
 Every comparison of values runs gradlens in float64 against outputs the script computed in float64
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlens.errors import CheckpointError
-from gradlens.models import msg as M
+from gradlens.models.backbones import msg as M
 from gradlens.profile import count
 from tests.fixture_keys import decode_keys as decode, key_shapes
 

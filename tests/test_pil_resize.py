@@ -1,4 +1,4 @@
-"""Pillow's uint8 bilinear resize in torch (gradlens.models.pil_resize): bit for bit against the installed
+"""Pillow's uint8 bilinear resize in torch (gradlens.models.preprocessing.pil_resize): bit for bit against the installed
 Pillow, and its gradient against the unrounded two-pass filter.
 
 The reference for the gradient is written here from Pillow's ``src/libImaging/Resample.c``
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gradlens.models import pil_resize as pr
+from gradlens.models.preprocessing import pil_resize as pr
 
 # (src h, w) -> (dst h, w): up, down (antialiased supports of up to 11 taps), one axis only, 1-pixel sides,
 # COCO-like upscales to detectron2's 800 short side, a shrink by exactly 2, aspect changes both ways

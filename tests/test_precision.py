@@ -13,7 +13,7 @@ from gradlens.attribution.methods import gradient_maps
 from gradlens.attribution.targets import image_targets
 from gradlens.data.images import read_image, to_tensor
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
+from gradlens.models.formats.checkpoints import load_detector
 from gradlens.models.registry import with_preprocess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -26,9 +26,9 @@ from gradlens.faithfulness.randomise import (
     randomise,
 )
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.hrnet import TINY_HRNET
-from gradlens.models.msg import TINY_MSG
-from gradlens.models.revcol import TINY_REVCOL
+from gradlens.models.backbones.hrnet import TINY_HRNET
+from gradlens.models.backbones.msg import TINY_MSG
+from gradlens.models.backbones.revcol import TINY_REVCOL
 
 
 @lru_cache(maxsize=None)

@@ -87,7 +87,7 @@ def test_detector_input_gradient_does_not_depend_on_the_speed_mode():
 def test_stores_of_the_old_stem_are_not_reused():
     from gradlens.attribution.compute import detector_identity
     from gradlens.models.bundled import bundled_detector_path
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
 
     class GT:
         sha256, images_dir, exif_orientation = "0" * 64, None, "ignore"

@@ -1,4 +1,4 @@
-"""gradlens.models.revcol against answers recorded from the official RevCol code.
+"""gradlens.models.backbones.revcol against answers recorded from the official RevCol code.
 
 ``tests/data/revcol_reference.pt`` comes from ``scripts/make_revcol_reference.py``, which runs the
 official ``models/revcol.py`` (ImageNet ``FullNet``) and ``Detection/mmdet/models/backbones/revcol.py``
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gradlens.errors import CheckpointError
-from gradlens.models import revcol as R
+from gradlens.models.backbones import revcol as R
 from gradlens.profile import count
 from tests.fixture_keys import decode_keys, key_shapes
 

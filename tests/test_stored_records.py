@@ -145,7 +145,7 @@ def test_an_image_map_planted_where_an_object_map_belongs_is_refused(planted, wd
     from gradlens.attribution.objects import object_entries
     from gradlens.attribution.workdir import selection_ids, workdir_ground_truth
     from gradlens.models.bundled import bundled_detector_path
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
     from gradlens.selection.manifest import load_manifest
 
     gt = workdir_ground_truth(load_manifest(wd))

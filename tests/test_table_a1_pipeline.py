@@ -19,8 +19,8 @@ import torch
 
 from gradlens.data.synthetic import make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
-from gradlens.models.checkpoints import load_detector
-from gradlens.models.mmdet import coco80_categories
+from gradlens.models.formats.checkpoints import load_detector
+from gradlens.models.formats.mmdet import coco80_categories
 from tests.scripts import make_mmdet_checkpoints
 from tests.test_detector_cli import run
 

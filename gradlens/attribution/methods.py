@@ -45,7 +45,7 @@ from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings
 from gradlens.precision import PRECISIONS, PrecisionScope
 from gradlens.models.interface import Detector, total_loss
-from gradlens.models.transform import canvas_groups as _canvas_groups
+from gradlens.models.preprocessing.transform import canvas_groups as _canvas_groups
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 BASELINES = ("black", "white", "mean", "blur")

@@ -174,7 +174,7 @@ def model_checkpoints(manifest: dict, workdir: Path, overrides: dict[str, str | 
 
 def _given_detector(model: dict, detector) -> tuple:
     """(detector, content digest) of an object given for a model, checked against what select scored."""
-    from gradlens.models.adapter import detector_label
+    from gradlens.models.detectors.adapter import detector_label
     from gradlens.scoring.sources import detector_source
 
     role = model["role"]
@@ -207,7 +207,7 @@ def workdir_maps(
     first, then the baselines, as in the manifest) and the ground truth. A model that ``select`` was given as a
     detector object needs it again in ``detector_run.detectors`` (role -> object).
     """
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
 
     workdir = Path(workdir)
     manifest = load_manifest(workdir)

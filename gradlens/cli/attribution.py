@@ -118,7 +118,7 @@ def gradients(
     from gradlens.data.coco import load_ground_truth
     from gradlens.device import resolve_device
     from gradlens.fileio import image_id_column, read_table, read_table_file, sha256_file
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
     from gradlens.selection.manifest import MANIFEST, load_manifest
     from gradlens.attribution.workdir import workdir_ground_truth
 

@@ -163,7 +163,7 @@ def convert(
     trust_checkpoint: opt.TrustCheckpoint = False,
 ) -> None:
     """Rewrite a checkpoint in gradlens' own format (architecture, categories, settings and weights in one file)."""
-    from gradlens.models.checkpoints import load_detector, save_detector
+    from gradlens.models.formats.checkpoints import load_detector, save_detector
 
     detector = load_detector(source, arch=arch, trust=trust_checkpoint)
     save_detector(detector, out)

@@ -6,7 +6,7 @@ perturbed images (:func:`image_variants`): the image itself and the filled image
 orders start there), then every (mode, order, q > 0). They all share the image's padded canvas, so
 they run in batches of ``batch_size`` of that one image, and each batch gives the detections and the
 total detection loss of its images from one forward pass
-(:meth:`~gradlens.models.retinanet.RetinaNetDetector.detect_with_losses`, in inference mode). The
+(:meth:`~gradlens.models.detectors.retinanet.RetinaNetDetector.detect_with_losses`, in inference mode). The
 detections become COCO records exactly as ``score`` writes them and are scored against the image's
 objects as ``score`` scores them (:func:`~gradlens.scoring.quality.variant_qualities`).
 
@@ -54,7 +54,7 @@ from gradlens.fileio import atomic_path, sha256_file, write_json
 from gradlens.inference import detection_records
 from gradlens.precision import PrecisionScope
 from gradlens.models.interface import Detector, total_loss
-from gradlens.models.transform import padded_size
+from gradlens.models.preprocessing.transform import padded_size
 from gradlens.progress import track
 from gradlens.scoring.quality import variant_qualities
 

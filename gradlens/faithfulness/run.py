@@ -105,7 +105,7 @@ def run_faithfulness(
     model-parameter randomisation check of its maps. Writes ``<name>.csv``/``.parquet`` (the rows),
     ``<name>_curves``, ``<name>_paired``, ``<name>.png``/``.pdf`` and the record ``<name>.json``."""
     from gradlens.figures.faithfulness import save_faithfulness_figure
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
 
     workdir = Path(workdir)
     check_name_is_free(workdir, name, "faithfulness")
@@ -264,7 +264,7 @@ def randomisation_check(workdir: Path, models: list[ModelMaps], gt, ids: list[in
         randomise,
         RANDOMISATION_COLUMNS,
     )
-    from gradlens.models.checkpoints import load_detector
+    from gradlens.models.formats.checkpoints import load_detector
     from gradlens.progress import track
 
     device = resolve_device(run.device)

@@ -1,11 +1,11 @@
 """What the pipeline needs of a detector: one interface, whatever the family.
 
 Inference, scoring from checkpoints, gradients, per-object maps, area curves, faithfulness and torchrun
-talk to a detector through these members only; :class:`~gradlens.models.retinanet.RetinaNetDetector` is one
+talk to a detector through these members only; :class:`~gradlens.models.detectors.retinanet.RetinaNetDetector` is one
 implementation (every RetinaNet gradlens loads). A detector is a ``torch.nn.Module`` (the pipeline moves it
 between devices, freezes its parameters and sets inference mode on every submodule) that also has:
 
-- ``preprocess`` (:class:`~gradlens.models.transform.PreprocessConfig`): the framework's test-time resize,
+- ``preprocess`` (:class:`~gradlens.models.preprocessing.transform.PreprocessConfig`): the framework's test-time resize,
   normalisation and padding of a [0, 1] RGB image at its original size, applied by the detector itself and
   differentiable (the uint8 rounding of a framework that resizes 8-bit images passes the gradient straight
   through); its ``mean`` is also what faithfulness fills deleted pixels with;
@@ -26,9 +26,9 @@ between devices, freezes its parameters and sets inference mode on every submodu
 (:func:`gradlens.attribution.targets.image_targets`).
 
 A model of your own that follows torchvision's detection convention becomes one with
-:class:`gradlens.models.adapter.LossDictDetector`. A detector given to the pipeline as an object (not as a
+:class:`gradlens.models.detectors.adapter.LossDictDetector`. A detector given to the pipeline as an object (not as a
 checkpoint file) is keyed by its ``identity_sha256`` where it has one, else by a hash of its modules
-(:func:`gradlens.models.adapter.detector_sha256`), in place of the file's SHA-256.
+(:func:`gradlens.models.detectors.adapter.detector_sha256`), in place of the file's SHA-256.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from gradlens.models.transform import PreprocessConfig
+from gradlens.models.preprocessing.transform import PreprocessConfig
 
 
 @runtime_checkable

@@ -19,11 +19,11 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gradlens.errors import GradlensError
-from gradlens.models import detectron2
-from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator
-from gradlens.models.fpn import BackboneWithPyramid, PyramidBackbone
-from gradlens.models.retinanet import RetinaNetDetector, TestConfig
-from gradlens.models.transform import IMAGENET_MEAN, PreprocessConfig
+from gradlens.models.formats import detectron2
+from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
+from gradlens.models.detectors.fpn import BackboneWithPyramid, PyramidBackbone
+from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
+from gradlens.models.preprocessing.transform import IMAGENET_MEAN, PreprocessConfig
 
 PAPER_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=128, convention="mmcv")
 TORCHVISION_PREPROCESS = PreprocessConfig(min_size=800, max_size=1333, size_divisor=32, convention="torchvision")
@@ -52,7 +52,7 @@ class Architecture:
 
 def _cednet(variant: str | None):
     def build(options: dict) -> nn.Module:
-        from gradlens.models.cednet import CEDNetBackbone, cednet_backbone
+        from gradlens.models.backbones.cednet import CEDNetBackbone, cednet_backbone
 
         opts = dict(options)
         out_chans = int(opts.pop("out_chans", 256))
@@ -68,7 +68,7 @@ def _cednet(variant: str | None):
 
 def _convnext(variant: str | None):
     def build(options: dict) -> nn.Module:
-        from gradlens.models.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
+        from gradlens.models.backbones.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
 
         opts = dict(options)
         out_chans = int(opts.pop("out_chans", 256))
@@ -82,7 +82,7 @@ def _convnext(variant: str | None):
 
 def _swin(variant: str):
     def build(options: dict) -> nn.Module:
-        from gradlens.models.swin import SWIN_VARIANTS, SwinBackbone
+        from gradlens.models.backbones.swin import SWIN_VARIANTS, SwinBackbone
 
         opts = dict(options)
         out_chans = int(opts.pop("out_chans", 256))
@@ -103,7 +103,7 @@ def _table_a1(module: str, variant: str):
         out_chans = int(opts.pop("out_chans", 256))
         if "out_indices" in opts:
             opts["out_indices"] = tuple(opts["out_indices"])
-        body = getattr(import_module(f"gradlens.models.{module}"), f"{variant}_backbone")(**{**opts, "drop_path_rate": 0.0})
+        body = getattr(import_module(f"gradlens.models.backbones.{module}"), f"{variant}_backbone")(**{**opts, "drop_path_rate": 0.0})
         return _with_fpn(body, out_chans)
 
     return build

@@ -51,7 +51,7 @@ class ModelSource:
     def label(self) -> str:
         """A short name for tables and legends: the file's stem, the directory's name or the detector's name."""
         if self.kind == "detector":
-            from gradlens.models.adapter import detector_label
+            from gradlens.models.detectors.adapter import detector_label
 
             return detector_label(self.detector)
         return self.path.stem if self.kind != "scores" else self.path.name
@@ -61,7 +61,7 @@ def detector_source(detector) -> ModelSource:
     """A detector object given as a model (Python only), or one sentence if it is none."""
     import torch
 
-    from gradlens.models.adapter import detector_sha256
+    from gradlens.models.detectors.adapter import detector_sha256
     from gradlens.models.interface import Detector
 
     if not (isinstance(detector, torch.nn.Module) and isinstance(detector, Detector)):

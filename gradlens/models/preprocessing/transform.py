@@ -11,7 +11,7 @@ because a one-pixel or one-grey-level difference changes detections:
 
 - ``mmcv`` (mmdetection): the new size is rounded (``int(w * s + 0.5)``), the
   *uint8* image is resized by OpenCV's fixed-point bilinear
-  (:mod:`gradlens.models.resize`, bit-exact), then normalised with mmcv's
+  (:mod:`gradlens.models.preprocessing.resize`, bit-exact), then normalised with mmcv's
   arithmetic. The gradient passes the uint8 rounding straight through, as
   the Jacobian of the same linear interpolation.
 - ``mmdet3`` (mmdetection 3.x): mmcv 2.x's ``Resize`` in the test pipeline
@@ -25,7 +25,7 @@ because a one-pixel or one-grey-level difference changes detections:
   and then resized by ``F.interpolate`` (``GeneralizedRCNNTransform``'s order).
 - ``detectron2``: ``ResizeShortestEdge(min_size, max_size)``'s size
   (:func:`detectron2_output_shape`), the *uint8* image resized by Pillow's
-  bilinear (:mod:`gradlens.models.pil_resize`, bit-exact, antialiased when
+  bilinear (:mod:`gradlens.models.preprocessing.pil_resize`, bit-exact, antialiased when
   shrinking), then ``DenseDetector.preprocess_image``: float32
   ``(x - mean) / std`` on the **BGR** image (:func:`detectron2_normalise`);
   zero padding bottom-right to ``size_divisor`` (the FPN's 32).
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradlens.models.pil_resize import pil_resize
-from gradlens.models.resize import mmcv_resize
+from gradlens.models.preprocessing.pil_resize import pil_resize
+from gradlens.models.preprocessing.resize import mmcv_resize
 
 Convention = Literal["mmcv", "mmdet3", "torchvision", "detectron2"]
 CONVENTIONS = ("mmcv", "mmdet3", "torchvision", "detectron2")

@@ -9,7 +9,7 @@ and where gradlens follows it:
   ``STRIDE_IN_1X1 = True`` (the MSRA layout: a stage's stride sits in the first 1x1 convolution, not in the
   3x3 as in torchvision's ResNet), every norm ``FrozenBatchNorm2d`` (:class:`FrozenBatchNorm2d` below: its two
   code paths, eps 1e-5); an FPN on res3-res5 (``fpn_lateral{3,4,5}``, ``fpn_output{3,4,5}``, nearest 2x
-  top-down) with ``LastLevelP6P7`` from **res5** and a ReLU before P7 (:class:`gradlens.models.fpn.P6P7`
+  top-down) with ``LastLevelP6P7`` from **res5** and a ReLU before P7 (:class:`gradlens.models.detectors.fpn.P6P7`
   with ``from_p5=False, relu_before_p7=True``); ``RetinaNetHead`` (4 conv + ReLU per branch, no norm,
   ``cls_score``/``bbox_pred``) -- torchvision's RetinaNet head computes the same, so the head's keys are
   renamed to it (:func:`to_gradlens`);
@@ -17,8 +17,8 @@ and where gradlens follows it:
   for ``x`` in 32..512 (unrounded), aspect ratios 0.5/1/2 (height / width), ``OFFSET 0.0``, cell anchors
   **size-major** (mmdetection's are ratio-major) computed in double and stored as float32, shifts from a float32
   ``arange`` (:class:`Detectron2AnchorGenerator`);
-- **preprocessing** (convention ``"detectron2"``, :mod:`gradlens.models.transform`): ``ResizeShortestEdge(800,
-  1333)`` as ``get_output_shape`` rounds, Pillow's uint8 bilinear (:mod:`gradlens.models.pil_resize`), BGR,
+- **preprocessing** (convention ``"detectron2"``, :mod:`gradlens.models.preprocessing.transform`): ``ResizeShortestEdge(800,
+  1333)`` as ``get_output_shape`` rounds, Pillow's uint8 bilinear (:mod:`gradlens.models.preprocessing.pil_resize`), BGR,
   ``PIXEL_MEAN`` [103.53, 116.28, 123.675] and ``PIXEL_STD`` [1, 1, 1] (MSRA weights absorb the std), zero
   padding to the FPN's ``size_divisibility`` 32;
 - **inference** (``meta_arch/dense_detector.py``, ``retinanet.py``, ``postprocessing.py``): per level, scores
@@ -74,9 +74,9 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, sigmoid_focal_loss
 
 from gradlens.errors import CheckpointError
-from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator
-from gradlens.models.fpn import BackboneWithPyramid
-from gradlens.models.retinanet import LossConfig, RetinaNetDetector
+from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
+from gradlens.models.detectors.fpn import BackboneWithPyramid
+from gradlens.models.detectors.retinanet import LossConfig, RetinaNetDetector
 
 ARCH = "detectron2_retinanet_resnet50_fpn"
 FORMAT = "detectron2"  # detector.checkpoint_format

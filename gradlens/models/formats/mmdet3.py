@@ -4,10 +4,10 @@ A checkpoint saved by mmengine's ``Runner.save_checkpoint`` is ``{"meta": {"cfg"
 {"classes": names, "palette": ...}, "mmengine_version", "seed", "experiment_name", "time", "epoch", "iter"},
 "state_dict": {...}, ...}`` (``publish_model.py`` keeps only ``meta`` and ``state_dict``). The RetinaNet's
 keys are 2.x's (``backbone.*``, ``neck.lateral_convs.N.conv.*``, ``bbox_head.retina_cls.*``...), so the
-architecture is recognised and renamed as in :mod:`gradlens.models.mmdet`; the meta and the test-time
+architecture is recognised and renamed as in :mod:`gradlens.models.formats.mmdet`; the meta and the test-time
 arithmetic are 3.x's:
 
-- **preprocessing** (convention ``"mmdet3"``, :mod:`gradlens.models.transform`): mmcv 2.x's ``Resize``
+- **preprocessing** (convention ``"mmdet3"``, :mod:`gradlens.models.preprocessing.transform`): mmcv 2.x's ``Resize``
   (``mmcv.imrescale``: the same rounded size and uint8 OpenCV bilinear as mmcv 1.x), then
   ``DetDataPreprocessor``: ``(x - mean) / std`` in float32 tensors and zero padding to a multiple of
   ``pad_size_divisor``, read from ``model.data_preprocessor`` and the test pipeline's ``Resize`` in
@@ -20,7 +20,7 @@ arithmetic are 3.x's:
 - anchors, box coding, ``MaxIoUAssigner`` (0.5/0.4, ``min_pos_iou=0``, ``gt_max_assign_all``), the
   ``PseudoSampler``'s ``avg_factor`` (positives per image, at least 1) and the focal and L1 losses are 2.x's.
 
-The config text is read as data (:mod:`gradlens.models.config_text`), never run; a setting gradlens needs
+The config text is read as data (:mod:`gradlens.models.formats.config_text`), never run; a setting gradlens needs
 that is no literal, or a step of the test pipeline it does not reproduce, is refused in one sentence naming it.
 """
 
@@ -35,10 +35,10 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from gradlens.errors import CheckpointError
-from gradlens.models.anchors import mmdet_delta_decode
-from gradlens.models.config_text import ConfigDict, Opaque, read_config
-from gradlens.models.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, _short, _whole
-from gradlens.models.retinanet import RetinaNetDetector, TestConfig
+from gradlens.models.detectors.anchors import mmdet_delta_decode
+from gradlens.models.formats.config_text import ConfigDict, Opaque, read_config
+from gradlens.models.formats.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, _short, _whole
+from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
 
 CONVENTION = "mmdet3"  # PreprocessConfig.convention
 FORMAT = "mmdetection3"  # detector.checkpoint_format
@@ -227,7 +227,7 @@ def _numbers(owner: dict, key: str, label: str) -> list[float] | None:
 
 
 def preprocess_settings(config_text: str) -> dict:
-    """The :class:`~gradlens.models.transform.PreprocessConfig` fields a 3.x config sets: the test pipeline's
+    """The :class:`~gradlens.models.preprocessing.transform.PreprocessConfig` fields a 3.x config sets: the test pipeline's
     ``Resize`` scale and ``model.data_preprocessor``'s mean, std and ``pad_size_divisor``, convention ``"mmdet3"``.
 
     As upstream: a data preprocessor without ``mean``/``std`` does not normalise (mean 0, std 1), one value

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from gradlens.models.layers import LayerNorm
+from gradlens.models.backbones.layers import LayerNorm
 
 __all__ = [
     "CONVNEXT_VARIANTS",

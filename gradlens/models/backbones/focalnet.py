@@ -62,7 +62,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.errors import CheckpointError
-from gradlens.models.layers import Mlp
+from gradlens.models.backbones.layers import Mlp
 
 __all__ = [
     "FOCALNET_CLASSIFIERS",

@@ -21,7 +21,7 @@ from importlib import import_module
 from torch import Tensor
 
 from gradlens.errors import CheckpointError
-from gradlens.models.config_text import ConfigDict, Opaque, read_config, settings
+from gradlens.models.formats.config_text import ConfigDict, Opaque, read_config, settings
 
 # mmdetection's 80 contiguous labels -> COCO category ids (CocoDataset.CLASSES order).
 COCO80_IDS = [
@@ -62,7 +62,7 @@ def _count(keys, prefix: str) -> int:
 
 
 def _recognise_cednet(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
-    from gradlens.models.cednet import CEDNET_VARIANTS, DETECTION_ONLY
+    from gradlens.models.backbones.cednet import CEDNET_VARIANTS, DETECTION_ONLY
 
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     stages = _count(keys, "stages") - 1
@@ -116,7 +116,7 @@ def _cednet_block(keys) -> str:
 
 
 def _recognise_convnext(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
-    from gradlens.models.convnext import CONVNEXT_VARIANTS
+    from gradlens.models.backbones.convnext import CONVNEXT_VARIANTS
 
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     depths = [_count(keys, f"stages.{i}") for i in range(4)]
@@ -131,7 +131,7 @@ def _recognise_convnext(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
 
 
 def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
-    from gradlens.models.swin import SWIN_VARIANTS
+    from gradlens.models.backbones.swin import SWIN_VARIANTS
 
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     embed = int(sd["backbone.patch_embed.proj.weight"].shape[0])
@@ -150,7 +150,7 @@ def _recognise_swin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
 def _recognise_cswin(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
     """The fork's CSWin Transformer (configs/cednet/cswin/retinanet_cswin_*): its embedding width and depths name
     the variant (heads and stripe widths have no weights of their own)."""
-    from gradlens.models.cswin import CSWIN_VARIANTS
+    from gradlens.models.backbones.cswin import CSWIN_VARIANTS
 
     keys = [k[len("backbone."):] for k in sd if k.startswith("backbone.")]
     embed = int(sd["backbone.stage1_conv_embed.0.weight"].shape[0])
@@ -274,7 +274,7 @@ def _recognise(sd: Mapping[str, Tensor]) -> tuple[str, dict]:
 
 
 def _family(family: str):
-    return import_module(f"gradlens.models.{family}")
+    return import_module(f"gradlens.models.backbones.{family}")
 
 
 def _is_family(sd: Mapping[str, Tensor], family: str) -> bool:
@@ -457,7 +457,7 @@ def check_preprocess(min_size, max_size, size_divisor, mean, std) -> str | None:
 def preprocess_hints(config_text: str | None) -> dict:
     """Test-time resize scale, padding divisor and normalisation from the config text stored in ``meta``.
 
-    The text is never executed: it is read as data (:mod:`gradlens.models.config_text`), and a value that is no
+    The text is never executed: it is read as data (:mod:`gradlens.models.formats.config_text`), and a value that is no
     literal (``mean=[123.675*1, ...]``), or out of range (a test side
     outside 1..8192, a size divisor outside 1..8192, a standard deviation of zero or less, not three
     numbers) is refused in one sentence naming the setting.

@@ -30,9 +30,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
 
-from gradlens.models.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode, mmdet_delta_encode
-from gradlens.models.assign import MaxIoUAssigner, mmdet_box_overlaps
-from gradlens.models.transform import PreprocessConfig, batch_images
+from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode, mmdet_delta_encode
+from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
+from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class RetinaNetDetector(RetinaNet):
         """The CPU's speed mode: convolutions in NHWC layout (depthwise-conv backward is ~20x faster that way)
         and channel LayerNorms as one fused kernel over it (24 % of a small CEDNet's gradient pass).
         Equal to the reference arithmetic up to round-off, not bit for bit."""
-        from gradlens.models.layers import LayerNorm
+        from gradlens.models.backbones.layers import LayerNorm
 
         self.channels_last = enabled
         for module in self.modules():

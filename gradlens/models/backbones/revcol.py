@@ -46,7 +46,7 @@ Behaviour that is the reference's, kept on purpose (it changes outputs or names)
 * the first column has no ``up`` modules (``fusion.up``) and no previous column: its levels are
   ``blocks_l(down(c_{l-1}))`` (the reference adds ``alpha * 0``, which changes no value);
   level 3 never has an ``up`` (an ``nn.Identity`` without parameters in the reference);
-* channels-first norms are the hand-computed ``LayerNorm`` of :mod:`gradlens.models.layers`
+* channels-first norms are the hand-computed ``LayerNorm`` of :mod:`gradlens.models.backbones.layers`
   (``eps=1e-6``); the blocks' norms (after the permutation to channels-last) are ``nn.LayerNorm``;
 * block layout: depthwise ``kernel_size`` conv, LayerNorm, 4x MLP with GELU, layer scale
   ``gamma``, residual (the decoders' blocks have a 1x MLP);
@@ -78,7 +78,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.errors import CheckpointError
-from gradlens.models.layers import LayerNorm
+from gradlens.models.backbones.layers import LayerNorm
 
 __all__ = [
     "REVCOL_VARIANTS",

@@ -21,7 +21,7 @@ instead of an FPN.
 
 Behaviour that is the reference's, kept on purpose (it changes outputs or names):
 
-* with LN, every norm on a map is the channels-first ``LayerNorm`` of :mod:`gradlens.models.layers`
+* with LN, every norm on a map is the channels-first ``LayerNorm`` of :mod:`gradlens.models.backbones.layers`
   (hand-computed mean / biased variance, ``eps=1e-6``) and the transformer blocks' token norms its
   channels-last form; only the classifier's ``norms`` (on pooled ``(N, 2048)`` vectors) are ``nn.LayerNorm``;
 * ``Encoder`` given a tuple uses only its first element (the decoder's ``c4``/``c5`` reach the next
@@ -60,9 +60,9 @@ import torch
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from gradlens.models.layers import LayerNorm
-from gradlens.models.swin import WindowAttention, shifted_window_attention
-from gradlens.models.upsample import Upsample2x
+from gradlens.models.backbones.layers import LayerNorm
+from gradlens.models.backbones.swin import WindowAttention, shifted_window_attention
+from gradlens.models.backbones.upsample import Upsample2x
 
 BlockFactory = Callable[..., nn.Module]  # (channels, drop-path rate, widx=...) -> block
 
@@ -286,7 +286,7 @@ class CSwinBlock(_TokenMLP):
     def __init__(self, dim: int, drop_path: float = 0.0, style: Style = _NEXT, num_heads: int = _CSWIN_P2[0],
                  split_size: int = _CSWIN_P2[1], dilation: int = 1, **_level) -> None:
         super().__init__()
-        from gradlens.models.cswin import LePEAttention
+        from gradlens.models.backbones.cswin import LePEAttention
 
         self.norm1 = style.token_norm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.errors import GradlensError
-from gradlens.models.transform import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from gradlens.models.preprocessing.transform import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 # class names of layers that behave differently in training mode but are no part of the loss path
 _INFERENCE_NAMES = re.compile(r"Norm(\d+d)?$|Dropout|DropPath|DropBlock|StochasticDepth")

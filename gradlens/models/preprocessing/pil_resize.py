@@ -26,7 +26,7 @@ The forward value here is that uint8 image, computed in integers (checked agains
 ``tests/test_pil_resize.py``). The gradient is the Jacobian of the same two-pass linear filter without
 rounding: each pass a linear map whose weights are Pillow's fixed-point weights as fractions
 (``weight / 2**22``), the uint8 rounding of both passes and the ``clip8`` passing the gradient straight
-through, as :mod:`gradlens.models.resize` does for OpenCV.
+through, as :mod:`gradlens.models.preprocessing.resize` does for OpenCV.
 
 Only Pillow's default path is reproduced: no ``box``, no ``reducing_gap`` (detectron2 passes neither),
 3-channel (or 1-channel) 8-bit images. (Pillow's main branch, after 13.0, has other pass-order rules in
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradlens.models.resize import quantise
+from gradlens.models.preprocessing.resize import quantise
 
 PRECISION_BITS = 32 - 8 - 2  # Resample.c
 BILINEAR_SUPPORT = 1.0

@@ -24,10 +24,10 @@ from torch import Tensor
 from gradlens._version import __version__
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
-from gradlens.models import detectron2, mmdet, mmdet3
+from gradlens.models.formats import detectron2, mmdet, mmdet3
 from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
-from gradlens.models.retinanet import RetinaNetDetector, TestConfig
-from gradlens.models.transform import PreprocessConfig
+from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
+from gradlens.models.preprocessing.transform import PreprocessConfig
 
 FORMAT = "gradlens-detector"
 FORMAT_VERSION = 1
@@ -122,9 +122,9 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
     - gradlens' format (written by :func:`save_detector`): everything is in the file;
     - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys;
     - an mmdetection 3.x one (mmengine's ``meta``: ``cfg``, ``dataset_meta``): the same keys, run with 3.x's
-      test arithmetic (:mod:`gradlens.models.mmdet3`);
+      test arithmetic (:mod:`gradlens.models.formats.mmdet3`);
     - a detectron2 RetinaNet (a model-zoo ``.pkl`` or a ``DetectionCheckpointer`` ``.pth``): recognised from its
-      keys, run with detectron2's arithmetic (:mod:`gradlens.models.detectron2`);
+      keys, run with detectron2's arithmetic (:mod:`gradlens.models.formats.detectron2`);
     - a torchvision state dict: ``arch`` must name the architecture.
 
     ``categories`` (``[{"id", "name"}]`` in label order) overrides the label mapping.
@@ -306,7 +306,7 @@ def _naming(path):
 
 def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = False) -> RetinaNetDetector:
     """An mmdetection RetinaNet: 2.x's (``meta['config']``, ``meta['CLASSES']``) or, with ``three``, 3.x's
-    (``meta['cfg']``, ``meta['dataset_meta']['classes']``, its test arithmetic; :mod:`gradlens.models.mmdet3`)."""
+    (``meta['cfg']``, ``meta['dataset_meta']['classes']``, its test arithmetic; :mod:`gradlens.models.formats.mmdet3`)."""
     from dataclasses import replace
 
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from gradlens.models.layers import Mlp
+from gradlens.models.backbones.layers import Mlp
 
 __all__ = [
     "SWIN_VARIANTS",

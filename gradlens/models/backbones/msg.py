@@ -34,7 +34,7 @@ detection code: their README's MS-COCO table gives box *and mask* AP (51.4 / 44.
 same setting as Swin's detection results (Swin-T: 86M, 745G) -- but no backbone file or config,
 so there is no official detection backbone to copy. The official code is Swin-Transformer-derived; :class:`MSGBackbone` is built the way
 Swin's detection backbone (Swin-Transformer-Object-Detection, as in the CEDNet fork's
-``ced-mmdet/mmdet/models/backbones/swin_transformer.py`` and :mod:`gradlens.models.swin`) adapts
+``ced-mmdet/mmdet/models/backbones/swin_transformer.py`` and :mod:`gradlens.models.backbones.swin`) adapts
 the Swin classifier:
 
 * parameter names are the classifier's (``msg_tokens``, ``patch_embed.*``, ``layers.*``), so
@@ -95,8 +95,8 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from gradlens.errors import CheckpointError
-from gradlens.models.layers import Mlp
-from gradlens.models.swin import drop_relative_position_index
+from gradlens.models.backbones.layers import Mlp
+from gradlens.models.backbones.swin import drop_relative_position_index
 
 __all__ = [
     "MSG_VARIANTS",

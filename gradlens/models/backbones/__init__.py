@@ -1,0 +1,1 @@
+"""Backbones (and the Table A1 ImageNet classifiers), with the official parameter names."""
