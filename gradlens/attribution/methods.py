@@ -45,7 +45,7 @@ from gradlens.errors import GradlensError
 from gradlens.inference import InferenceSettings
 from gradlens.precision import PRECISIONS, PrecisionScope
 from gradlens.models.interface import Detector, total_loss
-from gradlens.models.preprocessing.transform import canvas_groups as _canvas_groups
+from gradlens.models.preprocessing.transform import canvas_groups
 
 METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 BASELINES = ("black", "white", "mean", "blur")
@@ -343,7 +343,7 @@ def attribute_with_losses(detector: Detector, images: Sequence[Tensor], targets:
     with torch.enable_grad():  # grad mode is per thread
         if config.method == "gradient" and targets and all("object" in t for t in targets):
             return shared_forward_gradients(detector, images, targets, config.precision, losses)
-        for group in _canvas_groups([tuple(im.shape[-2:]) for im in images], detector.preprocess, batch_size):
+        for group in canvas_groups([tuple(im.shape[-2:]) for im in images], detector.preprocess, batch_size):
             attributions, group_losses = _attribute_group(
                 detector, [images[i] for i in group], [targets[i] for i in group], config, batch_size
             )

@@ -408,7 +408,7 @@ MAX_TEST_SIDE = 8192  # pixels: the paper tests at 1333 x 800; a side beyond 819
 MAX_SIZE_DIVISOR = 8192
 
 
-def _short(text: str, limit: int = 60) -> str:
+def shorten(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -425,13 +425,13 @@ def _first(config: dict, key: str, label: str | None = None, start: str | None =
         if found:
             value, written, _ = found[0]
             if isinstance(value, Opaque):
-                raise CheckpointError(f"The checkpoint's config sets {label or key}={_short(written)}, which is not a "
+                raise CheckpointError(f"The checkpoint's config sets {label or key}={shorten(written)}, which is not a "
                                       "literal value; gradlens reads config text as data and never evaluates it.")
             return value, written
     return None, None
 
 
-def _whole(value) -> int | None:
+def whole_number(value) -> int | None:
     """``value`` as an int when it is a whole number (6 or 6.0, not True), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -444,7 +444,7 @@ def check_preprocess(min_size, max_size, size_divisor, mean, std) -> str | None:
     """What is wrong with test-time settings read from a checkpoint (None: nothing), as the end of a sentence."""
     for name, value, top in (("min_size", min_size, MAX_TEST_SIDE), ("max_size", max_size, MAX_TEST_SIDE),
                              ("size_divisor", size_divisor, MAX_SIZE_DIVISOR)):
-        if _whole(value) is None or not 1 <= value <= top:
+        if whole_number(value) is None or not 1 <= value <= top:
             return f"{name} is {value!r}; it must be a whole number from 1 to {top}"
     for name, values in (("mean", mean), ("std", std)):
         numbers = list(values) if isinstance(values, (list, tuple)) else []
@@ -468,25 +468,25 @@ def preprocess_hints(config_text: str | None) -> dict:
     hints: dict = {}
     divisor, written = _first(config, "size_divisor", start="test_pipeline")
     if written is not None and divisor is not None:
-        d = _whole(divisor)
+        d = whole_number(divisor)
         if d is None or not 1 <= d <= MAX_SIZE_DIVISOR:
-            raise CheckpointError(f"The checkpoint's config sets size_divisor={_short(written)}; it must be a whole number "
+            raise CheckpointError(f"The checkpoint's config sets size_divisor={shorten(written)}; it must be a whole number "
                                   f"from 1 to {MAX_SIZE_DIVISOR}.")
         hints["size_divisor"] = d
     scale, written = _first(config, "img_scale", start="test_pipeline")
     several = isinstance(scale, (list, tuple)) and bool(scale) and all(isinstance(v, (list, tuple)) for v in scale)
     if written is not None and several and "test_pipeline" in config:
-        raise CheckpointError(f"The checkpoint's config sets img_scale={_short(written)}, several test scales "
+        raise CheckpointError(f"The checkpoint's config sets img_scale={shorten(written)}, several test scales "
                               "(test-time augmentation); gradlens runs one scale, written as (long side, short side).")
     if written is not None and not several:  # (several scales without a test pipeline: the training ones, no hint)
-        sides = [_whole(v) for v in scale] if isinstance(scale, (list, tuple)) else []
+        sides = [whole_number(v) for v in scale] if isinstance(scale, (list, tuple)) else []
         if len(sides) != 2 or any(v is None or not 1 <= v <= MAX_TEST_SIDE for v in sides):
-            raise CheckpointError(f"The checkpoint's config sets the test scale img_scale={_short(written)}; it must be two "
+            raise CheckpointError(f"The checkpoint's config sets the test scale img_scale={shorten(written)}; it must be two "
                                   f"whole numbers of pixels from 1 to {MAX_TEST_SIDE}.")
         hints["min_size"], hints["max_size"] = min(sides), max(sides)
     norm = config.get("img_norm_cfg")
     if isinstance(norm, Opaque):
-        raise CheckpointError(f"The checkpoint's config sets img_norm_cfg={_short(norm.source)}, which is not a literal "
+        raise CheckpointError(f"The checkpoint's config sets img_norm_cfg={shorten(norm.source)}, which is not a literal "
                               "value; gradlens reads config text as data and never evaluates it.")
     if isinstance(norm, dict):
         norm_names = ConfigDict(norm=norm)
@@ -503,7 +503,7 @@ def preprocess_hints(config_text: str | None) -> dict:
             if (len(numbers) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers)
                     or not all(math.isfinite(v) for v in numbers) or (name == "std" and min(numbers) <= 0)):
                 rule = "three positive numbers" if name == "std" else "three finite numbers"
-                raise CheckpointError(f"The checkpoint's config sets img_norm_cfg {name}={_short(written)}; it must be "
+                raise CheckpointError(f"The checkpoint's config sets img_norm_cfg {name}={shorten(written)}; it must be "
                                       f"{rule} (in 0..255 units).")
             # in 0..255 units, as mmdetection writes them; gradlens keeps [0, 1] units
             hints[name] = tuple(float(v) / 255 for v in numbers)

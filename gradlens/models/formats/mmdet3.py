@@ -37,7 +37,7 @@ from torchvision.ops import batched_nms
 from gradlens.errors import CheckpointError
 from gradlens.models.detectors.anchors import mmdet_delta_decode
 from gradlens.models.formats.config_text import ConfigDict, Opaque, read_config
-from gradlens.models.formats.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, _short, _whole
+from gradlens.models.formats.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, shorten, whole_number
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
 
 CONVENTION = "mmdet3"  # PreprocessConfig.convention
@@ -127,7 +127,7 @@ def classes_of(meta: Mapping, num_classes: int) -> list[str] | None:
 
 def _refuse_opaque(value, label: str, written: str | None = None):
     if isinstance(value, Opaque):
-        raise CheckpointError(f"The checkpoint's config sets {label}={_short(written or value.source)}, which is not a "
+        raise CheckpointError(f"The checkpoint's config sets {label}={shorten(written or value.source)}, which is not a "
                               "literal value; gradlens reads config text as data and never evaluates it.")
     return value
 
@@ -141,7 +141,7 @@ def _get(owner: dict, key: str, label: str, default=None):
 
 def _written(owner: dict, key: str, default=None) -> str:
     """How ``key`` is written in the text (its default's repr where the text leaves it out)."""
-    return _short(getattr(owner, "sources", {}).get(key) or repr(owner.get(key, default)))
+    return shorten(getattr(owner, "sources", {}).get(key) or repr(owner.get(key, default)))
 
 
 def _kind(transform: dict, label: str) -> str | None:
@@ -172,7 +172,7 @@ def test_pipeline(config: ConfigDict) -> tuple[list, str]:
         raise CheckpointError("The checkpoint's config has no test pipeline (test_dataloader dataset pipeline or "
                               "test_pipeline), which says how mmdetection 3.x resizes images for testing.")
     if not isinstance(pipeline, (list, tuple)) or not all(isinstance(t, dict) for t in pipeline):
-        raise CheckpointError(f"The checkpoint's config sets {label} to {_short(repr(pipeline))}, not a list of "
+        raise CheckpointError(f"The checkpoint's config sets {label} to {shorten(repr(pipeline))}, not a list of "
                               "transforms.")
     return list(pipeline), label
 
@@ -206,7 +206,7 @@ def _resize_sides(transform: dict, label: str) -> tuple[int, int]:
                               "fixed factor); gradlens runs a test scale written as (long side, short side).")
     # Resize makes an int scale (s, s); a float one would be a scale factor for rescale_size
     sides = [scale] * 2 if isinstance(scale, int) and not isinstance(scale, bool) else \
-        [_whole(v) for v in scale] if isinstance(scale, (list, tuple)) else []
+        [whole_number(v) for v in scale] if isinstance(scale, (list, tuple)) else []
     if len(sides) != 2 or any(v is None or not 1 <= v <= MAX_TEST_SIDE for v in sides):
         raise CheckpointError(f"The checkpoint's config sets the test scale {name} scale={_written(transform, 'scale')}"
                               f"; it must be two whole numbers of pixels from 1 to {MAX_TEST_SIDE}.")
@@ -241,7 +241,7 @@ def preprocess_settings(config_text: str) -> dict:
     for transform in pipeline:
         kind = _kind(transform, f"{label} transform")
         if kind not in TEST_TRANSFORMS:
-            raise CheckpointError(f"The checkpoint's config's {label} has a {_short(str(transform.get('type')))} "
+            raise CheckpointError(f"The checkpoint's config's {label} has a {shorten(str(transform.get('type')))} "
                                   f"transform; gradlens runs mmdetection 3.x's RetinaNet test pipeline "
                                   f"({', '.join(TEST_TRANSFORMS)}) and no other step.")
         if kind == "LoadImageFromFile":
@@ -261,7 +261,7 @@ def preprocess_settings(config_text: str) -> dict:
     name = "model data_preprocessor"
     kind = _kind(pre, name)
     if kind not in DATA_PREPROCESSORS:
-        raise CheckpointError(f"The checkpoint's config's {name} is {_short(str(pre.get('type')))}; gradlens runs "
+        raise CheckpointError(f"The checkpoint's config's {name} is {shorten(str(pre.get('type')))}; gradlens runs "
                               f"{' and '.join(DATA_PREPROCESSORS)} only.")
     if _get(pre, "bgr_to_rgb", f"{name} bgr_to_rgb", False) is not True \
             or _get(pre, "rgb_to_bgr", f"{name} rgb_to_bgr", False) is not False:
@@ -273,7 +273,7 @@ def preprocess_settings(config_text: str) -> dict:
         raise CheckpointError(f"The checkpoint's config's {name} sets one of mean and std without the other, which "
                               "mmengine refuses.")
     divisor = _get(pre, "pad_size_divisor", f"{name} pad_size_divisor", 1)
-    if _whole(divisor) is None or not 1 <= divisor <= MAX_SIZE_DIVISOR:
+    if whole_number(divisor) is None or not 1 <= divisor <= MAX_SIZE_DIVISOR:
         raise CheckpointError(f"The checkpoint's config sets {name} pad_size_divisor="
                               f"{_written(pre, 'pad_size_divisor')}; it must be a whole number from 1 to "
                               f"{MAX_SIZE_DIVISOR}.")
@@ -298,7 +298,7 @@ def test_settings(config_text: str) -> MMDet3TestConfig:
 
     def whole(key: str) -> int:
         value = _get(cfg, key, f"{name} {key}")
-        if _whole(value) is None or value < 1:
+        if whole_number(value) is None or value < 1:
             raise CheckpointError(f"The checkpoint's config sets {name} {key}={_written(cfg, key)}; gradlens needs a "
                                   "whole number from 1.")
         return int(value)
