@@ -54,8 +54,10 @@ def batch_threads(device: torch.device, batches: int, variable: str = "GRADLENS_
     try:
         wanted = int(raw)
     except ValueError:
-        raise GradlensError(f"{variable} is {raw!r}; set it to a whole number of threads (or unset it).") from None
-    return max(1, min(wanted, batches))
+        wanted = 0
+    if wanted < 1:
+        raise GradlensError(f"{variable} is {raw!r}; set it to a whole number of threads, at least 1 (or unset it).")
+    return min(wanted, batches)
 
 
 @contextlib.contextmanager

@@ -183,6 +183,8 @@ def parse_json(data: bytes, path: str | os.PathLike, what: str) -> Any:
 
 def short_repr(value, limit: int = 60) -> str:
     """``repr`` cut to a readable length, so a huge value cannot flood a one-sentence error."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a table's cell reads 'nan' or '1.5', not 'np.float64(nan)'
     try:
         text = repr(value)
     except (ValueError, RecursionError):  # an integer past Python's digit limit, deep nesting

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -46,7 +47,7 @@ from gradlens.batching import (  # noqa: F401
     loaded_images,
     plan_batches,
 )
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, arithmetic_revisions
 from gradlens.precision import (  # noqa: F401
     AUTO_CURVE_TOLERANCE,
     GPU_DEFAULT_PRECISION,
@@ -223,6 +224,13 @@ def cache_key(checkpoint_sha256: str, gt: GroundTruth, detector: Detector, setti
         "categories": [c["id"] for c in detector.categories],
         "precision": settings.precision,
     }
+    # arithmetic that changed in its last bits, and post-processing that changed the order of tied scores:
+    # caches made before are not reused (absent where nothing changed, so those keys stay as they were)
+    revisions = arithmetic_revisions(detector)
+    if revisions:
+        key["arithmetic_revisions"] = revisions
+    if getattr(detector, "postprocess_revision", None) is not None:
+        key["postprocess_revision"] = detector.postprocess_revision
     return json.loads(json.dumps(key))  # as it reads back from the meta file (tuples become lists)
 
 
@@ -295,9 +303,12 @@ def _save_every(default: float) -> float:
     if raw is None:
         return default
     try:
-        return max(0.0, float(raw))
+        seconds = float(raw)
     except ValueError:
-        raise GradlensError(f"GRADLENS_PARTIAL_SAVE_S is {raw!r}; set it to a number of seconds.") from None
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise GradlensError(f"GRADLENS_PARTIAL_SAVE_S is {raw!r}; set it to a number of seconds, 0 or more.")
+    return seconds
 
 
 class PartialResults:

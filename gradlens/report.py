@@ -288,6 +288,9 @@ def write_report(workdir: str | os.PathLike, out_dir: str | os.PathLike | None =
     models = manifest["models"]
     selection = _selection_rows(workdir, models, metrics)
     out = Path(out_dir) if out_dir is not None else workdir / "report"
+    if out.exists() and out.resolve() == workdir.resolve():
+        raise GradlensError(f"--out {out} is the work directory itself, whose figures the report copies; "
+                            "give the report a folder of its own (the default is <workdir>/report).")
     (out / "panels").mkdir(parents=True, exist_ok=True)
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(figure_a2, out / "figure_a2.png")

@@ -230,3 +230,17 @@ def test_synthetic_refuses_a_foreign_dataset(capsys, tmp_path):
     (tmp_path / "coco/annotations/instances_val2017.json").write_text('{"images": []}')
     code, lines = error_of(capsys, ["synthetic", str(tmp_path / "coco"), "--num-images", "3"])
     assert code == 1 and len(lines) == 1 and "is not a gradlens synthetic dataset" in lines[0]
+
+
+def test_ctrl_c_is_one_sentence_and_exit_130(capsys, monkeypatch):
+    """typer turns Ctrl-C into a silent exit 130; gradlens says what happened (partial results stay on disk)."""
+    import gradlens.models.registry as registry
+
+    class Interrupting(dict):
+        def items(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "ARCHITECTURES", Interrupting(registry.ARCHITECTURES))
+    code, _, err = run(["models"], capsys)
+    assert code == 130
+    assert err.strip().splitlines()[-1].startswith("gradlens: error: interrupted; finished results are kept on disk")

@@ -43,6 +43,7 @@ def test_image_without_any_annotation(tmp_path):
     [
         ([], "expected a JSON object"),
         ({"images": []}, "no 'annotations' list"),
+        ({"images": [], "annotations": [], "categories": []}, "lists no images"),
         (make_gt_dict([1], [(2, 1, [0, 0, 1, 1], 0)]), "refers to image 2"),
         (make_gt_dict([1], [(1, 9, [0, 0, 1, 1], 0)]), "category 9"),
         (make_gt_dict([1], [(1, 1, [0, 0, 1], 0)]), "not four finite numbers"),

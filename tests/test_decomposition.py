@@ -134,6 +134,14 @@ def test_without_intervals_the_p_value_decides():
     assert not Finding(-0.05, nan, nan, nan).shown  # one image: nothing to test
 
 
+def test_one_image_gives_a_sentence_without_empty_intervals():
+    nan = float("nan")
+    sentence = verdict(Finding(-0.183, nan, nan, nan), Finding(np.log(0.09), nan, nan, nan), Finding(0.01, nan, nan, nan))
+    assert "nan" not in sentence
+    assert sentence.startswith("At shared thresholds A's and B's important regions do not differ (ΔAUC -0.183).")
+    assert "A's gradients are 0.09× B's, and without scale A is not more concentrated (ΔGini +0.010)" in sentence
+
+
 def test_the_table_verdict_reads_the_decomposition(tmp_path):
     import pandas as pd
 

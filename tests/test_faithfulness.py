@@ -510,6 +510,13 @@ def test_names_seeds_and_records_are_checked_before_any_work(demo, first, tmp_pa
     (copy / "faithfulness.json").write_text(json.dumps(partial))
     with pytest.raises(InputFileError, match="faithfulness.png"):
         load_faithfulness_record(copy)
+    for field_name, value in (("confidence_level", "NaN"), ("bootstrap", "1e999"), ("fill", '"<b>x</b>"'),
+                              ("fractions", "[0, 2]"), ("randomise", '"yes"')):
+        edited = dict(record, settings=dict(record["settings"], **{field_name: "RAW"}))
+        text = json.dumps(edited).replace('"RAW"', value)
+        (copy / "faithfulness.json").write_text(text)
+        with pytest.raises(InputFileError, match=f"settings.{field_name} is"):
+            load_faithfulness_record(copy)
 
 
 def test_area_curve_names_follow_the_same_rule(demo, first, tmp_path):

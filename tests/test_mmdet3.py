@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import batched_nms
 
+from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.data.images import read_image, to_tensor
 from gradlens.errors import CheckpointError
 from gradlens.models.formats import mmdet3
@@ -198,7 +198,8 @@ def _upstream_detections(outputs, levels, counts, images, sizes) -> list[dict]:
             if not valid.all():
                 bboxes, scores, labels = bboxes[valid], scores[valid], labels[valid]
         if bboxes.numel() > 0:
-            keep = batched_nms(bboxes, scores, labels, cfg["nms"]["iou_threshold"])
+            # mmcv's batched_nms: gradlens' transcription, held to mmcv's compiled kernel in tests/test_nms.py
+            keep = mmcv_batched_nms(bboxes, scores, labels, cfg["nms"]["iou_threshold"])
             bboxes, scores, labels = bboxes[keep][: cfg["max_per_img"]], scores[keep][: cfg["max_per_img"]], \
                 labels[keep][: cfg["max_per_img"]]
         results.append({"boxes": bboxes, "scores": scores, "labels": labels})

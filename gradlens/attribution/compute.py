@@ -34,7 +34,7 @@ from gradlens.attribution.targets import image_targets
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
 from gradlens.batching import ImageFiles, batch_costs, loaded_images, plan_batches
-from gradlens.models.interface import Detector
+from gradlens.models.interface import Detector, arithmetic_revisions
 from gradlens.device import Inline, batch_threads, single_threaded_ops
 from gradlens.progress import track
 
@@ -57,7 +57,7 @@ def detector_identity(detector: Detector, checkpoint_sha256: str, gt: GroundTrut
     }
     # a module whose arithmetic changed (its results differ in their last bits) says so; stores made before
     # are then not reused. Absent everywhere else, so no other store's key changes.
-    revisions = {type(m).__name__: m.arithmetic_revision for m in detector.modules() if hasattr(m, "arithmetic_revision")}
+    revisions = arithmetic_revisions(detector)
     if revisions:
         identity["arithmetic_revisions"] = revisions
     return identity

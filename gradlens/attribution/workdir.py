@@ -120,7 +120,8 @@ def require_checkpoint(path: str | os.PathLike, what: str) -> Path:
         kind = "a score directory" if path.is_dir() else "a detection results file"
         raise GradlensError(f"{what} {path} is {kind}; gradients need the detector's checkpoint (.pth, .pt, .ckpt, .bin).")
     if not path.is_file():
-        raise GradlensError(f"The checkpoint {path} ({what}) does not exist.")
+        state = "is not a regular file" if path.exists() else "does not exist"  # /dev/null, a FIFO
+        raise GradlensError(f"The checkpoint {path} ({what}) {state}.")
     return path
 
 

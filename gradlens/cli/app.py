@@ -340,5 +340,22 @@ def _run(argv: list[str] | None) -> None:
         typer.echo(f"gradlens: error: cannot write or read{where}: {exc.strerror or exc}.", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("gradlens: interrupted; finished results are kept on disk.", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130: say it in one sentence
+        if exc.code == 130 and _caused_by_interrupt(exc):
+            typer.echo(INTERRUPTED, err=True)
+        raise
+
+
+INTERRUPTED = "gradlens: error: interrupted; finished results are kept on disk (run the command again to go on)."
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

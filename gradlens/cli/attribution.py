@@ -277,7 +277,8 @@ def _echo_scale_focus(result) -> None:
                                ("outside_grid", "outside the grid")):
             row = rows.loc[quantity]
             share = f", {row['share_of_paper']:.0%} of ΔAUC" if quantity != "paper_auc" and row["share_of_paper"] == row["share_of_paper"] else ""
-            parts.append(f"{name} {row['estimate']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]{share}")
+            bounds = "" if row["low"] != row["low"] or row["high"] != row["high"] else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+            parts.append(f"{name} {row['estimate']:+.4f}{bounds}{share}")  # no interval with one image
         typer.echo(f"  {verdict['role']} - {verdict['versus']}, scale and focus: " + "; ".join(parts))
         typer.echo(f"  Verdict: {verdict['sentence']}")
 

@@ -222,6 +222,8 @@ def load_ground_truth(
     path = Path(ann)
     raw = read_bytes(path, "annotation file")
     gt = ground_truth_from_dict(parse_json(raw, path, "annotation file"), path, hashlib.sha256(raw).hexdigest(), images_dir)
+    if not len(gt.image_ids):
+        raise InputFileError(f"The annotation file {path} lists no images, so there is nothing to detect or score.")
     gt.exif_orientation = exif
     return gt
 

@@ -69,3 +69,11 @@ def total_loss(detector, terms: dict[str, Tensor], dtype: torch.dtype | None = N
     for name in names[1:]:
         total = total + (terms[name] if dtype is None else terms[name].to(dtype))
     return total
+
+
+def arithmetic_revisions(detector) -> dict[str, int]:
+    """``{module class: revision}`` of the modules whose arithmetic changed in their last bits (an
+    ``arithmetic_revision`` attribute), so that results stored before are not reused; empty for the others,
+    whose store keys then stay as they were."""
+    modules = detector.modules() if hasattr(detector, "modules") else []
+    return {type(m).__name__: m.arithmetic_revision for m in modules if hasattr(m, "arithmetic_revision")}

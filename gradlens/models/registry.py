@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gradlens.errors import GradlensError
+from gradlens.models.backbones.layers import EvalBatchNorm2d
 from gradlens.models.formats import detectron2
 from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
 from gradlens.models.detectors.fpn import BackboneWithPyramid, PyramidBackbone
@@ -125,8 +124,8 @@ def _with_fpn(body: nn.Module, out_chans: int) -> nn.Module:
 
 def _resnet50(torchvision_style: bool):
     def build(options: dict) -> nn.Module:
-        return BackboneWithPyramid(ResNet50Features(), [512, 1024, 2048], 256, start_level=0,
-                                   from_p5=torchvision_style, relu_before_p7=torchvision_style)
+        return BackboneWithPyramid(ResNet50Features(torchvision_norm=torchvision_style), [512, 1024, 2048], 256,
+                                   start_level=0, from_p5=torchvision_style, relu_before_p7=torchvision_style)
 
     return build
 
@@ -134,30 +133,29 @@ def _resnet50(torchvision_style: bool):
 class ResNet50Features(ResNet):
     """torchvision's ResNet-50 returning C3..C5, without its classifier.
 
-    Parameter names stay torchvision's (which mmdetection's ResNet shares);
-    batch norm is frozen, as in both libraries' detectors.
+    Parameter names stay torchvision's (which mmdetection's ResNet shares); batch norm is frozen, as in both
+    libraries' detectors, and computed as each library computes it: torchvision's ``FrozenBatchNorm2d``
+    (``x * scale + shift``) for torchvision's detectors, ``F.batch_norm`` for mmdetection's
+    (:class:`~gradlens.models.backbones.layers.EvalBatchNorm2d`).
     """
-
-    def __init__(self):
-        super().__init__(Bottleneck, [3, 4, 6, 3], norm_layer=FrozenBatchNorm2d)
-        del self.fc, self.avgpool
-        self.out_channels = [512, 1024, 2048]
 
     # Where the stem's 3x3 max-pool windows tie (flat image areas: thousands of windows on a photograph), the
     # element that receives the gradient is the maximum the pooling kernel picks, and which one that is depends on
-    # the last bits of the convolution before it, so on that convolution's kernel. mmdetection and torchvision run
-    # the stem in contiguous (NCHW) memory; so does gradlens, whatever the detector's speed mode (channels-last on
-    # the CPU gives other last bits, and moved the fork's own input gradient by 0.63 %): a gradient through tied
-    # maxima goes to the element PyTorch's contiguous kernels pick. The rest follows the input's memory format.
-    arithmetic_revision = 2  # 2: the stem in NCHW whatever the memory format (maps of revision 1 are not reused)
+    # the last bits of the convolution and norm before it; and pre-activations at round-off distance from zero
+    # switch ReLUs. So the float32 input gradient of this network follows the kernels' rounding by whole per cent.
+    # mmdetection and torchvision run it in contiguous (NCHW) memory on PyTorch's kernels, and so does gradlens:
+    # its channels-last speed mode leaves this network alone (needs_contiguous_memory), and a gradient through
+    # tied maxima goes to the element PyTorch's contiguous kernel picks.
+    arithmetic_revision = 3  # 2: the stem in NCHW; 3: the whole network in NCHW, mmdetection's norm as F.batch_norm
+    needs_contiguous_memory = True
+
+    def __init__(self, torchvision_norm: bool = False):
+        super().__init__(Bottleneck, [3, 4, 6, 3], norm_layer=FrozenBatchNorm2d if torchvision_norm else EvalBatchNorm2d)
+        del self.fc, self.avgpool
+        self.out_channels = [512, 1024, 2048]
 
     def stem(self, x):
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x = x.contiguous()
-        conv = self.conv1
-        x = F.conv2d(x, conv.weight.contiguous(), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        x = self.maxpool(self.relu(self.bn1(x)))
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x):
         x = self.stem(x)

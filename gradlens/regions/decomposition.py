@@ -246,15 +246,22 @@ def verdict(paper: Finding, log_scale_ratio: Finding, focus: Finding, a: str = "
     (with a paper's difference that is not shown, "the two cancel" or nothing).
     """
     ratio = np.exp([log_scale_ratio.estimate, log_scale_ratio.low, log_scale_ratio.high])
+
+    def interval(low: float, high: float, spec: str) -> str:  # none with one image or without bootstrap
+        return "" if np.isnan(low) or np.isnan(high) else f" [{low:{spec}}, {high:{spec}}]"
+
+    def p_value(p: float) -> str:  # none with one image or constant differences
+        return "" if np.isnan(p) else f", p = {p:.2g}"
+
     if paper.shown:
         where = "smaller" if paper.estimate < 0 else "larger"
-        first = f"At shared thresholds {a}'s important region is {where} (ΔAUC {paper.estimate:+.3f}, p = {paper.p_value:.2g})."
+        first = f"At shared thresholds {a}'s important region is {where} (ΔAUC {paper.estimate:+.3f}{p_value(paper.p_value)})."
     else:
         first = (f"At shared thresholds {a}'s and {b}'s important regions do not differ "
-                 f"(ΔAUC {paper.estimate:+.3f} [{paper.low:+.3f}, {paper.high:+.3f}], p = {paper.p_value:.2g}).")
-    scale = f"{a}'s gradients are {ratio[0]:.2f}× {b}'s [{ratio[1]:.2f}, {ratio[2]:.2f}]"
+                 f"(ΔAUC {paper.estimate:+.3f}{interval(paper.low, paper.high, '+.3f')}{p_value(paper.p_value)}).")
+    scale = f"{a}'s gradients are {ratio[0]:.2f}× {b}'s{interval(ratio[1], ratio[2], '.2f')}"
     more = "more" if focus.estimate > 0 else "less"
-    focus_text = f"ΔGini {focus.estimate:+.3f} [{focus.low:+.3f}, {focus.high:+.3f}], p = {focus.p_value:.2g}"
+    focus_text = f"ΔGini {focus.estimate:+.3f}{interval(focus.low, focus.high, '+.3f')}{p_value(focus.p_value)}"
     if log_scale_ratio.shown and not focus.shown:
         rest = f"{scale}; without scale, {a} is not more concentrated ({focus_text})"
         tail = ": the difference is one of scale, not of focus." if paper.shown else "."

@@ -280,7 +280,7 @@ def check_area_curve_record(record, path: Path, name: str = "area_curve") -> Non
             if model.get(field) is not None and not isinstance(model[field], str):
                 refuse(f"models[{k}].{field}", model[field], "text")
         for field in ("computed", "reused"):
-            if model.get(field) is not None and not _integer(model[field], 0):
+            if model.get(field) is not None and not is_integer(model[field], 0):
                 refuse(f"models[{k}].{field}", model[field], "a non-negative integer")
     for k, row in enumerate(_objects(record, "summary", refuse)):
         for field, value in row.items():
@@ -316,9 +316,9 @@ def _check_decomposition(record: dict, refuse) -> None:
         return
     if not isinstance(entry, dict):
         refuse("decomposition", entry, "an object")
-    if "log_threshold_low" in entry and not _number(entry["log_threshold_low"]):
+    if "log_threshold_low" in entry and not is_number(entry["log_threshold_low"]):
         refuse("decomposition.log_threshold_low", entry["log_threshold_low"], "a finite number")
-    if "log_threshold_width" in entry and not (_number(entry["log_threshold_width"]) and entry["log_threshold_width"] > 0):
+    if "log_threshold_width" in entry and not (is_number(entry["log_threshold_width"]) and entry["log_threshold_width"] > 0):
         refuse("decomposition.log_threshold_width", entry["log_threshold_width"], "a positive number")
     if "scale" in entry and not isinstance(entry["scale"], str):
         refuse("decomposition.scale", entry["scale"], "text")
@@ -332,12 +332,14 @@ def _check_decomposition(record: dict, refuse) -> None:
                 refuse(f"decomposition.verdicts[{k}].{field}", verdict.get(field), "text")
 
 
-def _integer(value, least: int | None = None, most: int | None = None) -> bool:
+def is_integer(value, least: int | None = None, most: int | None = None) -> bool:
+    """A JSON integer (not a boolean) within the bounds given: what a record's count or seed must be."""
     return (isinstance(value, Integral) and not isinstance(value, bool)
             and (least is None or value >= least) and (most is None or value <= most))
 
 
-def _number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite JSON number (not a boolean): what a record's level or threshold must be."""
     return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -351,19 +353,19 @@ def _check_settings(settings: dict, refuse) -> None:
     from gradlens.regions.statistics import MAX_SEED
 
     rules = {  # field: (test of a present value, what it must be); None is allowed only where said
-        "thresholds": (lambda v: _integer(v, 2, MAX_THRESHOLDS), f"an integer from 2 to {MAX_THRESHOLDS:,}"),
+        "thresholds": (lambda v: is_integer(v, 2, MAX_THRESHOLDS), f"an integer from 2 to {MAX_THRESHOLDS:,}"),
         "scale": (lambda v: v in ("linear", "log"), "linear or log"),
-        "log_decades": (lambda v: v is None or (_number(v) and v > 0), "a positive number"),
+        "log_decades": (lambda v: v is None or (is_number(v) and v > 0), "a positive number"),
         "per_image_normalize": (lambda v: isinstance(v, bool), "true or false"),
         "from_summaries": (lambda v: isinstance(v, bool), "true or false"),
-        "t_max_percentile": (lambda v: _number(v) and 0 < v <= 100, "a percentile in (0, 100]"),
+        "t_max_percentile": (lambda v: is_number(v) and 0 < v <= 100, "a percentile in (0, 100]"),
         "map_dtype": (lambda v: v in MAP_DTYPES, "float16 or float32"),
-        "batch_size": (lambda v: v is None or _integer(v, 1), "a positive integer"),
-        "num_images": (lambda v: _integer(v, 1), "a positive integer"),
-        "threshold_max": (lambda v: _number(v) and v > 0, "a positive number"),
-        "bootstrap": (lambda v: _integer(v, 0), "a non-negative integer"),
-        "bootstrap_seed": (lambda v: _integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
-        "confidence_level": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+        "batch_size": (lambda v: v is None or is_integer(v, 1), "a positive integer"),
+        "num_images": (lambda v: is_integer(v, 1), "a positive integer"),
+        "threshold_max": (lambda v: is_number(v) and v > 0, "a positive number"),
+        "bootstrap": (lambda v: is_integer(v, 0), "a non-negative integer"),
+        "bootstrap_seed": (lambda v: is_integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
+        "confidence_level": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
     }
     for field, (test, expected) in rules.items():
         if field in settings and not test(settings[field]):
@@ -384,7 +386,7 @@ def _check_attribution(attribution: dict, refuse) -> None:
         kind = kinds.get(field)
         if kind is None:
             continue  # a setting of another gradlens version: not read
-        fits = isinstance(value, str) if kind is str else _integer(value) if kind is int else _number(value)
+        fits = isinstance(value, str) if kind is str else is_integer(value) if kind is int else is_number(value)
         if not fits:
             refuse(f"settings.attribution.{field}", value, {str: "text", int: "an integer", float: "a finite number"}[kind])
         known[field] = value

@@ -572,6 +572,12 @@ class _CEDNetTrunk(nn.Module):
         self.num_stages = num_stages
         self.dims = dims
         self.style = style
+        if style.norm == "BN":
+            # CED-ResNet (batch norm, ReLU): its float32 input gradient follows the kernels' last bits by whole
+            # per cent (pre-activations at round-off distance from zero), as ResNet-50's does, so it runs in
+            # contiguous memory on PyTorch's kernels as the fork runs it, whatever the detector's speed mode
+            self.needs_contiguous_memory = True
+            self.arithmetic_revision = 2  # 2: never channels-last (stores of the speed mode are not reused)
         self.encoder_type, self.decoder_type = encoder_type, decoder_type
         self._has_decoder = num_stages > 1 or last_decoder
 

@@ -13,10 +13,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["LayerNorm", "LayerNorm2d", "Mlp"]
+__all__ = ["EvalBatchNorm2d", "LayerNorm", "LayerNorm2d", "Mlp"]
 
 _DATA_FORMATS = ("channels_last", "channels_first")
+
+
+class EvalBatchNorm2d(FrozenBatchNorm2d):
+    """Batch norm on running statistics as mmdetection runs it in a detector (``norm_eval``: ``nn.BatchNorm2d``
+    in eval mode, so ``F.batch_norm(training=False)``), with torchvision's frozen-norm buffers and state keys.
+
+    torchvision's ``FrozenBatchNorm2d`` computes ``x * scale + shift``; the fused kernel rounds differently, and
+    in a ReLU network with max-pooling the float32 input gradient follows those last bits by whole per cent
+    (a tied max-pool window, a pre-activation at round-off distance from zero): the upstream's arithmetic it is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps)
 
 
 class LayerNorm(nn.Module):

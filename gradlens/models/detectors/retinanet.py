@@ -28,8 +28,9 @@ from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
+from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator, mmdet_delta_decode, mmdet_delta_encode
 from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
@@ -95,12 +96,25 @@ class RetinaNetDetector(RetinaNet):
         """``"mmdetection"`` or ``"torchvision"``: whose test and training arithmetic this detector follows."""
         return "mmdetection" if self.preprocess.convention == "mmcv" else "torchvision"
 
+    @property
+    def postprocess_revision(self) -> int | None:
+        """2 for mmdetection's post-processing since it follows mmcv's ``batched_nms`` to the order of tied scores
+        (:mod:`gradlens.models.detectors.nms`); detection caches of revision 1 are not reused."""
+        return 2 if self.framework == "mmdetection" else None
+
     def use_channels_last(self, enabled: bool = True) -> "RetinaNetDetector":
         """The CPU's speed mode: convolutions in NHWC layout (depthwise-conv backward is ~20x faster that way)
         and channel LayerNorms as one fused kernel over it (24 % of a small CEDNet's gradient pass).
-        Equal to the reference arithmetic up to round-off, not bit for bit."""
+        Equal to the reference arithmetic up to round-off, not bit for bit.
+
+        A detector with a module that ``needs_contiguous_memory`` (the batch-norm/ReLU backbones: ResNet-50,
+        CED-ResNet-50, detectron2's ResNet) stays in contiguous memory: their float32 input gradient follows
+        the kernels' last bits by whole per cent (tied max-pool windows, ReLUs at round-off distance from zero),
+        so only the upstream's own kernels give the upstream's gradient."""
         from gradlens.models.backbones.layers import LayerNorm
 
+        if enabled and any(getattr(module, "needs_contiguous_memory", False) for module in self.modules()):
+            enabled = False
         self.channels_last = enabled
         for module in self.modules():
             if isinstance(module, LayerNorm) and module.data_format == "channels_first":
@@ -187,7 +201,7 @@ class RetinaNetDetector(RetinaNet):
         boxes = torch.cat(boxes) / scale
         scores, labels = torch.cat(scores), torch.cat(labels)
         if boxes.numel():
-            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+            keep = mmcv_batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return {"boxes": boxes, "scores": scores, "labels": labels}
 

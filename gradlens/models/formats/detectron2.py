@@ -145,24 +145,14 @@ class Conv2d(nn.Conv2d):
 
 
 class BasicStem(nn.Module):
-    """``resnet.BasicStem``: 7x7/2 conv + FrozenBN, ReLU, ``max_pool2d(kernel 3, stride 2, padding 1)``.
-
-    Run in contiguous (NCHW) memory whatever the detector's speed mode, as detectron2 runs it: where the
-    max-pool's windows tie, which element receives the gradient depends on the kernels' last bits (as for
-    :class:`gradlens.models.registry.ResNet50Features`).
-    """
+    """``resnet.BasicStem``: 7x7/2 conv + FrozenBN, ReLU, ``max_pool2d(kernel 3, stride 2, padding 1)``."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = Conv2d(3, 64, kernel_size=7, stride=2, padding=3)
 
     def forward(self, x: Tensor) -> Tensor:
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x = x.contiguous()
-        conv = self.conv1
-        x = conv.norm(F.conv2d(x, conv.weight.contiguous(), None, conv.stride, conv.padding))
-        x = F.max_pool2d(F.relu(x), kernel_size=3, stride=2, padding=1)
-        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=1)
 
 
 class BottleneckBlock(nn.Module):
@@ -189,7 +179,14 @@ class BottleneckBlock(nn.Module):
 class ResNet50(nn.Module):
     """detectron2's ``ResNet`` (depth 50, ``out_features`` res3-res5) returning C3, C4, C5; parameter names are
     detectron2's under ``backbone.bottom_up``: ``stem.conv1(.norm)``, ``res{2..5}.{i}.conv{1,2,3}(.norm)``,
-    ``res{2..5}.0.shortcut(.norm)``."""
+    ``res{2..5}.0.shortcut(.norm)``.
+
+    Run in contiguous memory whatever the detector's speed mode, as detectron2 runs it (see
+    :class:`gradlens.models.registry.ResNet50Features`: tied max-pool windows and ReLUs at round-off distance
+    from zero make the float32 input gradient follow the kernels' last bits)."""
+
+    needs_contiguous_memory = True
+    arithmetic_revision = 2  # 2: never channels-last (1 ran the body after the stem channels-last)
 
     def __init__(self, stride_in_1x1: bool = True):
         super().__init__()

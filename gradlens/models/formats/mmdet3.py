@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from gradlens.errors import CheckpointError
 from gradlens.models.detectors.anchors import mmdet_delta_decode
+from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.formats.config_text import ConfigDict, Opaque, read_config
 from gradlens.models.formats.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, shorten, whole_number
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
@@ -375,7 +375,7 @@ class MMDet3RetinaNet(RetinaNetDetector):
             if not bool(valid.all()):
                 boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
         if boxes.numel():
-            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+            keep = mmcv_batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return {"boxes": boxes, "scores": scores, "labels": labels}
 
