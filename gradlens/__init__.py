@@ -31,6 +31,7 @@ from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.detectors.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
+from gradlens.models.detectors.rcnn import ExpectedLossRCNN
 from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.interface import Detector, total_loss
 from gradlens.models.registry import ARCHITECTURES, build_detector
@@ -66,6 +67,7 @@ __all__ = [
     "verdict",
     "Detector",
     "LossDictDetector",
+    "ExpectedLossRCNN",
     "NoObjectSplitError",
     "torchvision_coco_categories",
     "total_loss",

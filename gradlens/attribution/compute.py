@@ -30,7 +30,7 @@ from gradlens.attribution.methods import (
 from gradlens import distributed
 from gradlens.attribution.store import MapStore
 from gradlens.errors import GradlensError
-from gradlens.attribution.targets import image_targets
+from gradlens.attribution.targets import image_targets, needs_masks
 from gradlens.data.coco import GroundTruth
 from gradlens.fileio import sha256_file
 from gradlens.batching import ImageFiles, batch_costs, loaded_images, plan_batches
@@ -171,7 +171,7 @@ def compute_batches(detector: Detector, gt: GroundTruth, batches: list[list[int]
         # (measured on 2 cores: 2 workers cost 20 % of the throughput). JPEG decoding is ~2 % of the work.
         workers = min(workers, max(0, (os.cpu_count() or 1) - torch.get_num_threads()))
     if entries is None:
-        entries = {i: (i, image_targets(gt, i, detector.categories).as_dict()) for batch in batches for i in batch}
+        entries = {i: (i, image_targets(gt, i, detector.categories, masks=needs_masks(detector)).as_dict()) for batch in batches for i in batch}
     # each image decoded once per batch, however many of the batch's maps are of it (per-object maps)
     decoded = [list(dict.fromkeys(entries[name][0] for name in batch)) for batch in batches]
     paths = {i: gt.image_path(i) for batch in decoded for i in batch}

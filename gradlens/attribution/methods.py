@@ -285,6 +285,8 @@ def _as_target(t) -> dict:
     if hasattr(t, "as_dict"):
         return t.as_dict()
     out = {"boxes": t["boxes"], "labels": t["labels"]}
+    if t.get("masks") is not None:  # instance masks, for a detector with a mask loss (Mask R-CNN)
+        out["masks"] = t["masks"]
     if t.get("object") is not None:  # one object's part of the loss (RetinaNetDetector.object_losses)
         out["object"] = int(t["object"])
     return out

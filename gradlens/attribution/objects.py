@@ -23,7 +23,7 @@ from gradlens import distributed
 from gradlens.attribution.compute import MapRun, compute_batches, rank_inputs, rank_job, rank_share, stored_problems
 from gradlens.attribution.methods import AttributionConfig
 from gradlens.attribution.store import MapStore
-from gradlens.attribution.targets import image_targets
+from gradlens.attribution.targets import image_targets, needs_masks
 from gradlens.data.coco import GroundTruth
 from gradlens.device import batch_threads
 from gradlens.errors import GradlensError
@@ -46,7 +46,7 @@ def object_entries(detector: Detector, gt: GroundTruth, image_ids) -> dict[int, 
     """Every object of ``image_ids`` as a map to compute: annotation id -> (image id, that object's targets)."""
     entries = {}
     for i in image_ids:
-        targets = image_targets(gt, i, detector.categories)
+        targets = image_targets(gt, i, detector.categories, masks=needs_masks(detector))
         entries.update({ann: (int(i), targets.for_object(j)) for j, ann in enumerate(targets.ann_ids)})
     return entries
 

@@ -30,9 +30,13 @@ class ImageTargets:
     labels: Tensor
     num_too_small: int = 0
     ann_ids: tuple[int, ...] = ()  # the annotation id of each kept object, in the order of ``boxes``
+    masks: Tensor | None = None  # uint8 (objects, height, width) for detectors with a mask loss, else None
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {"boxes": self.boxes, "labels": self.labels}
+        target = {"boxes": self.boxes, "labels": self.labels}
+        if self.masks is not None:
+            target["masks"] = self.masks
+        return target
 
     def for_object(self, index: int) -> dict:
         """The targets of object ``index``'s part of the loss (``-1``: the background's)."""
@@ -50,8 +54,36 @@ def _area(annotation: dict) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
 
 
-def image_targets(gt: GroundTruth, image_id: int, categories: list[dict]) -> ImageTargets:
-    """The non-crowd objects of ``image_id`` as the detector's training targets."""
+def needs_masks(detector) -> bool:
+    """Whether the detector's total loss has a mask term (Mask R-CNN), so its targets carry instance masks."""
+    return bool(getattr(detector, "needs_masks", False))
+
+
+def object_masks(gt: GroundTruth, image_id: int, ann_ids) -> Tensor:
+    """The objects' instance masks at the image's size, from their COCO polygons or RLE (pycocotools'
+    ``annToMask``, the decoding every COCO training pipeline uses)."""
+    info = gt.image_info(image_id)
+    height, width = info.get("height"), info.get("width")
+    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise GradlensError(f"Image {image_id} has no positive integer height and width in the annotation file, "
+                            "which its objects' masks need.")
+    masks = np.zeros((len(ann_ids), height, width), dtype=np.uint8)
+    for k, ann_id in enumerate(ann_ids):
+        annotation = gt.coco.anns[int(ann_id)]
+        if not annotation.get("segmentation"):
+            raise GradlensError(f"Annotation {ann_id} of image {image_id} has no segmentation, which a detector with "
+                                "a mask loss (Mask R-CNN) needs.")
+        try:
+            masks[k] = gt.coco.annToMask(annotation)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise GradlensError(f"The segmentation of annotation {ann_id} (image {image_id}) cannot be decoded "
+                                f"({exc}).") from None
+    return torch.from_numpy(masks)
+
+
+def image_targets(gt: GroundTruth, image_id: int, categories: list[dict], masks: bool = False) -> ImageTargets:
+    """The non-crowd objects of ``image_id`` as the detector's training targets (with ``masks``: their instance
+    masks too, see :func:`needs_masks`)."""
     image_id = int(image_id)
     gt.image_info(image_id)  # a clear error for an unknown id
     rows = np.flatnonzero(gt.obj_image_id == image_id)
@@ -79,4 +111,5 @@ def image_targets(gt: GroundTruth, image_id: int, categories: list[dict]) -> Ima
         labels=torch.as_tensor([labels_of[int(c)] for c in cats], dtype=torch.int64),
         num_too_small=int((~keep).sum()),
         ann_ids=tuple(int(a) for a in gt.obj_ann_id[rows][keep]),
+        masks=object_masks(gt, image_id, gt.obj_ann_id[rows][keep]) if masks else None,
     )

@@ -33,7 +33,7 @@ from gradlens._version import __version__
 from gradlens.attribution.compute import detector_identity
 from gradlens.attribution.methods import frozen_inference_mode
 from gradlens.attribution.store import MapStore, key_digest
-from gradlens.attribution.targets import image_targets
+from gradlens.attribution.targets import image_targets, needs_masks
 from gradlens.data.coco import GroundTruth
 from gradlens.data.images import read_image
 from gradlens.device import Inline, batch_threads, single_threaded_ops
@@ -225,7 +225,7 @@ def image_rows(detector: Detector, gt: GroundTruth, image_id: int, image: torch.
     :func:`order_ranks` gives them (map-order rows of a constant map are NaN, and not computed)."""
     device = next(detector.parameters()).device
     filled = fill_image(image, config.fill, detector.preprocess.mean, config.seed, image_id)
-    target = image_targets(gt, image_id, detector.categories).as_dict()
+    target = image_targets(gt, image_id, detector.categories, masks=needs_masks(detector)).as_dict()
     variants = [v for v in image_variants(config) if v[1] is None or rankings[v[1]] is not None]
     label_to_id = [c["id"] for c in detector.categories]
     records, losses = [], []

@@ -228,6 +228,8 @@ class LossDictDetector(nn.Module):
     classes that the loss view keeps in inference mode besides the normalisation and dropout layers.
     """
 
+    allows_random_samplers = False  # a subclass that takes the expectation over them sets True (models.detectors.rcnn)
+
     def __init__(self, model: nn.Module, categories, *, name: str | None = None,
                  preprocess: PreprocessConfig | None = None, keep_in_inference: Iterable[type] = ()):
         super().__init__()
@@ -242,10 +244,11 @@ class LossDictDetector(nn.Module):
         except ValueError:  # no signature to read (a builtin or compiled forward): checked at the first call
             pass
         samplers = _random_samplers(model)
-        if samplers:
+        if samplers and not self.allows_random_samplers:
             raise GradlensError(f"{type(model).__name__} computes its training loss on a random sample ({samplers[0]} "
                                 "samples proposals or RoIs), so its loss and every map would depend on a draw; gradlens "
-                                "needs a deterministic loss (DESIGN: total detection loss).")
+                                "needs a deterministic loss (DESIGN: total detection loss): wrap torchvision's Faster or Mask R-CNN in "
+                                "gradlens.ExpectedLossRCNN, whose loss is the expectation over the samplers.")
         self.model = model
         self.categories = _categories(categories)
         self.name = name or type(model).__name__.lower()

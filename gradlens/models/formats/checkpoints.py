@@ -25,6 +25,7 @@ from gradlens._version import __version__
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models.formats import detectron2, mmdet, mmdet3
+from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE, rcnn_from_state_dict
 from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.preprocessing.transform import PreprocessConfig
@@ -161,7 +162,8 @@ def detector_from_object(obj, path: str | os.PathLike, arch: str | None = None) 
         if state is None:
             raise CheckpointError(f"{path} holds no state dict gradlens recognises (not a gradlens, torchvision or mmdetection checkpoint).")
         if arch is None:
-            raise CheckpointError(f"{path} is a plain state dict; name its architecture with --arch (one of {', '.join(ARCHITECTURES)}).")
+            raise CheckpointError(f"{path} is a plain state dict; name its architecture with --arch (one of "
+                                  f"{', '.join([*ARCHITECTURES, *TORCHVISION_TWO_STAGE])}).")
         detector = _from_torchvision(state, path, arch)
         source = "torchvision"
     detector.checkpoint_path = path
@@ -244,6 +246,9 @@ def checked_categories(cats, num_classes: int, path) -> list[dict]:
 
 
 def _from_torchvision(state: Mapping[str, Tensor], path: Path, arch_name: str) -> RetinaNetDetector:
+    if arch_name in TORCHVISION_TWO_STAGE:  # Faster/Mask R-CNN: torchvision's modules, the expected loss
+        check_tensors(state, path)
+        return rcnn_from_state_dict(state, arch_name, str(path))
     arch = architecture(arch_name)
     check_tensors(state, path)
     key = "head.classification_head.cls_logits.weight"
