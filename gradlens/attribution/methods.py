@@ -373,7 +373,7 @@ def shared_forward_gradients(detector: Detector, images: Sequence[Tensor], targe
     results: list[Tensor | None] = [None] * len(images)
     for entries in shared.values():
         x = images[entries[0]].detach().requires_grad_(True)
-        target = {"boxes": targets[entries[0]]["boxes"], "labels": targets[entries[0]]["labels"]}
+        target = _as_target({k: v for k, v in targets[entries[0]].items() if k != "object"})
         with PrecisionScope(precision, device):
             parts = detector.object_losses([x], [target])[0]
         owners = total_loss(detector, parts, torch.float32)  # [1 + K]: background, objects

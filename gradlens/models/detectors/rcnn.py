@@ -86,11 +86,30 @@ class ExpectedLossRCNN(LossDictDetector):
         return len(self.categories)
 
     def image_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Each image's expected loss terms, computed on that image alone (``[len(images)]`` per term)."""
-        if any(t.get("object") is not None for t in targets):
-            raise self._no_object_split()
+        """Each image's expected loss terms, computed on that image alone (``[len(images)]`` per term). With
+        ``targets[i]["object"] = j`` the image's entry is object ``j``'s part instead (``-1``: the background's),
+        see :meth:`object_losses`."""
         view = mode_view(self.model, training=True, keep=self._keep)
-        per_image = [self.expected_terms(view, image, target) for image, target in zip(images, targets)]
+        per_image = []
+        for image, target in zip(images, targets):
+            parts = self.expected_parts(view, image, target)
+            if target.get("object") is None:
+                per_image.append({name: values.sum() for name, (values, _) in parts.items()})
+            else:
+                split = _split(parts, len(target["boxes"]))
+                per_image.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
+        return self._stacked(per_image)
+
+    def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """Each image's expected loss split by owner, ``[1 + K]`` per term: entry 0 the background (negative
+        anchors and proposals), entry ``1 + j`` every term of the candidates matched to object ``j`` (its positive
+        anchors and proposals, their boxes and masks). Each candidate's term is weighted and normalised as in the
+        total, so the entries add up to :meth:`image_losses`."""
+        view = mode_view(self.model, training=True, keep=self._keep)
+        return [_split(self.expected_parts(view, image, target), len(target["boxes"]))
+                for image, target in zip(images, targets)]
+
+    def _stacked(self, per_image: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if not per_image:
             return {}
         names = list(per_image[0])
@@ -100,9 +119,16 @@ class ExpectedLossRCNN(LossDictDetector):
 
     @staticmethod
     def expected_terms(view: nn.Module, image: Tensor, target: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The expected loss terms of one image, through the modules of ``view`` (the model with its loss path
-        in training mode and its transform and norms in inference mode)."""
+        """The expected loss terms of one image (see :meth:`expected_parts`)."""
+        return {name: values.sum() for name, (values, _) in ExpectedLossRCNN.expected_parts(view, image, target).items()}
+
+    @staticmethod
+    def expected_parts(view: nn.Module, image: Tensor, target: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every candidate's weighted, normalised contribution to each expected term, and its owner (0: the
+        background, ``1 + j``: object ``j``), through the modules of ``view`` (the model with its loss path in
+        training mode and its transform and norms in inference mode)."""
         from torchvision.models.detection.rpn import concat_box_prediction_layers
+        from torchvision.ops import box_iou
 
         boxes = torch.as_tensor(target["boxes"]).to(device=image.device, dtype=image.dtype).reshape(-1, 4)
         labels = torch.as_tensor(target["labels"]).to(device=image.device, dtype=torch.int64).reshape(-1)
@@ -122,19 +148,22 @@ class ExpectedLossRCNN(LossDictDetector):
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(1, -1, 4)
         proposals, _ = rpn.filter_proposals(proposals, objectness, batch.image_sizes, per_level)
         anchor_labels, matched = rpn.assign_targets_to_anchors(anchors, [resized])
+        anchor_labels = anchor_labels[0]
         regression = rpn.box_coder.encode(matched, anchors)[0]
+        positive = anchor_labels >= 1
+        anchor_owner = torch.zeros(len(anchor_labels), dtype=torch.int64, device=image.device)
+        if len(resized["boxes"]) and bool(positive.any()):  # the object each positive anchor regresses to
+            anchor_owner[positive] = rpn.proposal_matcher(box_iou(resized["boxes"], anchors[0]))[positive] + 1
         sampler = rpn.fg_bg_sampler
-        p, draw = inclusion_probabilities(anchor_labels[0], sampler.batch_size_per_image, sampler.positive_fraction)
+        p, draw = inclusion_probabilities(anchor_labels, sampler.batch_size_per_image, sampler.positive_fraction)
         p = p.to(objectness.dtype)
         drawn = max(draw.drawn, 1)  # torchvision divides by the sample's size (never empty with anchors)
         logits = objectness.flatten()
-        target01 = anchor_labels[0].clamp(min=0).to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits, target01, reduction="none")
-        positive = anchor_labels[0] >= 1
+        bce = F.binary_cross_entropy_with_logits(logits, anchor_labels.clamp(min=0).to(logits.dtype), reduction="none")
         rpn_box = F.smooth_l1_loss(deltas[positive], regression[positive].to(deltas.dtype), beta=1 / 9,
                                    reduction="none").sum(1)
-        terms = {"loss_objectness": (p * bce).sum() / drawn,
-                 "loss_rpn_box_reg": (p[positive] * rpn_box).sum() / drawn}
+        parts = {"loss_objectness": (p * bce / drawn, anchor_owner),
+                 "loss_rpn_box_reg": (p[positive] * rpn_box / drawn, anchor_owner[positive])}
 
         # -- the RoI head: every proposal (ground truth added) the sampler could draw -------------------
         heads = view.roi_heads
@@ -147,6 +176,7 @@ class ExpectedLossRCNN(LossDictDetector):
         keep = q > 0  # candidates never drawn (ignored, or negatives when none is drawn) add nothing
         candidates, matched_idxs, roi_labels, q = candidates[keep], matched_idxs[keep], roi_labels[keep], q[keep]
         drawn = max(draw.drawn, 1)
+        roi_owner = torch.where(roi_labels > 0, matched_idxs + 1, torch.zeros_like(matched_idxs))
         box_gt = gt_boxes if gt_boxes.numel() else torch.zeros((1, 4), dtype=gt_boxes.dtype, device=gt_boxes.device)
         roi_regression = heads.box_coder.encode([box_gt[matched_idxs]], [candidates])[0]
         pooled = heads.box_head(heads.box_roi_pool(features, [candidates], batch.image_sizes))
@@ -157,30 +187,40 @@ class ExpectedLossRCNN(LossDictDetector):
         box_regression = box_regression.reshape(len(candidates), -1, 4)
         roi_box = F.smooth_l1_loss(box_regression[fg, roi_labels[fg]], roi_regression[fg].to(box_regression.dtype),
                                    beta=1 / 9, reduction="none").sum(1)
-        terms["loss_classifier"] = (q * ce).sum() / drawn
-        terms["loss_box_reg"] = (q[fg] * roi_box).sum() / drawn
+        parts["loss_classifier"] = (q * ce / drawn, roi_owner)
+        parts["loss_box_reg"] = (q[fg] * roi_box / drawn, roi_owner[fg])
 
         if heads.has_mask() and "masks" in resized:
-            terms[MASK_TERM] = ExpectedLossRCNN._expected_mask_loss(heads, features, batch.image_sizes, candidates[fg],
-                                                                    matched_idxs[fg], resized, q[fg], draw.positives)
-        return {name: terms[name] for name in (*TERMS, MASK_TERM) if name in terms}
+            values = ExpectedLossRCNN._expected_mask_parts(heads, features, batch.image_sizes, candidates[fg],
+                                                           matched_idxs[fg], resized, q[fg], draw.positives)
+            parts[MASK_TERM] = (values, roi_owner[fg] if len(values) == len(fg) else roi_owner[:0])
+        return {name: parts[name] for name in (*TERMS, MASK_TERM) if name in parts}
 
     @staticmethod
-    def _expected_mask_loss(heads, features, image_sizes, positives: Tensor, matched: Tensor, resized: dict,
-                            weights: Tensor, drawn_positives: int) -> Tensor:
-        """torchvision's ``maskrcnn_loss`` (mean BCE over the sampled positives' M x M targets) in expectation."""
+    def _expected_mask_parts(heads, features, image_sizes, positives: Tensor, matched: Tensor, resized: dict,
+                             weights: Tensor, drawn_positives: int) -> Tensor:
+        """torchvision's ``maskrcnn_loss`` (mean BCE over the sampled positives' M x M targets) in expectation:
+        each positive's weighted share."""
         from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
         mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, [positives], image_sizes)))
         if drawn_positives == 0 or positives.numel() == 0:
-            return mask_logits.sum() * 0  # as torchvision: no positive, no mask loss (and a gradient of zeros)
+            return (mask_logits.sum() * 0).reshape(1)[:0]  # as torchvision: no positive, no mask loss
         size = mask_logits.shape[-1]
         targets = project_masks_on_boxes(resized["masks"], positives, matched, size)
         labels = resized["labels"][matched]
         logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
         bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").flatten(1).sum(1)
-        return (weights * bce).sum() / (drawn_positives * size * size)
+        return weights * bce / (drawn_positives * size * size)
 
+
+def _split(parts: dict[str, tuple[Tensor, Tensor]], objects: int) -> dict[str, Tensor]:
+    """Each term's candidate contributions summed per owner: ``[1 + objects]`` (entry 0 the background)."""
+    out = {}
+    for name, (values, owners) in parts.items():
+        total = torch.zeros(1 + objects, dtype=values.dtype, device=values.device)
+        out[name] = total.index_add(0, owners, values) if values.numel() else total + values.sum()
+    return out
 
 # torchvision's two-stage builders gradlens loads state dicts of (``--arch``); each is built without weights
 TORCHVISION_TWO_STAGE = {
