@@ -38,11 +38,13 @@ from gradlens.regions.record import (
     check_output_hashes,
     check_outputs,
     check_record_files,
+    check_setting_fields,
     is_integer,
     is_number,
     move_into_place,
     read_record,
     staging_folder,
+    statistics_rules,
 )
 from gradlens.regions.statistics import DEFAULT_BOOTSTRAP, DEFAULT_LEVEL, MAX_SEED, check_bootstrap, check_level
 from gradlens.runner import DetectorRun
@@ -326,15 +328,10 @@ def load_faithfulness_record(workdir: str | os.PathLike, name: str = "faithfulne
         "fractions": (lambda v: isinstance(v, list) and len(v) > 0 and all(is_number(q) and 0 <= q <= 1 for q in v),
                       "a list of fractions in [0, 1]"),
         "seed": (lambda v: is_integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
-        "num_images": (lambda v: is_integer(v, 1), "a positive integer"),
-        "bootstrap": (lambda v: is_integer(v, 0), "a non-negative integer"),
-        "bootstrap_seed": (lambda v: is_integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
-        "confidence_level": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
         "randomise": (lambda v: isinstance(v, bool), "true or false"),
+        **statistics_rules(),
     }
-    for field_name, (test, expected) in rules.items():
-        if field_name in settings and not test(settings[field_name]):
-            refuse(f"settings.{field_name}", settings[field_name], expected)
+    check_setting_fields(settings, rules, refuse)
     check_outputs(record["outputs"], refuse)
     check_output_hashes(record, refuse)  # every file the record names is covered (no faithfulness record predates them)
     check_record_files(record, Path(workdir), path, name, command="faithfulness")

@@ -347,10 +347,29 @@ def _plain_name(value) -> bool:
     return isinstance(value, str) and bool(_PLAIN_NAME.fullmatch(value)) and ".." not in value
 
 
+def statistics_rules() -> dict:
+    """The rules of the settings every statistics-writing record shares (images, bootstrap, seed, level):
+    field -> (test of a present value, what it must be)."""
+    from gradlens.regions.statistics import MAX_SEED
+
+    return {
+        "num_images": (lambda v: is_integer(v, 1), "a positive integer"),
+        "bootstrap": (lambda v: is_integer(v, 0), "a non-negative integer"),
+        "bootstrap_seed": (lambda v: is_integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
+        "confidence_level": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    }
+
+
+def check_setting_fields(settings: dict, rules: dict, refuse) -> None:
+    """Each present field of a record's ``settings`` checked by its rule; ``refuse`` says the first bad one."""
+    for field, (test, expected) in rules.items():
+        if field in settings and not test(settings[field]):
+            refuse(f"settings.{field}", settings[field], expected)
+
+
 def _check_settings(settings: dict, refuse) -> None:
     from gradlens.attribution.store import MAP_DTYPES
     from gradlens.regions.area import MAX_THRESHOLDS
-    from gradlens.regions.statistics import MAX_SEED
 
     rules = {  # field: (test of a present value, what it must be); None is allowed only where said
         "thresholds": (lambda v: is_integer(v, 2, MAX_THRESHOLDS), f"an integer from 2 to {MAX_THRESHOLDS:,}"),
@@ -361,15 +380,10 @@ def _check_settings(settings: dict, refuse) -> None:
         "t_max_percentile": (lambda v: is_number(v) and 0 < v <= 100, "a percentile in (0, 100]"),
         "map_dtype": (lambda v: v in MAP_DTYPES, "float16 or float32"),
         "batch_size": (lambda v: v is None or is_integer(v, 1), "a positive integer"),
-        "num_images": (lambda v: is_integer(v, 1), "a positive integer"),
         "threshold_max": (lambda v: is_number(v) and v > 0, "a positive number"),
-        "bootstrap": (lambda v: is_integer(v, 0), "a non-negative integer"),
-        "bootstrap_seed": (lambda v: is_integer(v, 0, MAX_SEED), "an integer from 0 to 2**63 - 1"),
-        "confidence_level": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+        **statistics_rules(),
     }
-    for field, (test, expected) in rules.items():
-        if field in settings and not test(settings[field]):
-            refuse(f"settings.{field}", settings[field], expected)
+    check_setting_fields(settings, rules, refuse)
     attribution = settings.get("attribution", {})
     if not isinstance(attribution, dict):
         refuse("settings.attribution", attribution, "an object")

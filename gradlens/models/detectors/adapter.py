@@ -317,13 +317,17 @@ class LossDictDetector(nn.Module):
             boxes = torch.as_tensor(target["boxes"]).to(device=image.device, dtype=image.dtype).reshape(-1, 4)
             labels = torch.as_tensor(target["labels"]).to(device=image.device, dtype=torch.int64).reshape(-1)
             per_image.append(self._loss_terms(view([image], [{"boxes": boxes, "labels": labels}])))
+        return self._stacked(per_image)
+
+    def _stacked(self, per_image: list[dict[str, Tensor]], hint: str = "") -> dict[str, Tensor]:
+        """Each term's per-image values as one ``[len(images)]`` tensor; one sentence if the images' terms differ."""
         if not per_image:
             return {}
         names = list(per_image[0])
         for terms in per_image[1:]:
             if list(terms) != names:
                 raise GradlensError(f"{self.name} returned the loss terms {', '.join(terms)} for one image and "
-                                    f"{', '.join(names)} for another; every image needs the same terms.")
+                                    f"{', '.join(names)} for another; every image needs the same terms{hint}.")
         return {name: torch.stack([terms[name] for terms in per_image]) for name in names}
 
     def _loss_terms(self, out) -> dict[str, Tensor]:

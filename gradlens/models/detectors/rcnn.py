@@ -98,7 +98,7 @@ class ExpectedLossRCNN(LossDictDetector):
             else:
                 split = _split(parts, len(target["boxes"]))
                 per_image.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
-        return self._stacked(per_image)
+        return self._stacked(per_image, hint=" (give masks for all images or for none)")
 
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Each image's expected loss split by owner, ``[1 + K]`` per term: entry 0 the background (negative
@@ -108,19 +108,6 @@ class ExpectedLossRCNN(LossDictDetector):
         view = mode_view(self.model, training=True, keep=self._keep)
         return [_split(self.expected_parts(view, image, target), len(target["boxes"]))
                 for image, target in zip(images, targets)]
-
-    def _stacked(self, per_image: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        if not per_image:
-            return {}
-        names = list(per_image[0])
-        if any(list(terms) != names for terms in per_image[1:]):
-            raise GradlensError("Every image needs the same loss terms: give masks for all images or for none.")
-        return {name: torch.stack([terms[name] for terms in per_image]) for name in names}
-
-    @staticmethod
-    def expected_terms(view: nn.Module, image: Tensor, target: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The expected loss terms of one image (see :meth:`expected_parts`)."""
-        return {name: values.sum() for name, (values, _) in ExpectedLossRCNN.expected_parts(view, image, target).items()}
 
     @staticmethod
     def expected_parts(view: nn.Module, image: Tensor, target: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:

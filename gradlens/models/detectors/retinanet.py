@@ -185,6 +185,12 @@ class RetinaNetDetector(RetinaNet):
 
     def _postprocess_one(self, cls_levels, reg_levels, anchor_levels, size, scale) -> dict[str, Tensor]:
         """mmdetection's ``_get_bboxes_single`` + ``_bbox_post_process`` for one image."""
+        boxes, scores, labels = self._level_candidates(cls_levels, reg_levels, anchor_levels, size)
+        return self._nms(boxes / scale, scores, labels)
+
+    def _level_candidates(self, cls_levels, reg_levels, anchor_levels, size) -> tuple[Tensor, Tensor, Tensor]:
+        """mmdetection's ``filter_scores_and_topk`` per level (above ``score_thr``, the ``nms_pre`` best) and the
+        decoded, clipped boxes in the resized image; all levels concatenated (2.x and 3.x alike)."""
         cfg = self.test_cfg
         boxes, scores, labels = [], [], []
         for logits, deltas, anchors in zip(cls_levels, reg_levels, anchor_levels):
@@ -198,10 +204,12 @@ class RetinaNetDetector(RetinaNet):
             boxes.append(mmdet_delta_decode(anchors[anchor_idx].float(), deltas[anchor_idx], max_shape=size))
             scores.append(values)
             labels.append(label)
-        boxes = torch.cat(boxes) / scale
-        scores, labels = torch.cat(scores), torch.cat(labels)
+        return torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+
+    def _nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """mmcv's class-wise ``batched_nms`` and the first ``max_per_img`` kept, as mmdetection ends a dense head."""
         if boxes.numel():
-            keep = mmcv_batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+            keep = mmcv_batched_nms(boxes, scores, labels, self.test_cfg.nms_iou)[: self.test_cfg.max_per_img]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return {"boxes": boxes, "scores": scores, "labels": labels}
 

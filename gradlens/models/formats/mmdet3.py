@@ -34,8 +34,6 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import CheckpointError
-from gradlens.models.detectors.anchors import mmdet_delta_decode
-from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.formats.config_text import ConfigDict, Opaque, read_config
 from gradlens.models.formats.mmdet import MAX_SIZE_DIVISOR, MAX_TEST_SIDE, shorten, whole_number
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
@@ -355,29 +353,14 @@ class MMDet3RetinaNet(RetinaNetDetector):
 
     def _postprocess_3x(self, cls_levels, reg_levels, anchor_levels, size, inverse) -> dict[str, Tensor]:
         cfg = self.test_cfg
-        boxes, scores, labels = [], [], []
-        for logits, deltas, anchors in zip(cls_levels, reg_levels, anchor_levels):
-            prob = logits.sigmoid()  # filter_scores_and_topk: above score_thr, the nms_pre best
-            keep = prob > cfg.score_thr
-            values = prob[keep]
-            where = keep.nonzero()
-            values, order = values.sort(descending=True)
-            values, where = values[: cfg.nms_pre], where[order[: cfg.nms_pre]]
-            anchor_idx, label = where[:, 0], where[:, 1]
-            boxes.append(mmdet_delta_decode(anchors[anchor_idx].float(), deltas[anchor_idx], max_shape=size))
-            scores.append(values)
-            labels.append(label)
-        boxes = torch.cat(boxes) * inverse  # (decoding all levels at once, as 3.x does, is the same elementwise)
-        scores, labels = torch.cat(scores), torch.cat(labels)
+        boxes, scores, labels = self._level_candidates(cls_levels, reg_levels, anchor_levels, size)
+        boxes = boxes * inverse  # (decoding all levels at once, as 3.x does, is the same elementwise)
         min_size = getattr(cfg, "min_bbox_size", -1)
         if min_size >= 0:
             valid = (boxes[:, 2] - boxes[:, 0] > min_size) & (boxes[:, 3] - boxes[:, 1] > min_size)
             if not bool(valid.all()):
                 boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-        if boxes.numel():
-            keep = mmcv_batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        return {"boxes": boxes, "scores": scores, "labels": labels}
+        return self._nms(boxes, scores, labels)
 
 
 def as_mmdet3(detector: RetinaNetDetector) -> MMDet3RetinaNet:
