@@ -784,6 +784,45 @@ class CEDNetBackbone(_CEDNetTrunk):
         return tuple(feats)
 
 
+class CEDNetTwoStageBackbone(CEDNetBackbone):
+    """CEDNet for the fork's two-stage detectors (its ``CEDNetWrapperTwoStage``; Mask R-CNN and Cascade Mask R-CNN
+    configs with ``neck=None``, ``num_add_blocks=1``): :class:`CEDNetBackbone`'s pyramid plus a stride-4 map.
+
+    P2 is ``merge_c2(upsample(P3) + reduce_c2(c2))``, ``c2`` being the p2 stage's blocks' output before its
+    stride-2 downsampling, ``upsample`` bilinear x2 (``align_corners=False``), ``reduce_c2`` a 1x1 conv +
+    channels-first LayerNorm and ``merge_c2`` a LayerNorm + 3x3 conv -- LayerNorms whatever the backbone's own
+    norm (the reference writes them out). ``forward`` returns P2..P(4 + num_add_blocks), strides 4, 8, ...
+    """
+
+    def __init__(self, out_chans: int = 256, num_add_blocks: int = 1, **kwargs) -> None:
+        super().__init__(out_chans, num_add_blocks, **kwargs)
+        p2_dim = int(self.stages[0][-1][0].in_channels)
+        self.upsample_p3 = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.reduce_c2 = nn.Sequential(nn.Conv2d(p2_dim, out_chans, 1, 1, 0), LayerNorm(out_chans, eps=1e-6, data_format="channels_first"))
+        self.merge_c2 = nn.Sequential(LayerNorm(out_chans, eps=1e-6, data_format="channels_first"), nn.Conv2d(out_chans, out_chans, 3, 1, 1))
+        self.strides = (4,) + self.strides
+        for module in (self.reduce_c2, self.merge_c2):  # as the wrapper's init_weights initialises them
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c2 = self.stages[0][:-1](self.stem(x))
+        x = self.stages[0][-1](c2)
+        h, w = x.shape[-2:]
+        if self._has_decoder and (h % 4 or w % 4):
+            raise ValueError(f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
+                             f"(multiples of 32 always do); the stride-8 map is {h}x{w}")
+        for stage in self.stages[1:]:
+            x = stage(x)
+        feats = [reduce(f) for reduce, f in zip(self.reduce_convs, x)]
+        for add_block in self.add_blocks:
+            feats.append(add_block(feats[-1]))
+        p2 = self.merge_c2(self.upsample_p3(feats[0]) + self.reduce_c2(c2))
+        return (p2, *feats)
+
+
 _COMMON = dict(encoder_type="Encoder", decoder_type="Decoder", p2_block=3)
 
 CEDNET_VARIANTS: dict[str, dict] = {

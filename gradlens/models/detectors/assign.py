@@ -44,6 +44,7 @@ class MaxIoUAssigner:
     pos_iou_thr: float = 0.5
     neg_iou_thr: float = 0.4
     min_pos_iou: float = 0.0
+    match_low_quality: bool = True  # Cascade R-CNN's RoI stages turn it off
 
     def assign(self, overlaps: Tensor) -> Tensor:
         """Per anchor: the matched object's index, ``-1`` for background, ``-2`` for ignored.
@@ -61,6 +62,8 @@ class MaxIoUAssigner:
         codes[(max_overlaps >= 0) & (max_overlaps < self.neg_iou_thr)] = 0
         positive = max_overlaps >= self.pos_iou_thr
         codes[positive] = argmax_overlaps[positive] + 1
+        if not self.match_low_quality:
+            return torch.where(codes > 0, codes - 1, torch.where(codes == 0, -1, -2))
         # low-quality step: for i in 0..G-1, every anchor whose IoU with object i equals object i's maximum goes to i
         reaches = overlaps == gt_max_overlaps[:, None]
         eligible = gt_max_overlaps >= self.min_pos_iou
