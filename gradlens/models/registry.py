@@ -263,3 +263,72 @@ def with_preprocess(detector: RetinaNetDetector, **changes) -> RetinaNetDetector
     """The same detector seeing images differently (e.g. a smaller test size for quick checks)."""
     detector.preprocess = replace(detector.preprocess, **changes)
     return detector
+
+
+# -- mmdetection 2.x two-stage detectors of the CEDNet fork (Mask R-CNN, Cascade Mask R-CNN) ---------------------
+
+_TWO_STAGE_BODIES = {  # backbone name -> (family, variant, label)
+    "cednet_next_tiny": ("cednet", "next_tiny", "CEDNet-NeXt-T (CEDNetWrapperTwoStage, no neck)"),
+    "cednet_next_small": ("cednet", "next_small", "CEDNet-NeXt-S (CEDNetWrapperTwoStage, no neck)"),
+    "cednet_next_base": ("cednet", "next_base", "CEDNet-NeXt-B (CEDNetWrapperTwoStage, no neck)"),
+    "ced_swin_tiny": ("cednet", "swin_tiny", "CED-Swin-T (CEDNetWrapperTwoStage, no neck)"),
+    "ced_cswin_tiny": ("cednet", "cswin_tiny", "CED-CSwin-T (CEDNetWrapperTwoStage, no neck)"),
+    "convnext_tiny": ("convnext", "convnext_tiny", "ConvNeXt-T + FPN"),
+    "convnext_small": ("convnext", "convnext_small", "ConvNeXt-S + FPN"),
+    "convnext_base": ("convnext", "convnext_base", "ConvNeXt-B + FPN"),
+    "swin_tiny": ("swin", "swin_tiny", "Swin-T + FPN"),
+    "swin_small": ("swin", "swin_small", "Swin-S + FPN"),
+    "cswin_tiny": ("cswin", "cswin_tiny", "CSWin-T (the fork's CSwinTransformer) + FPN"),
+}
+TWO_STAGE_ARCHITECTURES: dict[str, str] = {}  # name -> description
+for _body, (_family, _variant, _label) in _TWO_STAGE_BODIES.items():
+    TWO_STAGE_ARCHITECTURES[f"mask_rcnn_{_body}"] = f"Mask R-CNN, {_label} (loss: the expectation over its samplers)"
+    TWO_STAGE_ARCHITECTURES[f"cascade_mask_rcnn_{_body}"] = (
+        f"Cascade Mask R-CNN 4conv1f GIoU, {_label} (loss: the expectation over its samplers)")
+
+
+def _two_stage_body(body: str, options: dict) -> tuple[nn.Module, nn.Module | None]:
+    """The backbone (and FPN neck) a two-stage detector's pyramid P2..P6 comes from."""
+    from gradlens.models.detectors.mmdet_rcnn import MMDetFPN
+
+    family, variant, _ = _TWO_STAGE_BODIES[body]
+    opts = dict(options)
+    out_chans = int(opts.pop("out_chans", 256))
+    if family == "cednet":
+        from gradlens.models.backbones.cednet import CEDNET_VARIANTS, CEDNetTwoStageBackbone
+
+        return CEDNetTwoStageBackbone(out_chans, 1, **{**CEDNET_VARIANTS[variant], **opts, "drop_path_rate": 0.0}), None
+    opts["out_indices"] = tuple(opts.get("out_indices", (0, 1, 2, 3)))
+    if family == "convnext":
+        from gradlens.models.backbones.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
+
+        body_module = ConvNeXtBackbone(**{**CONVNEXT_VARIANTS[variant], **opts, "drop_path_rate": 0.0})
+    elif family == "swin":
+        from gradlens.models.backbones.swin import SWIN_VARIANTS, SwinBackbone
+
+        body_module = SwinBackbone(**{**SWIN_VARIANTS[variant], **opts, "drop_path_rate": 0.0})
+    else:
+        from gradlens.models.backbones.cswin import cswin_tiny_backbone
+
+        body_module = cswin_tiny_backbone(**{**opts, "drop_path_rate": 0.0})
+    channels = list(body_module.out_channels)
+    if len(channels) != 4:
+        raise TooFewBackboneMaps(f"The backbone returns {len(channels)} map(s), but the fork's two-stage FPN reads four "
+                                 "(C2..C5): build it with out_indices 0, 1, 2, 3.")
+    return body_module, MMDetFPN(channels, out_chans)
+
+
+def build_two_stage(name: str, num_classes: int, options: dict | None = None,
+                    preprocess: PreprocessConfig | None = None) -> nn.Module:
+    """A randomly initialised Mask R-CNN or Cascade Mask R-CNN of :data:`TWO_STAGE_ARCHITECTURES`, in eval mode."""
+    from gradlens.models.detectors.mmdet_rcnn import MMDetTwoStage
+
+    if name not in TWO_STAGE_ARCHITECTURES:
+        raise GradlensError(f"Unknown two-stage architecture {name!r}; known: {', '.join(TWO_STAGE_ARCHITECTURES)}.")
+    cascade = name.startswith("cascade_")
+    body = name.removeprefix("cascade_").removeprefix("mask_rcnn_")
+    backbone, neck = _two_stage_body(body, options or {})
+    detector = MMDetTwoStage(backbone, num_classes, neck=neck, cascade=cascade, preprocess=preprocess or PAPER_PREPROCESS,
+                             arch_name=name)
+    detector.arch_options = dict(options or {})
+    return detector.eval()

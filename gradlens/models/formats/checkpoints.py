@@ -26,7 +26,8 @@ from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models.formats import detectron2, mmdet, mmdet3
 from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE, rcnn_from_state_dict
-from gradlens.models.registry import ARCHITECTURES, TooFewBackboneMaps, architecture, build_detector
+from gradlens.models.registry import (ARCHITECTURES, TWO_STAGE_ARCHITECTURES, TooFewBackboneMaps, architecture,
+                                      build_detector, build_two_stage)
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.preprocessing.transform import PreprocessConfig
 
@@ -56,7 +57,7 @@ def save_detector(detector: RetinaNetDetector, path: str | os.PathLike, categori
         "num_classes": detector.num_classes,
         "categories": [{"id": None if c["id"] is None else int(c["id"]), "name": str(c["name"])} for c in cats],
         "preprocess": _plain(detector.preprocess.to_dict()),
-        "test_cfg": detector.test_cfg.to_dict(),
+        "test_cfg": (detector.test_cfg if hasattr(detector, "test_cfg") else detector.config).to_dict(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
     }
     path = Path(path)
@@ -216,7 +217,9 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         name, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
         preprocess = PreprocessConfig.from_dict(obj["preprocess"])
         three = preprocess.convention == mmdet3.CONVENTION  # an mmdetection 3.x checkpoint, converted
-        test_cfg = (mmdet3.MMDet3TestConfig if three else TestConfig)(**obj.get("test_cfg", {}))
+        # a two-stage architecture fixes its test and training settings (RCNNConfig) by its name
+        test_cfg = None if name in TWO_STAGE_ARCHITECTURES else \
+            (mmdet3.MMDet3TestConfig if three else TestConfig)(**obj.get("test_cfg", {}))
         cats = list(obj["categories"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is a gradlens checkpoint with a damaged header ({exc}).") from None
@@ -224,6 +227,11 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
     if problem := mmdet.check_preprocess(p.min_size, p.max_size, p.size_divisor, p.mean, p.std):
         raise CheckpointError(f"{path} is a gradlens checkpoint whose preprocessing setting {problem}.")
     check_tensors(state, path)
+    if name in TWO_STAGE_ARCHITECTURES:  # the architecture fixes its test and training settings
+        detector = build_two_stage(name, num_classes, obj.get("options") or {}, preprocess=preprocess)
+        load_strict(detector, state, path)
+        detector.categories = checked_categories(cats, num_classes, path)
+        return detector
     detector = build_detector(name, num_classes, obj.get("options") or {}, preprocess=preprocess, test_cfg=test_cfg)
     if three:
         detector = mmdet3.as_mmdet3(detector)
@@ -315,6 +323,12 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
     from dataclasses import replace
 
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    state = obj.get("state_dict", obj)
+    if isinstance(state, Mapping) and mmdet.is_two_stage(state):
+        if three:
+            raise CheckpointError(f"{path} is an mmdetection 3.x two-stage detector; gradlens runs the two-stage "
+                                  "detectors of mmdetection 2.x (the CEDNet fork's).")
+        return _from_mmdet_two_stage(check_tensors(state, path), meta, path, arch_hint)
     if three:  # the config text first: it is cheaper to read than the weights
         with _naming(path):
             settings = mmdet3.read_meta(meta)
@@ -345,6 +359,35 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
         detector = mmdet3.as_mmdet3(detector)
     mmdet.check_fpn_inputs(state, detector, path, name)
     load_strict(detector, mmdet.to_gradlens(state), path)
+    if num_classes == 80:
+        detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
+    else:
+        names = list(classes) if classes is not None and len(classes) == num_classes else None
+        detector.categories = [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
+    detector.config_backbone_type = mmdet.backbone_type_hint(config)
+    return detector
+
+
+def _from_mmdet_two_stage(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
+    """An mmdetection 2.x Mask R-CNN or Cascade Mask R-CNN of the CEDNet fork (:mod:`gradlens.models.detectors.mmdet_rcnn`):
+    recognised from its keys, test-time hints from its config text, every weight loaded under its own name."""
+    from dataclasses import replace
+
+    from gradlens.models.registry import PAPER_PREPROCESS
+
+    with _naming(path):
+        name, options, num_classes = mmdet.recognise_two_stage(state)
+    if arch_hint is not None and arch_hint != name:
+        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
+    config = meta.get("config") if isinstance(meta.get("config"), str) else None
+    with _naming(path):
+        hints = mmdet.preprocess_hints(config)
+    try:
+        detector = build_two_stage(name, num_classes, options, preprocess=replace(PAPER_PREPROCESS, **hints))
+    except TooFewBackboneMaps as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_strict(detector, state, path)
+    classes = meta.get("CLASSES")
     if num_classes == 80:
         detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
     else:

@@ -47,7 +47,44 @@ def is_mmdet_checkpoint(obj) -> bool:
     if not isinstance(obj, Mapping):
         return False
     state = obj.get("state_dict", obj)
-    return isinstance(state, Mapping) and any(isinstance(k, str) and k.startswith("bbox_head.") for k in state)
+    return isinstance(state, Mapping) and any(isinstance(k, str) and k.startswith(("bbox_head.", "rpn_head.")) for k in state)
+
+
+def is_two_stage(sd: Mapping[str, Tensor]) -> bool:
+    """An mmdetection two-stage detector (an RPN head), not a RetinaNet."""
+    return "rpn_head.rpn_cls.weight" in sd
+
+
+def recognise_two_stage(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]:
+    """Architecture name, options and number of classes of an mmdetection 2.x Mask R-CNN or Cascade Mask R-CNN
+    state dict (the CEDNet fork's configs), from its keys and shapes."""
+    from gradlens.models.registry import TWO_STAGE_ARCHITECTURES
+
+    cascade = "roi_head.bbox_head.0.fc_cls.weight" in sd
+    head = "roi_head.bbox_head.0" if cascade else "roi_head.bbox_head"
+    if f"{head}.fc_cls.weight" not in sd:
+        raise CheckpointError("The checkpoint has an RPN head but no RoI box head gradlens knows (roi_head.bbox_head "
+                              "with fc_cls and fc_reg).")
+    if f"roi_head.mask_head{'.0' if cascade else ''}.conv_logits.weight" not in sd:
+        raise CheckpointError("The checkpoint is a two-stage detector without a mask head (a Faster or Cascade R-CNN); "
+                              "gradlens runs the fork's Mask R-CNN and Cascade Mask R-CNN.")
+    if cascade and f"{head}.shared_convs.0.conv.weight" not in sd:
+        raise CheckpointError("The checkpoint's Cascade box heads have no shared convolutions; gradlens runs the fork's "
+                              "4conv1f Cascade Mask R-CNN heads.")
+    weight = sd[f"{head}.fc_cls.weight"]
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[0] < 2:
+        raise CheckpointError(f"The checkpoint's {head}.fc_cls.weight is not a (classes + 1, features) matrix.")
+    num_classes = int(weight.shape[0]) - 1
+    if "backbone.reduce_convs.0.0.weight" in sd and "backbone.reduce_c2.0.weight" not in sd:
+        raise CheckpointError("The checkpoint's CEDNet backbone has no P2 branch (backbone.reduce_c2): it is not the "
+                              "fork's CEDNetWrapperTwoStage.")
+    name, options = _read_layout(_recognise, sd)
+    body = name.removeprefix("retinanet_")
+    arch = f"{'cascade_' if cascade else ''}mask_rcnn_{body}"
+    if arch not in TWO_STAGE_ARCHITECTURES:
+        raise CheckpointError(f"The checkpoint is a two-stage detector on a {body} backbone, which gradlens does not run "
+                              f"in Mask R-CNN (known: {', '.join(n for n in TWO_STAGE_ARCHITECTURES if n.startswith('mask'))}).")
+    return arch, options, num_classes
 
 
 # ---------------------------------------------------------------------------------------------
