@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -192,15 +193,31 @@ def detection_records(image_id: int, out: dict, label_to_id: list) -> list[dict]
     boxes = out["boxes"].float().cpu().numpy()
     scores = out["scores"].float().cpu().numpy()
     labels = out["labels"].cpu().numpy()
+    masks = out.get("masks")
     records = []
-    for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+    for k, ((x1, y1, x2, y2), score, label) in enumerate(zip(boxes.tolist(), scores.tolist(), labels.tolist())):
         category = label_to_id[label]
         if category is None:
             # torchvision's placeholder labels ('N/A', background) are no COCO category. Boxes clipped to zero
             # area at the border are kept, as mmdetection and torchvision keep them: they match nothing
             continue
-        records.append({"image_id": image_id, "category_id": int(category), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+        record = {"image_id": image_id, "category_id": int(category), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+        if masks is not None:
+            record["segmentation"] = mask_rle(masks[k])
+        records.append(record)
     return records
+
+
+def mask_rle(mask: torch.Tensor) -> dict:
+    """One instance mask as COCO's compressed RLE (``{"size": [h, w], "counts": str}``), as mmdetection's
+    ``results2json`` writes it: boolean masks as they are, torchvision's ``[1, H, W]`` probabilities at 0.5."""
+    from pycocotools import mask as mask_utils
+
+    if mask.ndim == 3:
+        mask = mask[0]
+    binary = mask if mask.dtype == torch.bool else mask >= 0.5
+    rle = mask_utils.encode(np.asfortranarray(binary.cpu().numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -309,3 +309,52 @@ def test_two_stage_checkpoints_without_a_mask_head_are_refused(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "faster.pth")
     with pytest.raises(CheckpointError, match="without a mask head"):
         load_detector(tmp_path / "faster.pth")
+
+
+def test_select_gradients_area_curve_with_a_mask_rcnn(tmp_path):
+    """The whole Python pipeline with a (tiny) fork-style Mask R-CNN as A: its maps are the expected loss's
+    input gradients (masks from the annotations), and its results file keeps each detection's mask as COCO RLE."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    import gradlens
+    from gradlens.attribution.targets import image_targets
+    from gradlens.data.images import read_image, to_tensor
+    from gradlens.data.synthetic import CATEGORIES as SYNTHETIC
+
+    coco = gradlens.make_synthetic_coco(tmp_path / "coco", num_images=5, seed=4, min_side=64, max_side=96, progress=False)
+    torch.manual_seed(3)
+    body = ConvNeXtBackbone(depths=[1, 1, 1, 1], dims=[8, 16, 16, 16], out_indices=(0, 1, 2, 3), drop_path_rate=0.0)
+    det = MMDetTwoStage(body, len(SYNTHETIC), neck=MMDetFPN([8, 16, 16, 16], 16), channels=16, fc_channels=32,
+                        preprocess=PreprocessConfig(min_size=64, max_size=96, size_divisor=32, convention="mmcv"),
+                        config=dataclasses.replace(RCNNConfig(), score_thr=0.01), arch_name="tiny-mask-rcnn").eval()
+    det.categories = [dict(c) for c in SYNTHETIC]
+    assert det.needs_masks
+    run = gradlens.DetectorRun(device="cpu", cache_dir=tmp_path / "cache", batch_size=2, workers=0, detectors={"a": det})
+    workdir = tmp_path / "run"
+    result = gradlens.run_selection(det, [gradlens.bundled_detector_path("convnext")], coco=coco, workdir=workdir,
+                                    top=3, detector_run=run)
+    assert len(result.selection) == 3
+    curve = gradlens.run_area_curve(workdir, thresholds=20, bootstrap=0, detector_run=run, progress=False)
+    assert curve.models[0].detector is det and curve.models[0].run.computed == 3
+    gt = gradlens.load_ground_truth(coco)
+    image_id = int(result.selection["image_id"].iloc[0])
+    target = image_targets(gt, image_id, det.categories, masks=True).as_dict()
+    x = to_tensor(read_image(gt.image_path(image_id))).requires_grad_(True)
+    terms = det.image_losses([x], [target])
+    assert float(terms["loss_mask"][0].detach()) > 0
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in terms.values()), x)
+    magnitude = grad.abs().amax(0)
+    stored = torch.as_tensor(curve.models[0].store.read(image_id), dtype=torch.float32)
+    assert stored.shape == magnitude.shape
+    assert torch.allclose(stored, magnitude, rtol=2e-3, atol=2e-3 * float(magnitude.max()))
+    # the results file: each record's segmentation decodes to the mask detect() gives
+    files = [p for p in (tmp_path / "cache").rglob("*.json") if not p.name.endswith(".meta.json")]
+    records = [r for p in files for r in json.loads(p.read_text()) if isinstance(r, dict) and "segmentation" in r]
+    assert records
+    mine = det.detect([to_tensor(read_image(gt.image_path(records[0]["image_id"])))])[0]
+    decoded = [r for r in records if r["image_id"] == records[0]["image_id"]]
+    assert len(decoded) == len(mine["masks"])
+    for r, m in zip(decoded, mine["masks"]):
+        assert torch.equal(torch.from_numpy(mask_utils.decode(r["segmentation"])).bool(), m)
