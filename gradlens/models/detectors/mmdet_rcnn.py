@@ -3,7 +3,8 @@
 The network is the fork's (``configs/cednet/{convnext,swin,cswin}/mask_rcnn_*`` and ``cascade_mask_rcnn_*``):
 a backbone giving P2..P6 (CEDNet's ``CEDNetWrapperTwoStage``, or a plain backbone under mmdetection's FPN with
 a max-pooled P6), ``RPNHead``, ``SingleRoIExtractor`` (mmdetection's level mapping, ``finest_scale=56``, over
-``torchvision.ops.roi_align`` with ``aligned=True, sampling_ratio=0``: mmcv's ``RoIAlign``), a box head per
+``torchvision.ops.roi_align`` with ``aligned=True, sampling_ratio=0``: bit-equal to mmcv's ``RoIAlign`` forward and
+backward, with a faster backward of its own, :mod:`gradlens.models.detectors.roi_align`), a box head per
 stage (``Shared2FCBBoxHead``; Cascade's ``ConvFCBBoxHead``, 4 convs + 1 fc with batch norm in inference mode)
 and ``FCNMaskHead``. Test arithmetic is mmdetection's: RPN proposals per level (``nms_pre``), decoded and
 clipped, level-wise NMS; box decoding, rescaling to the original image and ``multiclass_nms`` (score 0.05,
@@ -46,6 +47,7 @@ from gradlens.errors import GradlensError
 from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
 from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.detectors.nms import mmcv_batched_nms
+from gradlens.models.detectors.roi_align import roi_align as fast_roi_align
 from gradlens.models.detectors.sampling import inclusion_probabilities
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
 
@@ -276,8 +278,7 @@ def extract_roi_features(feats: list[Tensor], rois: Tensor, size: int, strides=(
     for i, stride in enumerate(strides):
         inds = (levels == i).nonzero().squeeze(1)
         if inds.numel():
-            pooled = roi_align(feats[i], boxes[inds].to(feats[i].dtype), size, spatial_scale=1.0 / stride,
-                               sampling_ratio=0, aligned=True)
+            pooled = fast_roi_align(feats[i], boxes[inds].to(feats[i].dtype), size, 1.0 / stride)
             out = out.index_put((inds,), pooled)
     return out
 
