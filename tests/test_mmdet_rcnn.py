@@ -95,7 +95,10 @@ def sampled_loss(det: MMDetTwoStage, image: torch.Tensor, target: dict, generato
     box_weights = torch.zeros_like(deltas)
     box_targets[pos] = delta_encode(anchors[pos], gt[matched[pos]]).to(deltas.dtype)
     box_weights[pos] = 1
-    losses["loss_rpn_bbox"] = ((deltas - box_targets).abs() * box_weights).sum() / (avg + EPS)
+    diff = (deltas - box_targets).abs()
+    beta = cfg.rpn_smooth_l1_beta  # mmdetection's smooth_l1_loss (Cascade's RPN), else l1_loss
+    per_coordinate = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta) if beta > 0 else diff
+    losses["loss_rpn_bbox"] = (per_coordinate * box_weights).sum() / (avg + EPS)
     # RoI stages: StandardRoIHead / CascadeRoIHead.forward_train
     proposals = det.proposals(logits, deltas, levels, size, cfg.rpn_train)
     masks = det._resized_masks(target, size, tuple(batch.shape[-2:]))

@@ -18,7 +18,8 @@ every normaliser is fixed and each term is a sum over *every* candidate weighted
 
 - ``loss_rpn_cls``: sigmoid cross-entropy of the positive and negative anchors, weighted, over
   ``max(positives drawn, 1) + max(negatives drawn, 1)`` (mmdetection's ``num_total_samples``);
-- ``loss_rpn_bbox``: L1 of the positive anchors' deltas (means 0, stds 1), weighted, same normaliser;
+- ``loss_rpn_bbox``: L1 of the positive anchors' deltas (means 0, stds 1; Cascade: smooth L1, beta 1/9),
+  weighted, same normaliser;
 - ``loss_cls``: softmax cross-entropy over the ground-truth boxes and the training proposals (``rpn_proposal``:
   2,000 per level before NMS 0.7, 1,000 after), weighted, over ``max(drawn, 1)``;
 - ``loss_bbox``: L1 of the ground-truth class's deltas (stds 0.1/0.1/0.2/0.2) of the positive RoIs, weighted,
@@ -85,12 +86,20 @@ class RCNNConfig:
     mask_size: int = 28
     stage_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25)
     rcnn_low_quality: bool = True  # the RoI assigners' match_low_quality (Cascade: False)
+    rpn_smooth_l1_beta: float = 0.0  # the RPN's box loss: L1 (0), or SmoothL1Loss with this beta (Cascade: 1/9)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-CASCADE_CONFIG = RCNNConfig(rpn_train=ProposalConfig(nms_pre=2000, max_per_img=2000), rcnn_low_quality=False)
+CASCADE_CONFIG = RCNNConfig(rpn_train=ProposalConfig(nms_pre=2000, max_per_img=2000), rcnn_low_quality=False,
+                            rpn_smooth_l1_beta=1.0 / 9.0)
+
+
+def rpn_box_loss(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    """The RPN's per-coordinate box loss: mmdetection's ``l1_loss`` (``beta`` 0) or ``smooth_l1_loss``."""
+    diff = (pred - target).abs()
+    return diff if beta <= 0 else torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,7 +577,8 @@ class MMDetTwoStage(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits[drawn], (labels[drawn] == 1).to(logits.dtype), reduction="none")
         parts = {"loss_rpn_cls": (p[drawn] * bce / avg, owner[drawn])}
         fg = (matched >= 0).nonzero().squeeze(1)
-        l1 = (deltas[fg] - delta_encode(anchors[fg], gt[matched[fg]]).to(deltas.dtype)).abs().sum(1) if k else deltas[:0, 0]
+        l1 = rpn_box_loss(deltas[fg], delta_encode(anchors[fg], gt[matched[fg]]).to(deltas.dtype),
+                          cfg.rpn_smooth_l1_beta).sum(1) if k else deltas[:0, 0]
         parts["loss_rpn_bbox"] = (p[fg] * l1 / avg, owner[fg])
 
         # -- RoI stages: the ground truth and every proposal the sampler could draw ---------------
