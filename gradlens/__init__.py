@@ -31,10 +31,11 @@ from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.detectors.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
+from gradlens.models.detectors.mmdet_rcnn import MMDetTwoStage
 from gradlens.models.detectors.rcnn import ExpectedLossRCNN
 from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.interface import Detector, total_loss
-from gradlens.models.registry import ARCHITECTURES, build_detector
+from gradlens.models.registry import ARCHITECTURES, TWO_STAGE_ARCHITECTURES, build_detector, build_two_stage
 from gradlens.models.detectors.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
 from gradlens.regions.concentration import effective_area, gini, mass_area, mass_area_auc
@@ -68,6 +69,8 @@ __all__ = [
     "Detector",
     "LossDictDetector",
     "ExpectedLossRCNN",
+    "MMDetTwoStage",
+    "TWO_STAGE_ARCHITECTURES",
     "NoObjectSplitError",
     "torchvision_coco_categories",
     "total_loss",
@@ -104,6 +107,7 @@ __all__ = [
     "InferenceSettings",
     "RetinaNetDetector",
     "build_detector",
+    "build_two_stage",
     "bundled_detector_path",
     "cached_detections",
     "coco_map",

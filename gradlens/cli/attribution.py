@@ -105,12 +105,15 @@ def gradients(
 ) -> None:
     """Input-gradient maps of the total detection loss, one compressed file per image (resumable).
 
-    The gradient of each image's focal + box loss against its non-crowd ground
-    truth, w.r.t. the RGB image in [0, 1] at original size, through the
+    The gradient of each image's total detection loss against its non-crowd
+    ground truth (RetinaNet: focal + box loss; Mask R-CNN and Cascade Mask
+    R-CNN: the expectation of their training loss over the samplers, masks
+    included), w.r.t. the RGB image in [0, 1] at original size, through the
     detector's own resize/normalise/pad, reduced over channels. A rerun
     computes only the images whose maps are missing. With --target object,
     one map per ground-truth object instead: the gradient of that object's
-    part of the loss (its anchors' focal and box terms), named by annotation id.
+    part of the loss (the terms of the anchors and RoIs matched to it), named
+    by annotation id.
     """
     precision = resolve_precision(precision, device)
     from gradlens.attribution.compute import compute_maps, map_store_key
