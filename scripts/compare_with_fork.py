@@ -44,7 +44,9 @@ Setup (Python 3.11; the fork mirror is a bare git repository of github:zhanggang
     python3.11 -m venv /tmp/forkcmp/venv && V=/tmp/forkcmp/venv/bin
     $V/pip install torch==2.14.1 torchvision==0.29.1 wheel
     $V/pip install "setuptools<70" "opencv-python-headless<5" yapf==0.40.1 "numpy<2"
-    MMCV_WITH_OPS=0 $V/pip install --no-build-isolation "mmcv-full==1.7.2"
+    $V/pip download --no-deps --no-binary :all: --no-build-isolation -d /tmp/forkcmp/dl "mmcv-full==1.7.2"
+    MMCV_WITH_OPS=0 $V/pip install --no-build-isolation /tmp/forkcmp/dl/mmcv-full-1.7.2.tar.gz  # (by file: pip
+    # 23 refuses the index's sdist, which names itself "mmcv" without ops)
     git -C <CEDNet mirror> archive HEAD -- ced-mmdet | tar -x -C /tmp/forkcmp     # (its two demo notebooks may be absent)
     $V/pip install timm einops scikit-image matplotlib pycocotools scipy six terminaltables
     $V/pip install --no-build-isolation --use-pep517 --no-deps -e /tmp/forkcmp/ced-mmdet

@@ -122,7 +122,8 @@ def load_detector(path: str | os.PathLike, arch: str | None = None, trust: bool 
     """A ready detector (eval mode, on ``device``) from any supported checkpoint file.
 
     - gradlens' format (written by :func:`save_detector`): everything is in the file;
-    - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys;
+    - an mmdetection 2.x RetinaNet checkpoint: the architecture is recognised from its keys; likewise the CEDNet
+      fork's Mask R-CNN and Cascade Mask R-CNN (:mod:`gradlens.models.detectors.mmdet_rcnn`);
     - an mmdetection 3.x one (mmengine's ``meta``: ``cfg``, ``dataset_meta``): the same keys, run with 3.x's
       test arithmetic (:mod:`gradlens.models.formats.mmdet3`);
     - a detectron2 RetinaNet (a model-zoo ``.pkl`` or a ``DetectionCheckpointer`` ``.pth``): recognised from its
