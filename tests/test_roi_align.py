@@ -74,3 +74,22 @@ def test_no_gradient_needed_runs_torchvisions_kernel_and_empty_rois_work():
     assert out.shape == (0, 3, 7, 7)
     (grad,) = torch.autograd.grad(out.sum() + x.sum() * 0, x)
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (0, False), (2, True)])
+def test_sparse_backward_for_torchvisions_other_settings(sampling_ratio, aligned):
+    """torchvision's Faster/Mask R-CNN pool with sampling_ratio=2, aligned=False: the same backward, in float64."""
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3, 20, 30, dtype=torch.float64, generator=g)
+    xy = torch.rand(40, 2, generator=g, dtype=torch.float64) * torch.tensor([130.0, 90.0], dtype=torch.float64) - 10
+    wh = torch.rand(40, 2, generator=g, dtype=torch.float64) * 50
+    rois = torch.cat([(torch.arange(40) % 2).double()[:, None], xy, xy + wh], 1)
+    x = feat.clone().requires_grad_(True)
+    ref_out = tv_roi_align(x, rois, (7, 7), 0.25, sampling_ratio, aligned)
+    grad_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
+    (ref,) = torch.autograd.grad(ref_out, x, grad_out)
+    out = roi_align(x, rois, (7, 7), 0.25, sampling_ratio, aligned)
+    assert torch.equal(out, ref_out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert bool((ref != 0).any())
+    assert torch.allclose(grad, ref, rtol=0, atol=1e-12)

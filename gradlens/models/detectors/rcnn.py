@@ -19,7 +19,8 @@ the candidates (:mod:`gradlens.models.detectors.sampling`), every term is exact:
   proposals' masks, weighted, over (positives drawn) x M x M - torchvision's mean over the sampled positives.
 
 The sum over all candidates costs the RoI head ~4x the proposals of one draw (2,000 + objects, against 512);
-the backbone and RPN, most of the work, are the same.
+the backbone and RPN, most of the work, are the same; RoIAlign's backward, torchvision's slowest step on so many
+boxes, is one sparse product (:mod:`gradlens.models.detectors.roi_align`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.models.detectors.adapter import LossDictDetector, mode_view
+from gradlens.models.detectors.roi_align import multiscale_roi_align
 from gradlens.models.detectors.sampling import inclusion_probabilities
 from gradlens.models.preprocessing.transform import PreprocessConfig
 
@@ -166,7 +168,7 @@ class ExpectedLossRCNN(LossDictDetector):
         roi_owner = torch.where(roi_labels > 0, matched_idxs + 1, torch.zeros_like(matched_idxs))
         box_gt = gt_boxes if gt_boxes.numel() else torch.zeros((1, 4), dtype=gt_boxes.dtype, device=gt_boxes.device)
         roi_regression = heads.box_coder.encode([box_gt[matched_idxs]], [candidates])[0]
-        pooled = heads.box_head(heads.box_roi_pool(features, [candidates], batch.image_sizes))
+        pooled = heads.box_head(multiscale_roi_align(heads.box_roi_pool, features, candidates, batch.image_sizes))
         class_logits, box_regression = heads.box_predictor(pooled)
         q = q.to(class_logits.dtype)
         ce = F.cross_entropy(class_logits, roi_labels, reduction="none")
@@ -190,7 +192,8 @@ class ExpectedLossRCNN(LossDictDetector):
         each positive's weighted share."""
         from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
-        mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, [positives], image_sizes)))
+        mask_logits = heads.mask_predictor(heads.mask_head(multiscale_roi_align(heads.mask_roi_pool, features, positives,
+                                                                                image_sizes)))
         if drawn_positives == 0 or positives.numel() == 0:
             return (mask_logits.sum() * 0).reshape(1)[:0]  # as torchvision: no positive, no mask loss
         size = mask_logits.shape[-1]

@@ -18,22 +18,26 @@ from torch import Tensor
 from torchvision.ops import roi_align as _tv_roi_align
 
 
-def roi_align(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
-    """``torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio=0, aligned=True)``
-    (``rois``: ``(R, 5)`` batch index and box) with a fast backward to ``features`` (no gradient to the boxes, as
-    neither kernel gives one)."""
-    if not features.requires_grad or features.device.type != "cpu":
-        return _tv_roi_align(features, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=True)
-    return _RoIAlign.apply(features, rois.detach(), int(output_size), float(spatial_scale))
+def roi_align(features: Tensor, rois: Tensor, output_size, spatial_scale: float, sampling_ratio: int = 0,
+              aligned: bool = True) -> Tensor:
+    """``torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)``
+    (``rois``: ``(R, 5)`` batch index and box; a square output) with a fast backward to ``features`` (no gradient
+    to the boxes, as neither kernel gives one)."""
+    sides = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if not features.requires_grad or features.device.type != "cpu" or sides[0] != sides[1]:
+        return _tv_roi_align(features, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                             aligned=aligned)
+    return _RoIAlign.apply(features, rois.detach(), int(sides[0]), float(spatial_scale), int(sampling_ratio), bool(aligned))
 
 
 class _RoIAlign(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, rois, output_size, spatial_scale):
+    def forward(ctx, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
         ctx.save_for_backward(rois)
         ctx.shape = features.shape
-        ctx.output_size, ctx.spatial_scale = output_size, spatial_scale
-        return _tv_roi_align(features, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=0, aligned=True)
+        ctx.settings = (output_size, spatial_scale, sampling_ratio, aligned)
+        return _tv_roi_align(features, rois, output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                             aligned=aligned)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -41,30 +45,38 @@ class _RoIAlign(torch.autograd.Function):
         n, c, h, w = ctx.shape
         grad = grad_out.new_zeros((n, c, h, w))
         if rois.shape[0] == 0:
-            return grad, None, None, None
-        size = ctx.output_size
+            return grad, None, None, None, None, None
+        size, scale, sampling_ratio, aligned = ctx.settings
         for b in range(n):
             mine = (rois[:, 0] == b).nonzero().squeeze(1)
             if mine.numel() == 0:
                 continue
-            matrix = bilinear_matrix(rois[mine, 1:], size, ctx.spatial_scale, h, w, grad_out.dtype)
+            matrix = bilinear_matrix(rois[mine, 1:], size, scale, h, w, grad_out.dtype, sampling_ratio, aligned)
             flat = grad_out[mine].permute(0, 2, 3, 1).reshape(-1, c)  # (RoIs * bins, C)
             grad[b] = torch.sparse.mm(matrix, flat).t().reshape(c, h, w)
-        return grad, None, None, None
+        return grad, None, None, None, None, None
 
 
-def bilinear_matrix(boxes: Tensor, size: int, spatial_scale: float, height: int, width: int, dtype) -> Tensor:
+def bilinear_matrix(boxes: Tensor, size: int, spatial_scale: float, height: int, width: int, dtype,
+                    sampling_ratio: int = 0, aligned: bool = True) -> Tensor:
     """The sparse ``(height * width, len(boxes) * size * size)`` matrix taking RoIAlign's bins back to the map:
     each sample point's four bilinear weights over its bin's sample count (torchvision's ``roi_align`` CPU
-    kernel, ``aligned=True``, adaptive sampling)."""
+    kernel: ``aligned`` shifts boxes by half a pixel, else they are at least one pixel wide; ``sampling_ratio``
+    points per bin side, or ``ceil(box side / size)`` when 0)."""
     device = boxes.device
     t = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    start = (boxes.double() * spatial_scale - 0.5).to(t)  # T roi_start = roi * (double) scale - offset
+    start = (boxes.double() * spatial_scale - (0.5 if aligned else 0.0)).to(t)  # T roi_start = roi * scale - offset
     x0, y0, x1, y1 = start.unbind(1)
     roi_w, roi_h = x1 - x0, y1 - y0
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
     bin_w, bin_h = roi_w / size, roi_h / size
-    grid_w = torch.ceil(roi_w / size).to(torch.int64).clamp(min=0)
-    grid_h = torch.ceil(roi_h / size).to(torch.int64).clamp(min=0)
+    if sampling_ratio > 0:
+        grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.int64)
+        grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.int64)
+    else:
+        grid_w = torch.ceil(roi_w / size).to(torch.int64).clamp(min=0)
+        grid_h = torch.ceil(roi_h / size).to(torch.int64).clamp(min=0)
     per_roi = size * size * grid_h * grid_w
     total = int(per_roi.sum())
     if total == 0:
@@ -102,3 +114,21 @@ def bilinear_matrix(boxes: Tensor, size: int, spatial_scale: float, height: int,
     matrix = torch.sparse_coo_tensor(indices, weights[keep].to(dtype), (height * width, boxes.shape[0] * size * size),
                                      check_invariants=False)  # in range by construction
     return matrix.coalesce()
+
+
+def multiscale_roi_align(pooler, features: dict, boxes: Tensor, image_sizes) -> Tensor:
+    """torchvision's ``MultiScaleRoIAlign`` (``pooler(features, [boxes], image_sizes)``) for one image's boxes,
+    the same levels and values, with :func:`roi_align`'s backward."""
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler(features, [boxes[:0]], image_sizes)  # lets the pooler infer its scales and level mapper
+    maps = [features[name] for name in pooler.featmap_names]
+    rois = torch.cat([boxes.new_zeros(boxes.shape[0], 1), boxes], 1)
+    size, ratio = pooler.output_size, pooler.sampling_ratio
+    if len(maps) == 1:
+        return roi_align(maps[0], rois, size, pooler.scales[0], ratio, aligned=False)
+    levels = pooler.map_levels([boxes])
+    out = maps[0].new_zeros((boxes.shape[0], maps[0].shape[1], *size))
+    for level, (level_map, scale) in enumerate(zip(maps, pooler.scales)):
+        idx = torch.where(levels == level)[0]
+        out[idx] = roi_align(level_map, rois[idx], size, scale, ratio, aligned=False).to(out.dtype)
+    return out
