@@ -36,7 +36,7 @@ Gradients flow where mmdetection lets them: proposals and refined boxes are deta
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
