@@ -33,10 +33,9 @@ For each of the fork's RetinaNet configs named with ``--config`` (paths under ``
      (relative L2), so a disagreement can be located.
 
 The fork's RetinaNet needs only mmcv's NMS kernel at test time; mmcv is installed without compiled ops, so this
-script compiles mmcv's own C++ NMS (``mmcv/ops/csrc/pytorch/nms.cpp`` and ``cpu/nms.cpp`` with
-``pytorch_cpp_helper.hpp`` and ``pytorch_device_registry.hpp``, from ``--mmcv-src``, an mmcv v1.7.2 source
-tree) with ``torch.utils.cpp_extension.load`` and registers it as ``mmcv._ext`` (every other op name resolves
-to a stub that raises), so the reference NMS is upstream's arithmetic.
+script compiles mmcv's own C++ kernels from ``--mmcv-src`` (an mmcv v1.7.2 source tree) and registers them as
+``mmcv._ext`` with ``scripts/mmcv_ext.py`` (every other op name resolves to a stub that raises), so the
+reference NMS is upstream's arithmetic.
 
 Never part of gradlens or its tests: it runs in a separate virtual environment that holds the fork.
 Setup (Python 3.11; the fork mirror is a bare git repository of github:zhanggang001/CEDNet)::
@@ -76,7 +75,6 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -100,59 +98,6 @@ DEFAULT_CONFIGS = [
     "cswin/retinanet_cswin_tiny_patch4_window7_copy_paste_lsj_adamw_3x_coco.py",
     "convnext/retinanet_convnext_tiny_patch4_window7_copy_paste_lsj_adamw_3x_coco_in1k.py",
 ]
-
-# mmcv 1.7.2's pybind.cpp, the NMS part: declarations and the m.def lines with their argument names
-PYBIND_NMS = r"""
-#include <torch/extension.h>
-#include "pytorch_cpp_helper.hpp"
-
-Tensor nms(Tensor boxes, Tensor scores, float iou_threshold, int offset);
-Tensor softnms(Tensor boxes, Tensor scores, Tensor dets, float iou_threshold,
-               float sigma, float min_score, int method, int offset);
-std::vector<std::vector<int>> nms_match(Tensor dets, float iou_threshold);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nms", &nms, "nms (CPU/CUDA) ", py::arg("boxes"), py::arg("scores"),
-        py::arg("iou_threshold"), py::arg("offset"));
-  m.def("softnms", &softnms, "softnms (CPU) ", py::arg("boxes"),
-        py::arg("scores"), py::arg("dets"), py::arg("iou_threshold"),
-        py::arg("sigma"), py::arg("min_score"), py::arg("method"),
-        py::arg("offset"));
-  m.def("nms_match", &nms_match, "nms_match (CPU) ", py::arg("dets"),
-        py::arg("iou_threshold"));
-}
-"""
-
-
-def install_mmcv_nms(mmcv_src: Path, build_dir: Path) -> None:
-    """Compile mmcv's own CPU NMS and register it as ``mmcv._ext`` (other op names: stubs that raise)."""
-    from torch.utils.cpp_extension import load
-
-    csrc = mmcv_src / "mmcv" / "ops" / "csrc"
-    for needed in ("pytorch/nms.cpp", "pytorch/cpu/nms.cpp", "common/pytorch_cpp_helper.hpp",
-                   "common/pytorch_device_registry.hpp"):
-        if not (csrc / needed).is_file():
-            sys.exit(f"--mmcv-src {mmcv_src} has no mmcv/ops/csrc/{needed}: give an mmcv v1.7.2 source tree.")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = {"nms_pybind.cpp": PYBIND_NMS,  # the two nms.cpp are copied verbatim under names that do not collide
-               "nms.cpp": (csrc / "pytorch/nms.cpp").read_text(), "nms_cpu.cpp": (csrc / "pytorch/cpu/nms.cpp").read_text()}
-    for file, text in sources.items():
-        if not (build_dir / file).exists() or (build_dir / file).read_text() != text:
-            (build_dir / file).write_text(text)
-    ext = load(name="mmcv_nms_ext", sources=[str(build_dir / f) for f in sources],
-               extra_include_paths=[str(csrc / "common")], extra_cflags=["-O2", "-DMMCV_WITH_CPU"],
-               build_directory=str(build_dir), verbose=False)
-    shim = types.ModuleType("mmcv._ext")
-    shim.nms, shim.softnms, shim.nms_match = ext.nms, ext.softnms, ext.nms_match
-
-    def missing(name):
-        def stub(*args, **kwargs):
-            raise NotImplementedError(f"mmcv op {name} was not compiled (only NMS is, for this comparison)")
-        return stub
-
-    shim.__getattr__ = lambda name: missing(name) if not name.startswith("__") else (_ for _ in ()).throw(AttributeError(name))
-    sys.modules["mmcv._ext"] = shim
-
 
 # ---------------------------------------------------------------------------------------------------------
 # images and ground truth
@@ -602,7 +547,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    install_mmcv_nms(args.mmcv_src, args.work / "build-nms")
+    from mmcv_ext import register_mmcv_ext
+
+    register_mmcv_ext(args.mmcv_src, args.work / "build-ext")
     import mmcv
     import mmdet
 

@@ -4,7 +4,7 @@ mmdetection 2.x/3.x end every dense head with mmcv's ``batched_nms`` (``mmcv/ops
 NMS (``csrc/pytorch/cpu/nms.cpp``). gradlens' :mod:`gradlens.models.detectors.nms` must keep the same boxes in
 the same order, ties included (a detector whose scores saturate at 1.0 otherwise keeps other boxes). This
 script runs the upstream code itself: mmcv 1.7.2's Python ``batched_nms`` (installed without compiled ops) with
-its C++ NMS compiled from the mmcv source tree as ``scripts/compare_with_fork.py`` does, and records
+its C++ NMS compiled from the mmcv source tree by ``scripts/mmcv_ext.py``, and records
 
 * ``cases[name] = {"boxes", "scores", "labels", "iou", "keep"}``: float32 inputs (what the heads give NMS) and
   mmcv's kept indices (int64), for: scores saturated at 1.0 and quantised to two decimals (ties everywhere,
@@ -57,9 +57,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from compare_with_fork import install_mmcv_nms
+    from mmcv_ext import register_mmcv_ext
 
-    install_mmcv_nms(args.mmcv_src, args.build)
+    register_mmcv_ext(args.mmcv_src, args.build)
     from mmcv.ops import batched_nms
 
     generator = torch.Generator().manual_seed(0)

@@ -25,6 +25,7 @@ from gradlens.models.detectors.mmdet_rcnn import (
     CASCADE_CONFIG, EPS, STAGE_IOUS, STAGE_STDS, MMDetFPN, MMDetTwoStage, ProposalConfig, RCNNConfig, delta_decode,
     delta_encode, giou_loss, nearest_rescale)
 from gradlens.models.preprocessing.transform import PreprocessConfig
+from tests.monte_carlo import assert_expectation_is_the_monte_carlo_mean
 
 PREPROCESS = PreprocessConfig(min_size=96, max_size=128, size_divisor=32, convention="mmcv")
 
@@ -170,22 +171,9 @@ def expected(det, image, target, directions):
 def test_expected_loss_and_gradient_match_the_monte_carlo_mean_of_mmdetection_draws():
     det = tiny()
     image, target = scene()
-    directions = [torch.randn(image.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    terms, projected, grad = expected(det, image, target, directions)
-    directions.append(grad / grad.norm())
-    projected = torch.cat([projected, (grad * directions[-1]).sum().reshape(1)])
-    draws = 300
-    samples = [official(det, image, target, seed, directions) for seed in range(draws)]
-    assert set(samples[0][0]) == set(terms)
-    for name in terms:
-        values = torch.tensor([s[0][name] for s in samples], dtype=torch.float64)
-        se = float(values.std() / draws ** 0.5)
-        assert se > 0, name  # the draw moves every term here: the test has something to average
-        assert abs(float(values.mean()) - terms[name]) <= 3 * se, (name, float(values.mean()), terms[name], se)
-    g = torch.stack([s[1] for s in samples])
-    se = g.std(0) / draws ** 0.5
-    assert bool((se > 0).all())
-    assert bool(((g.mean(0) - projected).abs() <= 3 * se).all()), ((g.mean(0) - projected) / se)
+    assert_expectation_is_the_monte_carlo_mean(lambda directions: expected(det, image, target, directions),
+                                               lambda seed, directions: official(det, image, target, seed, directions),
+                                               image.shape, draws=300)
 
 
 @pytest.mark.parametrize("cascade", [False, True])

@@ -24,6 +24,7 @@ from gradlens.errors import GradlensError
 from gradlens.models.detectors.adapter import LossDictDetector, mode_view
 from gradlens.models.detectors.rcnn import ExpectedLossRCNN
 from gradlens.models.detectors.sampling import balanced_draw
+from tests.monte_carlo import assert_expectation_is_the_monte_carlo_mean
 
 CATEGORIES = [None, {"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
 
@@ -92,22 +93,9 @@ def test_expected_loss_and_gradient_match_the_monte_carlo_mean(kind):
     image, target = scene()
     if kind == "faster":
         target = {k: v for k, v in target.items() if k != "masks"}
-    directions = [torch.randn(image.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    terms, projected, grad = expected(model, image, target, directions)
-    directions.append(grad / grad.norm())
-    projected = torch.cat([projected, (grad * directions[-1]).sum().reshape(1)])
-    draws = 400
-    samples = [official(model, image, target, seed, directions) for seed in range(draws)]
-    assert set(samples[0][0]) == set(terms)
-    for name in terms:
-        values = torch.tensor([s[0][name] for s in samples], dtype=torch.float64)
-        se = float(values.std() / draws ** 0.5)
-        assert se > 0, name  # the draw moves every term here: the test has something to average
-        assert abs(float(values.mean()) - terms[name]) <= 3 * se, (name, float(values.mean()), terms[name], se)
-    g = torch.stack([s[1] for s in samples])
-    se = g.std(0) / draws ** 0.5
-    assert bool((se > 0).all())
-    assert bool(((g.mean(0) - projected).abs() <= 3 * se).all()), ((g.mean(0) - projected) / se)
+    assert_expectation_is_the_monte_carlo_mean(lambda directions: expected(model, image, target, directions),
+                                               lambda seed, directions: official(model, image, target, seed, directions),
+                                               image.shape, draws=400)
 
 
 @pytest.mark.parametrize("kind", ["faster", "mask"])

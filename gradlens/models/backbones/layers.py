@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["EvalBatchNorm2d", "LayerNorm", "LayerNorm2d", "Mlp"]
+__all__ = ["EvalBatchNorm2d", "LayerNorm", "LayerNorm2d", "Mlp", "channels_last_mode"]
 
 _DATA_FORMATS = ("channels_last", "channels_first")
 
@@ -72,6 +72,20 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape[0]}, eps={self.eps}, data_format={self.data_format}"
+
+
+def channels_last_mode(model: nn.Module, enabled: bool = True) -> bool:
+    """Put a detector in (or out of) the CPU's speed mode: its weights in NHWC layout and its channel
+    LayerNorms as one fused kernel over it; equal to the reference arithmetic up to round-off. A model with a
+    module that ``needs_contiguous_memory`` stays contiguous. Returns whether the mode is on (the caller then
+    makes its inputs channels-last too)."""
+    if enabled and any(getattr(module, "needs_contiguous_memory", False) for module in model.modules()):
+        enabled = False
+    for module in model.modules():
+        if isinstance(module, LayerNorm) and module.data_format == "channels_first":
+            module.fused_channels_first = enabled
+    model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+    return enabled
 
 
 class LayerNorm2d(LayerNorm):

@@ -49,7 +49,7 @@ from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
 from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.detectors.roi_align import roi_align as fast_roi_align
-from gradlens.models.detectors.sampling import inclusion_probabilities
+from gradlens.models.detectors.sampling import expected_count_probabilities, inclusion_probabilities, owner_sums
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
@@ -351,15 +351,10 @@ class MMDetTwoStage(nn.Module):
     def use_channels_last(self, enabled: bool = True) -> "MMDetTwoStage":
         """The CPU speed mode of :meth:`RetinaNetDetector.use_channels_last`: convolutions in NHWC and channel
         LayerNorms fused (equal to the reference up to round-off), unless a module needs contiguous memory."""
-        from gradlens.models.backbones.layers import LayerNorm
+        from gradlens.models.backbones.layers import channels_last_mode
 
-        if enabled and any(getattr(m, "needs_contiguous_memory", False) for m in self.modules()):
-            enabled = False
-        self.channels_last = enabled
-        for module in self.modules():
-            if isinstance(module, LayerNorm) and module.data_format == "channels_first":
-                module.fused_channels_first = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = channels_last_mode(self, enabled)
+        return self
 
     # -- the network -----------------------------------------------------------------------------
 
@@ -530,7 +525,7 @@ class MMDetTwoStage(nn.Module):
             if target.get("object") is None:
                 out.append({name: values.sum() for name, (values, _) in parts.items()})
             else:
-                split = _split(parts, len(target["boxes"]))
+                split = owner_sums(parts, len(target["boxes"]))
                 out.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
         return _stack(out, self.loss_terms)
 
@@ -538,7 +533,7 @@ class MMDetTwoStage(nn.Module):
         """Each image's expected loss split by owner, ``[1 + K]`` per term: entry 0 the background (negative
         anchors and RoIs), ``1 + j`` every term of the candidates matched to object ``j``; they add up to
         :meth:`image_losses`."""
-        return [_split(self.expected_parts(image, target), len(target["boxes"])) for image, target in zip(images, targets)]
+        return [owner_sums(self.expected_parts(image, target), len(target["boxes"])) for image, target in zip(images, targets)]
 
     def expected_parts(self, image: Tensor, target: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Every candidate's weighted, normalised contribution to each term and its owner (0: the background,
@@ -633,7 +628,7 @@ class MMDetTwoStage(nn.Module):
             q, draw = inclusion_probabilities(labels, cfg.rcnn_num, cfg.rcnn_pos_fraction)
             drawn, positives = draw.drawn, draw.positives
         else:  # the stage's draw from the expected counts of the candidates that reach it
-            q, drawn, positives = _expected_count_draw(labels, weight, cfg.rcnn_num, cfg.rcnn_pos_fraction)
+            q, drawn, positives = expected_count_probabilities(labels, weight, cfg.rcnn_num, cfg.rcnn_pos_fraction)
         q = q.to(rois.dtype) * weight
         keep = q > 0
         return rois[keep], matched[keep], q[keep], drawn, positives
@@ -663,21 +658,6 @@ class MMDetTwoStage(nn.Module):
         pred = logits[torch.arange(len(labels), device=labels.device), labels]
         bce = F.binary_cross_entropy_with_logits(pred, targets, reduction="none").flatten(1).sum(1)
         return weights * bce / (positives * size * size)
-
-
-def _expected_count_draw(labels: Tensor, weight: Tensor, num: int, pos_fraction: float):
-    """Inclusion probabilities of a balanced draw whose candidate counts are the weights' sums (the expected
-    counts of the candidates reaching a Cascade stage); exact when every weight is 0 or 1."""
-    pos, neg = labels >= 1, labels == 0
-    n_pos, n_neg = float(weight[pos].sum()), float(weight[neg].sum())
-    positives = min(n_pos, float(int(num * pos_fraction)))
-    negatives = min(n_neg, float(num) - positives)
-    q = torch.zeros(labels.shape, dtype=weight.dtype, device=weight.device)
-    if n_pos > 0:
-        q[pos] = positives / n_pos
-    if n_neg > 0:
-        q[neg] = negatives / n_neg
-    return q, positives + negatives, positives
 
 
 def paste_masks(prob: Tensor, boxes: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -714,15 +694,6 @@ def _add(parts: dict, name: str, values: Tensor, owners: Tensor) -> None:
         parts[name] = (torch.cat([v, values]), torch.cat([o, owners]))
     else:
         parts[name] = (values, owners)
-
-
-def _split(parts: dict[str, tuple[Tensor, Tensor]], objects: int) -> dict[str, Tensor]:
-    """Each term's contributions summed per owner: ``[1 + objects]`` (entry 0 the background)."""
-    out = {}
-    for name, (values, owners) in parts.items():
-        total = torch.zeros(1 + objects, dtype=values.dtype, device=values.device)
-        out[name] = total.index_add(0, owners, values) if values.numel() else total + values.sum()
-    return out
 
 
 def _stack(per_image: list[dict[str, Tensor]], names) -> dict[str, Tensor]:

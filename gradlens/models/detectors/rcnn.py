@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.models.detectors.adapter import LossDictDetector, mode_view
 from gradlens.models.detectors.roi_align import multiscale_roi_align
-from gradlens.models.detectors.sampling import inclusion_probabilities
+from gradlens.models.detectors.sampling import inclusion_probabilities, owner_sums
 from gradlens.models.preprocessing.transform import PreprocessConfig
 
 TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -98,7 +98,7 @@ class ExpectedLossRCNN(LossDictDetector):
             if target.get("object") is None:
                 per_image.append({name: values.sum() for name, (values, _) in parts.items()})
             else:
-                split = _split(parts, len(target["boxes"]))
+                split = owner_sums(parts, len(target["boxes"]))
                 per_image.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
         return self._stacked(per_image, hint=" (give masks for all images or for none)")
 
@@ -108,7 +108,7 @@ class ExpectedLossRCNN(LossDictDetector):
         anchors and proposals, their boxes and masks). Each candidate's term is weighted and normalised as in the
         total, so the entries add up to :meth:`image_losses`."""
         view = mode_view(self.model, training=True, keep=self._keep)
-        return [_split(self.expected_parts(view, image, target), len(target["boxes"]))
+        return [owner_sums(self.expected_parts(view, image, target), len(target["boxes"]))
                 for image, target in zip(images, targets)]
 
     @staticmethod
@@ -203,14 +203,6 @@ class ExpectedLossRCNN(LossDictDetector):
         bce = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").flatten(1).sum(1)
         return weights * bce / (drawn_positives * size * size)
 
-
-def _split(parts: dict[str, tuple[Tensor, Tensor]], objects: int) -> dict[str, Tensor]:
-    """Each term's candidate contributions summed per owner: ``[1 + objects]`` (entry 0 the background)."""
-    out = {}
-    for name, (values, owners) in parts.items():
-        total = torch.zeros(1 + objects, dtype=values.dtype, device=values.device)
-        out[name] = total.index_add(0, owners, values) if values.numel() else total + values.sum()
-    return out
 
 # torchvision's two-stage builders gradlens loads state dicts of (``--arch``); each is built without weights
 TORCHVISION_TWO_STAGE = {

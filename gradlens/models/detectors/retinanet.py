@@ -111,15 +111,10 @@ class RetinaNetDetector(RetinaNet):
         CED-ResNet-50, detectron2's ResNet) stays in contiguous memory: their float32 input gradient follows
         the kernels' last bits by whole per cent (tied max-pool windows, ReLUs at round-off distance from zero),
         so only the upstream's own kernels give the upstream's gradient."""
-        from gradlens.models.backbones.layers import LayerNorm
+        from gradlens.models.backbones.layers import channels_last_mode
 
-        if enabled and any(getattr(module, "needs_contiguous_memory", False) for module in self.modules()):
-            enabled = False
-        self.channels_last = enabled
-        for module in self.modules():
-            if isinstance(module, LayerNorm) and module.data_format == "channels_first":
-                module.fused_channels_first = enabled
-        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self.channels_last = channels_last_mode(self, enabled)
+        return self
 
     # -- the network ---------------------------------------------------------------------------
 

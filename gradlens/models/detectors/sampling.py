@@ -52,3 +52,30 @@ def inclusion_probabilities(labels: Tensor, num: int, pos_fraction: float) -> tu
     p[positive] = draw.p_positive
     p[negative] = draw.p_negative
     return p, draw
+
+
+def expected_count_probabilities(labels: Tensor, weight: Tensor, num: int, pos_fraction: float) -> tuple[Tensor, float, float]:
+    """:func:`inclusion_probabilities` for candidates that are each present with probability ``weight`` (the
+    candidates reaching a Cascade R-CNN stage): the draw's counts from the weights' sums, the expected numbers of
+    candidates of each kind. Exact when every weight is 0 or 1. Returns the probabilities (in ``weight``'s
+    dtype), the number drawn and the positives drawn."""
+    pos, neg = labels >= 1, labels == 0
+    n_pos, n_neg = float(weight[pos].sum()), float(weight[neg].sum())
+    positives = min(n_pos, float(int(num * pos_fraction)))
+    negatives = min(n_neg, float(num) - positives)
+    p = torch.zeros(labels.shape, dtype=weight.dtype, device=weight.device)
+    if n_pos > 0:
+        p[pos] = positives / n_pos
+    if n_neg > 0:
+        p[neg] = negatives / n_neg
+    return p, positives + negatives, positives
+
+
+def owner_sums(parts: dict[str, tuple[Tensor, Tensor]], objects: int) -> dict[str, Tensor]:
+    """Each term's candidate contributions ``(values, owners)`` summed per owner: ``[1 + objects]`` per term,
+    entry 0 the background and ``1 + j`` object ``j`` (the per-object loss of a detector with sampled terms)."""
+    out = {}
+    for name, (values, owners) in parts.items():
+        total = torch.zeros(1 + objects, dtype=values.dtype, device=values.device)
+        out[name] = total.index_add(0, owners, values) if values.numel() else total + values.sum()
+    return out

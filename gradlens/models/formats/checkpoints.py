@@ -360,13 +360,18 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
         detector = mmdet3.as_mmdet3(detector)
     mmdet.check_fpn_inputs(state, detector, path, name)
     load_strict(detector, mmdet.to_gradlens(state), path)
-    if num_classes == 80:
-        detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
-    else:
-        names = list(classes) if classes is not None and len(classes) == num_classes else None
-        detector.categories = [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
+    detector.categories = _mmdet_categories(num_classes, classes)
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
     return detector
+
+
+def _mmdet_categories(num_classes: int, classes) -> list[dict]:
+    """An mmdetection checkpoint's categories: COCO's 80 (with its class names when it has them), else numbered
+    from 1 with its names where they fit."""
+    if num_classes == 80:
+        return mmdet.coco80_categories(list(classes) if classes is not None else None)
+    names = list(classes) if classes is not None and len(classes) == num_classes else None
+    return [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
 
 
 def _from_mmdet_two_stage(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
@@ -389,11 +394,7 @@ def _from_mmdet_two_stage(state: Mapping[str, Tensor], meta: Mapping, path: Path
         raise CheckpointError(f"{path}: {exc}") from None
     load_strict(detector, state, path)
     classes = meta.get("CLASSES")
-    if num_classes == 80:
-        detector.categories = mmdet.coco80_categories(list(classes) if classes is not None else None)
-    else:
-        names = list(classes) if classes is not None and len(classes) == num_classes else None
-        detector.categories = [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
+    detector.categories = _mmdet_categories(num_classes, classes)
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
     return detector
 
