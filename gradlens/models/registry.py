@@ -332,3 +332,61 @@ def build_two_stage(name: str, num_classes: int, options: dict | None = None,
                              arch_name=name)
     detector.arch_options = dict(options or {})
     return detector.eval()
+
+
+# -- mmdetection 2.x Deformable DETR of the CEDNet fork ---------------------------------------------------------
+
+_DETR_BODIES = {  # backbone name -> (family, variant, label)
+    "cednet_next_tiny": ("cednet", "next_tiny", "CEDNet-NeXt-T (CEDNetWrapper, one added block, no neck)"),
+    "cednet_next_small": ("cednet", "next_small", "CEDNet-NeXt-S (CEDNetWrapper, one added block, no neck)"),
+    "cednet_next_base": ("cednet", "next_base", "CEDNet-NeXt-B (CEDNetWrapper, one added block, no neck)"),
+    "ced_resnet_50": ("cednet", "resnet_50", "CED-ResNet-50 (CEDNetWrapper, one added block, no neck)"),
+    "resnet50": ("resnet", "resnet50", "ResNet-50 + ChannelMapper"),
+    "convnext_tiny": ("convnext", "convnext_tiny", "ConvNeXt-T + ChannelMapper"),
+    "convnext_small": ("convnext", "convnext_small", "ConvNeXt-S + ChannelMapper"),
+}
+DETR_ARCHITECTURES: dict[str, str] = {
+    f"deformable_detr_{body}": f"Deformable DETR, {label} (loss: after Hungarian matching, every decoder layer)"
+    for body, (_family, _variant, label) in _DETR_BODIES.items()
+}
+
+
+def _detr_body(body: str, options: dict) -> tuple[nn.Module, nn.Module | None]:
+    """The backbone (and ChannelMapper neck) a Deformable DETR's four 256-channel maps come from."""
+    from gradlens.models.detectors.deformable_detr import ChannelMapper
+
+    family, variant, _ = _DETR_BODIES[body]
+    opts = dict(options)
+    if family == "cednet":
+        from gradlens.models.backbones.cednet import CEDNET_VARIANTS, CEDNetBackbone
+
+        return CEDNetBackbone(int(opts.pop("out_chans", 256)), 1, **{**CEDNET_VARIANTS[variant], **opts,
+                                                                      "drop_path_rate": 0.0}), None
+    if family == "resnet":
+        return ResNet50Features(), ChannelMapper([512, 1024, 2048])
+    from gradlens.models.backbones.convnext import CONVNEXT_VARIANTS, ConvNeXtBackbone
+
+    opts["out_indices"] = tuple(opts.get("out_indices", (1, 2, 3)))
+    body_module = ConvNeXtBackbone(**{**CONVNEXT_VARIANTS[variant], **opts, "drop_path_rate": 0.0})
+    channels = list(body_module.out_channels)
+    if len(channels) != 3:
+        raise TooFewBackboneMaps(f"The backbone returns {len(channels)} map(s), but the fork's Deformable DETR "
+                                 "ChannelMapper reads three (C3..C5): build it with out_indices 1, 2, 3.")
+    return body_module, ChannelMapper(channels)
+
+
+def build_deformable_detr(name: str, num_classes: int, options: dict | None = None,
+                          preprocess: PreprocessConfig | None = None) -> nn.Module:
+    """A randomly initialised Deformable DETR of :data:`DETR_ARCHITECTURES`, in eval mode. ``options`` may set the
+    backbone's (``out_chans``, ``out_indices``) and the head's ``num_query``, ``encoder_layers``, ``decoder_layers``."""
+    from gradlens.models.detectors.deformable_detr import DETR_PREPROCESS, MMDetDeformableDETR
+
+    if name not in DETR_ARCHITECTURES:
+        raise GradlensError(f"Unknown Deformable DETR architecture {name!r}; known: {', '.join(DETR_ARCHITECTURES)}.")
+    opts = dict(options or {})
+    head = {k: int(opts.pop(k)) for k in ("num_query", "encoder_layers", "decoder_layers") if k in opts}
+    backbone, neck = _detr_body(name.removeprefix("deformable_detr_"), opts)
+    detector = MMDetDeformableDETR(backbone, num_classes, neck=neck, preprocess=preprocess or DETR_PREPROCESS,
+                                   arch_name=name, **head)
+    detector.arch_options = dict(options or {})
+    return detector.eval()

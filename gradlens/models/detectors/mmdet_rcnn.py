@@ -47,6 +47,7 @@ from torchvision.ops import roi_align
 from gradlens.errors import GradlensError
 from gradlens.models.detectors.anchors import AnchorConfig, MMDetAnchorGenerator
 from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
+from gradlens.models.detectors.boxes import giou_loss
 from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.detectors.roi_align import roi_align as fast_roi_align
 from gradlens.models.detectors.sampling import expected_count_probabilities, inclusion_probabilities, owner_sums
@@ -135,19 +136,6 @@ def delta_encode(rois: Tensor, gt: Tensor, stds=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
     gwh = gt[:, 2:] - gt[:, :2]
     deltas = torch.cat([(gxy - pxy) / pwh, torch.log(gwh / pwh)], dim=-1)
     return (deltas - deltas.new_zeros(1, 4)) / deltas.new_tensor(stds).view(1, -1)
-
-
-def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """mmdetection's ``giou_loss`` per box: ``1 - GIoU`` (``bbox_overlaps(..., 'giou', is_aligned=True, eps)``)."""
-    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
-    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
-    wh = (torch.min(pred[:, 2:], target[:, 2:]) - torch.max(pred[:, :2], target[:, :2])).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    e = pred.new_tensor([eps])
-    union = torch.max(area1 + area2 - overlap, e)
-    enclose = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0)
-    enclose_area = torch.max(enclose[:, 0] * enclose[:, 1], e)
-    return 1 - (overlap / union - (enclose_area - union) / enclose_area)
 
 
 def nearest_rescale(masks: Tensor, size: tuple[int, int]) -> Tensor:

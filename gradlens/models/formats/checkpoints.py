@@ -26,8 +26,8 @@ from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models.formats import detectron2, mmdet, mmdet3
 from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE, rcnn_from_state_dict
-from gradlens.models.registry import (ARCHITECTURES, TWO_STAGE_ARCHITECTURES, TooFewBackboneMaps, architecture,
-                                      build_detector, build_two_stage)
+from gradlens.models.registry import (ARCHITECTURES, DETR_ARCHITECTURES, TWO_STAGE_ARCHITECTURES, TooFewBackboneMaps,
+                                      architecture, build_deformable_detr, build_detector, build_two_stage)
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
 from gradlens.models.preprocessing.transform import PreprocessConfig
 
@@ -48,6 +48,7 @@ def save_detector(detector: RetinaNetDetector, path: str | os.PathLike, categori
     cats = categories or getattr(detector, "categories", None) or default_categories(detector.num_classes)
     if len(cats) != detector.num_classes:
         raise GradlensError(f"{len(cats)} categories were given for a detector with {detector.num_classes} classes.")
+    settings = detector.test_cfg if hasattr(detector, "test_cfg") else getattr(detector, "config", None)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -57,7 +58,7 @@ def save_detector(detector: RetinaNetDetector, path: str | os.PathLike, categori
         "num_classes": detector.num_classes,
         "categories": [{"id": None if c["id"] is None else int(c["id"]), "name": str(c["name"])} for c in cats],
         "preprocess": _plain(detector.preprocess.to_dict()),
-        "test_cfg": (detector.test_cfg if hasattr(detector, "test_cfg") else detector.config).to_dict(),
+        "test_cfg": settings.to_dict() if settings is not None else {},
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
     }
     path = Path(path)
@@ -219,7 +220,7 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         preprocess = PreprocessConfig.from_dict(obj["preprocess"])
         three = preprocess.convention == mmdet3.CONVENTION  # an mmdetection 3.x checkpoint, converted
         # a two-stage architecture fixes its test and training settings (RCNNConfig) by its name
-        test_cfg = None if name in TWO_STAGE_ARCHITECTURES else \
+        test_cfg = None if name in TWO_STAGE_ARCHITECTURES or name in DETR_ARCHITECTURES else \
             (mmdet3.MMDet3TestConfig if three else TestConfig)(**obj.get("test_cfg", {}))
         cats = list(obj["categories"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -228,8 +229,9 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
     if problem := mmdet.check_preprocess(p.min_size, p.max_size, p.size_divisor, p.mean, p.std):
         raise CheckpointError(f"{path} is a gradlens checkpoint whose preprocessing setting {problem}.")
     check_tensors(state, path)
-    if name in TWO_STAGE_ARCHITECTURES:  # the architecture fixes its test and training settings
-        detector = build_two_stage(name, num_classes, obj.get("options") or {}, preprocess=preprocess)
+    if name in TWO_STAGE_ARCHITECTURES or name in DETR_ARCHITECTURES:  # the architecture fixes its settings
+        build = build_two_stage if name in TWO_STAGE_ARCHITECTURES else build_deformable_detr
+        detector = build(name, num_classes, obj.get("options") or {}, preprocess=preprocess)
         load_strict(detector, state, path)
         detector.categories = checked_categories(cats, num_classes, path)
         return detector
@@ -330,6 +332,11 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
             raise CheckpointError(f"{path} is an mmdetection 3.x two-stage detector; gradlens runs the two-stage "
                                   "detectors of mmdetection 2.x (the CEDNet fork's).")
         return _from_mmdet_two_stage(check_tensors(state, path), meta, path, arch_hint)
+    if isinstance(state, Mapping) and mmdet.is_deformable_detr(state):
+        if three:
+            raise CheckpointError(f"{path} is an mmdetection 3.x Deformable DETR; gradlens runs the Deformable DETR "
+                                  "of mmdetection 2.x (the CEDNet fork's).")
+        return _from_mmdet_deformable_detr(check_tensors(state, path), meta, path, arch_hint)
     if three:  # the config text first: it is cheaper to read than the weights
         with _naming(path):
             settings = mmdet3.read_meta(meta)
@@ -395,6 +402,30 @@ def _from_mmdet_two_stage(state: Mapping[str, Tensor], meta: Mapping, path: Path
     load_strict(detector, state, path)
     classes = meta.get("CLASSES")
     detector.categories = _mmdet_categories(num_classes, classes)
+    detector.config_backbone_type = mmdet.backbone_type_hint(config)
+    return detector
+
+
+def _from_mmdet_deformable_detr(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
+    """An mmdetection 2.x Deformable DETR of the CEDNet fork (:mod:`gradlens.models.detectors.deformable_detr`):
+    recognised from its keys, test-time hints from its config text, every weight loaded under its own name."""
+    from dataclasses import replace
+
+    from gradlens.models.detectors.deformable_detr import DETR_PREPROCESS
+
+    with _naming(path):
+        name, options, num_classes = mmdet.recognise_deformable_detr(state)
+    if arch_hint is not None and arch_hint != name:
+        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
+    config = meta.get("config") if isinstance(meta.get("config"), str) else None
+    with _naming(path):
+        hints = mmdet.preprocess_hints(config)
+    try:
+        detector = build_deformable_detr(name, num_classes, options, preprocess=replace(DETR_PREPROCESS, **hints))
+    except TooFewBackboneMaps as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_strict(detector, state, path)
+    detector.categories = _mmdet_categories(num_classes, meta.get("CLASSES"))
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
     return detector
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from importlib import import_module
 
+import torch
 from torch import Tensor
 
 from gradlens.errors import CheckpointError
@@ -85,6 +86,58 @@ def recognise_two_stage(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]:
         raise CheckpointError(f"The checkpoint is a two-stage detector on a {body} backbone, which gradlens does not run "
                               f"in Mask R-CNN (known: {', '.join(n for n in TWO_STAGE_ARCHITECTURES if n.startswith('mask'))}).")
     return arch, options, num_classes
+
+
+def is_deformable_detr(sd: Mapping[str, Tensor]) -> bool:
+    """An mmdetection Deformable DETR (a transformer head with level embeddings), not a RetinaNet."""
+    return "bbox_head.transformer.level_embeds" in sd
+
+
+def recognise_deformable_detr(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]:
+    """Architecture name, options and number of classes of an mmdetection 2.x Deformable DETR state dict (the
+    CEDNet fork's configs: no box refinement, no two-stage proposals), from its keys and shapes."""
+    from gradlens.models.registry import DETR_ARCHITECTURES
+
+    if "bbox_head.transformer.enc_output.weight" in sd:
+        raise CheckpointError("The checkpoint is a two-stage Deformable DETR (bbox_head.transformer.enc_output); "
+                              "gradlens runs the fork's single-stage Deformable DETR without box refinement.")
+    weight = sd.get("bbox_head.cls_branches.0.weight")
+    if not isinstance(weight, Tensor) or weight.ndim != 2 or weight.shape[0] < 1:
+        raise CheckpointError("The checkpoint's Deformable DETR head has no class branch gradlens knows "
+                              "(bbox_head.cls_branches.0.weight, a classes x 256 matrix).")
+    decoder_layers = _count(list(sd), "bbox_head.transformer.decoder.layers")
+    encoder_layers = _count(list(sd), "bbox_head.transformer.encoder.layers")
+    branches = [sd.get(f"bbox_head.cls_branches.{i}.weight") for i in range(decoder_layers)]
+    if any(b is None or b.shape != weight.shape or not bool(torch.equal(b, weight)) for b in branches):
+        raise CheckpointError("The checkpoint's Deformable DETR has a class branch per decoder layer (box refinement); "
+                              "gradlens runs the fork's configs, whose layers share one branch.")
+    levels = sd["bbox_head.transformer.level_embeds"]
+    if not isinstance(levels, Tensor) or tuple(levels.shape) != (4, 256):
+        raise CheckpointError("The checkpoint's Deformable DETR does not read four 256-channel levels "
+                              "(bbox_head.transformer.level_embeds is not 4 x 256).")
+    num_classes = int(weight.shape[0])
+    options = {"num_query": int(sd["bbox_head.query_embedding.weight"].shape[0])}
+    if encoder_layers != 6:
+        options["encoder_layers"] = encoder_layers
+    if decoder_layers != 6:
+        options["decoder_layers"] = decoder_layers
+    name, backbone_options = _read_layout(_recognise, sd)
+    body = name.removeprefix("retinanet_")
+    if "backbone.reduce_convs.0.0.weight" in sd:
+        added = _count(list(sd), "backbone.add_blocks")
+        if added != 1:
+            raise CheckpointError(f"The checkpoint's CEDNet backbone adds {added} stride-2 maps; the fork's Deformable "
+                                  "DETR configs add one (four levels).")
+    elif _count(list(sd), "neck.convs") != 3 or _count(list(sd), "neck.extra_convs") != 1:
+        raise CheckpointError("The checkpoint's neck is not the fork's ChannelMapper (three 1x1 convs on C3..C5 and "
+                              "one extra stride-2 conv).")
+    elif list(backbone_options.get("out_indices", [1, 2, 3])) == [1, 2, 3]:
+        backbone_options.pop("out_indices", None)  # the configs' own
+    arch = f"deformable_detr_{body}"
+    if arch not in DETR_ARCHITECTURES:
+        raise CheckpointError(f"The checkpoint is a Deformable DETR on a {body} backbone, which gradlens does not run "
+                              f"in Deformable DETR (known: {', '.join(DETR_ARCHITECTURES)}).")
+    return arch, {**backbone_options, **options}, num_classes
 
 
 # ---------------------------------------------------------------------------------------------
