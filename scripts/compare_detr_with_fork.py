@@ -57,6 +57,11 @@ def write_checkpoint(cfg, path: Path, seed: int) -> dict:
     from mmcv.runner import save_checkpoint
     from mmdet.models import build_detector
 
+    from mmdet.models.backbones.resnet import ResNet
+
+    # the fork's ResNet.init_weights always loads an ImageNet checkpoint (torchvision://resnet50, not reachable
+    # here): its random weights stay PyTorch's default initialisation instead
+    ResNet.init_weights = lambda self: None
     torch.manual_seed(seed)
     model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
     model.init_weights()

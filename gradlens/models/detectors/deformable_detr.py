@@ -346,7 +346,7 @@ class MMDetDeformableDETR(nn.Module):
 
     def _detections(self, image: Tensor, logits: Tensor, boxes: Tensor, size) -> dict[str, Tensor]:
         """``DETRHead._get_bboxes_single`` with ``rescale=True``."""
-        logits, boxes = logits.detach().float(), boxes.detach().float()
+        logits, boxes = _full(logits.detach()), _full(boxes.detach())
         scores, index = logits.sigmoid().view(-1).topk(min(self.max_per_img, logits.numel()))
         labels = index % self.num_classes
         det = cxcywh_to_xyxy(boxes[index // self.num_classes])
@@ -409,7 +409,8 @@ class MMDetDeformableDETR(nn.Module):
         with torch.no_grad():
             classes, boxes, size = self.head_outputs(image)
             gt, gt_labels = self.gt_in_resized(image, target, size)
-            return torch.stack([self._match(c.float(), b.float(), gt, gt_labels, size) for c, b in zip(classes, boxes)])
+            gt = gt.to(_full(boxes).dtype)
+            return torch.stack([self._match(_full(c), _full(b), gt, gt_labels, size) for c, b in zip(classes, boxes)])
 
     def _match(self, logits: Tensor, boxes: Tensor, gt: Tensor, gt_labels: Tensor, size) -> Tensor:
         if gt.shape[0] == 0:
@@ -419,6 +420,7 @@ class MMDetDeformableDETR(nn.Module):
 
     def _loss_parts(self, image: Tensor, target: dict, classes: Tensor, boxes: Tensor, size) -> dict:
         gt, gt_labels = self.gt_in_resized(image, target, size)
+        gt = gt.to(_full(boxes).dtype)
         if gt_labels.numel() and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= self.num_classes):
             raise GradlensError(f"a ground-truth label is outside the detector's {self.num_classes} classes")
         h, w = size
@@ -427,7 +429,7 @@ class MMDetDeformableDETR(nn.Module):
         layers = classes.shape[0]
         parts = {}
         for layer in range(layers):
-            logits, pred = classes[layer].float(), boxes[layer].float()
+            logits, pred = _full(classes[layer]), _full(boxes[layer])
             matched = self._match(logits, pred, gt, gt_labels, size)
             fg = (matched >= 0).nonzero().squeeze(1)
             owner = matched + 1
@@ -443,6 +445,12 @@ class MMDetDeformableDETR(nn.Module):
             parts[f"{prefix}loss_bbox"] = (L1_WEIGHT * l1 / (positives + EPS), owner[fg])
             parts[f"{prefix}loss_iou"] = (IOU_WEIGHT * iou / (positives + EPS), owner[fg])
         return {name: parts[name] for name in names}
+
+
+def _full(x: Tensor) -> Tensor:
+    """Half-precision outputs (under autocast) in float32 for the loss and detections, as mmdetection's
+    ``force_fp32``; others as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _stack(per_image: list[dict[str, Tensor]], names) -> dict[str, Tensor]:
