@@ -37,13 +37,13 @@ from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
 from gradlens.models.formats.checkpoints import load_detector
-from gradlens.models.registry import build_detector, with_preprocess
+from gradlens.models.registry import DETR_ARCHITECTURES, build_deformable_detr, build_detector, with_preprocess
 
 
 def make_detector(args, device):
     if args.arch:
         torch.manual_seed(0)
-        det = build_detector(args.arch, len(CATEGORIES))
+        det = (build_deformable_detr if args.arch in DETR_ARCHITECTURES else build_detector)(args.arch, len(CATEGORIES))
         det.categories = [dict(c) for c in CATEGORIES]
         if args.min_size:
             with_preprocess(det, min_size=args.min_size, max_size=int(args.min_size * 1333 / 800))

@@ -31,11 +31,13 @@ from gradlens.faithfulness.run import run_faithfulness
 from gradlens.inference import InferenceSettings, cached_detections, detect_images
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.detectors.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
+from gradlens.models.detectors.deformable_detr import MMDetDeformableDETR
 from gradlens.models.detectors.mmdet_rcnn import MMDetTwoStage
 from gradlens.models.detectors.rcnn import ExpectedLossRCNN
 from gradlens.models.formats.checkpoints import load_detector, save_detector
 from gradlens.models.interface import Detector, total_loss
-from gradlens.models.registry import ARCHITECTURES, TWO_STAGE_ARCHITECTURES, build_detector, build_two_stage
+from gradlens.models.registry import (ARCHITECTURES, DETR_ARCHITECTURES, TWO_STAGE_ARCHITECTURES, build_deformable_detr,
+                                      build_detector, build_two_stage)
 from gradlens.models.detectors.retinanet import RetinaNetDetector
 from gradlens.regions.area import area_curve, area_curve_from_store, threshold_grid
 from gradlens.regions.concentration import effective_area, gini, mass_area, mass_area_auc
@@ -69,8 +71,10 @@ __all__ = [
     "Detector",
     "LossDictDetector",
     "ExpectedLossRCNN",
+    "MMDetDeformableDETR",
     "MMDetTwoStage",
     "TWO_STAGE_ARCHITECTURES",
+    "DETR_ARCHITECTURES",
     "NoObjectSplitError",
     "torchvision_coco_categories",
     "total_loss",
@@ -108,6 +112,7 @@ __all__ = [
     "RetinaNetDetector",
     "build_detector",
     "build_two_stage",
+    "build_deformable_detr",
     "bundled_detector_path",
     "cached_detections",
     "coco_map",

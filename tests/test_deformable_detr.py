@@ -265,6 +265,21 @@ def test_fork_checkpoints_are_recognised_and_load(name, tmp_path):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 
 
+def test_every_fork_config_is_recognised_from_its_keys():
+    """The seven configs' layouts (built on the meta device: shapes only), each back to its own name."""
+    from gradlens.models.formats.mmdet import recognise_deformable_detr
+    from gradlens.models.registry import DETR_ARCHITECTURES, build_deformable_detr
+
+    assert len(DETR_ARCHITECTURES) == 7
+    for name in DETR_ARCHITECTURES:
+        with torch.device("meta"):
+            state = build_deformable_detr(name, 80).state_dict()
+        assert recognise_deformable_detr(state) == (name, {}, 80)
+    with torch.device("meta"):
+        state = build_deformable_detr("deformable_detr_resnet50", 5, {"num_query": 100, "decoder_layers": 3}).state_dict()
+    assert recognise_deformable_detr(state) == ("deformable_detr_resnet50", {"num_query": 100, "decoder_layers": 3}, 5)
+
+
 def test_box_refinement_and_two_stage_checkpoints_are_refused(tmp_path):
     from gradlens import load_detector
     from gradlens.models.registry import build_deformable_detr

@@ -108,7 +108,8 @@ def recognise_deformable_detr(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]
     decoder_layers = _count(list(sd), "bbox_head.transformer.decoder.layers")
     encoder_layers = _count(list(sd), "bbox_head.transformer.encoder.layers")
     branches = [sd.get(f"bbox_head.cls_branches.{i}.weight") for i in range(decoder_layers)]
-    if any(b is None or b.shape != weight.shape or not bool(torch.equal(b, weight)) for b in branches):
+    if any(not isinstance(b, Tensor) or b.shape != weight.shape
+           or not (b.is_meta or weight.is_meta or bool(torch.equal(b, weight))) for b in branches):  # meta: shapes only
         raise CheckpointError("The checkpoint's Deformable DETR has a class branch per decoder layer (box refinement); "
                               "gradlens runs the fork's configs, whose layers share one branch.")
     levels = sd["bbox_head.transformer.level_embeds"]
@@ -116,7 +117,9 @@ def recognise_deformable_detr(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]
         raise CheckpointError("The checkpoint's Deformable DETR does not read four 256-channel levels "
                               "(bbox_head.transformer.level_embeds is not 4 x 256).")
     num_classes = int(weight.shape[0])
-    options = {"num_query": int(sd["bbox_head.query_embedding.weight"].shape[0])}
+    options = {}
+    if int(sd["bbox_head.query_embedding.weight"].shape[0]) != 300:
+        options["num_query"] = int(sd["bbox_head.query_embedding.weight"].shape[0])
     if encoder_layers != 6:
         options["encoder_layers"] = encoder_layers
     if decoder_layers != 6:
