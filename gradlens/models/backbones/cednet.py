@@ -890,3 +890,56 @@ def cednet_backbone(variant: str, out_chans: int = 256, num_add_blocks: int = 2,
     use ``CEDNetWrapperTwoStage`` (not implemented here).
     """
     return CEDNetBackbone(out_chans, num_add_blocks, **{**_variant(variant), **overrides})
+
+
+class CEDNetMask2FormerBackbone(_CEDNetTrunk):
+    """CEDNet for the fork's Mask2Former (its ``CEDNetWrapperMask2Former``): the trunk's raw maps, no reduction.
+
+    The wrapper deletes ``CEDNetWrapper``'s ``reduce_convs`` and ``add_blocks``; its pixel decoder reads ``c2`` (the
+    p2 stage's blocks' output before the stride-2 downsampling, ``p2_dim`` channels) and the last stage's ``(c3, c4,
+    c5)`` (``dims`` channels). ``forward`` returns those four maps at strides 4, 8, 16, 32; state-dict keys equal the
+    reference module's (a checkpoint's ``backbone.*`` keys without the prefix).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        num_stages: int = 3,
+        encoder_type: str = "Encoder",
+        decoder_type: str = "Decoder",
+        base_block: str = "NeXtBlock",
+        focal_block: str = "DNeXtBlock",
+        p2_dim: int = 96,
+        p2_block: int = 3,
+        dims: Sequence[int] = (192, 352, 512),
+        blocks: Sequence[int] | Sequence[Sequence[int]] = (2, 4, 2),
+        layer_scale_init_value: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        norm_cfg: Mapping | None = None,
+        act_type: str = "gelu",
+    ) -> None:
+        super().__init__(
+            in_chans=in_chans, num_stages=num_stages, encoder_type=encoder_type, decoder_type=decoder_type,
+            base_block=base_block, focal_block=focal_block, p2_dim=p2_dim, p2_block=p2_block, dims=dims, blocks=blocks,
+            layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
+            act_type=act_type, last_decoder=False,
+        )
+        self.out_channels = [int(p2_dim), *self.dims]
+        self.strides = (4, 8, 16, 32)
+        for m in self.modules():  # the wrapper's from-scratch init_weights (as CEDNetBackbone's)
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c2 = self.stages[0][:-1](self.stem(x))
+        x = self.stages[0][-1](c2)
+        h, w = x.shape[-2:]
+        if self._has_decoder and (h % 4 or w % 4):
+            raise ValueError(f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
+                             f"(multiples of 32 always do); the stride-8 map is {h}x{w}")
+        for stage in self.stages[1:]:
+            x = stage(x)
+        return (c2, *x)
