@@ -32,6 +32,7 @@ from gradlens.inference import InferenceSettings, cached_detections, detect_imag
 from gradlens.models.bundled import BUNDLED, bundled_detector_path
 from gradlens.models.detectors.adapter import LossDictDetector, NoObjectSplitError, torchvision_coco_categories
 from gradlens.models.detectors.deformable_detr import MMDetDeformableDETR
+from gradlens.models.detectors.mask2former import MASK2FORMER_ARCHITECTURES, MMDetMask2Former, build_mask2former
 from gradlens.models.detectors.mmdet_rcnn import MMDetTwoStage
 from gradlens.models.detectors.rcnn import ExpectedLossRCNN
 from gradlens.models.formats.checkpoints import load_detector, save_detector
@@ -72,9 +73,11 @@ __all__ = [
     "LossDictDetector",
     "ExpectedLossRCNN",
     "MMDetDeformableDETR",
+    "MMDetMask2Former",
     "MMDetTwoStage",
     "TWO_STAGE_ARCHITECTURES",
     "DETR_ARCHITECTURES",
+    "MASK2FORMER_ARCHITECTURES",
     "NoObjectSplitError",
     "torchvision_coco_categories",
     "total_loss",
@@ -113,6 +116,7 @@ __all__ = [
     "build_detector",
     "build_two_stage",
     "build_deformable_detr",
+    "build_mask2former",
     "bundled_detector_path",
     "cached_detections",
     "coco_map",

@@ -328,7 +328,7 @@ def test_detect_gives_instance_masks_in_original_pixels():
     assert bool((out["labels"] < 3).all())  # the stuff class never comes out
     assert bool((out["scores"][:-1] >= out["scores"][1:]).all())
     torch.testing.assert_close(out["boxes"], mask2bbox(out["masks"]))
-    assert det.categories[3] is None
+    assert det.categories[3]["id"] is None and det.categories[2]["id"] == 3  # the stuff class: no category
 
 
 def test_padding_is_the_normalised_pixel_128():
@@ -383,3 +383,63 @@ def test_detect_with_losses_is_detect_and_image_losses():
         assert torch.equal(found[key], alone[key]), key
     for name, value in det.image_losses([image], [target]).items():
         assert float(terms[name][0]) == pytest.approx(float(value[0]), rel=1e-12), name
+
+
+@pytest.mark.parametrize("name", ["mask2former_cednet_next_tiny", "mask2former_resnet50_panoptic"])
+def test_fork_checkpoints_load_and_save(name, tmp_path):
+    from gradlens import load_detector, save_detector
+
+    classes = 133 if name.endswith("_panoptic") else 80
+    det = build_mask2former(name, classes)
+    names = [f"thing{i}" for i in range(80)] + [f"stuff{i}" for i in range(classes - 80)]
+    config = ("img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)\n"
+              "test_pipeline = [dict(type='MultiScaleFlipAug', img_scale=(160, 96), transforms=[dict(type='Pad', size_divisor=128)])]\n")
+    torch.save({"meta": {"config": config, "CLASSES": names}, "state_dict": det.state_dict()}, tmp_path / "m.pth")
+    loaded = load_detector(tmp_path / "m.pth")
+    assert loaded.arch_name == name and loaded.checkpoint_format == "mmdetection"
+    assert (loaded.preprocess.min_size, loaded.preprocess.max_size, loaded.preprocess.size_divisor) == (96, 160, 128)
+    assert loaded.categories[0] == {"id": 1, "name": "thing0"} and len(loaded.categories) == classes
+    if classes > 80:
+        assert loaded.categories[80] == {"id": None, "name": "stuff0"}
+    save_detector(loaded, tmp_path / "g.pth")
+    again = load_detector(tmp_path / "g.pth")
+    assert again.categories == loaded.categories and again.pad_pixel == loaded.pad_pixel
+    image = torch.rand(3, 70, 110)
+    a, b = loaded.detect([image])[0], again.detect([image])[0]
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_select_gradients_area_curve_with_a_mask2former(tmp_path):
+    """The whole Python pipeline with a (tiny) fork-style Mask2Former as A: its maps are the loss's input gradients
+    (masks from the annotations), and its results file keeps each detection's mask as COCO RLE."""
+    import json
+
+    import gradlens
+    from gradlens.attribution.targets import image_targets
+    from gradlens.data.images import read_image, to_tensor
+    from gradlens.data.synthetic import CATEGORIES as SYNTHETIC
+
+    coco = gradlens.make_synthetic_coco(tmp_path / "coco", num_images=5, seed=4, min_side=64, max_side=96, progress=False)
+    torch.manual_seed(3)
+    body = ConvNeXtBackbone(depths=[1, 1, 1, 1], dims=[8, 16, 16, 16], out_indices=(0, 1, 2, 3), drop_path_rate=0.0)
+    det = MMDetMask2Former(body, len(SYNTHETIC), preprocess=PREPROCESS, num_queries=6, head=HEAD,
+                           arch_name="tiny-mask2former").eval()
+    det.categories = [dict(c) for c in SYNTHETIC]
+    run = gradlens.DetectorRun(device="cpu", cache_dir=tmp_path / "cache", batch_size=2, workers=0, detectors={"a": det})
+    workdir = tmp_path / "run"
+    result = gradlens.run_selection(det, [gradlens.bundled_detector_path("convnext")], coco=coco, workdir=workdir,
+                                    top=3, detector_run=run)
+    assert len(result.selection) == 3
+    curve = gradlens.run_area_curve(workdir, thresholds=20, bootstrap=0, detector_run=run, progress=False)
+    assert curve.models[0].detector is det and curve.models[0].run.computed == 3
+    gt = gradlens.load_ground_truth(coco)
+    image_id = int(result.selection["image_id"].iloc[0])
+    target = image_targets(gt, image_id, det.categories, masks=True).as_dict()
+    x = to_tensor(read_image(gt.image_path(image_id))).requires_grad_(True)
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in det.image_losses([x], [target]).values()), x)
+    magnitude = grad.abs().amax(0)
+    stored = torch.as_tensor(curve.models[0].store.read(image_id), dtype=torch.float32)
+    assert stored.shape == magnitude.shape
+    assert torch.allclose(stored, magnitude, rtol=2e-3, atol=2e-3 * float(magnitude.max()))
+    files = [p for p in (tmp_path / "cache").rglob("*.json") if not p.name.endswith(".meta.json")]
+    assert any("segmentation" in r for p in files for r in json.loads(p.read_text()) if isinstance(r, dict))

@@ -24,14 +24,16 @@ def models() -> None:
     detectron2: Pillow's uint8 resize, BGR, 100 per image, its Matcher.
     """
     from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE
+    from gradlens.models.detectors.mask2former import MASK2FORMER_ARCHITECTURES
     from gradlens.models.registry import ARCHITECTURES, DETR_ARCHITECTURES, TWO_STAGE_ARCHITECTURES
 
-    width = max(len(n) for n in [*ARCHITECTURES, *TORCHVISION_TWO_STAGE, *TWO_STAGE_ARCHITECTURES, *DETR_ARCHITECTURES])
+    width = max(len(n) for n in [*ARCHITECTURES, *TORCHVISION_TWO_STAGE, *TWO_STAGE_ARCHITECTURES, *DETR_ARCHITECTURES,
+                                   *MASK2FORMER_ARCHITECTURES])
     for name, arch in ARCHITECTURES.items():
         framework = {"mmcv": "mmdetection", "mmdet3": "mmdetection", "detectron2": "detectron2"}.get(
             arch.preprocess.convention, "torchvision")
         typer.echo(f"{name:<{width}}  {framework:<11}  {arch.description}")
-    for name, description in {**TWO_STAGE_ARCHITECTURES, **DETR_ARCHITECTURES}.items():
+    for name, description in {**TWO_STAGE_ARCHITECTURES, **DETR_ARCHITECTURES, **MASK2FORMER_ARCHITECTURES}.items():
         typer.echo(f"{name:<{width}}  {'mmdetection':<11}  {description}")
     for name, builder in TORCHVISION_TWO_STAGE.items():
         typer.echo(f"{name:<{width}}  {'torchvision':<11}  torchvision's {builder} (state dict; loss: the expectation "

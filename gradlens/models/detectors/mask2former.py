@@ -435,8 +435,8 @@ class MMDetMask2Former(nn.Module):
         self.config = config or Mask2FormerConfig()
         self.arch_name = arch_name
         self.channels_last = False
-        self.categories = [{"id": i + 1, "name": f"class_{i + 1}"} for i in range(self.num_things)]
-        self.categories += [None] * (num_classes - self.num_things)
+        self.categories = [{"id": i + 1 if i < self.num_things else None, "name": f"class_{i + 1}"}
+                           for i in range(num_classes)]  # a panoptic checkpoint's stuff classes: no category
 
     # -- interface members -----------------------------------------------------------------------
 

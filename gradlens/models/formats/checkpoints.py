@@ -26,6 +26,8 @@ from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models.formats import detectron2, mmdet, mmdet3
 from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE, rcnn_from_state_dict
+from gradlens.models.detectors.mask2former import (MASK2FORMER_ARCHITECTURES, build_mask2former, is_mask2former,
+                                                   recognise_mask2former)
 from gradlens.models.registry import (ARCHITECTURES, DETR_ARCHITECTURES, TWO_STAGE_ARCHITECTURES, TooFewBackboneMaps,
                                       architecture, build_deformable_detr, build_detector, build_two_stage)
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
@@ -220,7 +222,7 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
         preprocess = PreprocessConfig.from_dict(obj["preprocess"])
         three = preprocess.convention == mmdet3.CONVENTION  # an mmdetection 3.x checkpoint, converted
         # a two-stage architecture fixes its test and training settings (RCNNConfig) by its name
-        test_cfg = None if name in TWO_STAGE_ARCHITECTURES or name in DETR_ARCHITECTURES else \
+        test_cfg = None if name in (*TWO_STAGE_ARCHITECTURES, *DETR_ARCHITECTURES, *MASK2FORMER_ARCHITECTURES) else \
             (mmdet3.MMDet3TestConfig if three else TestConfig)(**obj.get("test_cfg", {}))
         cats = list(obj["categories"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -229,8 +231,10 @@ def _from_native(obj: Mapping, path: Path) -> RetinaNetDetector:
     if problem := mmdet.check_preprocess(p.min_size, p.max_size, p.size_divisor, p.mean, p.std):
         raise CheckpointError(f"{path} is a gradlens checkpoint whose preprocessing setting {problem}.")
     check_tensors(state, path)
-    if name in TWO_STAGE_ARCHITECTURES or name in DETR_ARCHITECTURES:  # the architecture fixes its settings
-        build = build_two_stage if name in TWO_STAGE_ARCHITECTURES else build_deformable_detr
+    if name in TWO_STAGE_ARCHITECTURES or name in DETR_ARCHITECTURES or name in MASK2FORMER_ARCHITECTURES:
+        # the architecture fixes its test and training settings
+        build = (build_two_stage if name in TWO_STAGE_ARCHITECTURES else
+                 build_deformable_detr if name in DETR_ARCHITECTURES else build_mask2former)
         detector = build(name, num_classes, obj.get("options") or {}, preprocess=preprocess)
         load_strict(detector, state, path)
         detector.categories = checked_categories(cats, num_classes, path)
@@ -332,6 +336,11 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
             raise CheckpointError(f"{path} is an mmdetection 3.x two-stage detector; gradlens runs the two-stage "
                                   "detectors of mmdetection 2.x (the CEDNet fork's).")
         return _from_mmdet_two_stage(check_tensors(state, path), meta, path, arch_hint)
+    if isinstance(state, Mapping) and is_mask2former(state):
+        if three:
+            raise CheckpointError(f"{path} is an mmdetection 3.x Mask2Former; gradlens runs the Mask2Former of "
+                                  "mmdetection 2.x (the CEDNet fork's).")
+        return _from_mmdet_mask2former(check_tensors(state, path), meta, path, arch_hint)
     if isinstance(state, Mapping) and mmdet.is_deformable_detr(state):
         if three:
             raise CheckpointError(f"{path} is an mmdetection 3.x Deformable DETR; gradlens runs the Deformable DETR "
@@ -428,6 +437,36 @@ def _from_mmdet_deformable_detr(state: Mapping[str, Tensor], meta: Mapping, path
     detector.categories = _mmdet_categories(num_classes, meta.get("CLASSES"))
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
     return detector
+
+
+def _from_mmdet_mask2former(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
+    """An mmdetection 2.x Mask2Former of the CEDNet fork (:mod:`gradlens.models.detectors.mask2former`): recognised
+    from its keys and shapes, test-time hints from its config text, every weight loaded under its own name."""
+    from dataclasses import replace
+
+    with _naming(path):
+        name, options, num_classes = recognise_mask2former(state)
+    if arch_hint is not None and arch_hint != name:
+        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
+    config = meta.get("config") if isinstance(meta.get("config"), str) else None
+    with _naming(path):
+        hints = mmdet.preprocess_hints(config)
+    detector = build_mask2former(name, num_classes, options)
+    detector.preprocess = replace(detector.preprocess, **hints)
+    load_strict(detector, state, path)
+    detector.categories = _mask2former_categories(detector, meta.get("CLASSES"))
+    detector.config_backbone_type = mmdet.backbone_type_hint(config)
+    return detector
+
+
+def _mask2former_categories(detector, classes) -> list[dict]:
+    """The detectable (thing) classes as any mmdetection checkpoint's; a panoptic checkpoint's stuff classes have
+    no category id (gradlens never detects or scores them)."""
+    things = detector.num_things
+    names = list(classes) if classes is not None and len(classes) == detector.num_classes else None
+    cats = _mmdet_categories(things, names[:things] if names else None)
+    return cats + [{"id": None, "name": str(names[i]) if names else f"stuff_{i - things + 1}"}
+                   for i in range(things, detector.num_classes)]
 
 
 def _from_detectron2(obj, path: Path, arch_hint: str | None) -> RetinaNetDetector:

@@ -48,7 +48,8 @@ def is_mmdet_checkpoint(obj) -> bool:
     if not isinstance(obj, Mapping):
         return False
     state = obj.get("state_dict", obj)
-    return isinstance(state, Mapping) and any(isinstance(k, str) and k.startswith(("bbox_head.", "rpn_head.")) for k in state)
+    return isinstance(state, Mapping) and any(isinstance(k, str) and k.startswith(("bbox_head.", "rpn_head.", "panoptic_head."))
+                                              for k in state)
 
 
 def is_two_stage(sd: Mapping[str, Tensor]) -> bool:
