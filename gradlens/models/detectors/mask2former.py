@@ -315,9 +315,8 @@ def match_cost(cls: Tensor, points: Tensor, labels: Tensor, gt_points: Tensor, c
     ``ClassificationCost`` (minus the softmax score) + ``CrossEntropyLossCost`` + ``DiceCost`` (sigmoid, eps)."""
     scale = config.num_points / points.shape[1]
     cls_cost = -cls.softmax(-1)[:, labels] * config.cls_weight
-    pos = F.binary_cross_entropy_with_logits(points, torch.ones_like(points), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(points, torch.zeros_like(points), reduction="none")
-    bce_cost = (pos @ gt_points.T + neg @ (1 - gt_points).T) / points.shape[1] * config.mask_weight
+    # CrossEntropyLossCost: sum_p softplus(-x) g + softplus(x) (1 - g) = sum_p softplus(x) - x g, one pass
+    bce_cost = (F.softplus(points).sum(1)[:, None] - points @ gt_points.T) / points.shape[1] * config.mask_weight
     p = points.sigmoid()
     numerator = 2 * scale * (p @ gt_points.T)
     denominator = scale * p.sum(-1)[:, None] + scale * gt_points.sum(-1)[None, :]
@@ -367,9 +366,12 @@ def layer_parts(cls: Tensor, masks: Tensor, labels: Tensor, gt_points: Tensor, c
     num_classes = cls.shape[1] - 1
     h, w = masks.shape[-2:]
     s = config.subdivisions
-    points = masks.flatten(1) if s == 1 else grid_points(masks, (h * s, w * s))
-    with torch.no_grad():
-        matched = hungarian(match_cost(cls.detach(), points.detach(), labels, gt_points.to(points.dtype), config))
+
+    def read(m: Tensor) -> Tensor:
+        return m.flatten(1) if s == 1 else grid_points(m, (h * s, w * s))
+
+    with torch.no_grad():  # every query's points for the matching; the loss reads only the matched queries' again
+        matched = hungarian(match_cost(cls.detach(), read(masks.detach()), labels, gt_points.to(masks.dtype), config))
     owner = matched + 1
     targets = torch.where(matched >= 0, labels[matched.clamp(min=0)] if len(labels) else matched, num_classes)
     ce = F.cross_entropy(cls, targets, weight=class_weight, reduction="none")
@@ -377,11 +379,11 @@ def layer_parts(cls: Tensor, masks: Tensor, labels: Tensor, gt_points: Tensor, c
     fg = (matched >= 0).nonzero().squeeze(1)
     num_masks = float(max(len(labels), 1))
     if len(fg) == 0:
-        empty = points[:0, 0]
+        empty = masks[:0, 0, 0]
         parts["loss_mask"] = (empty, owner[fg])
         parts["loss_dice"] = (empty, owner[fg])
         return parts
-    loss_mask, loss_dice = mask_terms(points[fg], gt_points[matched[fg]].to(points.dtype), num_masks, config)
+    loss_mask, loss_dice = mask_terms(read(masks[fg]), gt_points[matched[fg]].to(masks.dtype), num_masks, config)
     parts["loss_mask"] = (loss_mask, owner[fg])
     parts["loss_dice"] = (loss_dice, owner[fg])
     return parts
