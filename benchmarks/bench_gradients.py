@@ -31,19 +31,22 @@ from gradlens.attribution.compute import compute_maps, map_store_key
 from gradlens.attribution.objects import compute_object_maps
 from gradlens.attribution.methods import AttributionConfig, TotalLoss, gradient_maps, reduce_channels
 from gradlens.attribution.store import MapStore
-from gradlens.attribution.targets import image_targets
+from gradlens.attribution.targets import image_targets, needs_masks
 from gradlens.data.coco import load_ground_truth
 from gradlens.data.images import read_image, to_tensor
 from gradlens.data.synthetic import CATEGORIES, make_synthetic_coco
 from gradlens.models.bundled import bundled_detector_path
 from gradlens.models.formats.checkpoints import load_detector
+from gradlens.models.detectors.mask2former import MASK2FORMER_ARCHITECTURES, build_mask2former
 from gradlens.models.registry import DETR_ARCHITECTURES, build_deformable_detr, build_detector, with_preprocess
 
 
 def make_detector(args, device):
     if args.arch:
         torch.manual_seed(0)
-        det = (build_deformable_detr if args.arch in DETR_ARCHITECTURES else build_detector)(args.arch, len(CATEGORIES))
+        build = (build_deformable_detr if args.arch in DETR_ARCHITECTURES else
+                 build_mask2former if args.arch in MASK2FORMER_ARCHITECTURES else build_detector)
+        det = build(args.arch, len(CATEGORIES))
         det.categories = [dict(c) for c in CATEGORIES]
         if args.min_size:
             with_preprocess(det, min_size=args.min_size, max_size=int(args.min_size * 1333 / 800))
@@ -61,7 +64,7 @@ def naive(detector, gt, ids, device, per_object=False):
     maps = {}
     for image_id in ids:
         image = to_tensor(read_image(gt.image_path(image_id))).to(device)
-        targets = image_targets(gt, image_id, detector.categories)
+        targets = image_targets(gt, image_id, detector.categories, masks=needs_masks(detector))
         losses = ([(ann, targets.for_object(j)) for j, ann in enumerate(targets.ann_ids)] if per_object
                   else [(image_id, targets.as_dict())])
         for name, target in losses:
@@ -156,7 +159,7 @@ def main(argv=None):
             rel, ious = [], {0.01: [], 0.1: [], 0.5: []}
             for image_id in ids[: min(8, len(ids))]:
                 image = to_tensor(read_image(gt.image_path(image_id))).to(device)
-                target = image_targets(gt, image_id, detector.categories).as_dict()
+                target = image_targets(gt, image_id, detector.categories, masks=needs_masks(detector)).as_dict()
                 exact = gradient_maps(fast_detector, [image], [target])[0].float().cpu().numpy()
                 low = gradient_maps(fast_detector, [image], [target], precision=precision)[0].float().cpu().numpy()
                 rel.append(float(np.linalg.norm(low - exact) / np.linalg.norm(exact)))

@@ -19,7 +19,8 @@ from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, sigmo
 
 from gradlens.errors import CheckpointError
 from gradlens.models.backbones.convnext import ConvNeXtBackbone
-from gradlens.models.detectors.deformable_detr import ChannelMapper, MMDetDeformableDETR, hungarian_match, matching_cost
+from gradlens.models.detectors.deformable_detr import ChannelMapper, MMDetDeformableDETR, matching_cost
+from gradlens.models.detectors.matching import hungarian_match
 from gradlens.models.detectors.transformer import SinePositionalEncoding, multi_scale_deformable_attn
 from gradlens.models.preprocessing.transform import PreprocessConfig
 

@@ -21,7 +21,8 @@ from gradlens.errors import CheckpointError
 from gradlens.models.backbones.convnext import ConvNeXtBackbone
 from gradlens.models.detectors.mask2former import (
     EPS, MASK2FORMER_ARCHITECTURES, Mask2FormerConfig, MMDetMask2Former, MSDeformAttnPixelDecoder, build_mask2former,
-    grid_points, hungarian, is_mask2former, mask2bbox, point_weights, recognise_mask2former)
+    grid_points, is_mask2former, mask2bbox, point_weights, recognise_mask2former)
+from gradlens.models.detectors.matching import hungarian_match
 from gradlens.models.detectors.transformer import MultiScaleDeformableAttention
 from gradlens.models.preprocessing.transform import PreprocessConfig, mmcv_normalise
 
@@ -118,11 +119,11 @@ def test_grid_points_read_the_mask_as_point_sample_does():
 
 def test_matching_is_the_brute_force_assignment():
     cost = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    matched = hungarian(cost)
+    matched = hungarian_match(cost)
     best = min(itertools.permutations(range(5), 3), key=lambda rows: sum(float(cost[r, j]) for j, r in enumerate(rows)))
     assert [int((matched == j).nonzero()) for j in range(3)] == list(best)
     assert int((matched == -1).sum()) == 2
-    assert bool((hungarian(cost[:, :0]) == -1).all())
+    assert bool((hungarian_match(cost[:, :0]) == -1).all())
 
 
 def test_importance_weights_are_the_samplers_limit():

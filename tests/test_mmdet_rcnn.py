@@ -21,9 +21,11 @@ from torchvision.ops import roi_align
 from gradlens.errors import CheckpointError
 from gradlens.models.backbones.convnext import ConvNeXtBackbone
 from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
+from gradlens.models.detectors.boxes import giou_loss
 from gradlens.models.detectors.mmdet_rcnn import (
     CASCADE_CONFIG, EPS, STAGE_IOUS, STAGE_STDS, MMDetFPN, MMDetTwoStage, ProposalConfig, RCNNConfig, delta_decode,
-    delta_encode, giou_loss, nearest_rescale)
+    delta_encode)
+from gradlens.models.detectors.mmdet_targets import nearest_rescale
 from gradlens.models.preprocessing.transform import PreprocessConfig
 from tests.monte_carlo import assert_expectation_is_the_monte_carlo_mean
 

@@ -45,8 +45,9 @@ Every block type of the reference is implemented: ``NeXtBlock``/``DNeXtBlock`` (
 layer's norm, activation and layer scale are is the :class:`Style` that ``norm_cfg``, ``act_type`` and
 ``layer_scale_init_value`` give, as mmcv's registry and the reference's globals decide them; combinations the
 reference cannot build (CSwin blocks outside ``CSwinEncoder``, Swin blocks with batch norm) raise ``ValueError``.
-The reference's other detection wrappers (``CEDNetWrapperTwoStage``, which adds a
-stride-4 output for the Mask R-CNN configs, and ``CEDNetWrapperMask2Former``) are not provided.
+The reference's other detection wrappers are :class:`CEDNetTwoStageBackbone` (``CEDNetWrapperTwoStage``, which adds a
+stride-4 output for the Mask R-CNN configs) and :class:`CEDNetMask2FormerBackbone` (``CEDNetWrapperMask2Former``: the
+raw c2..c5 maps); the Deformable DETR configs use ``CEDNetWrapper`` itself with one added block.
 Drop path is ``torchvision.ops.StochasticDepth(p, "row")``.
 """
 
@@ -618,7 +619,18 @@ class _CEDNetTrunk(nn.Module):
             self.stages.append(nn.Sequential(*parts))
 
     def _to_stride8(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages[0](self.stem(x))
+        return self._checked_stride8(self.stages[0](self.stem(x)))
+
+    def stride4_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``c2`` (the p2 stage's blocks' output, stride 4, before its downsampling) and the last stage's
+        ``(c3, c4, c5)``: what the fork's two-stage and Mask2Former wrappers read."""
+        c2 = self.stages[0][:-1](self.stem(x))
+        x = self._checked_stride8(self.stages[0][-1](c2))
+        for stage in self.stages[1:]:
+            x = stage(x)
+        return c2, x
+
+    def _checked_stride8(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self._has_decoder and (h % 4 or w % 4):
             # Otherwise a decoder's upsampled coarse maps would not line up with the finer ones.
@@ -808,14 +820,7 @@ class CEDNetTwoStageBackbone(CEDNetBackbone):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        c2 = self.stages[0][:-1](self.stem(x))
-        x = self.stages[0][-1](c2)
-        h, w = x.shape[-2:]
-        if self._has_decoder and (h % 4 or w % 4):
-            raise ValueError(f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
-                             f"(multiples of 32 always do); the stride-8 map is {h}x{w}")
-        for stage in self.stages[1:]:
-            x = stage(x)
+        c2, x = self.stride4_and_features(x)
         feats = [reduce(f) for reduce, f in zip(self.reduce_convs, x)]
         for add_block in self.add_blocks:
             feats.append(add_block(feats[-1]))
@@ -886,13 +891,14 @@ def cednet_next_tiny_hourglass(**kwargs) -> CEDNet:
 def cednet_backbone(variant: str, out_chans: int = 256, num_add_blocks: int = 2, **overrides) -> CEDNetBackbone:
     """Detection backbone for a :data:`CEDNET_VARIANTS` name (``"next_tiny"``, ...).
 
-    The reference's RetinaNet configs use ``num_add_blocks=2`` (strides 8..128); its other detectors
-    use ``CEDNetWrapperTwoStage`` (not implemented here).
+    The reference's RetinaNet configs use ``num_add_blocks=2`` (strides 8..128), its Deformable DETR configs
+    ``num_add_blocks=1``; its two-stage and Mask2Former detectors use :class:`CEDNetTwoStageBackbone` and
+    :class:`CEDNetMask2FormerBackbone`.
     """
     return CEDNetBackbone(out_chans, num_add_blocks, **{**_variant(variant), **overrides})
 
 
-class CEDNetMask2FormerBackbone(_CEDNetTrunk):
+class CEDNetMask2FormerBackbone(CEDNetBackbone):
     """CEDNet for the fork's Mask2Former (its ``CEDNetWrapperMask2Former``): the trunk's raw maps, no reduction.
 
     The wrapper deletes ``CEDNetWrapper``'s ``reduce_convs`` and ``add_blocks``; its pixel decoder reads ``c2`` (the
@@ -901,45 +907,13 @@ class CEDNetMask2FormerBackbone(_CEDNetTrunk):
     reference module's (a checkpoint's ``backbone.*`` keys without the prefix).
     """
 
-    def __init__(
-        self,
-        *,
-        in_chans: int = 3,
-        num_stages: int = 3,
-        encoder_type: str = "Encoder",
-        decoder_type: str = "Decoder",
-        base_block: str = "NeXtBlock",
-        focal_block: str = "DNeXtBlock",
-        p2_dim: int = 96,
-        p2_block: int = 3,
-        dims: Sequence[int] = (192, 352, 512),
-        blocks: Sequence[int] | Sequence[Sequence[int]] = (2, 4, 2),
-        layer_scale_init_value: float = 1e-6,
-        drop_path_rate: float = 0.0,
-        norm_cfg: Mapping | None = None,
-        act_type: str = "gelu",
-    ) -> None:
-        super().__init__(
-            in_chans=in_chans, num_stages=num_stages, encoder_type=encoder_type, decoder_type=decoder_type,
-            base_block=base_block, focal_block=focal_block, p2_dim=p2_dim, p2_block=p2_block, dims=dims, blocks=blocks,
-            layer_scale_init_value=layer_scale_init_value, drop_path_rate=drop_path_rate, norm_cfg=norm_cfg,
-            act_type=act_type, last_decoder=False,
-        )
-        self.out_channels = [int(p2_dim), *self.dims]
+    def __init__(self, **kwargs) -> None:
+        super().__init__(256, 0, **{"drop_path_rate": 0.0, **kwargs})
+        del self.reduce_convs, self.add_blocks
+        p2_dim = int(self.stages[0][-1][0].in_channels)
+        self.out_channels = [p2_dim, *self.dims]
         self.strides = (4, 8, 16, 32)
-        for m in self.modules():  # the wrapper's from-scratch init_weights (as CEDNetBackbone's)
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] > 1:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        c2 = self.stages[0][:-1](self.stem(x))
-        x = self.stages[0][-1](c2)
-        h, w = x.shape[-2:]
-        if self._has_decoder and (h % 4 or w % 4):
-            raise ValueError(f"CEDNet needs input height and width that give stride-8 maps divisible by 4 "
-                             f"(multiples of 32 always do); the stride-8 map is {h}x{w}")
-        for stage in self.stages[1:]:
-            x = stage(x)
-        return (c2, *x)
+        c2, feats = self.stride4_and_features(x)
+        return (c2, *feats)

@@ -35,15 +35,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from gradlens.errors import GradlensError
 from gradlens.models.detectors.boxes import cxcywh_to_xyxy, giou_loss, giou_matrix, xyxy_to_cxcywh
-from gradlens.models.detectors.sampling import owner_sums
-from gradlens.models.detectors.transformer import (FFN, MultiheadAttention, MultiScaleDeformableAttention,
-                                                   SinePositionalEncoding, inverse_sigmoid, padding_masks,
-                                                   valid_ratios)
+from gradlens.models.detectors.mmdet_targets import resized_boxes, scale_factor
+from gradlens.models.detectors.sampling import owner_sums, owner_terms
+from gradlens.models.detectors.matching import hungarian_match
+from gradlens.models.detectors.transformer import (FFN, ConvGN, DeformableEncoderLayer, LayerStack, MultiheadAttention,
+                                                   MultiScaleDeformableAttention, SinePositionalEncoding,
+                                                   inverse_sigmoid, padding_masks, valid_ratios)
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
@@ -76,18 +77,6 @@ def matching_cost(logits: Tensor, boxes: Tensor, gt: Tensor, gt_labels: Tensor, 
     return cls_cost + reg_cost + iou_cost
 
 
-def hungarian_match(cost: Tensor) -> Tensor:
-    """Each query's matched object (``-1``: none) under the minimum-cost one-to-one matching of
-    ``scipy.optimize.linear_sum_assignment`` on the float32 cost (mmdetection's ``HungarianAssigner``)."""
-    matched = torch.full((cost.shape[0],), -1, dtype=torch.long, device=cost.device)
-    if cost.numel() == 0:
-        return matched
-    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
-    matched[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(cost.device)] = \
-        torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(cost.device)
-    return matched
-
-
 def focal_loss_terms(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """mmdetection's ``py_sigmoid_focal_loss`` per (query, class) before reduction; label ``num_classes`` is the
     background (every class a negative)."""
@@ -101,49 +90,23 @@ def focal_loss_terms(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor
 # -- the network ----------------------------------------------------------------------------------------------
 
 
-class _ConvGN(nn.Module):
-    """mmcv's ``ConvModule`` with group norm and no activation (keys ``conv``, ``gn``; the conv has no bias)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, bias=False)
-        self.gn = nn.GroupNorm(32, c_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gn(self.conv(x))
-
-
 class ChannelMapper(nn.Module):
     """mmdetection's ``ChannelMapper`` as the Deformable DETR configs build it: a 1x1 conv + group norm per input
     map, and extra stride-2 3x3 conv + group norm maps, the first from the last *input* map."""
 
     def __init__(self, in_channels: list[int], out_channels: int = 256, num_outs: int = 4):
         super().__init__()
-        self.convs = nn.ModuleList(_ConvGN(c, out_channels, 1) for c in in_channels)
+        self.convs = nn.ModuleList(ConvGN(c, out_channels, 1) for c in in_channels)
         extra = num_outs - len(in_channels)
         if extra > 0:
             self.extra_convs = nn.ModuleList(
-                _ConvGN(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2) for i in range(extra))
+                ConvGN(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2) for i in range(extra))
 
     def forward(self, inputs) -> list[Tensor]:
         outs = [conv(x) for conv, x in zip(self.convs, inputs)]
         for i, conv in enumerate(getattr(self, "extra_convs", [])):
             outs.append(conv(inputs[-1] if i == 0 else outs[-1]))
         return outs
-
-
-class EncoderLayer(nn.Module):
-    """``BaseTransformerLayer`` with ``('self_attn', 'norm', 'ffn', 'norm')`` and deformable self-attention."""
-
-    def __init__(self, dims: int = 256, ffn: int = 1024, levels: int = 4):
-        super().__init__()
-        self.attentions = nn.ModuleList([MultiScaleDeformableAttention(dims, num_levels=levels)])
-        self.ffns = nn.ModuleList([FFN(dims, ffn)])
-        self.norms = nn.ModuleList([nn.LayerNorm(dims), nn.LayerNorm(dims)])
-
-    def forward(self, query: Tensor, pos: Tensor, reference: Tensor, shapes, padding: Tensor) -> Tensor:
-        query = self.norms[0](self.attentions[0](query, None, pos, reference, shapes, padding))
-        return self.norms[1](self.ffns[0](query))
 
 
 class DecoderLayer(nn.Module):
@@ -161,14 +124,6 @@ class DecoderLayer(nn.Module):
         return self.norms[2](self.ffns[0](query))
 
 
-class _Layers(nn.Module):
-    """``TransformerLayerSequence``: its ``layers`` (the checkpoint's ``encoder.layers.*``/``decoder.layers.*``)."""
-
-    def __init__(self, layers: list[nn.Module]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-
 class DeformableDetrTransformer(nn.Module):
     """mmdetection's ``DeformableDetrTransformer`` (single-stage, no box refinement)."""
 
@@ -176,8 +131,8 @@ class DeformableDetrTransformer(nn.Module):
                  ffn: int = 1024):
         super().__init__()
         self.embed_dims = dims
-        self.encoder = _Layers([EncoderLayer(dims, ffn, levels) for _ in range(encoder_layers)])
-        self.decoder = _Layers([DecoderLayer(dims, ffn, levels) for _ in range(decoder_layers)])
+        self.encoder = LayerStack([DeformableEncoderLayer(dims, levels=levels, ffn=ffn) for _ in range(encoder_layers)])
+        self.decoder = LayerStack([DecoderLayer(dims, ffn, levels) for _ in range(decoder_layers)])
         self.level_embeds = nn.Parameter(torch.empty(levels, dims))
         self.reference_points = nn.Linear(dims, 2)
         nn.init.normal_(self.level_embeds)
@@ -339,11 +294,6 @@ class MMDetDeformableDETR(nn.Module):
             out.append(self._detections(image, classes[-1], boxes[-1], size))
         return out
 
-    def _scale_factor(self, image: Tensor, size) -> Tensor:
-        """mmdetection's ``Resize`` scale factor ``(w, h, w, h)``, float32."""
-        return torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=torch.float32,
-                            device=image.device)
-
     def _detections(self, image: Tensor, logits: Tensor, boxes: Tensor, size) -> dict[str, Tensor]:
         """``DETRHead._get_bboxes_single`` with ``rescale=True``."""
         logits, boxes = _full(logits.detach()), _full(boxes.detach())
@@ -353,7 +303,7 @@ class MMDetDeformableDETR(nn.Module):
         h, w = size
         det[:, 0::2] = (det[:, 0::2] * w).clamp(min=0, max=w)
         det[:, 1::2] = (det[:, 1::2] * h).clamp(min=0, max=h)
-        det = det / self._scale_factor(image, size)
+        det = det / scale_factor(image, size)
         return {"boxes": det, "scores": scores, "labels": labels}
 
     @torch.no_grad()
@@ -375,12 +325,7 @@ class MMDetDeformableDETR(nn.Module):
         ``j``'s part (``-1``: the background's), see :meth:`object_losses`."""
         out = []
         for image, target in zip(images, targets):
-            parts = self.loss_parts(image, target)
-            if target.get("object") is None:
-                out.append({name: values.sum() for name, (values, _) in parts.items()})
-            else:
-                split = owner_sums(parts, len(target["boxes"]))
-                out.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
+            out.append(owner_terms(self.loss_parts(image, target), target))
         return _stack(out, self.loss_terms)
 
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -397,12 +342,7 @@ class MMDetDeformableDETR(nn.Module):
 
     def gt_in_resized(self, image: Tensor, target: dict, size) -> tuple[Tensor, Tensor]:
         """mmdetection's ``Resize`` of the ground truth: float32 boxes times the scale factor, clipped."""
-        boxes = torch.as_tensor(target["boxes"]).to(device=image.device).reshape(-1, 4).float()
-        labels = torch.as_tensor(target["labels"]).to(device=image.device, dtype=torch.int64).reshape(-1)
-        scaled = boxes * self._scale_factor(image, size)
-        h, w = size
-        return torch.stack([scaled[:, 0].clamp(0, w), scaled[:, 1].clamp(0, h), scaled[:, 2].clamp(0, w),
-                            scaled[:, 3].clamp(0, h)], dim=1), labels
+        return resized_boxes(image, target, size)
 
     def matches(self, image: Tensor, target: dict[str, Tensor]) -> Tensor:
         """Each decoder layer's matching ``(layers, queries)``: the object each query is matched to, -1 for none."""

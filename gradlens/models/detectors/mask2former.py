@@ -55,16 +55,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.models.backbones.layers import EvalBatchNorm2d
-from gradlens.models.detectors.mmdet_rcnn import nearest_rescale
-from gradlens.models.detectors.sampling import owner_sums
-from gradlens.models.detectors.transformer import FFN, MultiheadAttention, MultiScaleDeformableAttention, \
-    SinePositionalEncoding
+from gradlens.models.detectors.mmdet_targets import resized_boxes, resized_masks
+from gradlens.models.detectors.sampling import owner_sums, owner_terms
+from gradlens.models.detectors.matching import hungarian_match
+from gradlens.models.detectors.transformer import (FFN, ConvGN, DeformableEncoderLayer, LayerStack, MultiheadAttention,
+                                                   SinePositionalEncoding)
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images, mmcv_normalise
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
@@ -108,44 +108,6 @@ class Mask2FormerConfig:
 # modules, under mmdetection's / mmcv's parameter names
 
 
-class ConvGN(nn.Module):
-    """mmcv's ``ConvModule`` with ``GN`` (32 groups): ``conv``, ``gn``, optional ReLU."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int, bias: bool, relu: bool = False, groups: int = 32):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias)
-        self.gn = nn.GroupNorm(groups, c_out)
-        self.relu = relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.gn(self.conv(x))
-        return F.relu(x) if self.relu else x
-
-
-class EncoderLayer(nn.Module):
-    """mmcv's ``BaseTransformerLayer`` of the pixel decoder: deformable self-attention, norm, FFN, norm."""
-
-    def __init__(self, dims: int, heads: int, levels: int, points: int, ffn: int):
-        super().__init__()
-        self.attentions = nn.ModuleList([MultiScaleDeformableAttention(dims, heads, levels, points)])
-        self.ffns = nn.ModuleList([FFN(dims, ffn)])
-        self.norms = nn.ModuleList([nn.LayerNorm(dims), nn.LayerNorm(dims)])
-
-    def forward(self, query: Tensor, pos: Tensor, reference_points: Tensor, shapes) -> Tensor:
-        query = self.norms[0](self.attentions[0](query, None, pos, reference_points, shapes))
-        return self.norms[1](self.ffns[0](query))
-
-
-class LayerStack(nn.Module):
-    """mmcv's ``TransformerLayerSequence``: its ``layers`` (and the decoder's ``post_norm``)."""
-
-    def __init__(self, layers: list[nn.Module], post_norm: int | None = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        if post_norm is not None:
-            self.post_norm = nn.LayerNorm(post_norm)
-
-
 class MSDeformAttnPixelDecoder(nn.Module):
     """mmdetection's ``MSDeformAttnPixelDecoder``: deformable-attention encoder over the coarsest ``levels`` maps,
     then a lateral + 3x3 conv for each finer map; returns the mask features and the multi-scale maps (coarse first)."""
@@ -160,14 +122,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         n = self.num_input_levels
         self.input_convs = nn.ModuleList([ConvGN(in_channels[i], feat_channels, 1, bias=True)
                                           for i in range(n - 1, n - levels - 1, -1)])
-        self.encoder = LayerStack([EncoderLayer(feat_channels, heads, levels, points, ffn) for _ in range(layers)])
+        self.encoder = LayerStack([DeformableEncoderLayer(feat_channels, heads, levels, points, ffn) for _ in range(layers)])
         self.postional_encoding = SinePositionalEncoding(feat_channels // 2, normalize=True)  # mmdetection's spelling
         self.level_encoding = nn.Embedding(levels, feat_channels)
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
         for i in range(n - levels - 1, -1, -1):
-            self.lateral_convs.append(ConvGN(in_channels[i], feat_channels, 1, bias=False))
-            self.output_convs.append(ConvGN(feat_channels, feat_channels, 3, bias=False, relu=True))
+            self.lateral_convs.append(ConvGN(in_channels[i], feat_channels, 1))
+            self.output_convs.append(ConvGN(feat_channels, feat_channels, 3, relu=True))
         self.mask_feature = nn.Conv2d(feat_channels, out_channels, 1)
 
     def reference_points(self, h: int, w: int, stride: int, dtype: torch.dtype, device) -> Tensor:
@@ -324,16 +286,6 @@ def match_cost(cls: Tensor, points: Tensor, labels: Tensor, gt_points: Tensor, c
     return cls_cost + bce_cost + dice_cost
 
 
-def hungarian(cost: Tensor) -> Tensor:
-    """Each query's matched object (-1: none) by ``scipy.optimize.linear_sum_assignment`` on the cost, as upstream."""
-    matched = torch.full((cost.shape[0],), -1, dtype=torch.long, device=cost.device)
-    if cost.shape[1] == 0:
-        return matched
-    rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
-    matched[torch.as_tensor(rows, device=cost.device)] = torch.as_tensor(cols, device=cost.device)
-    return matched
-
-
 def point_weights(points: Tensor, config: Mask2FormerConfig) -> Tensor:
     """The importance sampler's limit on the grid (module docstring): ``random_share`` everywhere plus
     ``(1 - random_share) / q`` on the fraction ``q`` of each row's points most uncertain (smallest ``|logit|``)."""
@@ -371,7 +323,7 @@ def layer_parts(cls: Tensor, masks: Tensor, labels: Tensor, gt_points: Tensor, c
         return m.flatten(1) if s == 1 else grid_points(m, (h * s, w * s))
 
     with torch.no_grad():  # every query's points for the matching; the loss reads only the matched queries' again
-        matched = hungarian(match_cost(cls.detach(), read(masks.detach()), labels, gt_points.to(masks.dtype), config))
+        matched = hungarian_match(match_cost(cls.detach(), read(masks.detach()), labels, gt_points.to(masks.dtype), config))
     owner = matched + 1
     targets = torch.where(matched >= 0, labels[matched.clamp(min=0)] if len(labels) else matched, num_classes)
     ce = F.cross_entropy(cls, targets, weight=class_weight, reduction="none")
@@ -546,12 +498,7 @@ class MMDetMask2Former(nn.Module):
         ``j``'s part (``-1``: the background's), see :meth:`object_losses`."""
         out = []
         for image, target in zip(images, targets):
-            parts = self.loss_parts(image, target)
-            if target.get("object") is None:
-                out.append({name: values.sum() for name, (values, _) in parts.items()})
-            else:
-                split = owner_sums(parts, _count(target))
-                out.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
+            out.append(owner_terms(self.loss_parts(image, target), target))
         return _stack(out)
 
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -566,31 +513,12 @@ class MMDetMask2Former(nn.Module):
         return self._parts(image, target, self.forward_outputs(batch), size, tuple(batch.shape[-2:]))
 
     def gt_in_resized(self, image: Tensor, target: dict, size) -> tuple[Tensor, Tensor]:
-        """mmdetection's ``Resize`` of the ground truth: float32 boxes times the scale factor, clipped (the loss
-        itself reads only the labels and the masks)."""
-        device = image.device
-        boxes = torch.as_tensor(target["boxes"]).to(device=device).reshape(-1, 4).float()
-        labels = torch.as_tensor(target["labels"]).to(device=device, dtype=torch.int64).reshape(-1)
-        scale = torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=torch.float32,
-                             device=device)
-        scaled = boxes * scale
-        h, w = size
-        clipped = torch.stack([scaled[:, 0].clamp(0, w), scaled[:, 1].clamp(0, h), scaled[:, 2].clamp(0, w),
-                               scaled[:, 3].clamp(0, h)], dim=1)
-        return clipped, labels
+        """mmdetection's ``Resize`` of the ground truth (the loss itself reads only the labels and the masks)."""
+        return resized_boxes(image, target, size)
 
     def _resized_masks(self, target: dict, size, padded: tuple[int, int]) -> Tensor:
-        """The objects' masks as the pipeline gives them to the head: nearest-rescaled to the resized image
-        (``BitmapMasks.rescale``) and zero-padded to the batch (``Pad``, ``preprocess_gt``)."""
-        if target.get("masks") is None:
-            raise GradlensError("Mask2Former's loss needs the objects' instance masks; give masks for every image "
-                                "(the pipeline reads them from the COCO annotations)")
-        masks = torch.as_tensor(target["masks"]).to(dtype=torch.uint8)
-        if masks.ndim != 3:
-            raise GradlensError("instance masks must be one H x W mask per object")
-        resized = nearest_rescale(masks, size) if masks.shape[0] else masks.new_zeros((0, *size))
-        h, w = padded
-        return F.pad(resized, (0, w - resized.shape[-1], 0, h - resized.shape[-2]))
+        """The objects' masks as the pipeline gives them to the head (``preprocess_gt``)."""
+        return resized_masks(target, size, padded)
 
     def _parts(self, image: Tensor, target: dict, outputs, size, padded) -> dict[str, tuple[Tensor, Tensor]]:
         _, labels = self.gt_in_resized(image, target, size)

@@ -50,7 +50,9 @@ from gradlens.models.detectors.assign import MaxIoUAssigner, mmdet_box_overlaps
 from gradlens.models.detectors.boxes import giou_loss
 from gradlens.models.detectors.nms import mmcv_batched_nms
 from gradlens.models.detectors.roi_align import roi_align as fast_roi_align
-from gradlens.models.detectors.sampling import expected_count_probabilities, inclusion_probabilities, owner_sums
+from gradlens.models.detectors.mmdet_targets import resized_boxes, resized_masks, scale_factor
+from gradlens.models.detectors.sampling import (expected_count_probabilities, inclusion_probabilities, owner_sums,
+                                               owner_terms)
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
@@ -136,16 +138,6 @@ def delta_encode(rois: Tensor, gt: Tensor, stds=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
     gwh = gt[:, 2:] - gt[:, :2]
     deltas = torch.cat([(gxy - pxy) / pwh, torch.log(gwh / pwh)], dim=-1)
     return (deltas - deltas.new_zeros(1, 4)) / deltas.new_tensor(stds).view(1, -1)
-
-
-def nearest_rescale(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """OpenCV's ``INTER_NEAREST`` resize of ``(K, H, W)`` masks to ``size`` (mmcv's ``imrescale`` of
-    ``BitmapMasks.rescale``): source index ``min(floor(x * (src / dst)), src - 1)`` in double precision."""
-    h, w = masks.shape[-2:]
-    th, tw = size
-    ys = np.minimum(np.floor(np.arange(th) * (1.0 / (th / h))).astype(np.int64), h - 1)
-    xs = np.minimum(np.floor(np.arange(tw) * (1.0 / (tw / w))).astype(np.int64), w - 1)
-    return masks[:, torch.as_tensor(ys, device=masks.device)][:, :, torch.as_tensor(xs, device=masks.device)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,8 +417,7 @@ class MMDetTwoStage(nn.Module):
         return [self._detect_one(image) for image in images]
 
     def _scale_factor(self, image: Tensor, size) -> Tensor:
-        return torch.tensor([size[1] / image.shape[-1], size[0] / image.shape[-2]] * 2, dtype=torch.float32,
-                            device=image.device)
+        return scale_factor(image, size)
 
     def _detect_one(self, image: Tensor, feats: list[Tensor] | None = None, size=None) -> dict[str, Tensor]:
         if feats is None:
@@ -509,12 +500,7 @@ class MMDetTwoStage(nn.Module):
         is object ``j``'s part (``-1``: the background's), see :meth:`object_losses`."""
         out = []
         for image, target in zip(images, targets):
-            parts = self.expected_parts(image, target)
-            if target.get("object") is None:
-                out.append({name: values.sum() for name, (values, _) in parts.items()})
-            else:
-                split = owner_sums(parts, len(target["boxes"]))
-                out.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
+            out.append(owner_terms(self.expected_parts(image, target), target))
         return _stack(out, self.loss_terms)
 
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -531,14 +517,7 @@ class MMDetTwoStage(nn.Module):
 
     def gt_in_resized(self, image: Tensor, target: dict, size) -> tuple[Tensor, Tensor]:
         """mmdetection's ``Resize`` of the ground truth: float32 boxes times the scale factor, clipped."""
-        device = image.device
-        boxes = torch.as_tensor(target["boxes"]).to(device=device).reshape(-1, 4).float()
-        labels = torch.as_tensor(target["labels"]).to(device=device, dtype=torch.int64).reshape(-1)
-        scaled = boxes * self._scale_factor(image, size)
-        h, w = size
-        clipped = torch.stack([scaled[:, 0].clamp(0, w), scaled[:, 1].clamp(0, h), scaled[:, 2].clamp(0, w),
-                               scaled[:, 3].clamp(0, h)], dim=1)
-        return clipped, labels
+        return resized_boxes(image, target, size)
 
     def _expected_parts(self, image: Tensor, target: dict, feats: list[Tensor], size,
                         padded: tuple[int, int]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -622,14 +601,8 @@ class MMDetTwoStage(nn.Module):
         return rois[keep], matched[keep], q[keep], drawn, positives
 
     def _resized_masks(self, target: dict, size, padded: tuple[int, int]) -> Tensor:
-        """The objects' masks as mmdetection's pipeline gives them to ``mask_target``: nearest-rescaled to the
-        resized image (``BitmapMasks.rescale``) and zero-padded to the batch (``Pad``)."""
-        masks = torch.as_tensor(target["masks"]).to(dtype=torch.uint8)
-        if masks.ndim != 3:
-            raise GradlensError("instance masks must be one H x W mask per object")
-        resized = nearest_rescale(masks, size) if masks.shape[0] else masks.new_zeros((0, *size))
-        h, w = padded
-        return F.pad(resized, (0, w - resized.shape[-1], 0, h - resized.shape[-2]))
+        """The objects' masks as mmdetection's pipeline gives them to ``mask_target``."""
+        return resized_masks(target, size, padded)
 
     def _mask_term(self, stage, feats, rois, matched, labels, masks, weights, positives) -> Tensor:
         """``FCNMaskHead.loss`` (mean BCE over the drawn positives' 28 x 28 targets) in expectation."""

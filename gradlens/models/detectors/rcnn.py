@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from gradlens.errors import CheckpointError, GradlensError
 from gradlens.models.detectors.adapter import LossDictDetector, mode_view
 from gradlens.models.detectors.roi_align import multiscale_roi_align
-from gradlens.models.detectors.sampling import inclusion_probabilities, owner_sums
+from gradlens.models.detectors.sampling import inclusion_probabilities, owner_sums, owner_terms
 from gradlens.models.preprocessing.transform import PreprocessConfig
 
 TERMS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -94,12 +94,7 @@ class ExpectedLossRCNN(LossDictDetector):
         view = mode_view(self.model, training=True, keep=self._keep)
         per_image = []
         for image, target in zip(images, targets):
-            parts = self.expected_parts(view, image, target)
-            if target.get("object") is None:
-                per_image.append({name: values.sum() for name, (values, _) in parts.items()})
-            else:
-                split = owner_sums(parts, len(target["boxes"]))
-                per_image.append({name: owners[int(target["object"]) + 1] for name, owners in split.items()})
+            per_image.append(owner_terms(self.expected_parts(view, image, target), target))
         return self._stacked(per_image, hint=" (give masks for all images or for none)")
 
     def object_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:

@@ -79,3 +79,12 @@ def owner_sums(parts: dict[str, tuple[Tensor, Tensor]], objects: int) -> dict[st
         total = torch.zeros(1 + objects, dtype=values.dtype, device=values.device)
         out[name] = total.index_add(0, owners, values) if values.numel() else total + values.sum()
     return out
+
+
+def owner_terms(parts: dict[str, tuple[Tensor, Tensor]], target: dict) -> dict[str, Tensor]:
+    """One image's loss terms from its parts: each term's sum, or with ``target["object"] = j`` object ``j``'s
+    part (``-1``: the background's), as every detector's ``image_losses`` gives them."""
+    if target.get("object") is None:
+        return {name: values.sum() for name, (values, _) in parts.items()}
+    split = owner_sums(parts, len(target["labels"]))
+    return {name: owners[int(target["object"]) + 1] for name, owners in split.items()}

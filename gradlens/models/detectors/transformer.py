@@ -1,4 +1,4 @@
-"""mmcv 1.x's transformer bricks in plain PyTorch, under mmcv's own parameter names.
+"""mmcv 1.x's transformer bricks (and the group-norm conv beside them) in plain PyTorch, under mmcv's own names.
 
 The query-based detectors of the CEDNet fork (Deformable DETR, Mask2Former) are built from mmcv's
 ``MultiScaleDeformableAttention``, ``MultiheadAttention``, ``FFN`` and ``BaseTransformerLayer`` and mmdetection's
@@ -148,6 +148,48 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
         return (x if identity is None else identity) + self.layers(x)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """mmcv's ``BaseTransformerLayer`` with ``('self_attn', 'norm', 'ffn', 'norm')`` and deformable self-attention:
+    the encoder layer of Deformable DETR and of Mask2Former's pixel decoder."""
+
+    def __init__(self, dims: int = 256, heads: int = 8, levels: int = 4, points: int = 4, ffn: int = 1024):
+        super().__init__()
+        self.attentions = nn.ModuleList([MultiScaleDeformableAttention(dims, heads, levels, points)])
+        self.ffns = nn.ModuleList([FFN(dims, ffn)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dims), nn.LayerNorm(dims)])
+
+    def forward(self, query: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]],
+                padding: Tensor | None = None) -> Tensor:
+        query = self.norms[0](self.attentions[0](query, None, pos, reference, shapes, padding))
+        return self.norms[1](self.ffns[0](query))
+
+
+class LayerStack(nn.Module):
+    """mmcv's ``TransformerLayerSequence``: its ``layers`` (the checkpoint's ``encoder.layers.*``), and a decoder's
+    ``post_norm`` where it has one."""
+
+    def __init__(self, layers: list[nn.Module], post_norm: int | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if post_norm is not None:
+            self.post_norm = nn.LayerNorm(post_norm)
+
+
+class ConvGN(nn.Module):
+    """mmcv's ``ConvModule`` with group norm (32 groups; keys ``conv``, ``gn``) and an optional ReLU, as the DETR
+    necks and Mask2Former's pixel decoder build it."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, bias: bool = False, relu: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=bias)
+        self.gn = nn.GroupNorm(32, c_out)
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.gn(self.conv(x))
+        return F.relu(x) if self.relu else x
 
 
 class SinePositionalEncoding(nn.Module):

@@ -335,17 +335,20 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
         if three:
             raise CheckpointError(f"{path} is an mmdetection 3.x two-stage detector; gradlens runs the two-stage "
                                   "detectors of mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_two_stage(check_tensors(state, path), meta, path, arch_hint)
+        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, mmdet.recognise_two_stage,
+                                      build_two_stage)
     if isinstance(state, Mapping) and is_mask2former(state):
         if three:
             raise CheckpointError(f"{path} is an mmdetection 3.x Mask2Former; gradlens runs the Mask2Former of "
                                   "mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_mask2former(check_tensors(state, path), meta, path, arch_hint)
+        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, recognise_mask2former,
+                                      build_mask2former)
     if isinstance(state, Mapping) and mmdet.is_deformable_detr(state):
         if three:
             raise CheckpointError(f"{path} is an mmdetection 3.x Deformable DETR; gradlens runs the Deformable DETR "
                                   "of mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_deformable_detr(check_tensors(state, path), meta, path, arch_hint)
+        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint,
+                                      mmdet.recognise_deformable_detr, build_deformable_detr)
     if three:  # the config text first: it is cheaper to read than the weights
         with _naming(path):
             settings = mmdet3.read_meta(meta)
@@ -390,80 +393,40 @@ def _mmdet_categories(num_classes: int, classes) -> list[dict]:
     return [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
 
 
-def _from_mmdet_two_stage(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
-    """An mmdetection 2.x Mask R-CNN or Cascade Mask R-CNN of the CEDNet fork (:mod:`gradlens.models.detectors.mmdet_rcnn`):
-    recognised from its keys, test-time hints from its config text, every weight loaded under its own name."""
+def _from_mmdet_recognised(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None,
+                           recognise, build):
+    """An mmdetection 2.x detector of the CEDNet fork other than a RetinaNet (Mask R-CNN and Cascade Mask R-CNN,
+    :mod:`~gradlens.models.detectors.mmdet_rcnn`; Deformable DETR, :mod:`~gradlens.models.detectors.deformable_detr`;
+    Mask2Former, :mod:`~gradlens.models.detectors.mask2former`): ``recognise(state)`` names the architecture from
+    its keys, ``build`` makes it; test-time hints come from the config text and every weight loads under its own
+    name."""
     from dataclasses import replace
 
-    from gradlens.models.registry import PAPER_PREPROCESS
-
     with _naming(path):
-        name, options, num_classes = mmdet.recognise_two_stage(state)
+        name, options, num_classes = recognise(state)
     if arch_hint is not None and arch_hint != name:
         raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
     config = meta.get("config") if isinstance(meta.get("config"), str) else None
     with _naming(path):
         hints = mmdet.preprocess_hints(config)
     try:
-        detector = build_two_stage(name, num_classes, options, preprocess=replace(PAPER_PREPROCESS, **hints))
+        detector = build(name, num_classes, options)
     except TooFewBackboneMaps as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    load_strict(detector, state, path)
-    classes = meta.get("CLASSES")
-    detector.categories = _mmdet_categories(num_classes, classes)
-    detector.config_backbone_type = mmdet.backbone_type_hint(config)
-    return detector
-
-
-def _from_mmdet_deformable_detr(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
-    """An mmdetection 2.x Deformable DETR of the CEDNet fork (:mod:`gradlens.models.detectors.deformable_detr`):
-    recognised from its keys, test-time hints from its config text, every weight loaded under its own name."""
-    from dataclasses import replace
-
-    from gradlens.models.detectors.deformable_detr import DETR_PREPROCESS
-
-    with _naming(path):
-        name, options, num_classes = mmdet.recognise_deformable_detr(state)
-    if arch_hint is not None and arch_hint != name:
-        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
-    config = meta.get("config") if isinstance(meta.get("config"), str) else None
-    with _naming(path):
-        hints = mmdet.preprocess_hints(config)
-    try:
-        detector = build_deformable_detr(name, num_classes, options, preprocess=replace(DETR_PREPROCESS, **hints))
-    except TooFewBackboneMaps as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    load_strict(detector, state, path)
-    detector.categories = _mmdet_categories(num_classes, meta.get("CLASSES"))
-    detector.config_backbone_type = mmdet.backbone_type_hint(config)
-    return detector
-
-
-def _from_mmdet_mask2former(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None):
-    """An mmdetection 2.x Mask2Former of the CEDNet fork (:mod:`gradlens.models.detectors.mask2former`): recognised
-    from its keys and shapes, test-time hints from its config text, every weight loaded under its own name."""
-    from dataclasses import replace
-
-    with _naming(path):
-        name, options, num_classes = recognise_mask2former(state)
-    if arch_hint is not None and arch_hint != name:
-        raise CheckpointError(f"{path} holds a {name} (recognised from its weights), not the {arch_hint} named by --arch.")
-    config = meta.get("config") if isinstance(meta.get("config"), str) else None
-    with _naming(path):
-        hints = mmdet.preprocess_hints(config)
-    detector = build_mask2former(name, num_classes, options)
     detector.preprocess = replace(detector.preprocess, **hints)
     load_strict(detector, state, path)
-    detector.categories = _mask2former_categories(detector, meta.get("CLASSES"))
+    detector.categories = _things_and_stuff(detector, meta.get("CLASSES"))
     detector.config_backbone_type = mmdet.backbone_type_hint(config)
     return detector
 
 
-def _mask2former_categories(detector, classes) -> list[dict]:
-    """The detectable (thing) classes as any mmdetection checkpoint's; a panoptic checkpoint's stuff classes have
-    no category id (gradlens never detects or scores them)."""
-    things = detector.num_things
+def _things_and_stuff(detector, classes) -> list[dict]:
+    """An mmdetection checkpoint's categories (:func:`_mmdet_categories`) for its detectable (thing) classes; a
+    panoptic checkpoint's stuff classes have no category id (gradlens never detects or scores them)."""
+    things = getattr(detector, "num_things", detector.num_classes)
     names = list(classes) if classes is not None and len(classes) == detector.num_classes else None
+    if things == detector.num_classes:
+        return _mmdet_categories(things, classes)
     cats = _mmdet_categories(things, names[:things] if names else None)
     return cats + [{"id": None, "name": str(names[i]) if names else f"stuff_{i - things + 1}"}
                    for i in range(things, detector.num_classes)]
