@@ -39,12 +39,12 @@ draw enters the loss:
 This is not the exact expectation (the sampled loss is a nonlinear function of 12,544 random points, the matching
 a discontinuous one, and the grid stands for the continuous bilinear interpolant). Its distance from the
 Monte-Carlo mean of the fork's own ``forward_train`` is measured by ``scripts/compare_mask2former_with_fork.py``
-(eval mode). On its random-weight CED-ResNet-50 Mask2Former (``mask2former_ced_r50_lsj``, coffee photograph at
-240 x 360 padded to 256 x 384, two objects, 32 draws): ``loss_cls`` +0.009 %, ``loss_mask`` +0.04 %, ``loss_dice``
-+0.03 %, total +0.023 % (the draws' standard error 0.009 %); the input gradient's relative L2 distance from the
-draws' mean 0.016, of which the mean's own noise is 0.009 (one draw: 0.049; cosine 0.99987). One point per cell
-instead: total -0.20 %, gradient 0.071; the plain uniform grid mean without importance weights: total +7.9 %,
-gradient 0.57. ``tests/test_mask2former.py`` repeats the check in small (2,048 points, 16 x 24 grid: 0.07 %).
+(eval mode, random weights, two photographs with two objects each at 240 x 400, 32 draws; README: Mask2Former): on
+the CED-ResNet-50 and CEDNet-NeXt-T configs every term within 0.1 % of the draws' mean and the total within 0.03 %
+(a few standard errors: a small bias); the input gradient 1.5-2.2 % (relative L2) from the draws' mean, whose own
+noise is 0.6-1.2 % and from which one draw is 3.7-5.7 % away (cosine >= 0.9997). One point per cell instead: total
+0.1-0.2 % off, gradient 7-12 %; the plain uniform grid mean without importance weights: total 2-9 %, gradient
+29-57 %. ``tests/test_mask2former.py`` repeats the check in small (2,048 points, 16 x 24 grid: 0.07 %).
 Per object (:meth:`MMDetMask2Former.object_losses`), each query's terms in each layer belong to
 the object it is matched to in that layer (owner ``1 + j``), an unmatched query's class term to the background.
 """
