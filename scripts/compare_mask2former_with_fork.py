@@ -159,7 +159,8 @@ def gradlens_loss(detector, image, target):
 
 def load_gradlens(path: Path, test_scale):
     """The checkpoint in gradlens: recognised from its state dict, built, loaded strictly, at the test scale."""
-    from gradlens.models.detectors.mask2former import build_mask2former, recognise_mask2former
+    from gradlens.models.detectors.mask2former import build_mask2former
+    from gradlens.models.formats.mmdet import recognise_mask2former
 
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     name, options, num_classes = recognise_mask2former(state)

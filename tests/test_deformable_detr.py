@@ -296,6 +296,23 @@ def test_box_refinement_and_two_stage_checkpoints_are_refused(tmp_path):
         load_detector(tmp_path / "two.pth")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"bbox_head.query_embedding.weight": None}, "query embedding .* is missing"),
+    ({"bbox_head.query_embedding.weight": torch.zeros(())}, "query embedding .* is not a matrix"),
+    ({"bbox_head.transformer.level_embeds": torch.zeros(3, 256)}, "four 256-channel levels"),
+    ({"bbox_head.cls_branches.0.weight": torch.zeros(80)}, "no class branch"),
+])
+def test_damaged_deformable_detr_checkpoints_are_refused_in_one_sentence(change, message, tmp_path):
+    from gradlens import load_detector
+
+    state = {"bbox_head.transformer.level_embeds": torch.zeros(4, 256), "bbox_head.cls_branches.0.weight": torch.zeros(80, 256),
+             "bbox_head.query_embedding.weight": torch.zeros(300, 512), "backbone.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}
+    state.update(change)
+    torch.save({"state_dict": {k: v for k, v in state.items() if v is not None}}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=message):
+        load_detector(tmp_path / "bad.pth")
+
+
 def test_select_gradients_area_curve_with_a_deformable_detr(tmp_path):
     """The whole Python pipeline with a (tiny) fork-style Deformable DETR as A: its maps are the loss's input
     gradients."""

@@ -21,7 +21,8 @@ from gradlens.errors import CheckpointError
 from gradlens.models.backbones.convnext import ConvNeXtBackbone
 from gradlens.models.detectors.mask2former import (
     EPS, MASK2FORMER_ARCHITECTURES, Mask2FormerConfig, MMDetMask2Former, MSDeformAttnPixelDecoder, build_mask2former,
-    grid_points, is_mask2former, mask2bbox, point_weights, recognise_mask2former)
+    grid_points, mask2bbox, point_weights)
+from gradlens.models.formats.mmdet import is_mask2former, recognise_mask2former
 from gradlens.models.detectors.matching import hungarian_match
 from gradlens.models.detectors.transformer import MultiScaleDeformableAttention
 from gradlens.models.preprocessing.transform import PreprocessConfig, mmcv_normalise

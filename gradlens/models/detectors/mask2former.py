@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from gradlens.errors import CheckpointError, GradlensError
+from gradlens.errors import GradlensError
 from gradlens.models.backbones.layers import EvalBatchNorm2d
 from gradlens.models.detectors.mmdet_targets import resized_boxes, resized_masks
 from gradlens.models.detectors.sampling import owner_sums, owner_terms
@@ -549,7 +549,7 @@ def _stack(per_image: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# architectures and checkpoint recognition (wired into the registry and formats elsewhere)
+# architectures (checkpoints are recognised by gradlens.models.formats.mmdet.recognise_mask2former)
 
 MASK2FORMER_ARCHITECTURES: dict[str, str] = {
     "mask2former_cednet_next_tiny": "Mask2Former, CEDNet-NeXt-T (CEDNetWrapperMask2Former; mask2former_ced_convnext_lsj)",
@@ -589,45 +589,3 @@ def build_mask2former(name: str, num_classes: int, options: dict | None = None,
         pad_pixel=None if panoptic else 128.0, arch_name=name)
     detector.arch_options = dict(options or {}, **({"num_things": num_things} if panoptic else {}))
     return detector.eval()
-
-
-def is_mask2former(state_dict) -> bool:
-    """An mmdetection 2.x MaskFormer-family state dict (its ``panoptic_head``)."""
-    return any(isinstance(k, str) and k.startswith("panoptic_head.") for k in state_dict)
-
-
-def _shapes(state_dict) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes, without batch norm's ``num_batches_tracked`` (frozen norms drop it when loading)."""
-    return {k: tuple(v.shape) for k, v in state_dict.items()
-            if isinstance(v, Tensor) and not k.endswith("num_batches_tracked")}
-
-
-def recognise_mask2former(state_dict) -> tuple[str, dict, int]:
-    """Architecture name, options and number of classes of a fork Mask2Former state dict, from its keys and
-    shapes: each architecture is built on the meta device and its keys and shapes compared."""
-    weight = state_dict.get("panoptic_head.cls_embed.weight")
-    if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise CheckpointError("The checkpoint has a panoptic_head but no Mask2Former class embedding "
-                              "(panoptic_head.cls_embed.weight): it is not a Mask2Former gradlens runs.")
-    if "panoptic_head.transformer_decoder.post_norm.weight" not in state_dict or \
-            "panoptic_head.pixel_decoder.encoder.layers.0.attentions.0.sampling_offsets.weight" not in state_dict:
-        raise CheckpointError("The checkpoint's panoptic_head has no masked-attention decoder over a deformable "
-                              "pixel decoder: it is a MaskFormer, not a Mask2Former, which gradlens does not run.")
-    num_classes = int(weight.shape[0]) - 1
-    queries = int(state_dict["panoptic_head.query_feat.weight"].shape[0])
-    wanted = _shapes(state_dict)
-    for name in MASK2FORMER_ARCHITECTURES:
-        if name.endswith("_panoptic") and num_classes != COCO_THINGS + 53:
-            continue
-        if not name.endswith("_panoptic") and num_classes == COCO_THINGS + 53 and "resnet50" in name:
-            continue
-        with torch.device("meta"):
-            model = build_mask2former(name, num_classes)
-        if queries != model.panoptic_head.num_queries:
-            break
-        if _shapes(model.state_dict()) == wanted:
-            return name, dict(model.arch_options), num_classes
-    if queries != 100:
-        raise CheckpointError(f"The checkpoint's Mask2Former has {queries} queries; gradlens runs the fork's 100.")
-    raise CheckpointError("The checkpoint's Mask2Former backbone or head matches none of the fork's configurations "
-                          f"gradlens runs ({', '.join(MASK2FORMER_ARCHITECTURES)}).")

@@ -26,8 +26,7 @@ from gradlens.errors import CheckpointError, GradlensError
 from gradlens.fileio import atomic_path, require_file
 from gradlens.models.formats import detectron2, mmdet, mmdet3
 from gradlens.models.detectors.rcnn import TORCHVISION_TWO_STAGE, rcnn_from_state_dict
-from gradlens.models.detectors.mask2former import (MASK2FORMER_ARCHITECTURES, build_mask2former, is_mask2former,
-                                                   recognise_mask2former)
+from gradlens.models.detectors.mask2former import MASK2FORMER_ARCHITECTURES, build_mask2former
 from gradlens.models.registry import (ARCHITECTURES, DETR_ARCHITECTURES, TWO_STAGE_ARCHITECTURES, TooFewBackboneMaps,
                                       architecture, build_deformable_detr, build_detector, build_two_stage)
 from gradlens.models.detectors.retinanet import RetinaNetDetector, TestConfig
@@ -337,11 +336,11 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
                                   "detectors of mmdetection 2.x (the CEDNet fork's).")
         return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, mmdet.recognise_two_stage,
                                       build_two_stage)
-    if isinstance(state, Mapping) and is_mask2former(state):
+    if isinstance(state, Mapping) and mmdet.is_mask2former(state):
         if three:
             raise CheckpointError(f"{path} is an mmdetection 3.x Mask2Former; gradlens runs the Mask2Former of "
                                   "mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, recognise_mask2former,
+        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, mmdet.recognise_mask2former,
                                       build_mask2former)
     if isinstance(state, Mapping) and mmdet.is_deformable_detr(state):
         if three:

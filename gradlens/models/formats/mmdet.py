@@ -119,8 +119,9 @@ def recognise_deformable_detr(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]
                               "(bbox_head.transformer.level_embeds is not 4 x 256).")
     num_classes = int(weight.shape[0])
     options = {}
-    if int(sd["bbox_head.query_embedding.weight"].shape[0]) != 300:
-        options["num_query"] = int(sd["bbox_head.query_embedding.weight"].shape[0])
+    queries = _rows(sd, "bbox_head.query_embedding.weight", "Deformable DETR's query embedding")
+    if queries != 300:
+        options["num_query"] = queries
     if encoder_layers != 6:
         options["encoder_layers"] = encoder_layers
     if decoder_layers != 6:
@@ -142,6 +143,58 @@ def recognise_deformable_detr(sd: Mapping[str, Tensor]) -> tuple[str, dict, int]
         raise CheckpointError(f"The checkpoint is a Deformable DETR on a {body} backbone, which gradlens does not run "
                               f"in Deformable DETR (known: {', '.join(DETR_ARCHITECTURES)}).")
     return arch, {**backbone_options, **options}, num_classes
+
+
+def is_mask2former(state_dict) -> bool:
+    """An mmdetection 2.x MaskFormer-family state dict (its ``panoptic_head``)."""
+    return any(isinstance(k, str) and k.startswith("panoptic_head.") for k in state_dict)
+
+
+def _shapes(state_dict) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes, without batch norm's ``num_batches_tracked`` (frozen norms drop it when loading)."""
+    return {k: tuple(v.shape) for k, v in state_dict.items()
+            if isinstance(v, Tensor) and not k.endswith("num_batches_tracked")}
+
+
+def recognise_mask2former(state_dict) -> tuple[str, dict, int]:
+    """Architecture name, options and number of classes of a fork Mask2Former state dict, from its keys and
+    shapes: each architecture is built on the meta device and its keys and shapes compared."""
+    from gradlens.models.detectors.mask2former import COCO_THINGS, MASK2FORMER_ARCHITECTURES, build_mask2former
+
+    weight = state_dict.get("panoptic_head.cls_embed.weight")
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise CheckpointError("The checkpoint has a panoptic_head but no Mask2Former class embedding "
+                              "(panoptic_head.cls_embed.weight): it is not a Mask2Former gradlens runs.")
+    if "panoptic_head.transformer_decoder.post_norm.weight" not in state_dict or \
+            "panoptic_head.pixel_decoder.encoder.layers.0.attentions.0.sampling_offsets.weight" not in state_dict:
+        raise CheckpointError("The checkpoint's panoptic_head has no masked-attention decoder over a deformable "
+                              "pixel decoder: it is a MaskFormer, not a Mask2Former, which gradlens does not run.")
+    num_classes = int(weight.shape[0]) - 1
+    queries = _rows(state_dict, "panoptic_head.query_feat.weight", "Mask2Former's query features")
+    wanted = _shapes(state_dict)
+    for name in MASK2FORMER_ARCHITECTURES:
+        if name.endswith("_panoptic") and num_classes != COCO_THINGS + 53:
+            continue
+        if not name.endswith("_panoptic") and num_classes == COCO_THINGS + 53 and "resnet50" in name:
+            continue
+        with torch.device("meta"):
+            model = build_mask2former(name, num_classes)
+        if queries != model.panoptic_head.num_queries:
+            break
+        if _shapes(model.state_dict()) == wanted:
+            return name, dict(model.arch_options), num_classes
+    if queries != 100:
+        raise CheckpointError(f"The checkpoint's Mask2Former has {queries} queries; gradlens runs the fork's 100.")
+    raise CheckpointError("The checkpoint's Mask2Former backbone or head matches none of the fork's configurations "
+                          f"gradlens runs ({', '.join(MASK2FORMER_ARCHITECTURES)}).")
+
+
+def _rows(sd: Mapping[str, Tensor], key: str, what: str) -> int:
+    """The number of rows of a matrix the recognition reads, or one sentence on why it is not there."""
+    value = sd.get(key)
+    if not isinstance(value, Tensor) or value.ndim != 2:
+        raise CheckpointError(f"The checkpoint's {what} ({key}) is {'missing' if value is None else 'not a matrix'}.")
+    return int(value.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
