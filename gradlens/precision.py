@@ -15,6 +15,12 @@ GPU_DEFAULT_PRECISION = "tf32"
 AUTO_CURVE_TOLERANCE = 0.005
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision network outputs (under autocast) in float32 for the losses and post-processing, as
+    mmdetection's ``force_fp32`` gives them; others (float32, float64) as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def resolve_precision(precision: str, device) -> str:
     """``auto``: :data:`GPU_DEFAULT_PRECISION` on CUDA, fp32 on the CPU; any other value unchanged."""
     if precision != "auto":

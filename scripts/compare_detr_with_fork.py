@@ -51,12 +51,20 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def write_checkpoint(cfg, path: Path, seed: int) -> dict:
+@torch.no_grad()
+def add_noise(model) -> None:
+    """Random weights that still detect: every parameter + N(0, 0.02), drawn after the fork's init."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.02)
+
+
+def write_checkpoint(cfg, path: Path, seed: int, randomise=add_noise) -> dict:
+    """The fork's model of ``cfg`` (its ``init_weights``, SyncBN reverted), ``randomise(model)``d, saved with mmcv's
+    ``save_checkpoint`` and the config text and COCO's classes in ``meta``."""
     import mmdet
     from mmcv.cnn.utils import revert_sync_batchnorm
     from mmcv.runner import save_checkpoint
     from mmdet.models import build_detector
-
     from mmdet.models.backbones.resnet import ResNet
 
     # the fork's ResNet.init_weights always loads an ImageNet checkpoint (torchvision://resnet50, not reachable
@@ -66,9 +74,7 @@ def write_checkpoint(cfg, path: Path, seed: int) -> dict:
     model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
     model.init_weights()
     model = revert_sync_batchnorm(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    randomise(model)
     model.CLASSES = COCO_CLASSES
     meta = {"mmdet_version": mmdet.__version__, "CLASSES": COCO_CLASSES, "config": cfg.pretty_text, "seed": seed}
     save_checkpoint(model, str(path), meta=meta)
@@ -76,6 +82,7 @@ def write_checkpoint(cfg, path: Path, seed: int) -> dict:
 
 
 def fork_models(cfg, path: Path):
+    """The saved model in the fork twice: for ``inference_detector``, and frozen in eval mode for the loss."""
     from mmcv.cnn.utils import revert_sync_batchnorm
     from mmcv.runner import load_checkpoint
     from mmdet.apis import init_detector

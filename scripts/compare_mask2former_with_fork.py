@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compare_detr_with_fork import fork_models, write_checkpoint
 from compare_two_stage_with_fork import fork_train_inputs, gradlens_masks
-from compare_with_fork import COCO_CLASSES, fork_config, make_images, rel_l2
+from compare_with_fork import fork_config, make_images, rel_l2
 
 DEFAULT_CONFIGS = [
     "mask2former/mask2former_ced_r50_lsj_8x2_50e_coco.py",
@@ -66,40 +67,6 @@ def randomise(model, seed: int, classes) -> None:
     bias = model.panoptic_head.cls_embed.bias
     bias.zero_()
     bias[list(classes)] = 3.0
-
-
-def write_checkpoint(cfg, path: Path, seed: int, classes) -> dict:
-    import mmdet
-    from mmcv.cnn.utils import revert_sync_batchnorm
-    from mmcv.runner import save_checkpoint
-    from mmdet.models import build_detector
-
-    torch.manual_seed(seed)
-    model = build_detector(cfg.model, train_cfg=cfg.get("train_cfg"), test_cfg=cfg.get("test_cfg"))
-    if cfg.model.backbone.type == "ResNet":  # the fork's ResNet.init_weights only loads a file: PyTorch's init stays
-        model.backbone.init_weights = lambda: None
-    model.init_weights()
-    model = revert_sync_batchnorm(model)
-    randomise(model, seed, classes)
-    model.CLASSES = COCO_CLASSES
-    meta = {"mmdet_version": mmdet.__version__, "CLASSES": COCO_CLASSES, "config": cfg.pretty_text, "seed": seed}
-    save_checkpoint(model, str(path), meta=meta)
-    return {"parameters": sum(p.numel() for p in model.parameters())}
-
-
-def fork_models(cfg, path: Path):
-    from mmcv.cnn.utils import revert_sync_batchnorm
-    from mmcv.runner import load_checkpoint
-    from mmdet.apis import init_detector
-    from mmdet.models import build_detector
-
-    det_model = revert_sync_batchnorm(init_detector(copy.deepcopy(cfg), str(path), device="cpu")).eval()
-    loss_model = revert_sync_batchnorm(build_detector(copy.deepcopy(cfg.model)))
-    load_checkpoint(loss_model, str(path), map_location="cpu", strict=True, logger=None)
-    loss_model.eval()
-    for p in loss_model.parameters():
-        p.requires_grad_(False)
-    return det_model, loss_model
 
 
 def fork_detections(model, path: str):
@@ -184,7 +151,7 @@ def compare_config(rel: str, args, items) -> dict:
     ckpt = args.work / "checkpoints" / f"{Path(rel).stem}.pth"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     classes = sorted({int(v) for item in items for v in item["labels"]})
-    info = write_checkpoint(cfg, ckpt, args.seed, classes)
+    info = write_checkpoint(cfg, ckpt, args.seed, lambda model: randomise(model, args.seed, classes))
     det_model, loss_model = fork_models(cfg, ckpt)
     detector = load_gradlens(ckpt, args.test_scale)
     out = {"config": rel, "arch": detector.arch_name, **info, "images": []}

@@ -46,6 +46,7 @@ from gradlens.models.detectors.transformer import (FFN, ConvGN, DeformableEncode
                                                    MultiScaleDeformableAttention, SinePositionalEncoding,
                                                    inverse_sigmoid, padding_masks, valid_ratios)
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
+from gradlens.precision import full_precision
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
 CLS_WEIGHT, L1_WEIGHT, IOU_WEIGHT = 2.0, 5.0, 2.0  # the configs' loss weights, equal to the matching costs'
@@ -296,7 +297,7 @@ class MMDetDeformableDETR(nn.Module):
 
     def _detections(self, image: Tensor, logits: Tensor, boxes: Tensor, size) -> dict[str, Tensor]:
         """``DETRHead._get_bboxes_single`` with ``rescale=True``."""
-        logits, boxes = _full(logits.detach()), _full(boxes.detach())
+        logits, boxes = full_precision(logits.detach()), full_precision(boxes.detach())
         scores, index = logits.sigmoid().view(-1).topk(min(self.max_per_img, logits.numel()))
         labels = index % self.num_classes
         det = cxcywh_to_xyxy(boxes[index // self.num_classes])
@@ -349,8 +350,8 @@ class MMDetDeformableDETR(nn.Module):
         with torch.no_grad():
             classes, boxes, size = self.head_outputs(image)
             gt, gt_labels = self.gt_in_resized(image, target, size)
-            gt = gt.to(_full(boxes).dtype)
-            return torch.stack([self._match(_full(c), _full(b), gt, gt_labels, size) for c, b in zip(classes, boxes)])
+            gt = gt.to(full_precision(boxes).dtype)
+            return torch.stack([self._match(full_precision(c), full_precision(b), gt, gt_labels, size) for c, b in zip(classes, boxes)])
 
     def _match(self, logits: Tensor, boxes: Tensor, gt: Tensor, gt_labels: Tensor, size) -> Tensor:
         if gt.shape[0] == 0:
@@ -360,7 +361,7 @@ class MMDetDeformableDETR(nn.Module):
 
     def _loss_parts(self, image: Tensor, target: dict, classes: Tensor, boxes: Tensor, size) -> dict:
         gt, gt_labels = self.gt_in_resized(image, target, size)
-        gt = gt.to(_full(boxes).dtype)
+        gt = gt.to(full_precision(boxes).dtype)
         if gt_labels.numel() and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= self.num_classes):
             raise GradlensError(f"a ground-truth label is outside the detector's {self.num_classes} classes")
         h, w = size
@@ -369,7 +370,7 @@ class MMDetDeformableDETR(nn.Module):
         layers = classes.shape[0]
         parts = {}
         for layer in range(layers):
-            logits, pred = _full(classes[layer]), _full(boxes[layer])
+            logits, pred = full_precision(classes[layer]), full_precision(boxes[layer])
             matched = self._match(logits, pred, gt, gt_labels, size)
             fg = (matched >= 0).nonzero().squeeze(1)
             owner = matched + 1
@@ -385,12 +386,6 @@ class MMDetDeformableDETR(nn.Module):
             parts[f"{prefix}loss_bbox"] = (L1_WEIGHT * l1 / (positives + EPS), owner[fg])
             parts[f"{prefix}loss_iou"] = (IOU_WEIGHT * iou / (positives + EPS), owner[fg])
         return {name: parts[name] for name in names}
-
-
-def _full(x: Tensor) -> Tensor:
-    """Half-precision outputs (under autocast) in float32 for the loss and detections, as mmdetection's
-    ``force_fp32``; others as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _stack(per_image: list[dict[str, Tensor]], names) -> dict[str, Tensor]:

@@ -54,6 +54,7 @@ from gradlens.models.detectors.mmdet_targets import resized_boxes, resized_masks
 from gradlens.models.detectors.sampling import (expected_count_probabilities, inclusion_probabilities, owner_sums,
                                                owner_terms)
 from gradlens.models.preprocessing.transform import PreprocessConfig, batch_images
+from gradlens.precision import full_precision
 
 EPS = float(torch.finfo(torch.float32).eps)  # mmdetection's weight_reduce_loss: sum / (avg_factor + eps)
 RPN_ANCHORS = AnchorConfig(strides=(4, 8, 16, 32, 64), octave_base_scale=8.0, scales_per_octave=1)
@@ -435,7 +436,7 @@ class MMDetTwoStage(nn.Module):
         heads = self.box_heads
         cls_scores = []
         for stage in range(len(heads)):
-            cls_score, bbox_pred = map(_full, self.box_forward(stage, feats, rois))
+            cls_score, bbox_pred = map(full_precision, self.box_forward(stage, feats, rois))
             cls_scores.append(cls_score)
             if stage < len(heads) - 1:  # Cascade: regress by each RoI's best foreground class
                 label = cls_score[:, :-1].argmax(dim=1)
@@ -552,7 +553,7 @@ class MMDetTwoStage(nn.Module):
         for stage in range(len(self.box_heads)):
             stage_weight = cfg.stage_loss_weights[stage] if self.cascade else 1.0
             rois, matched, q, drawn, positives = self._sample_roi_stage(stage, candidates, weight, gt, gt_labels)
-            cls_score, bbox_pred = map(_full, self.box_forward(stage, feats, rois))
+            cls_score, bbox_pred = map(full_precision, self.box_forward(stage, feats, rois))
             roi_labels = torch.where(matched >= 0, gt_labels[matched.clamp(min=0)] if k else matched, self.num_classes)
             roi_owner = (matched + 1).clamp(min=0)
             ce = F.cross_entropy(cls_score, roi_labels, reduction="none")
@@ -606,7 +607,7 @@ class MMDetTwoStage(nn.Module):
 
     def _mask_term(self, stage, feats, rois, matched, labels, masks, weights, positives) -> Tensor:
         """``FCNMaskHead.loss`` (mean BCE over the drawn positives' 28 x 28 targets) in expectation."""
-        logits = _full(self.mask_forward(stage, feats, rois))
+        logits = full_precision(self.mask_forward(stage, feats, rois))
         if positives == 0 or rois.shape[0] == 0:
             return logits.sum(dim=(1, 2, 3)) * 0
         size = self.config.mask_size
@@ -641,11 +642,6 @@ def paste_masks(prob: Tensor, boxes: Tensor, shape: tuple[int, int]) -> Tensor:
         sampled = F.grid_sample(prob[i][None, None].float(), grid[None], align_corners=False)
         out[i, top:bottom, left:right] = sampled[0, 0]
     return out
-
-
-def _full(x: Tensor) -> Tensor:
-    """Half-precision network outputs (under autocast) in float32 for the losses; others as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _add(parts: dict, name: str, values: Tensor, owners: Tensor) -> None:

@@ -330,24 +330,12 @@ def _from_mmdet(obj: Mapping, path: Path, arch_hint: str | None, three: bool = F
 
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
     state = obj.get("state_dict", obj)
-    if isinstance(state, Mapping) and mmdet.is_two_stage(state):
-        if three:
-            raise CheckpointError(f"{path} is an mmdetection 3.x two-stage detector; gradlens runs the two-stage "
-                                  "detectors of mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, mmdet.recognise_two_stage,
-                                      build_two_stage)
-    if isinstance(state, Mapping) and mmdet.is_mask2former(state):
-        if three:
-            raise CheckpointError(f"{path} is an mmdetection 3.x Mask2Former; gradlens runs the Mask2Former of "
-                                  "mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, mmdet.recognise_mask2former,
-                                      build_mask2former)
-    if isinstance(state, Mapping) and mmdet.is_deformable_detr(state):
-        if three:
-            raise CheckpointError(f"{path} is an mmdetection 3.x Deformable DETR; gradlens runs the Deformable DETR "
-                                  "of mmdetection 2.x (the CEDNet fork's).")
-        return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint,
-                                      mmdet.recognise_deformable_detr, build_deformable_detr)
+    for is_family, recognise, build, kind, runs in _FORK_FAMILIES:
+        if isinstance(state, Mapping) and is_family(state):
+            if three:
+                raise CheckpointError(f"{path} is an mmdetection 3.x {kind}; gradlens runs the {runs} of mmdetection "
+                                      "2.x (the CEDNet fork's).")
+            return _from_mmdet_recognised(check_tensors(state, path), meta, path, arch_hint, recognise, build)
     if three:  # the config text first: it is cheaper to read than the weights
         with _naming(path):
             settings = mmdet3.read_meta(meta)
@@ -390,6 +378,16 @@ def _mmdet_categories(num_classes: int, classes) -> list[dict]:
         return mmdet.coco80_categories(list(classes) if classes is not None else None)
     names = list(classes) if classes is not None and len(classes) == num_classes else None
     return [{"id": i + 1, "name": str(names[i]) if names else f"class_{i + 1}"} for i in range(num_classes)]
+
+
+# The fork's mmdetection 2.x detectors other than RetinaNets: how each is told from its keys, recognised and built,
+# and what an mmdetection 3.x checkpoint of it is called in the refusal.
+_FORK_FAMILIES = (
+    (mmdet.is_two_stage, mmdet.recognise_two_stage, build_two_stage, "two-stage detector", "two-stage detectors"),
+    (mmdet.is_mask2former, mmdet.recognise_mask2former, build_mask2former, "Mask2Former", "Mask2Former"),
+    (mmdet.is_deformable_detr, mmdet.recognise_deformable_detr, build_deformable_detr, "Deformable DETR",
+     "Deformable DETR"),
+)
 
 
 def _from_mmdet_recognised(state: Mapping[str, Tensor], meta: Mapping, path: Path, arch_hint: str | None,
